@@ -1,0 +1,547 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CODE_OK: _ClassVar[Code]
+    CODE_INVALID_ARGUMENT: _ClassVar[Code]
+    CODE_UNAUTHENTICATED: _ClassVar[Code]
+    CODE_PERMISSION_DENIED: _ClassVar[Code]
+    CODE_QUEUE_NOT_FOUND: _ClassVar[Code]
+    CODE_QUEUE_ALREADY_EXISTS: _ClassVar[Code]
+    CODE_QUEUE_EMPTY: _ClassVar[Code]
+    CODE_QUEUE_NOT_EMPTY: _ClassVar[Code]
+    CODE_MESSAGE_NOT_FOUND: _ClassVar[Code]
+    CODE_MAP_NOT_FOUND: _ClassVar[Code]
+    CODE_KEY_NOT_FOUND: _ClassVar[Code]
+    CODE_RESOURCE_EXHAUSTED: _ClassVar[Code]
+    CODE_UNAVAILABLE: _ClassVar[Code]
+    CODE_INTERNAL: _ClassVar[Code]
+
+class AckType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACK_TYPE_DONE: _ClassVar[AckType]
+    ACK_TYPE_ERROR: _ClassVar[AckType]
+CODE_OK: Code
+CODE_INVALID_ARGUMENT: Code
+CODE_UNAUTHENTICATED: Code
+CODE_PERMISSION_DENIED: Code
+CODE_QUEUE_NOT_FOUND: Code
+CODE_QUEUE_ALREADY_EXISTS: Code
+CODE_QUEUE_EMPTY: Code
+CODE_QUEUE_NOT_EMPTY: Code
+CODE_MESSAGE_NOT_FOUND: Code
+CODE_MAP_NOT_FOUND: Code
+CODE_KEY_NOT_FOUND: Code
+CODE_RESOURCE_EXHAUSTED: Code
+CODE_UNAVAILABLE: Code
+CODE_INTERNAL: Code
+ACK_TYPE_DONE: AckType
+ACK_TYPE_ERROR: AckType
+
+class PasswordEnvelope(_message.Message):
+    __slots__ = ("password", "challenge")
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    password: str
+    challenge: bytes
+    def __init__(self, password: _Optional[str] = ..., challenge: _Optional[bytes] = ...) -> None: ...
+
+class ElementInfo(_message.Message):
+    __slots__ = ("element", "message_id", "delivery_count")
+    ELEMENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    element: str
+    message_id: int
+    delivery_count: int
+    def __init__(self, element: _Optional[str] = ..., message_id: _Optional[int] = ..., delivery_count: _Optional[int] = ...) -> None: ...
+
+class KeyValue(_message.Message):
+    __slots__ = ("key", "value")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    value: str
+    def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class AckResult(_message.Message):
+    __slots__ = ("message_id", "code")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    message_id: int
+    code: Code
+    def __init__(self, message_id: _Optional[int] = ..., code: _Optional[_Union[Code, str]] = ...) -> None: ...
+
+class GetChallengeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetChallengeResponse(_message.Message):
+    __slots__ = ("code", "message", "public_key_pem", "fingerprint", "algorithm", "challenge", "challenge_ttl_ms")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    CHALLENGE_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    public_key_pem: str
+    fingerprint: str
+    algorithm: str
+    challenge: bytes
+    challenge_ttl_ms: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., public_key_pem: _Optional[str] = ..., fingerprint: _Optional[str] = ..., algorithm: _Optional[str] = ..., challenge: _Optional[bytes] = ..., challenge_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class AuthRequest(_message.Message):
+    __slots__ = ("username", "password")
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    username: str
+    password: bytes
+    def __init__(self, username: _Optional[str] = ..., password: _Optional[bytes] = ...) -> None: ...
+
+class AuthResponse(_message.Message):
+    __slots__ = ("code", "message", "token", "session_ttl_ms")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    token: str
+    session_ttl_ms: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., token: _Optional[str] = ..., session_ttl_ms: _Optional[int] = ...) -> None: ...
+
+class HeartBeatRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class HeartBeatResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class LogoutRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class LogoutResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class NewQueueRequest(_message.Message):
+    __slots__ = ("token", "queue_name")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ...) -> None: ...
+
+class NewQueueResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class AddRequest(_message.Message):
+    __slots__ = ("token", "queue_name", "element")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ELEMENT_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    element: str
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ..., element: _Optional[str] = ...) -> None: ...
+
+class AddResponse(_message.Message):
+    __slots__ = ("code", "message", "message_id")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    message_id: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., message_id: _Optional[int] = ...) -> None: ...
+
+class AddAllRequest(_message.Message):
+    __slots__ = ("token", "queue_name", "elements")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    elements: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ..., elements: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddAllResponse(_message.Message):
+    __slots__ = ("code", "message", "message_ids")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    message_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., message_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PollRequest(_message.Message):
+    __slots__ = ("token", "queue_name", "wait_ms")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    wait_ms: int
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class PollResponse(_message.Message):
+    __slots__ = ("code", "message", "element", "message_id", "delivery_count")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ELEMENT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    element: str
+    message_id: int
+    delivery_count: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., element: _Optional[str] = ..., message_id: _Optional[int] = ..., delivery_count: _Optional[int] = ...) -> None: ...
+
+class PullElementsRequest(_message.Message):
+    __slots__ = ("token", "queue_name", "number", "wait_ms")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    number: int
+    wait_ms: int
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ..., number: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
+
+class PullElementsResponse(_message.Message):
+    __slots__ = ("code", "message", "element_info", "number")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ELEMENT_INFO_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    element_info: _containers.RepeatedCompositeFieldContainer[ElementInfo]
+    number: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., element_info: _Optional[_Iterable[_Union[ElementInfo, _Mapping]]] = ..., number: _Optional[int] = ...) -> None: ...
+
+class AckRequest(_message.Message):
+    __slots__ = ("token", "message_id", "ack_type")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    message_id: int
+    ack_type: AckType
+    def __init__(self, token: _Optional[str] = ..., message_id: _Optional[int] = ..., ack_type: _Optional[_Union[AckType, str]] = ...) -> None: ...
+
+class AckResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class BatchAckRequest(_message.Message):
+    __slots__ = ("token", "message_ids", "ack_type")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    message_ids: _containers.RepeatedScalarFieldContainer[int]
+    ack_type: AckType
+    def __init__(self, token: _Optional[str] = ..., message_ids: _Optional[_Iterable[int]] = ..., ack_type: _Optional[_Union[AckType, str]] = ...) -> None: ...
+
+class BatchAckResponse(_message.Message):
+    __slots__ = ("code", "message", "results")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    results: _containers.RepeatedCompositeFieldContainer[AckResult]
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., results: _Optional[_Iterable[_Union[AckResult, _Mapping]]] = ...) -> None: ...
+
+class SizeRequest(_message.Message):
+    __slots__ = ("token", "queue_name")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ...) -> None: ...
+
+class SizeResponse(_message.Message):
+    __slots__ = ("code", "message", "size")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    size: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class IsEmptyRequest(_message.Message):
+    __slots__ = ("token", "queue_name")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ...) -> None: ...
+
+class IsEmptyResponse(_message.Message):
+    __slots__ = ("code", "message", "empty")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EMPTY_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    empty: bool
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., empty: _Optional[bool] = ...) -> None: ...
+
+class DestroyQueueRequest(_message.Message):
+    __slots__ = ("token", "queue_name", "force")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    force: bool
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class DestroyQueueResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GetUncheckNumRequest(_message.Message):
+    __slots__ = ("token", "queue_name")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ...) -> None: ...
+
+class GetUncheckNumResponse(_message.Message):
+    __slots__ = ("code", "message", "ack_num")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ACK_NUM_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    ack_num: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., ack_num: _Optional[int] = ...) -> None: ...
+
+class MapPutRequest(_message.Message):
+    __slots__ = ("token", "map", "key", "value")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    map: str
+    key: str
+    value: str
+    def __init__(self, token: _Optional[str] = ..., map: _Optional[str] = ..., key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class MapPutResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class MapRemoveRequest(_message.Message):
+    __slots__ = ("token", "map", "key")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    map: str
+    key: str
+    def __init__(self, token: _Optional[str] = ..., map: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class MapRemoveResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class MapGetRequest(_message.Message):
+    __slots__ = ("token", "map", "key")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    map: str
+    key: str
+    def __init__(self, token: _Optional[str] = ..., map: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class MapGetResponse(_message.Message):
+    __slots__ = ("code", "message", "value")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    value: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class MapGetAllRequest(_message.Message):
+    __slots__ = ("token", "map")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    map: str
+    def __init__(self, token: _Optional[str] = ..., map: _Optional[str] = ...) -> None: ...
+
+class MapGetAllResponse(_message.Message):
+    __slots__ = ("code", "message", "map")
+    class MapEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    map: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., map: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class MapDestroyRequest(_message.Message):
+    __slots__ = ("token", "map")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    map: str
+    def __init__(self, token: _Optional[str] = ..., map: _Optional[str] = ...) -> None: ...
+
+class MapDestroyResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class MapGetListRequest(_message.Message):
+    __slots__ = ("token", "map", "offset", "size")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    map: str
+    offset: int
+    size: int
+    def __init__(self, token: _Optional[str] = ..., map: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
+
+class MapGetListResponse(_message.Message):
+    __slots__ = ("code", "message", "offset", "size", "list")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    offset: int
+    size: int
+    list: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., offset: _Optional[int] = ..., size: _Optional[int] = ..., list: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...) -> None: ...
+
+class MapBatchPutRequest(_message.Message):
+    __slots__ = ("token", "map", "size", "list")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    LIST_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    map: str
+    size: int
+    list: _containers.RepeatedCompositeFieldContainer[KeyValue]
+    def __init__(self, token: _Optional[str] = ..., map: _Optional[str] = ..., size: _Optional[int] = ..., list: _Optional[_Iterable[_Union[KeyValue, _Mapping]]] = ...) -> None: ...
+
+class MapBatchPutResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SubscribeOpen(_message.Message):
+    __slots__ = ("token", "queue_name", "max_unacked")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_UNACKED_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    queue_name: str
+    max_unacked: int
+    def __init__(self, token: _Optional[str] = ..., queue_name: _Optional[str] = ..., max_unacked: _Optional[int] = ...) -> None: ...
+
+class SubscribeAck(_message.Message):
+    __slots__ = ("message_ids", "ack_type")
+    MESSAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    message_ids: _containers.RepeatedScalarFieldContainer[int]
+    ack_type: AckType
+    def __init__(self, message_ids: _Optional[_Iterable[int]] = ..., ack_type: _Optional[_Union[AckType, str]] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("open", "ack")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    open: SubscribeOpen
+    ack: SubscribeAck
+    def __init__(self, open: _Optional[_Union[SubscribeOpen, _Mapping]] = ..., ack: _Optional[_Union[SubscribeAck, _Mapping]] = ...) -> None: ...
+
+class SubscribeResponse(_message.Message):
+    __slots__ = ("code", "message", "element_info", "ack_results")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ELEMENT_INFO_FIELD_NUMBER: _ClassVar[int]
+    ACK_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    element_info: _containers.RepeatedCompositeFieldContainer[ElementInfo]
+    ack_results: _containers.RepeatedCompositeFieldContainer[AckResult]
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., element_info: _Optional[_Iterable[_Union[ElementInfo, _Mapping]]] = ..., ack_results: _Optional[_Iterable[_Union[AckResult, _Mapping]]] = ...) -> None: ...
