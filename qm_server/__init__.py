@@ -1,0 +1,1 @@
+"""queue manager server: durable work queues and string maps over gRPC."""

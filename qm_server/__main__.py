@@ -1,0 +1,182 @@
+"""`qm-server`: serve, or manage users in a data directory.
+
+qm-server [--listen HOST:PORT] [--data-dir DIR] [--session-ttl SECONDS] ...
+qm-server user add|passwd NAME --password-stdin [--data-dir DIR]
+qm-server user remove NAME [--data-dir DIR]
+qm-server user list [--data-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from qm_server.auth import PasswordHasher
+from qm_server.config import AuthSettings, Limits, ServerConfig
+from qm_server.fsutil import ensure_dir
+from qm_server.server import BindError, QueueManagerServer
+from qm_server.store import sqlite
+from qm_server.store.base import UserRecord
+
+DEFAULTS = ServerConfig()
+LIMIT_DEFAULTS = Limits()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qm-server", description="queue manager: durable work queues and maps over gRPC"
+    )
+    parser.add_argument("--listen", default=DEFAULTS.listen, help="HOST:PORT (port 0: any free)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULTS.data_dir)
+    parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=DEFAULTS.session_ttl_s,
+        metavar="SECONDS",
+        help="idle time after which a session expires and its messages are released",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULTS.grace_s,
+        metavar="SECONDS",
+        help="how long calls in progress may finish at shutdown",
+    )
+    parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    parser.add_argument("--max-element-bytes", type=int, default=LIMIT_DEFAULTS.max_element_bytes)
+    parser.add_argument("--max-batch", type=int, default=LIMIT_DEFAULTS.max_batch)
+    parser.add_argument("--max-page", type=int, default=LIMIT_DEFAULTS.max_page)
+    parser.add_argument("--max-queues", type=int, default=LIMIT_DEFAULTS.max_queues)
+    parser.add_argument("--max-maps", type=int, default=LIMIT_DEFAULTS.max_maps)
+    parser.add_argument("--max-wait-ms", type=int, default=LIMIT_DEFAULTS.max_wait_ms)
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULTS.max_request_bytes)
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=None)
+    parser.add_argument(
+        "--rsa-bits",
+        type=int,
+        default=AuthSettings().rsa_bits,
+        help="size of the key created on first start",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    commands = parser.add_subparsers(dest="command")
+    user = commands.add_parser("user", help="manage users in --data-dir").add_subparsers(
+        dest="action", required=True
+    )
+    for action in ("add", "passwd"):
+        sub = user.add_parser(action)
+        sub.add_argument("name")
+        sub.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+        sub.add_argument("--admin", action="store_true", help="make the user an admin")
+        sub.add_argument("--data-dir", type=Path, dest="user_data_dir")
+    remove = user.add_parser("remove")
+    remove.add_argument("name")
+    remove.add_argument("--data-dir", type=Path, dest="user_data_dir")
+    listing = user.add_parser("list")
+    listing.add_argument("--data-dir", type=Path, dest="user_data_dir")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        data_dir=args.data_dir,
+        listen=args.listen,
+        session_ttl_s=args.session_ttl,
+        grace_s=args.grace,
+        max_request_bytes=args.max_request_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        limits=Limits(
+            max_element_bytes=args.max_element_bytes,
+            max_batch=args.max_batch,
+            max_page=args.max_page,
+            max_queues=args.max_queues,
+            max_maps=args.max_maps,
+            max_wait_ms=args.max_wait_ms,
+        ),
+        auth=AuthSettings(rsa_bits=args.rsa_bits),
+    )
+
+
+async def serve(config: ServerConfig, port_file: Path | None) -> int:
+    server = QueueManagerServer(config)
+    try:
+        port = await server.start()
+    except BindError as exc:
+        print(f"qm-server: {exc}", file=sys.stderr)
+        return 2
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: loop.create_task(server.stop()))
+    if port_file is not None:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(port_file)
+    await server.wait_stopped()
+    # stop() sets the event first and then drains; wait for the drain to finish.
+    await asyncio.gather(
+        *(t for t in asyncio.all_tasks() if t is not asyncio.current_task()),
+        return_exceptions=True,
+    )
+    return 0
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.name}: ")
+    else:
+        raise SystemExit("qm-server: give --password-stdin, or run on a terminal to be asked")
+    if not password:
+        raise SystemExit("qm-server: the password is empty")
+    return password
+
+
+def manage_users(args: argparse.Namespace) -> int:
+    data_dir: Path = args.user_data_dir or args.data_dir
+    ensure_dir(data_dir)
+    conn = sqlite.connect(data_dir / sqlite.DB_FILE)
+    try:
+        if args.action == "list":
+            for record in sqlite.list_users(conn):
+                print(f"{record.name}{' (admin)' if record.is_admin else ''}")
+            return 0
+        if args.action == "remove":
+            if not sqlite.delete_user(conn, args.name):
+                print(f"qm-server: no user {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"removed user {args.name}")
+            return 0
+        existing = sqlite.get_user(conn, args.name)
+        if args.action == "add" and existing is not None:
+            print(f"qm-server: user {args.name!r} already exists", file=sys.stderr)
+            return 1
+        if args.action == "passwd" and existing is None:
+            print(f"qm-server: no user {args.name!r}", file=sys.stderr)
+            return 1
+        hashed = PasswordHasher.from_settings(AuthSettings()).hash(read_password(args))
+        is_admin = args.admin or (existing is not None and existing.is_admin)
+        sqlite.put_user(conn, UserRecord(args.name, hashed, is_admin))
+        print(f"{'added' if args.action == 'add' else 'changed password of'} user {args.name}")
+        return 0
+    finally:
+        conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "user":
+        return manage_users(args)
+    return asyncio.run(serve(config_from_args(args), args.port_file))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Server configuration: every limit in one place, each with the default the contract names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits the engine enforces; each answered with a clear code, nothing half-done."""
+
+    max_element_bytes: int = MIB
+    max_batch: int = 1000
+    max_page: int = 1000
+    max_queues: int = 10_000
+    max_maps: int = 10_000
+    max_wait_ms: int = 20_000
+    # PullElements stops adding messages once a response holds this many payload bytes,
+    # so that a batch of large elements never exceeds what a client can receive.
+    max_response_bytes: int = 4 * MIB
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Login parameters: key size, challenge lifetime, scrypt cost and throttling."""
+
+    rsa_bits: int = 3072
+    challenge_ttl_s: float = 60.0
+    max_pending_challenges: int = 100_000
+    # scrypt cost: n=2**14, r=8 takes tens of milliseconds and 16 MiB per hash.
+    scrypt_n: int = 2**14
+    scrypt_r: int = 8
+    scrypt_p: int = 1
+    # How many password hashes may run at once (each costs CPU and 16 MiB).
+    max_concurrent_hashes: int = 2
+    # After this many consecutive failures for one user or one peer, logins from it are
+    # refused (RESOURCE_EXHAUSTED) for a backoff that doubles with each further failure.
+    failures_before_backoff: int = 5
+    max_backoff_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `qm-server` runs with; the command line fills it."""
+
+    data_dir: Path = Path("qm-data")
+    listen: str = "127.0.0.1:50051"
+    session_ttl_s: float = 30.0
+    grace_s: float = 5.0
+    # Largest request the transport accepts; larger ones fail with gRPC RESOURCE_EXHAUSTED
+    # before the service sees them.
+    max_request_bytes: int = 8 * MIB
+    max_concurrent_rpcs: int | None = None
+    admin_password: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    auth: AuthSettings = field(default_factory=AuthSettings)

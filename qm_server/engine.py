@@ -1,0 +1,319 @@
+"""The rules of the service: logins, sessions, delivery, waiting, limits.
+
+Imports no gRPC. All state here is owned by one asyncio event loop: every method runs on
+it, so the engine needs no lock; blocking work (RSA, scrypt, SQLite) runs elsewhere
+(an executor, the store's writer thread) and is awaited. Long polls wait on futures, not
+threads, so a thousand idle consumers cost a thousand small objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from qm.v1 import queue_manager_pb2 as pb
+from qm_server import errors
+from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, LoginThrottle, PasswordHasher
+from qm_server.config import AuthSettings, Limits
+from qm_server.sessions import MemorySessions, Session, SessionRegistry
+from qm_server.store.base import Delivery, Store
+from qm_server.validation import check_count, check_name, check_text_size
+
+log = logging.getLogger(__name__)
+
+LOGIN_FAILED = "login failed: unknown user, wrong password, or a bad or used challenge"
+
+
+@dataclass(frozen=True)
+class Challenge:
+    public_key_pem: str
+    fingerprint: str
+    algorithm: str
+    challenge: bytes
+    ttl_ms: int
+
+
+class Engine:
+    """One per server process; shares nothing with other processes but the store."""
+
+    def __init__(
+        self,
+        store: Store,
+        keys: KeyPair,
+        *,
+        session_ttl_s: float = 30.0,
+        limits: Limits | None = None,
+        auth: AuthSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sessions: SessionRegistry | None = None,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.session_ttl_s = session_ttl_s
+        self.limits = limits or Limits()
+        self._auth = auth or AuthSettings()
+        self._clock = clock
+        self._sessions = sessions or MemorySessions()
+        self._challenges = ChallengeBook(
+            self._auth.challenge_ttl_s, self._auth.max_pending_challenges, clock
+        )
+        self._hasher = PasswordHasher.from_settings(self._auth)
+        self._throttle = LoginThrottle(
+            self._auth.failures_before_backoff, self._auth.max_backoff_s, clock
+        )
+        # Password hashing and RSA decryption are slow and CPU-bound: a small pool caps
+        # how many run at once, so a login flood cannot starve the event loop's callers.
+        self._crypto_pool = ThreadPoolExecutor(
+            max_workers=self._auth.max_concurrent_hashes, thread_name_prefix="qm-crypto"
+        )
+        # queue name -> futures of long polls waiting for a ready message, oldest first.
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._draining = False
+        self._sweeper: asyncio.Task[None] | None = None
+        store.set_ready_listener(self._wake_waiters)
+
+    # Life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin expiring idle sessions (call on the running loop)."""
+        self._sweeper = asyncio.get_running_loop().create_task(self._expire_sessions_forever())
+
+    def begin_drain(self) -> None:
+        """Answer waiting long polls now (QUEUE_EMPTY) and refuse to start new waits."""
+        self._draining = True
+        for name in list(self._waiters):
+            self._wake_waiters(name, everyone=True)
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self._crypto_pool.shutdown(wait=True, cancel_futures=True)
+
+    # Login and sessions -----------------------------------------------------------------
+
+    def get_challenge(self) -> Challenge:
+        return Challenge(
+            public_key_pem=self.keys.public_key_pem,
+            fingerprint=self.keys.fingerprint,
+            algorithm=ALGORITHM,
+            challenge=self._challenges.issue(),
+            ttl_ms=int(self._auth.challenge_ttl_s * 1000),
+        )
+
+    async def login(self, username: str, ciphertext: bytes, peer: str) -> tuple[str, int]:
+        """Return (token, session ttl in ms). Every failure looks the same to the caller."""
+        keys = (f"user:{username}", f"peer:{peer}")
+        wait = max(self._throttle.retry_after(key) for key in keys)
+        if wait > 0:
+            raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
+        loop = asyncio.get_running_loop()
+        envelope = await loop.run_in_executor(self._crypto_pool, self._open_envelope, ciphertext)
+        fresh = envelope is not None and self._challenges.burn(envelope.challenge)
+        record = await self.store.get_user(username) if username else None
+        stored = record.password_hash if record is not None and fresh else None
+        password = envelope.password if envelope is not None else ""
+        ok = await loop.run_in_executor(self._crypto_pool, self._hasher.verify, password, stored)
+        if not ok or record is None:
+            for key in keys:
+                self._throttle.failed(key)
+            raise errors.Unauthenticated(LOGIN_FAILED)
+        for key in keys:
+            self._throttle.succeeded(key)
+        token, session = self._sessions.create(record.name, record.is_admin, self._clock())
+        log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
+        return token, int(self.session_ttl_s * 1000)
+
+    def _open_envelope(self, ciphertext: bytes) -> pb.PasswordEnvelope | None:
+        try:
+            plain = self.keys.decrypt(ciphertext)
+            envelope = pb.PasswordEnvelope()
+            envelope.ParseFromString(plain)
+        except Exception:  # any garbage: the caller answers the one login failure
+            return None
+        return envelope
+
+    def session(self, token: str) -> Session:
+        """The caller's live session; any call with a valid token counts as activity."""
+        session = self._sessions.find(token) if token else None
+        now = self._clock()
+        if session is None or session.ended:
+            raise errors.Unauthenticated("unknown or expired token; log in again")
+        if now - session.last_active > self.session_ttl_s:
+            asyncio.get_running_loop().create_task(self._end_session(session, "expired"))
+            raise errors.Unauthenticated("the session expired; log in again")
+        session.last_active = now
+        return session
+
+    async def heartbeat(self, token: str) -> None:
+        self.session(token)
+
+    async def logout(self, token: str) -> None:
+        await self._end_session(self.session(token), "logged out")
+
+    def session_count(self) -> int:
+        return self._sessions.count()
+
+    async def _end_session(self, session: Session, why: str) -> None:
+        if session.ended:
+            return
+        session.ended = True
+        self._sessions.remove(session)
+        log.info("session %x of %s %s", session.id, session.username, why)
+        await self.store.release_session(session.id)
+
+    async def _expire_sessions_forever(self) -> None:
+        interval = min(1.0, self.session_ttl_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.expire_idle_sessions()
+            except errors.QmError as exc:
+                log.warning("could not expire sessions yet: %s", exc)
+
+    async def expire_idle_sessions(self) -> None:
+        for session in self._sessions.idle_since(self._clock() - self.session_ttl_s):
+            await self._end_session(session, "expired")
+
+    # Queues -----------------------------------------------------------------------------
+
+    async def new_queue(self, token: str, name: str) -> None:
+        self.session(token)
+        check_name("queue_name", name)
+        await self.store.create_queue(name, self.limits.max_queues)
+
+    async def destroy_queue(self, token: str, name: str, force: bool) -> None:
+        self.session(token)
+        check_name("queue_name", name)
+        await self.store.destroy_queue(name, force)
+        self._wake_waiters(name, everyone=True)
+
+    async def add(self, token: str, name: str, elements: Sequence[str]) -> list[int]:
+        self.session(token)
+        check_name("queue_name", name)
+        check_count("elements", len(elements), self.limits.max_batch)
+        for element in elements:
+            check_text_size("element", element, self.limits.max_element_bytes)
+        return await self.store.enqueue(name, elements)
+
+    async def take(self, token: str, name: str, number: int, wait_ms: int) -> list[Delivery]:
+        """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked."""
+        session = self.session(token)
+        check_name("queue_name", name)
+        check_count("number", number, self.limits.max_batch)
+        if wait_ms < 0:
+            raise errors.InvalidArgument("wait_ms must not be negative")
+        deadline = self._clock() + min(wait_ms, self.limits.max_wait_ms) / 1000
+        while True:
+            deliveries = await self.store.claim(
+                name, session.id, number, self.limits.max_response_bytes
+            )
+            if deliveries:
+                if session.ended:  # it expired while the claim was committing
+                    await self.store.release_session(session.id)
+                    raise errors.Unauthenticated("the session expired; log in again")
+                if self.store.ready_hint(name) > 0:
+                    self._wake_waiters(name)  # more is ready: pass the wake-up on
+                return deliveries
+            remaining = deadline - self._clock()
+            if remaining <= 0 or self._draining:
+                raise errors.QueueEmpty(f"queue {name!r} has no ready message")
+            await self._wait_for_ready(name, remaining)
+            session = self.session(token)
+
+    async def _wait_for_ready(self, name: str, timeout_s: float) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(name, deque())
+        waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await waiter
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake_waiters(name)  # we were woken but leave: wake someone else
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+            if not waiters and self._waiters.get(name) is waiters:
+                del self._waiters[name]
+
+    def _wake_waiters(self, name: str, everyone: bool = False) -> None:
+        """Wake as many waiters as there are ready messages (all, on destroy or drain)."""
+        waiters = self._waiters.get(name)
+        if not waiters:
+            return
+        count = len(waiters) if everyone else max(1, self.store.ready_hint(name))
+        for waiter in list(waiters):
+            if count <= 0:
+                break
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
+
+    async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[bool]:
+        session = self.session(token)
+        if ack_type not in (pb.ACK_TYPE_DONE, pb.ACK_TYPE_ERROR):
+            raise errors.InvalidArgument(f"ack_type {ack_type} is not 0 (done) or 1 (error)")
+        check_count("message_ids", len(message_ids), self.limits.max_batch)
+        if len(set(message_ids)) != len(message_ids):
+            raise errors.InvalidArgument("message_ids repeats an id")
+        return await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
+
+    async def counts(self, token: str, name: str) -> tuple[int, int]:
+        """(ready, in flight) for Size, IsEmpty and GetUncheckNum."""
+        self.session(token)
+        check_name("queue_name", name)
+        counts = await self.store.queue_counts(name)
+        return counts.ready, counts.in_flight
+
+    # Maps -------------------------------------------------------------------------------
+
+    async def map_put(self, token: str, name: str, pairs: Sequence[tuple[str, str]]) -> None:
+        self.session(token)
+        check_name("map", name)
+        check_count("list", len(pairs), self.limits.max_batch)
+        for key, value in pairs:
+            check_text_size("key", key, self.limits.max_element_bytes)
+            check_text_size("value", value, self.limits.max_element_bytes)
+        await self.store.map_put(name, pairs, self.limits.max_maps)
+
+    async def map_remove(self, token: str, name: str, key: str) -> None:
+        self.session(token)
+        check_name("map", name)
+        await self.store.map_remove(name, key)
+
+    async def map_get(self, token: str, name: str, key: str) -> str:
+        self.session(token)
+        check_name("map", name)
+        return await self.store.map_get(name, key)
+
+    async def map_get_all(self, token: str, name: str) -> dict[str, str]:
+        self.session(token)
+        check_name("map", name)
+        return await self.store.map_get_all(name)
+
+    async def map_get_list(
+        self, token: str, name: str, offset: int, size: int
+    ) -> list[tuple[str, str]]:
+        self.session(token)
+        check_name("map", name)
+        if offset < 0:
+            raise errors.InvalidArgument("offset must not be negative")
+        check_count("size", size, self.limits.max_page)
+        return await self.store.map_get_list(name, offset, size)
+
+    async def map_destroy(self, token: str, name: str) -> None:
+        self.session(token)
+        check_name("map", name)
+        await self.store.map_destroy(name)

@@ -1,0 +1,86 @@
+"""Domain errors: every failure a client can cause or observe, each carrying its wire code.
+
+The engine and the stores raise these; the servicer turns them into a response's `code`
+and `message` through one table (the `code` attribute), so no rule about codes lives in
+the servicer. The numbers are the proto's `qm.v1.Code` values, kept here as plain ints so
+that the engine does not import generated code.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Code(IntEnum):
+    """Mirror of qm.v1.Code; tests/test_codes.py checks the two stay equal."""
+
+    OK = 0
+    INVALID_ARGUMENT = 1
+    UNAUTHENTICATED = 2
+    PERMISSION_DENIED = 3
+    QUEUE_NOT_FOUND = 4
+    QUEUE_ALREADY_EXISTS = 5
+    QUEUE_EMPTY = 6
+    QUEUE_NOT_EMPTY = 7
+    MESSAGE_NOT_FOUND = 8
+    MAP_NOT_FOUND = 9
+    KEY_NOT_FOUND = 10
+    RESOURCE_EXHAUSTED = 11
+    UNAVAILABLE = 12
+    INTERNAL = 13
+
+
+class QmError(Exception):
+    """A domain outcome other than OK; `str(error)` is the message for people."""
+
+    code: Code = Code.INTERNAL
+
+
+class InvalidArgument(QmError):
+    code = Code.INVALID_ARGUMENT
+
+
+class Unauthenticated(QmError):
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(QmError):
+    code = Code.PERMISSION_DENIED
+
+
+class QueueNotFound(QmError):
+    code = Code.QUEUE_NOT_FOUND
+
+
+class QueueAlreadyExists(QmError):
+    code = Code.QUEUE_ALREADY_EXISTS
+
+
+class QueueEmpty(QmError):
+    code = Code.QUEUE_EMPTY
+
+
+class QueueNotEmpty(QmError):
+    code = Code.QUEUE_NOT_EMPTY
+
+
+class MessageNotFound(QmError):
+    code = Code.MESSAGE_NOT_FOUND
+
+
+class MapNotFound(QmError):
+    code = Code.MAP_NOT_FOUND
+
+
+class KeyNotFound(QmError):
+    code = Code.KEY_NOT_FOUND
+
+
+class ResourceExhausted(QmError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class Unavailable(QmError):
+    """The store cannot commit (disk full, file gone, read-only) or the server is draining."""
+
+    code = Code.UNAVAILABLE

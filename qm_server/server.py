@@ -1,0 +1,204 @@
+"""Builds and runs the gRPC server: servicer, health, reflection, options, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qm.v1 import queue_manager_pb2 as pb
+from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.auth import KeyPair, PasswordHasher, random_password
+from qm_server.config import ServerConfig
+from qm_server.engine import Engine
+from qm_server.fsutil import ensure_dir, write_private_file
+from qm_server.servicer import QueueManagerServicer
+from qm_server.store.base import Store, UserRecord
+from qm_server.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QueueManagerService"].full_name
+INITIAL_PASSWORD_FILE = "initial-admin-password"
+
+
+class BindError(RuntimeError):
+    """The listen address could not be bound (taken, or not an address of this host)."""
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        # A second server on a taken port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", config.max_request_bytes),
+        ("grpc.max_send_message_length", -1),
+    ]
+
+
+class QueueManagerServer:
+    """One running server: store, engine, gRPC server and health, started and stopped as one."""
+
+    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.store = store or SqliteStore(config.data_dir)
+        self.port = 0
+        self.keys: KeyPair | None = None
+        self.engine: Engine | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Open the store, bind, and serve; returns the bound port."""
+        config = self.config
+        ensure_dir(config.data_dir)
+        self.keys = KeyPair.load_or_create(config.data_dir, config.auth.rsa_bits)
+        await self.store.open()
+        await self._ensure_admin()
+        self.engine = Engine(
+            self.store,
+            self.keys,
+            session_ttl_s=config.session_ttl_s,
+            limits=config.limits,
+            auth=config.auth,
+        )
+        server = grpc.aio.server(
+            options=grpc_options(config),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        servicer = QueueManagerServicer(self.engine)
+        pb_grpc.add_QueueManagerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        try:
+            port = server.add_insecure_port(config.listen)
+        except RuntimeError as exc:
+            await self.store.close()
+            raise BindError(f"cannot listen on {config.listen}: {exc}") from None
+        if port == 0:
+            await self.store.close()
+            raise BindError(f"cannot listen on {config.listen}")
+        self.port = port
+        self._server = server
+        await server.start()
+        self.engine.start()
+        self.store.set_health_listener(self._on_store_health)
+        await self._set_serving(True)
+        log.info(
+            "serving on %s (port %d), data directory %s, key fingerprint %s",
+            config.listen,
+            port,
+            config.data_dir.resolve(),
+            self.keys.fingerprint,
+        )
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let running ones finish, close the store."""
+        if self._server is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self._set_serving(False)
+        assert self.engine is not None
+        self.engine.begin_drain()
+        await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+        await self.engine.stop()
+        await self.store.close()
+        log.info("stopped; store closed")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def _on_store_health(self, healthy: bool) -> None:
+        if not self._stopped.is_set():
+            asyncio.get_running_loop().create_task(self._set_serving(healthy))
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def _ensure_admin(self) -> None:
+        """First start: user admin, with QM_ADMIN_PASSWORD or a random password kept 0600."""
+        if await self.store.count_users() > 0:
+            return
+        password = self.config.admin_password or os.environ.get("QM_ADMIN_PASSWORD")
+        generated = not password
+        if not password:
+            password = random_password()
+        hasher = PasswordHasher.from_settings(self.config.auth)
+        hashed = await asyncio.get_running_loop().run_in_executor(None, hasher.hash, password)
+        if generated:
+            path = self.config.data_dir / INITIAL_PASSWORD_FILE
+            write_private_file(path, (password + "\n").encode())
+            print(f"qm-server: created user admin with password {password} (also in {path})")
+            log.warning("created user admin; its generated password is in %s", path)
+        await self.store.put_user(UserRecord("admin", hashed, is_admin=True))
+
+
+@dataclass
+class ServerThread:
+    """A server on its own event loop in a background thread: for tests and embedding.
+
+    Tests call the server through real channels while their own code stays synchronous.
+    """
+
+    config: ServerConfig
+    port: int = 0
+    server: QueueManagerServer | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerThread:
+        loop = asyncio.new_event_loop()
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            self.server = QueueManagerServer(self.config)
+            try:
+                self.port = loop.run_until_complete(self.server.start())
+            except BaseException as exc:
+                failure.append(exc)
+                started.set()
+                loop.close()
+                return
+            started.set()
+            loop.run_until_complete(self.server.wait_stopped())
+            # Let stop() finish on this loop before closing it.
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name="qm-server-loop", daemon=True)
+        self._thread.start()
+        started.wait()
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self._loop is None or self.server is None or self._thread is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop)
+        future.result(timeout=30)
+        self._thread.join(timeout=30)

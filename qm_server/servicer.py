@@ -1,0 +1,263 @@
+"""The gRPC face of the engine: request -> engine call -> response, nothing more.
+
+Every domain outcome travels in the response's `code` with gRPC status OK (the contract);
+`_answer` is the one place that maps engine errors to codes, and the one place where an
+unexpected exception becomes CODE_INTERNAL with a logged id instead of a traceback sent to
+the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from qm.v1 import queue_manager_pb2 as pb
+from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server import errors
+from qm_server.engine import Engine
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=Message)
+Context = grpc.aio.ServicerContext[Message, Message]
+
+
+async def _answer(response_type: type[R], call: Callable[[], Awaitable[R]]) -> R:
+    try:
+        return await call()
+    except errors.QmError as exc:
+        return response_type(code=int(exc.code), message=str(exc))
+    except Exception:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("internal error %s in %s", incident, response_type.__name__)
+        return response_type(code=pb.CODE_INTERNAL, message=f"internal error (incident {incident})")
+
+
+def peer_host(context: Context) -> str:
+    """The caller's address without its port: login throttling counts per host."""
+    peer = context.peer() or "unknown"
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    async def GetChallenge(
+        self, request: pb.GetChallengeRequest, context: Context
+    ) -> pb.GetChallengeResponse:
+        async def call() -> pb.GetChallengeResponse:
+            c = self._engine.get_challenge()
+            return pb.GetChallengeResponse(
+                public_key_pem=c.public_key_pem,
+                fingerprint=c.fingerprint,
+                algorithm=c.algorithm,
+                challenge=c.challenge,
+                challenge_ttl_ms=c.ttl_ms,
+            )
+
+        return await _answer(pb.GetChallengeResponse, call)
+
+    async def Auth(self, request: pb.AuthRequest, context: Context) -> pb.AuthResponse:
+        async def call() -> pb.AuthResponse:
+            token, ttl_ms = await self._engine.login(
+                request.username, request.password, peer_host(context)
+            )
+            return pb.AuthResponse(token=token, session_ttl_ms=ttl_ms)
+
+        return await _answer(pb.AuthResponse, call)
+
+    async def HeartBeat(
+        self, request: pb.HeartBeatRequest, context: Context
+    ) -> pb.HeartBeatResponse:
+        async def call() -> pb.HeartBeatResponse:
+            await self._engine.heartbeat(request.token)
+            return pb.HeartBeatResponse()
+
+        return await _answer(pb.HeartBeatResponse, call)
+
+    async def Logout(self, request: pb.LogoutRequest, context: Context) -> pb.LogoutResponse:
+        async def call() -> pb.LogoutResponse:
+            await self._engine.logout(request.token)
+            return pb.LogoutResponse()
+
+        return await _answer(pb.LogoutResponse, call)
+
+    async def NewQueue(self, request: pb.NewQueueRequest, context: Context) -> pb.NewQueueResponse:
+        async def call() -> pb.NewQueueResponse:
+            await self._engine.new_queue(request.token, request.queue_name)
+            return pb.NewQueueResponse()
+
+        return await _answer(pb.NewQueueResponse, call)
+
+    async def Add(self, request: pb.AddRequest, context: Context) -> pb.AddResponse:
+        async def call() -> pb.AddResponse:
+            ids = await self._engine.add(request.token, request.queue_name, [request.element])
+            return pb.AddResponse(message_id=ids[0])
+
+        return await _answer(pb.AddResponse, call)
+
+    async def AddAll(self, request: pb.AddAllRequest, context: Context) -> pb.AddAllResponse:
+        async def call() -> pb.AddAllResponse:
+            ids = await self._engine.add(request.token, request.queue_name, request.elements)
+            return pb.AddAllResponse(message_ids=ids)
+
+        return await _answer(pb.AddAllResponse, call)
+
+    async def Poll(self, request: pb.PollRequest, context: Context) -> pb.PollResponse:
+        async def call() -> pb.PollResponse:
+            (d,) = await self._engine.take(request.token, request.queue_name, 1, request.wait_ms)
+            return pb.PollResponse(
+                element=d.element, message_id=d.message_id, delivery_count=d.delivery_count
+            )
+
+        return await _answer(pb.PollResponse, call)
+
+    async def PullElements(
+        self, request: pb.PullElementsRequest, context: Context
+    ) -> pb.PullElementsResponse:
+        async def call() -> pb.PullElementsResponse:
+            deliveries = await self._engine.take(
+                request.token, request.queue_name, request.number, request.wait_ms
+            )
+            return pb.PullElementsResponse(
+                element_info=[
+                    pb.ElementInfo(
+                        element=d.element, message_id=d.message_id, delivery_count=d.delivery_count
+                    )
+                    for d in deliveries
+                ],
+                number=len(deliveries),
+            )
+
+        return await _answer(pb.PullElementsResponse, call)
+
+    async def Ack(self, request: pb.AckRequest, context: Context) -> pb.AckResponse:
+        async def call() -> pb.AckResponse:
+            (found,) = await self._engine.ack(request.token, [request.message_id], request.ack_type)
+            if not found:
+                raise errors.MessageNotFound(
+                    f"message {request.message_id} is not in flight for this session"
+                )
+            return pb.AckResponse()
+
+        return await _answer(pb.AckResponse, call)
+
+    async def BatchAck(self, request: pb.BatchAckRequest, context: Context) -> pb.BatchAckResponse:
+        async def call() -> pb.BatchAckResponse:
+            found = await self._engine.ack(request.token, request.message_ids, request.ack_type)
+            return pb.BatchAckResponse(
+                results=[
+                    pb.AckResult(message_id=i, code=pb.CODE_OK if ok else pb.CODE_MESSAGE_NOT_FOUND)
+                    for i, ok in zip(request.message_ids, found, strict=True)
+                ]
+            )
+
+        return await _answer(pb.BatchAckResponse, call)
+
+    async def Size(self, request: pb.SizeRequest, context: Context) -> pb.SizeResponse:
+        async def call() -> pb.SizeResponse:
+            ready, _ = await self._engine.counts(request.token, request.queue_name)
+            return pb.SizeResponse(size=ready)
+
+        return await _answer(pb.SizeResponse, call)
+
+    async def IsEmpty(self, request: pb.IsEmptyRequest, context: Context) -> pb.IsEmptyResponse:
+        async def call() -> pb.IsEmptyResponse:
+            ready, _ = await self._engine.counts(request.token, request.queue_name)
+            return pb.IsEmptyResponse(empty=ready == 0)
+
+        return await _answer(pb.IsEmptyResponse, call)
+
+    async def DestroyQueue(
+        self, request: pb.DestroyQueueRequest, context: Context
+    ) -> pb.DestroyQueueResponse:
+        async def call() -> pb.DestroyQueueResponse:
+            await self._engine.destroy_queue(request.token, request.queue_name, request.force)
+            return pb.DestroyQueueResponse()
+
+        return await _answer(pb.DestroyQueueResponse, call)
+
+    async def GetUncheckNum(
+        self, request: pb.GetUncheckNumRequest, context: Context
+    ) -> pb.GetUncheckNumResponse:
+        async def call() -> pb.GetUncheckNumResponse:
+            _, in_flight = await self._engine.counts(request.token, request.queue_name)
+            return pb.GetUncheckNumResponse(ack_num=in_flight)
+
+        return await _answer(pb.GetUncheckNumResponse, call)
+
+    async def MapPut(self, request: pb.MapPutRequest, context: Context) -> pb.MapPutResponse:
+        async def call() -> pb.MapPutResponse:
+            await self._engine.map_put(request.token, request.map, [(request.key, request.value)])
+            return pb.MapPutResponse()
+
+        return await _answer(pb.MapPutResponse, call)
+
+    async def MapRemove(
+        self, request: pb.MapRemoveRequest, context: Context
+    ) -> pb.MapRemoveResponse:
+        async def call() -> pb.MapRemoveResponse:
+            await self._engine.map_remove(request.token, request.map, request.key)
+            return pb.MapRemoveResponse()
+
+        return await _answer(pb.MapRemoveResponse, call)
+
+    async def MapGet(self, request: pb.MapGetRequest, context: Context) -> pb.MapGetResponse:
+        async def call() -> pb.MapGetResponse:
+            value = await self._engine.map_get(request.token, request.map, request.key)
+            return pb.MapGetResponse(value=value)
+
+        return await _answer(pb.MapGetResponse, call)
+
+    async def MapGetAll(
+        self, request: pb.MapGetAllRequest, context: Context
+    ) -> pb.MapGetAllResponse:
+        async def call() -> pb.MapGetAllResponse:
+            entries = await self._engine.map_get_all(request.token, request.map)
+            return pb.MapGetAllResponse(map=entries)
+
+        return await _answer(pb.MapGetAllResponse, call)
+
+    async def MapDestroy(
+        self, request: pb.MapDestroyRequest, context: Context
+    ) -> pb.MapDestroyResponse:
+        async def call() -> pb.MapDestroyResponse:
+            await self._engine.map_destroy(request.token, request.map)
+            return pb.MapDestroyResponse()
+
+        return await _answer(pb.MapDestroyResponse, call)
+
+    async def MapGetList(
+        self, request: pb.MapGetListRequest, context: Context
+    ) -> pb.MapGetListResponse:
+        async def call() -> pb.MapGetListResponse:
+            entries = await self._engine.map_get_list(
+                request.token, request.map, request.offset, request.size
+            )
+            return pb.MapGetListResponse(
+                offset=request.offset,
+                size=len(entries),
+                list=[pb.KeyValue(key=k, value=v) for k, v in entries],
+            )
+
+        return await _answer(pb.MapGetListResponse, call)
+
+    async def MapBatchPut(
+        self, request: pb.MapBatchPutRequest, context: Context
+    ) -> pb.MapBatchPutResponse:
+        async def call() -> pb.MapBatchPutResponse:
+            if request.size != len(request.list):
+                raise errors.InvalidArgument(
+                    f"size is {request.size} but list holds {len(request.list)} pairs"
+                )
+            pairs = [(kv.key, kv.value) for kv in request.list]
+            await self._engine.map_put(request.token, request.map, pairs)
+            return pb.MapBatchPutResponse()
+
+        return await _answer(pb.MapBatchPutResponse, call)

@@ -1,0 +1,78 @@
+"""Sessions: who is logged in, found by the SHA-256 of their token.
+
+Behind a small interface because several server processes sharing a PostgreSQL store will
+need sessions every node can see; the embedded server keeps them in memory, which is
+right for it: a restart ends every session and releases their messages anyway.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from dataclasses import dataclass, field
+
+from qm_server.auth import new_token, token_digest
+
+
+@dataclass(eq=False)
+class Session:
+    """One login. `ended` turns true once, when logout or expiry released its messages."""
+
+    id: int
+    username: str
+    is_admin: bool
+    last_active: float
+    ended: bool = field(default=False)
+
+
+class SessionRegistry(abc.ABC):
+    @abc.abstractmethod
+    def create(self, username: str, is_admin: bool, now: float) -> tuple[str, Session]:
+        """A new session and its token; only the token's digest is kept."""
+
+    @abc.abstractmethod
+    def find(self, token: str) -> Session | None:
+        """The live session for a token, expired or not (the engine judges expiry)."""
+
+    @abc.abstractmethod
+    def remove(self, session: Session) -> None:
+        """Forget the session; its token stops working."""
+
+    @abc.abstractmethod
+    def idle_since(self, cutoff: float) -> list[Session]:
+        """Sessions whose last activity is older than cutoff."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """How many sessions exist."""
+
+
+class MemorySessions(SessionRegistry):
+    def __init__(self) -> None:
+        self._by_digest: dict[bytes, Session] = {}
+        self._digest_by_id: dict[int, bytes] = {}
+
+    def create(self, username: str, is_admin: bool, now: float) -> tuple[str, Session]:
+        token = new_token()
+        session_id = secrets.randbits(62)
+        while session_id in self._digest_by_id:
+            session_id = secrets.randbits(62)
+        session = Session(session_id, username, is_admin, now)
+        digest = token_digest(token)
+        self._by_digest[digest] = session
+        self._digest_by_id[session_id] = digest
+        return token, session
+
+    def find(self, token: str) -> Session | None:
+        return self._by_digest.get(token_digest(token))
+
+    def remove(self, session: Session) -> None:
+        digest = self._digest_by_id.pop(session.id, None)
+        if digest is not None:
+            del self._by_digest[digest]
+
+    def idle_since(self, cutoff: float) -> list[Session]:
+        return [s for s in self._by_digest.values() if s.last_active < cutoff]
+
+    def count(self) -> int:
+        return len(self._by_digest)

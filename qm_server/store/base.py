@@ -1,0 +1,155 @@
+"""The storage interface: domain operations, each atomic, each durable before it returns.
+
+The engine speaks to storage only through this interface, in domain terms (enqueue, claim
+for a session, ack, release a session's messages, map operations) rather than rows, so
+that each store does each operation atomically its own way: the embedded SQLite store with
+one writer thread and `UPDATE ... RETURNING`, a PostgreSQL store shared by several server
+processes with `FOR UPDATE SKIP LOCKED`.
+
+Every method is a coroutine that returns only after its effect is committed durably; a
+store that cannot commit raises errors.Unavailable and reports itself unhealthy. Domain
+failures raise the errors module's classes and change nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message put in flight for a session."""
+
+    message_id: int
+    element: str
+    delivery_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    ready: int
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    name: str
+    password_hash: str
+    is_admin: bool
+
+
+HealthListener = Callable[[bool], None]
+
+
+class Store(abc.ABC):
+    """Durable queues, maps and users. Safe to call from many coroutines at once."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create or migrate the schema, then make every in-flight message ready again.
+
+        Sessions do not outlive the server process that owns them, so whatever was in
+        flight at a crash is redelivered (at-least-once).
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Finish queued operations and release the files; later calls raise Unavailable."""
+
+    @abc.abstractmethod
+    def set_health_listener(self, listener: HealthListener) -> None:
+        """`listener(False)` when commits start failing, `listener(True)` once they work."""
+
+    # Queues -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_queue(self, name: str, max_queues: int) -> None:
+        """QueueAlreadyExists, or ResourceExhausted when max_queues already exist."""
+
+    @abc.abstractmethod
+    async def destroy_queue(self, name: str, force: bool) -> None:
+        """Delete the queue and its messages. QueueNotFound; QueueNotEmpty unless force."""
+
+    @abc.abstractmethod
+    async def enqueue(self, name: str, elements: Sequence[str]) -> list[int]:
+        """Append all elements or none; return their ids, increasing. QueueNotFound."""
+
+    @abc.abstractmethod
+    async def claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+        """Atomically move up to `limit` oldest ready messages in flight for the session.
+
+        Stops early once the payloads exceed `max_bytes` (the first message is always
+        taken). Raises delivery counts by one. Returns [] when none is ready.
+        QueueNotFound.
+        """
+
+    @abc.abstractmethod
+    async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
+        """Finish messages in flight for this session: done deletes, else ready again.
+
+        One flag per id: False when the id is unknown, already acked or held by another
+        session (and nothing changed for it).
+        """
+
+    @abc.abstractmethod
+    async def release_session(self, session_id: int) -> None:
+        """Make every message in flight for the session ready again (logout, expiry)."""
+
+    @abc.abstractmethod
+    async def queue_counts(self, name: str) -> QueueCounts:
+        """Ready and in-flight counts. QueueNotFound."""
+
+    @abc.abstractmethod
+    def ready_hint(self, name: str) -> int:
+        """A cheap, possibly stale, count of ready messages (0 for an unknown queue).
+
+        Long polls use it to avoid claiming from a queue known to be empty; a store that
+        cannot tell cheaply returns 1 so that the caller claims.
+        """
+
+    @abc.abstractmethod
+    def set_ready_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(queue_name)` after messages become ready in that queue (add, nack,
+        release), so that waiting consumers wake up. Called on the event loop."""
+
+    # Maps -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], max_maps: int) -> None:
+        """Set all pairs or none, creating the map. ResourceExhausted past max_maps."""
+
+    @abc.abstractmethod
+    async def map_remove(self, name: str, key: str) -> None:
+        """MapNotFound, KeyNotFound."""
+
+    @abc.abstractmethod
+    async def map_get(self, name: str, key: str) -> str:
+        """MapNotFound, KeyNotFound."""
+
+    @abc.abstractmethod
+    async def map_get_all(self, name: str) -> dict[str, str]:
+        """MapNotFound."""
+
+    @abc.abstractmethod
+    async def map_get_list(self, name: str, offset: int, size: int) -> list[tuple[str, str]]:
+        """One page in key order (UTF-8 byte order). MapNotFound."""
+
+    @abc.abstractmethod
+    async def map_destroy(self, name: str) -> None:
+        """MapNotFound."""
+
+    # Users ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_user(self, name: str) -> UserRecord | None:
+        """The user, or None."""
+
+    @abc.abstractmethod
+    async def count_users(self) -> int:
+        """How many users exist (the first start creates the admin when there are none)."""
+
+    @abc.abstractmethod
+    async def put_user(self, record: UserRecord) -> None:
+        """Create or replace a user."""

@@ -1,0 +1,565 @@
+"""The embedded store: one SQLite file (WAL, synchronous=FULL), one writer thread.
+
+Why one writer thread: SQLite allows one writer at a time anyway, and a single thread that
+takes every queued operation, runs them in one transaction and commits once (group
+commit) turns N concurrent callers into one fsync. Callers on the event loop await a
+future that is resolved only after the COMMIT returned, so nothing answers OK before it
+is durable.
+
+The writer also owns a small in-memory index (queue ids and counts, map ids, the next
+message id) so that limits and existence checks cost no query and payloads stay on disk.
+After each commit it publishes the counts of the queues it touched; `queue_counts` and
+`ready_hint` read that published copy without a thread hop, and it only ever shows
+committed state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from qm_server import errors
+from qm_server.fsutil import fsync_dir
+from qm_server.store import sqlite_sql as sql
+from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, UserRecord
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "qm.db"
+T = TypeVar("T")
+# How many queued operations one transaction takes at most: bounds commit latency.
+MAX_BATCH_OPS = 1024
+# While unhealthy, the writer probes the file this often to notice the fault is gone.
+PROBE_INTERVAL_S = 0.5
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open the database with the durability settings of the contract, migrated."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA busy_timeout = 10000")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply the migrations this file has not seen, each in its own transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        has_meta = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        row = conn.execute(sql.SCHEMA_VERSION).fetchone() if has_meta else None
+        version = int(row[0]) if row else 0
+        if version > len(sql.MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {version} is newer than this server "
+                f"({len(sql.MIGRATIONS)}); upgrade qm-server"
+            )
+        for number, script in enumerate(sql.MIGRATIONS[version:], start=version + 1):
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(sql.SET_SCHEMA_VERSION, (str(number),))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+# Users: also used directly (without the writer thread) by `qm-server user ...`. ----------
+
+
+def get_user(conn: sqlite3.Connection, name: str) -> UserRecord | None:
+    row = conn.execute(sql.GET_USER, (name,)).fetchone()
+    return UserRecord(row[0], row[1], bool(row[2])) if row else None
+
+
+def put_user(conn: sqlite3.Connection, record: UserRecord) -> None:
+    conn.execute(sql.PUT_USER, (record.name, record.password_hash, int(record.is_admin)))
+
+
+def delete_user(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute(sql.DELETE_USER, (name,)).rowcount > 0
+
+
+def list_users(conn: sqlite3.Connection) -> list[UserRecord]:
+    return [UserRecord(r[0], r[1], bool(r[2])) for r in conn.execute(sql.LIST_USERS)]
+
+
+@dataclass(slots=True)
+class _QueueState:
+    id: int
+    ready: int = 0
+    in_flight: int = 0
+
+
+@dataclass(slots=True)
+class _Index:
+    """The writer's view, including the open transaction's effects."""
+
+    queues: dict[str, _QueueState] = field(default_factory=dict)
+    queue_names: dict[int, str] = field(default_factory=dict)
+    maps: dict[str, int] = field(default_factory=dict)
+    next_message_id: int = 1
+
+
+@dataclass(slots=True)
+class _Op:
+    run: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+class _Batch:
+    """What one transaction changed, for publishing after its commit."""
+
+    def __init__(self) -> None:
+        self.touched: set[str] = set()
+        self.now_ready: set[str] = set()
+
+
+class SqliteStore(Store):
+    """The default store: `<data_dir>/qm.db`, no other process needed."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / DB_FILE
+        self._inbox: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._file_id: tuple[int, int] | None = None
+        self._index = _Index()
+        self._batch = _Batch()
+        self._published: dict[str, QueueCounts] = {}
+        self._healthy = True
+        self._closed = False
+        self._health_listener: HealthListener = lambda healthy: None
+        self._ready_listener: Callable[[str], None] = lambda name: None
+
+    # Life cycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        created = not self._path.exists()
+        self._thread = threading.Thread(target=self._writer_loop, name="qm-sqlite-writer")
+        self._thread.daemon = True
+        self._thread.start()
+        await self._submit(self._open_in_writer)
+        if created:
+            fsync_dir(self._path.parent)
+
+    def _open_in_writer(self) -> None:
+        self._conn = connect(self._path)
+        stat = os.stat(self._path)
+        self._file_id = (stat.st_dev, stat.st_ino)
+        self._conn.execute("BEGIN IMMEDIATE")
+        released = self._conn.execute(sql.RELEASE_ALL).rowcount
+        self._conn.execute("COMMIT")
+        if released:
+            log.info("made %d in-flight messages ready again after restart", released)
+        self._load_index()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.put(None)
+        thread = self._thread
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    def set_health_listener(self, listener: HealthListener) -> None:
+        self._health_listener = listener
+
+    def set_ready_listener(self, listener: Callable[[str], None]) -> None:
+        self._ready_listener = listener
+
+    # Queues -----------------------------------------------------------------------------
+
+    async def create_queue(self, name: str, max_queues: int) -> None:
+        def run() -> None:
+            index = self._index
+            if name in index.queues:
+                raise errors.QueueAlreadyExists(f"queue {name!r} already exists")
+            if len(index.queues) >= max_queues:
+                raise errors.ResourceExhausted(f"the server holds {max_queues} queues (limit)")
+            queue_id = self._db.execute(sql.INSERT_QUEUE, (name,)).lastrowid
+            assert queue_id is not None
+            index.queues[name] = _QueueState(queue_id)
+            index.queue_names[queue_id] = name
+            self._batch.touched.add(name)
+
+        await self._submit(run)
+
+    async def destroy_queue(self, name: str, force: bool) -> None:
+        def run() -> None:
+            state = self._queue(name)
+            if not force and (state.ready or state.in_flight):
+                raise errors.QueueNotEmpty(
+                    f"queue {name!r} holds {state.ready} ready and {state.in_flight} "
+                    "in-flight messages; use force to destroy it anyway"
+                )
+            self._db.execute(sql.DELETE_QUEUE_MESSAGES, (state.id,))
+            self._db.execute(sql.DELETE_QUEUE, (state.id,))
+            del self._index.queues[name]
+            del self._index.queue_names[state.id]
+            self._batch.touched.add(name)
+
+        await self._submit(run)
+
+    async def enqueue(self, name: str, elements: Sequence[str]) -> list[int]:
+        def run() -> list[int]:
+            state = self._queue(name)
+            first = self._index.next_message_id
+            ids = list(range(first, first + len(elements)))
+            self._db.executemany(
+                sql.INSERT_MESSAGE, [(i, state.id, e) for i, e in zip(ids, elements, strict=True)]
+            )
+            self._index.next_message_id = first + len(elements)
+            state.ready += len(elements)
+            self._batch.touched.add(name)
+            self._batch.now_ready.add(name)
+            return ids
+
+        return await self._submit(run)
+
+    async def claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+        published = self._published.get(name)
+        if published is None:
+            raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        if published.ready == 0 and self._healthy:
+            return []
+
+        def run() -> list[Delivery]:
+            state = self._queue(name)
+            if state.ready == 0:
+                return []
+            rows = self._db.execute(
+                sql.CLAIM, {"session_id": session_id, "queue_id": state.id, "limit": limit}
+            ).fetchall()
+            rows.sort()
+            taken = _within_budget(rows, max_bytes)
+            for row in rows[taken:]:
+                self._db.execute(sql.UNCLAIM, (row[0],))
+            state.ready -= taken
+            state.in_flight += taken
+            self._batch.touched.add(name)
+            return [Delivery(r[0], r[1], r[2]) for r in rows[:taken]]
+
+        return await self._submit(run)
+
+    async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
+        statement = sql.ACK_DONE if done else sql.ACK_ERROR
+
+        def run() -> list[bool]:
+            found: list[bool] = []
+            for message_id in message_ids:
+                row = self._db.execute(statement, (message_id, session_id)).fetchone()
+                found.append(row is not None)
+                if row is not None:
+                    self._finish_in_flight(row[0], back_to_ready=not done)
+            return found
+
+        return await self._submit(run)
+
+    async def release_session(self, session_id: int) -> None:
+        def run() -> None:
+            for (queue_id,) in self._db.execute(sql.RELEASE_SESSION, (session_id,)).fetchall():
+                self._finish_in_flight(queue_id, back_to_ready=True)
+
+        await self._submit(run)
+
+    def _finish_in_flight(self, queue_id: int, back_to_ready: bool) -> None:
+        name = self._index.queue_names[queue_id]
+        state = self._index.queues[name]
+        state.in_flight -= 1
+        if back_to_ready:
+            state.ready += 1
+            self._batch.now_ready.add(name)
+        self._batch.touched.add(name)
+
+    async def queue_counts(self, name: str) -> QueueCounts:
+        if not self._healthy:
+            await self._submit(lambda: None)  # raises Unavailable unless it recovered
+        counts = self._published.get(name)
+        if counts is None:
+            raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        return counts
+
+    def ready_hint(self, name: str) -> int:
+        counts = self._published.get(name)
+        return counts.ready if counts else 0
+
+    # Maps -------------------------------------------------------------------------------
+
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], max_maps: int) -> None:
+        def run() -> None:
+            map_id = self._index.maps.get(name)
+            if map_id is None:
+                if len(self._index.maps) >= max_maps:
+                    raise errors.ResourceExhausted(f"the server holds {max_maps} maps (limit)")
+                map_id = self._db.execute(sql.INSERT_MAP, (name,)).lastrowid
+                assert map_id is not None
+            self._db.executemany(sql.PUT_ENTRY, [(map_id, k, v) for k, v in pairs])
+            self._index.maps[name] = map_id
+
+        await self._submit(run)
+
+    async def map_remove(self, name: str, key: str) -> None:
+        def run() -> None:
+            if self._db.execute(sql.DELETE_ENTRY, (self._map(name), key)).rowcount == 0:
+                raise errors.KeyNotFound(f"map {name!r} has no key {key!r}")
+
+        await self._submit(run)
+
+    async def map_get(self, name: str, key: str) -> str:
+        def run() -> str:
+            row = self._db.execute(sql.GET_ENTRY, (self._map(name), key)).fetchone()
+            if row is None:
+                raise errors.KeyNotFound(f"map {name!r} has no key {key!r}")
+            return str(row[0])
+
+        return await self._submit(run)
+
+    async def map_get_all(self, name: str) -> dict[str, str]:
+        return await self._submit(
+            lambda: dict(self._db.execute(sql.ALL_ENTRIES, (self._map(name),)).fetchall())
+        )
+
+    async def map_get_list(self, name: str, offset: int, size: int) -> list[tuple[str, str]]:
+        return await self._submit(
+            lambda: [
+                (str(k), str(v))
+                for k, v in self._db.execute(sql.PAGE_ENTRIES, (self._map(name), size, offset))
+            ]
+        )
+
+    async def map_destroy(self, name: str) -> None:
+        def run() -> None:
+            map_id = self._map(name)
+            self._db.execute(sql.DELETE_MAP_ENTRIES, (map_id,))
+            self._db.execute(sql.DELETE_MAP, (map_id,))
+            del self._index.maps[name]
+
+        await self._submit(run)
+
+    # Users ------------------------------------------------------------------------------
+
+    async def get_user(self, name: str) -> UserRecord | None:
+        return await self._submit(lambda: get_user(self._db, name))
+
+    async def count_users(self) -> int:
+        return await self._submit(lambda: int(self._db.execute(sql.COUNT_USERS).fetchone()[0]))
+
+    async def put_user(self, record: UserRecord) -> None:
+        await self._submit(lambda: put_user(self._db, record))
+
+    # The writer -------------------------------------------------------------------------
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        assert self._conn is not None
+        return self._conn
+
+    def _queue(self, name: str) -> _QueueState:
+        state = self._index.queues.get(name)
+        if state is None:
+            raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        return state
+
+    def _map(self, name: str) -> int:
+        map_id = self._index.maps.get(name)
+        if map_id is None:
+            raise errors.MapNotFound(f"map {name!r} does not exist")
+        return map_id
+
+    def _submit(self, run: Callable[[], T]) -> asyncio.Future[T]:
+        if self._closed:
+            raise errors.Unavailable("the store is closed")
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._inbox.put(_Op(run, future))
+        return future
+
+    def _writer_loop(self) -> None:
+        while True:
+            try:
+                first = self._inbox.get(timeout=None if self._healthy else PROBE_INTERVAL_S)
+            except queue.Empty:
+                self._recover()
+                continue
+            batch: list[_Op] = []
+            stop = first is None
+            if first is not None:
+                batch.append(first)
+            while not stop and len(batch) < MAX_BATCH_OPS:
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                else:
+                    batch.append(more)
+            if batch:
+                self._run_batch(batch)
+            if stop:
+                break
+        if self._conn is not None:
+            self._conn.close()
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        if self._conn is None:  # the open itself
+            self._settle([(op.future, *_call(op.run)) for op in batch])
+            return
+        if not self._healthy and not self._recover():
+            failure = errors.Unavailable("the store cannot commit; see the server log")
+            self._settle([(op.future, False, failure) for op in batch])
+            return
+        self._batch = _Batch()
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        stale_index = False
+        try:
+            self._check_file()
+            self._db.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                self._db.execute("SAVEPOINT op")
+                ok, value = _call(op.run)
+                if ok:
+                    self._db.execute("RELEASE op")
+                else:
+                    self._db.execute("ROLLBACK TO op")
+                    self._db.execute("RELEASE op")
+                    if isinstance(value, sqlite3.Error | OSError | errors.Unavailable):
+                        raise value
+                    if not isinstance(value, errors.QmError):
+                        # A bug: its op failed alone, but it may have left the index
+                        # half-changed, so rebuild the index from the file.
+                        stale_index = True
+                outcomes.append((op.future, ok, value))
+            self._db.execute("COMMIT")
+            if stale_index:
+                self._load_index()
+        except Exception as exc:  # the whole transaction is lost: nothing answered OK
+            self._fail(exc)
+            failure = errors.Unavailable(f"the store could not commit: {exc}")
+            self._settle([(op.future, False, failure) for op in batch])
+            return
+        self._publish(self._batch.touched)
+        self._settle(outcomes, self._batch.now_ready)
+
+    def _check_file(self) -> None:
+        """A removed or replaced database file would swallow commits silently."""
+        try:
+            stat = os.stat(self._path)
+        except FileNotFoundError:
+            raise errors.Unavailable(f"database file {self._path} was removed") from None
+        if (stat.st_dev, stat.st_ino) != self._file_id:
+            raise errors.Unavailable(f"database file {self._path} was replaced")
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("rollback after a failed commit failed too", exc_info=True)
+        if self._healthy:
+            log.error("store failure, answering UNAVAILABLE until it recovers: %s", exc)
+            self._healthy = False
+            self._notify_health(False)
+
+    def _recover(self) -> bool:
+        """Probe with a real write; on success reload the index and turn healthy."""
+        try:
+            self._check_file()
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(sql.TOUCH_PROBE)
+            self._db.execute("COMMIT")
+            self._load_index()
+        except Exception as exc:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            log.debug("store still failing: %s", exc)
+            return False
+        log.warning("store recovered; serving again")
+        self._healthy = True
+        self._notify_health(True)
+        return True
+
+    def _load_index(self) -> None:
+        index = _Index()
+        for queue_id, name in self._db.execute(sql.ALL_QUEUES):
+            index.queues[name] = _QueueState(queue_id)
+            index.queue_names[queue_id] = name
+        for queue_id, count in self._db.execute(sql.READY_COUNTS):
+            index.queues[index.queue_names[queue_id]].ready = count
+        for queue_id, count in self._db.execute(sql.IN_FLIGHT_COUNTS):
+            index.queues[index.queue_names[queue_id]].in_flight = count
+        index.maps = {name: map_id for map_id, name in self._db.execute(sql.ALL_MAPS)}
+        index.next_message_id = int(self._db.execute(sql.LAST_MESSAGE_ID).fetchone()[0]) + 1
+        self._index = index
+        self._published = {}
+        self._publish(index.queues.keys())
+
+    def _publish(self, names: Any) -> None:
+        for name in names:
+            state = self._index.queues.get(name)
+            if state is None:
+                self._published.pop(name, None)
+            else:
+                self._published[name] = QueueCounts(state.ready, state.in_flight)
+
+    def _settle(
+        self,
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]],
+        now_ready: set[str] | None = None,
+    ) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            self._loop.call_soon_threadsafe(self._settle_on_loop, outcomes, now_ready or set())
+
+    def _settle_on_loop(
+        self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], now_ready: set[str]
+    ) -> None:
+        for future, ok, value in outcomes:
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        for name in now_ready:
+            self._ready_listener(name)
+
+    def _notify_health(self, healthy: bool) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._health_listener, healthy)
+
+
+def _call(run: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, run()
+    except Exception as exc:
+        return False, exc
+
+
+def _within_budget(rows: list[Any], max_bytes: int) -> int:
+    """How many rows (oldest first) fit in max_bytes of payload; at least one."""
+    total = 0
+    for taken, row in enumerate(rows):
+        total += len(row[1].encode())
+        if taken and total > max_bytes:
+            return taken
+    return len(rows)

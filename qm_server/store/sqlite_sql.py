@@ -1,0 +1,132 @@
+"""Every SQL statement of the SQLite store, named and commented, in one place."""
+
+from __future__ import annotations
+
+# Schema migrations, applied in order; meta.schema_version records how many ran.
+# Never edit a published entry: append a new one.
+MIGRATIONS: list[str] = [
+    # 1: queues, messages, maps, users.
+    """
+    CREATE TABLE IF NOT EXISTS meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE queues (
+        id   INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE
+    );
+    -- AUTOINCREMENT so that an id is never reused, even when the newest message was
+    -- acked (deleted) before a restart.
+    -- state: 0 ready, 1 in flight for session_id. Acked messages are deleted.
+    CREATE TABLE messages (
+        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue_id       INTEGER NOT NULL,
+        state          INTEGER NOT NULL DEFAULT 0,
+        session_id     INTEGER,
+        delivery_count INTEGER NOT NULL DEFAULT 0,
+        payload        TEXT NOT NULL
+    );
+    -- Claims read the oldest ready ids of one queue: a partial index holds only those.
+    CREATE INDEX messages_ready ON messages (queue_id, id) WHERE state = 0;
+    -- Releasing a session finds its in-flight messages without a scan.
+    CREATE INDEX messages_in_flight ON messages (session_id) WHERE state = 1;
+    CREATE TABLE maps (
+        id   INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE
+    );
+    -- BINARY collation compares UTF-8 bytes: the key order MapGetList promises.
+    CREATE TABLE map_entries (
+        map_id INTEGER NOT NULL,
+        key    TEXT NOT NULL,
+        value  TEXT NOT NULL,
+        PRIMARY KEY (map_id, key)
+    ) WITHOUT ROWID;
+    CREATE TABLE users (
+        name          TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        is_admin      INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+]
+
+SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
+SET_SCHEMA_VERSION = (
+    "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+# Bumped by the health probe: a real write that proves the file still takes commits.
+TOUCH_PROBE = (
+    "INSERT INTO meta (key, value) VALUES ('probe', '1') "
+    "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+)
+
+# Loading the in-memory index ------------------------------------------------------------
+ALL_QUEUES = "SELECT id, name FROM queues"
+READY_COUNTS = "SELECT queue_id, count(*) FROM messages WHERE state = 0 GROUP BY queue_id"
+IN_FLIGHT_COUNTS = "SELECT queue_id, count(*) FROM messages WHERE state = 1 GROUP BY queue_id"
+ALL_MAPS = "SELECT id, name FROM maps"
+# The next id continues after the largest ever handed out (sqlite_sequence remembers it
+# after the row is gone).
+LAST_MESSAGE_ID = (
+    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),"
+    " coalesce((SELECT max(id) FROM messages), 0))"
+)
+# Sessions die with the process: at start every in-flight message is ready again.
+RELEASE_ALL = "UPDATE messages SET state = 0, session_id = NULL WHERE state = 1"
+
+# Queues ---------------------------------------------------------------------------------
+INSERT_QUEUE = "INSERT INTO queues (name) VALUES (?)"
+DELETE_QUEUE = "DELETE FROM queues WHERE id = ?"
+DELETE_QUEUE_MESSAGES = "DELETE FROM messages WHERE queue_id = ?"
+
+# Messages -------------------------------------------------------------------------------
+# Ids are assigned by the single writer (consecutive, increasing); AUTOINCREMENT still
+# records the largest in sqlite_sequence.
+INSERT_MESSAGE = "INSERT INTO messages (id, queue_id, payload) VALUES (?, ?, ?)"
+# The claim: one statement picks the oldest ready ids and marks them in flight.
+CLAIM = """
+    UPDATE messages
+       SET state = 1, session_id = :session_id, delivery_count = delivery_count + 1
+     WHERE id IN (SELECT id FROM messages
+                   WHERE queue_id = :queue_id AND state = 0
+                   ORDER BY id LIMIT :limit)
+    RETURNING id, payload, delivery_count
+"""
+# Undo part of a claim that went over the response byte budget, in the same transaction.
+UNCLAIM = (
+    "UPDATE messages SET state = 0, session_id = NULL, delivery_count = delivery_count - 1"
+    " WHERE id = ?"
+)
+ACK_DONE = "DELETE FROM messages WHERE id = ? AND session_id = ? AND state = 1 RETURNING queue_id"
+ACK_ERROR = (
+    "UPDATE messages SET state = 0, session_id = NULL"
+    " WHERE id = ? AND session_id = ? AND state = 1 RETURNING queue_id"
+)
+RELEASE_SESSION = (
+    "UPDATE messages SET state = 0, session_id = NULL"
+    " WHERE session_id = ? AND state = 1 RETURNING queue_id"
+)
+
+# Maps -----------------------------------------------------------------------------------
+INSERT_MAP = "INSERT INTO maps (name) VALUES (?)"
+DELETE_MAP = "DELETE FROM maps WHERE id = ?"
+DELETE_MAP_ENTRIES = "DELETE FROM map_entries WHERE map_id = ?"
+PUT_ENTRY = (
+    "INSERT INTO map_entries (map_id, key, value) VALUES (?, ?, ?)"
+    " ON CONFLICT (map_id, key) DO UPDATE SET value = excluded.value"
+)
+DELETE_ENTRY = "DELETE FROM map_entries WHERE map_id = ? AND key = ?"
+GET_ENTRY = "SELECT value FROM map_entries WHERE map_id = ? AND key = ?"
+ALL_ENTRIES = "SELECT key, value FROM map_entries WHERE map_id = ? ORDER BY key"
+PAGE_ENTRIES = "SELECT key, value FROM map_entries WHERE map_id = ? ORDER BY key LIMIT ? OFFSET ?"
+
+# Users ----------------------------------------------------------------------------------
+GET_USER = "SELECT name, password_hash, is_admin FROM users WHERE name = ?"
+COUNT_USERS = "SELECT count(*) FROM users"
+PUT_USER = (
+    "INSERT INTO users (name, password_hash, is_admin) VALUES (?, ?, ?)"
+    " ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,"
+    " is_admin = excluded.is_admin"
+)
+DELETE_USER = "DELETE FROM users WHERE name = ?"
+LIST_USERS = "SELECT name, password_hash, is_admin FROM users ORDER BY name"
