@@ -1,0 +1,182 @@
+"""The floor: a gRPC server that does no work, so it shows what grpcio alone costs.
+
+It serves the same service and message shapes as ours, from the same grpcio and the same
+server flavour (grpc.aio), so "ours / floor" isolates what our server adds: auth, rules,
+storage and fsync. It keeps no state: Poll always has a message and acks always succeed.
+Run it as ``python -m benchmarks.floor --port-file FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from qm.v1 import queue_manager_pb2 as pb
+from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+
+GRPC_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_send_message_length", -1)]
+"""The options qm_server sets that could change a hot path, so both servers match."""
+SUBSCRIBE_DEFAULT_WINDOW = 100
+"""Window used when a Subscribe open asks for none, like a server default would be."""
+
+
+class FloorServicer(pb_grpc.QueueManagerServiceServicer):
+    """Answers every call with a well-formed response and nothing else.
+
+    Ids still increase so that the responses are the same size as a real server's; the
+    element is built once so that no per-call allocation beyond protobuf's own is measured.
+    """
+
+    def __init__(self, element_size: int) -> None:
+        self._element = "x" * element_size
+        self._next_id = 0
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self._challenge = pb.GetChallengeResponse(
+            public_key_pem=pem.decode(),
+            fingerprint="0" * 64,
+            algorithm="RSA-OAEP-SHA256",
+            challenge=os.urandom(32),
+            challenge_ttl_ms=60_000,
+        )
+
+    def _ids(self, n: int) -> range:
+        first = self._next_id + 1
+        self._next_id += n
+        return range(first, first + n)
+
+    def _infos(self, n: int) -> list[pb.ElementInfo]:
+        return [
+            pb.ElementInfo(element=self._element, message_id=i, delivery_count=1)
+            for i in self._ids(n)
+        ]
+
+    async def GetChallenge(
+        self, request: pb.GetChallengeRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetChallengeResponse:
+        return self._challenge
+
+    async def Auth(
+        self, request: pb.AuthRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.AuthResponse:
+        return pb.AuthResponse(token="floor-token", session_ttl_ms=30_000)
+
+    async def HeartBeat(
+        self, request: pb.HeartBeatRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.HeartBeatResponse:
+        return pb.HeartBeatResponse()
+
+    async def Logout(
+        self, request: pb.LogoutRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.LogoutResponse:
+        return pb.LogoutResponse()
+
+    async def NewQueue(
+        self, request: pb.NewQueueRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.NewQueueResponse:
+        return pb.NewQueueResponse()
+
+    async def DestroyQueue(
+        self, request: pb.DestroyQueueRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.DestroyQueueResponse:
+        return pb.DestroyQueueResponse()
+
+    async def Size(
+        self, request: pb.SizeRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.SizeResponse:
+        return pb.SizeResponse(size=0)
+
+    async def Add(
+        self, request: pb.AddRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.AddResponse:
+        return pb.AddResponse(message_id=self._ids(1)[0])
+
+    async def AddAll(
+        self, request: pb.AddAllRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.AddAllResponse:
+        return pb.AddAllResponse(message_ids=self._ids(len(request.elements)))
+
+    async def Poll(
+        self, request: pb.PollRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.PollResponse:
+        return pb.PollResponse(
+            element=self._element, message_id=self._ids(1)[0], delivery_count=1
+        )
+
+    async def PullElements(
+        self, request: pb.PullElementsRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.PullElementsResponse:
+        n = max(1, request.number)
+        return pb.PullElementsResponse(element_info=self._infos(n), number=n)
+
+    async def Ack(
+        self, request: pb.AckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.AckResponse:
+        return pb.AckResponse()
+
+    async def BatchAck(
+        self, request: pb.BatchAckRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.BatchAckResponse:
+        return pb.BatchAckResponse(
+            results=[pb.AckResult(message_id=i) for i in request.message_ids]
+        )
+
+    async def Subscribe(
+        self,
+        request_iterator: object,
+        context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.SubscribeResponse],
+    ) -> None:
+        """Pushes a full window, then as many new messages as each ack frees: real flow control."""
+        first = await context.read()
+        if not isinstance(first, pb.SubscribeRequest) or first.WhichOneof("kind") != "open":
+            await context.write(pb.SubscribeResponse(code=pb.CODE_INVALID_ARGUMENT))
+            return
+        window = first.open.max_unacked or SUBSCRIBE_DEFAULT_WINDOW
+        await context.write(pb.SubscribeResponse(element_info=self._infos(window)))
+        while True:
+            req = await context.read()
+            if not isinstance(req, pb.SubscribeRequest):
+                return
+            freed = len(req.ack.message_ids)
+            if freed:
+                await context.write(pb.SubscribeResponse(element_info=self._infos(freed)))
+
+
+async def serve(listen: str, port_file: Path, element_size: int) -> None:
+    """Serves until SIGTERM/SIGINT; the port file is written only once the port is bound."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    servicer = FloorServicer(element_size)
+    pb_grpc.add_QueueManagerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port(listen)
+    await server.start()
+    tmp = port_file.with_suffix(".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(port_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(grace=1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument("--element-size", type=int, default=100)
+    args = parser.parse_args()
+    asyncio.run(serve(args.listen, args.port_file, args.element_size))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Launchers for the two servers under test: the floor and ours (``qm-server``).
+
+Ours runs exactly as a user would start it: the console script, an embedded store in a
+fresh data directory, default durability, the admin password from the environment.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from benchmarks.procs import ServerProcess, start_server
+
+ADMIN_USER = "admin"
+ADMIN_PASSWORD = "bench-admin-password"
+"""Local-only throwaway: the server listens on 127.0.0.1 and its data dir is deleted."""
+
+
+def qm_server_command() -> list[str]:
+    """The venv's console script first, so the harness measures this checkout's server."""
+    beside = Path(sys.executable).parent / "qm-server"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("qm-server")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "qm_server"]
+
+
+def start_ours(data_dir: Path, work_dir: Path, timeout_s: float = 60.0) -> ServerProcess:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port_file = work_dir / "ours.port"
+    cmd = [
+        *qm_server_command(),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(data_dir),
+        "--port-file",
+        str(port_file),
+    ]
+    return start_server(
+        "ours",
+        cmd,
+        port_file,
+        work_dir / "ours.log",
+        env={"QM_ADMIN_PASSWORD": ADMIN_PASSWORD},
+        timeout_s=timeout_s,
+    )
+
+
+def start_floor(work_dir: Path, element_size: int, timeout_s: float = 60.0) -> ServerProcess:
+    port_file = work_dir / "floor.port"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.floor",
+        "--port-file",
+        str(port_file),
+        "--element-size",
+        str(element_size),
+    ]
+    return start_server("floor", cmd, port_file, work_dir / "floor.log", timeout_s=timeout_s)
