@@ -1,0 +1,69 @@
+"""Python client for the queue manager service.
+
+    from qm_client import QueueManagerClient
+
+    with QueueManagerClient("localhost:50051", "admin", password) as qm:
+        qm.new_queue("jobs", exist_ok=True)
+        qm.add("jobs", "hello")
+        if (message := qm.poll("jobs", wait=5)) is not None:
+            print(message.element)
+            message.ack()
+
+Every failure is a :class:`QMError` subclass named after the service's code.
+"""
+
+from .client import DEFAULT_TIMEOUT, Message, QueueManagerClient, SessionLoss, health
+from .errors import (
+    ClientClosed,
+    DeadlineExceeded,
+    FingerprintMismatch,
+    InternalError,
+    InvalidArgument,
+    KeyNotFound,
+    MapNotFound,
+    MessageNotFound,
+    MessageReleased,
+    PermissionDenied,
+    QMError,
+    QueueAlreadyExists,
+    QueueEmpty,
+    QueueNotEmpty,
+    QueueNotFound,
+    ResourceExhausted,
+    TransportError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from .maps import QMap
+from .subscribe import Subscription
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ClientClosed",
+    "DeadlineExceeded",
+    "FingerprintMismatch",
+    "InternalError",
+    "InvalidArgument",
+    "KeyNotFound",
+    "MapNotFound",
+    "Message",
+    "MessageNotFound",
+    "MessageReleased",
+    "PermissionDenied",
+    "QMError",
+    "QMap",
+    "QueueAlreadyExists",
+    "QueueEmpty",
+    "QueueManagerClient",
+    "QueueNotEmpty",
+    "QueueNotFound",
+    "ResourceExhausted",
+    "SessionLoss",
+    "Subscription",
+    "TransportError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "health",
+]

@@ -1,0 +1,61 @@
+"""Channel construction: transport security and the retry policy.
+
+Retries live in the channel's service config rather than in client code, so that gRPC's
+own implementation (exponential backoff with jitter, retry throttling, no retry once a
+response has started) applies, and so that polyglot users can copy the same JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+SERVICE = "qm.v1.QueueManagerService"
+
+# Calls whose repetition cannot change the outcome. Everything else (Add, Poll, Ack,
+# NewQueue, DestroyQueue, Logout, Auth...) is never retried: a retry after a lost answer
+# could add twice, deliver twice, or report a first success as a failure.
+IDEMPOTENT_METHODS = (
+    "GetChallenge",
+    "HeartBeat",
+    "Size",
+    "IsEmpty",
+    "GetUncheckNum",
+    "MapGet",
+    "MapGetAll",
+    "MapGetList",
+    "MapPut",
+    "MapBatchPut",
+)
+
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def service_config() -> str:
+    """The JSON service config: UNAVAILABLE retried with backoff, idempotent calls only."""
+    names: list[dict[str, str]] = [
+        {"service": SERVICE, "method": method} for method in IDEMPOTENT_METHODS
+    ]
+    names.append({"service": "grpc.health.v1.Health", "method": "Check"})
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
+
+
+def open_channel(target: str, root_certificates: bytes | None = None) -> grpc.Channel:
+    """A channel to ``target``: TLS when ``root_certificates`` is given, else plaintext."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config()),
+        ("grpc.primary_user_agent", "qm-python-client"),
+    ]
+    if root_certificates is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        return grpc.secure_channel(target, credentials, options=options)
+    return grpc.insecure_channel(target, options=options)

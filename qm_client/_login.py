@@ -1,0 +1,70 @@
+"""The challenge login: GetChallenge, check the key, encrypt the envelope, Auth."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from qm.v1 import queue_manager_pb2 as pb
+
+from .errors import FingerprintMismatch, QMError
+
+ALGORITHM = "RSA-OAEP-SHA256"
+
+
+@dataclass(frozen=True)
+class ServerKey:
+    """The server's public key as the client checked it."""
+
+    public_key: rsa.RSAPublicKey
+    fingerprint: str
+
+
+def normalize_fingerprint(fingerprint: str) -> str:
+    """Accept the forms people paste (upper case, ``aa:bb:..``, ``sha256:`` prefix)."""
+    text = fingerprint.strip().lower().removeprefix("sha256:")
+    return text.replace(":", "").replace(" ", "")
+
+
+def fingerprint_of(public_key: rsa.RSAPublicKey) -> str:
+    """Lower-case hex SHA-256 of the DER SubjectPublicKeyInfo, as the contract defines it."""
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def check_server_key(challenge: pb.GetChallengeResponse, pin: str | None) -> ServerKey:
+    """Load the key from a challenge and, when pinned, refuse any other key.
+
+    The fingerprint is computed here from the PEM rather than taken from the response: a
+    server that swapped its key could claim any fingerprint.
+    """
+    if challenge.algorithm != ALGORITHM:
+        raise QMError(f"server offers login algorithm {challenge.algorithm!r}, not {ALGORITHM}")
+    key = serialization.load_pem_public_key(challenge.public_key_pem.encode())
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise QMError("server key is not an RSA key")
+    actual = fingerprint_of(key)
+    if pin is not None and not hmac.compare_digest(actual, normalize_fingerprint(pin)):
+        raise FingerprintMismatch(
+            f"server key fingerprint {actual} does not match the pinned one; password not sent"
+        )
+    return ServerKey(public_key=key, fingerprint=actual)
+
+
+def encrypt_password(key: ServerKey, password: str, challenge: bytes) -> bytes:
+    """The Auth.password ciphertext: a serialized PasswordEnvelope under RSA-OAEP-SHA256."""
+    envelope = pb.PasswordEnvelope(password=password, challenge=challenge)
+    return key.public_key.encrypt(
+        envelope.SerializeToString(),
+        padding.OAEP(
+            mgf=padding.MGF1(algorithm=hashes.SHA256()),
+            algorithm=hashes.SHA256(),
+            label=None,
+        ),
+    )

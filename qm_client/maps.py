@@ -1,0 +1,167 @@
+"""A server map as a ``MutableMapping``.
+
+Each operation is one or more calls to the server, so the view keeps no cache: what it
+returns is what the server holds at that moment. Where a ``Mapping`` operation would be
+dishonest over the wire it is replaced: iteration pages (``MapGetList``) instead of
+fetching a key at a time, ``update`` is one atomic ``MapBatchPut``, ``clear`` deletes key
+by key (the map itself stays). The read-modify-write helpers inherited from
+``MutableMapping`` (``pop``, ``setdefault``, ``popitem``) are two calls and not atomic.
+
+A missing *map* is not an empty mapping: reads raise :class:`MapNotFound`, because the
+server distinguishes them (``MapDestroy`` vs. removing every key). A missing *key* raises
+:class:`KeyNotFound`, which is a ``KeyError``, so ``get``, ``in`` and ``pop(k, default)``
+work as for a dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
+from typing import TYPE_CHECKING, Any
+
+from qm.v1 import queue_manager_pb2 as pb
+
+from .errors import KeyNotFound, MapNotFound
+
+if TYPE_CHECKING:
+    from .client import QueueManagerClient
+
+__all__ = ["QMap"]
+
+
+class QMap(MutableMapping[str, str]):
+    """A live view of the server map ``name``; create it with ``client.map(name)``.
+
+    ``len()`` and iteration page through the map (``page_size`` entries per call), so they
+    cost a call per page, and a map changed while it is paged may show a key twice or not
+    at all. For one consistent snapshot use :meth:`to_dict`.
+    """
+
+    def __init__(self, client: QueueManagerClient, name: str, *, page_size: int = 500) -> None:
+        self._client = client
+        self.name = name
+        self.page_size = page_size
+
+    def __repr__(self) -> str:
+        return f"QMap({self.name!r})"
+
+    # -- the MutableMapping primitives ----------------------------------------------------
+
+    def __getitem__(self, key: str) -> str:
+        response, _ = self._client._call(
+            self._client._stub.MapGet, pb.MapGetRequest(map=self.name, key=key)
+        )
+        return response.value
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self._client._call(
+            self._client._stub.MapPut, pb.MapPutRequest(map=self.name, key=key, value=value)
+        )
+
+    def __delitem__(self, key: str) -> None:
+        self._client._call(
+            self._client._stub.MapRemove, pb.MapRemoveRequest(map=self.name, key=key)
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        for key, _ in self._entries():
+            yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._entries())
+
+    # -- replaced for honesty over the wire ----------------------------------------------
+
+    def items(self) -> ItemsView[str, str]:
+        """Entries in key order, a page per call (not a key per call)."""
+        return _PagedItems(self)
+
+    def values(self) -> ValuesView[str]:
+        """Values in key order, a page per call."""
+        return _PagedValues(self)
+
+    def update(self, other: Any = (), /, **kwargs: str) -> None:
+        """Set many keys in one atomic call (``MapBatchPut``): all of them or none.
+
+        Accepts what ``dict.update`` accepts. Nothing to set makes no call (the server
+        refuses an empty batch; Python's ``update`` of nothing is a no-op). The server's
+        batch limit (1000 pairs by default) applies: a larger update raises
+        :class:`InvalidArgument` rather than being split, which would lose atomicity.
+        """
+        pairs: dict[str, str] = dict(other, **kwargs)
+        if not pairs:
+            return
+        entries = [pb.KeyValue(key=k, value=v) for k, v in pairs.items()]
+        self._client._call(
+            self._client._stub.MapBatchPut,
+            pb.MapBatchPutRequest(map=self.name, size=len(entries), list=entries),
+        )
+
+    def clear(self) -> None:
+        """Remove every key, one call each; the map itself remains. Not atomic."""
+        for key in list(self.to_dict()):
+            try:
+                del self[key]
+            except KeyNotFound:
+                continue  # removed by someone else meanwhile: the goal holds
+
+    # -- beyond Mapping -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, str]:
+        """The whole map in one call (``MapGetAll``): a consistent snapshot."""
+        response, _ = self._client._call(
+            self._client._stub.MapGetAll, pb.MapGetAllRequest(map=self.name)
+        )
+        return dict(response.map)
+
+    def page(self, offset: int = 0, size: int | None = None) -> list[tuple[str, str]]:
+        """One page of entries in key order (``MapGetList``); ``[]`` past the end."""
+        request = pb.MapGetListRequest(
+            map=self.name, offset=offset, size=self.page_size if size is None else size
+        )
+        response, _ = self._client._call(self._client._stub.MapGetList, request)
+        return [(kv.key, kv.value) for kv in response.list]
+
+    def exists(self) -> bool:
+        """Whether the map exists (it may exist and be empty)."""
+        try:
+            self.page(0, 1)
+        except MapNotFound:
+            return False
+        return True
+
+    def destroy(self) -> None:
+        """Delete the map and its entries (``MapDestroy``); :class:`MapNotFound` if absent."""
+        self._client._call(self._client._stub.MapDestroy, pb.MapDestroyRequest(map=self.name))
+
+    def _entries(self) -> Iterator[tuple[str, str]]:
+        offset = 0
+        while True:
+            page = self.page(offset)
+            yield from page
+            if len(page) < self.page_size:
+                return
+            offset += len(page)
+
+
+class _PagedItems(ItemsView[str, str]):
+    _mapping: QMap
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return self._mapping._entries()
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, tuple) or len(item) != 2:
+            return False
+        key, value = item
+        try:
+            return bool(self._mapping[key] == value)
+        except KeyError:
+            return False
+
+
+class _PagedValues(ValuesView[str]):
+    _mapping: QMap
+
+    def __iter__(self) -> Iterator[str]:
+        for _, value in self._mapping._entries():
+            yield value
