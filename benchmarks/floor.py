@@ -108,9 +108,7 @@ class FloorServicer(pb_grpc.QueueManagerServiceServicer):
     async def Poll(
         self, request: pb.PollRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.PollResponse:
-        return pb.PollResponse(
-            element=self._element, message_id=self._ids(1)[0], delivery_count=1
-        )
+        return pb.PollResponse(element=self._element, message_id=self._ids(1)[0], delivery_count=1)
 
     async def PullElements(
         self, request: pb.PullElementsRequest, context: grpc.aio.ServicerContext[object, object]

@@ -26,9 +26,7 @@ class ServerStartError(RuntimeError):
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for children: the repo importable, nothing else changed."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     if extra:
         env.update(extra)
     return env
