@@ -73,7 +73,7 @@ class QueueManagerServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         servicer = QueueManagerServicer(self.engine)
-        pb_grpc.add_QueueManagerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_QueueManagerServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -198,6 +198,8 @@ class ServerThread:
 
     def stop(self, grace_s: float = 1.0) -> None:
         if self._loop is None or self.server is None or self._thread is None:
+            return
+        if self._loop.is_closed():  # already stopped
             return
         future = asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop)
         future.result(timeout=30)

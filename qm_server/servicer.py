@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -261,3 +261,9 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             return pb.MapBatchPutResponse()
 
         return await _answer(pb.MapBatchPutResponse, call)
+
+    async def Subscribe(
+        self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Context
+    ) -> AsyncIterator[pb.SubscribeResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Subscribe is not implemented yet")
+        yield pb.SubscribeResponse()  # pragma: no cover - makes this an async generator

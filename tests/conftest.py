@@ -56,9 +56,7 @@ def encrypt_password(challenge: pb.GetChallengeResponse, password: str) -> bytes
 def login(stub: pb_grpc.QueueManagerServiceStub, user: str, password: str) -> str:
     """The two-call login; returns the token (asserts success)."""
     challenge = stub.GetChallenge(pb.GetChallengeRequest())
-    reply = stub.Auth(
-        pb.AuthRequest(username=user, password=encrypt_password(challenge, password))
-    )
+    reply = stub.Auth(pb.AuthRequest(username=user, password=encrypt_password(challenge, password)))
     assert reply.code == pb.CODE_OK, reply.message
     return reply.token
 
