@@ -9,9 +9,8 @@ from typing import Any
 
 import grpc
 
-from benchmarks.login import login
+from benchmarks.login import login, new_stub
 from qm.v1 import queue_manager_pb2 as pb
-from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
 CALL_TIMEOUT_S = 60.0
 """Setup calls may wait behind a busy group commit on a shared machine."""
@@ -29,7 +28,7 @@ class AdminClient:
         self._username = username
         self._password = password
         self._channel = grpc.aio.insecure_channel(address)
-        self.stub: Any = pb_grpc.QueueManagerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self.stub: Any = new_stub(self._channel)
         self.token = ""
 
     async def __aenter__(self) -> AdminClient:

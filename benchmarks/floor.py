@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +25,8 @@ from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
 GRPC_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_send_message_length", -1)]
 """The options qm_server sets that could change a hot path, so both servers match."""
+Ctx = Any
+"""The servicer context; its generated type changes with the stub generator's version."""
 SUBSCRIBE_DEFAULT_WINDOW = 100
 """Window used when a Subscribe open asks for none, like a server default would be."""
 
@@ -61,99 +65,109 @@ class FloorServicer(pb_grpc.QueueManagerServiceServicer):
         ]
 
     async def GetChallenge(
-        self, request: pb.GetChallengeRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.GetChallengeRequest, context: Ctx
     ) -> pb.GetChallengeResponse:
         return self._challenge
 
-    async def Auth(
-        self, request: pb.AuthRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.AuthResponse:
+    async def Auth(self, request: pb.AuthRequest, context: Ctx) -> pb.AuthResponse:
         return pb.AuthResponse(token="floor-token", session_ttl_ms=30_000)
 
-    async def HeartBeat(
-        self, request: pb.HeartBeatRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.HeartBeatResponse:
+    async def HeartBeat(self, request: pb.HeartBeatRequest, context: Ctx) -> pb.HeartBeatResponse:
         return pb.HeartBeatResponse()
 
-    async def Logout(
-        self, request: pb.LogoutRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.LogoutResponse:
+    async def Logout(self, request: pb.LogoutRequest, context: Ctx) -> pb.LogoutResponse:
         return pb.LogoutResponse()
 
-    async def NewQueue(
-        self, request: pb.NewQueueRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.NewQueueResponse:
+    async def NewQueue(self, request: pb.NewQueueRequest, context: Ctx) -> pb.NewQueueResponse:
         return pb.NewQueueResponse()
 
     async def DestroyQueue(
-        self, request: pb.DestroyQueueRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.DestroyQueueRequest, context: Ctx
     ) -> pb.DestroyQueueResponse:
         return pb.DestroyQueueResponse()
 
-    async def Size(
-        self, request: pb.SizeRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.SizeResponse:
+    async def Size(self, request: pb.SizeRequest, context: Ctx) -> pb.SizeResponse:
         return pb.SizeResponse(size=0)
 
-    async def Add(
-        self, request: pb.AddRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.AddResponse:
+    async def Add(self, request: pb.AddRequest, context: Ctx) -> pb.AddResponse:
         return pb.AddResponse(message_id=self._ids(1)[0])
 
-    async def AddAll(
-        self, request: pb.AddAllRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.AddAllResponse:
+    async def AddAll(self, request: pb.AddAllRequest, context: Ctx) -> pb.AddAllResponse:
         return pb.AddAllResponse(message_ids=self._ids(len(request.elements)))
 
-    async def Poll(
-        self, request: pb.PollRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.PollResponse:
+    async def Poll(self, request: pb.PollRequest, context: Ctx) -> pb.PollResponse:
         return pb.PollResponse(element=self._element, message_id=self._ids(1)[0], delivery_count=1)
 
     async def PullElements(
-        self, request: pb.PullElementsRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.PullElementsRequest, context: Ctx
     ) -> pb.PullElementsResponse:
         n = max(1, request.number)
         return pb.PullElementsResponse(element_info=self._infos(n), number=n)
 
-    async def Ack(
-        self, request: pb.AckRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.AckResponse:
+    async def Ack(self, request: pb.AckRequest, context: Ctx) -> pb.AckResponse:
         return pb.AckResponse()
 
-    async def BatchAck(
-        self, request: pb.BatchAckRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> pb.BatchAckResponse:
+    async def BatchAck(self, request: pb.BatchAckRequest, context: Ctx) -> pb.BatchAckResponse:
         return pb.BatchAckResponse(
             results=[pb.AckResult(message_id=i) for i in request.message_ids]
         )
 
+    async def IsEmpty(self, request: pb.IsEmptyRequest, context: Ctx) -> pb.IsEmptyResponse:
+        return pb.IsEmptyResponse(empty=True)
+
+    async def GetUncheckNum(
+        self, request: pb.GetUncheckNumRequest, context: Ctx
+    ) -> pb.GetUncheckNumResponse:
+        return pb.GetUncheckNumResponse()
+
+    async def MapPut(self, request: pb.MapPutRequest, context: Ctx) -> pb.MapPutResponse:
+        return pb.MapPutResponse()
+
+    async def MapRemove(self, request: pb.MapRemoveRequest, context: Ctx) -> pb.MapRemoveResponse:
+        return pb.MapRemoveResponse()
+
+    async def MapGet(self, request: pb.MapGetRequest, context: Ctx) -> pb.MapGetResponse:
+        return pb.MapGetResponse(value="")
+
+    async def MapGetAll(self, request: pb.MapGetAllRequest, context: Ctx) -> pb.MapGetAllResponse:
+        return pb.MapGetAllResponse()
+
+    async def MapDestroy(
+        self, request: pb.MapDestroyRequest, context: Ctx
+    ) -> pb.MapDestroyResponse:
+        return pb.MapDestroyResponse()
+
+    async def MapGetList(
+        self, request: pb.MapGetListRequest, context: Ctx
+    ) -> pb.MapGetListResponse:
+        return pb.MapGetListResponse(offset=request.offset)
+
+    async def MapBatchPut(
+        self, request: pb.MapBatchPutRequest, context: Ctx
+    ) -> pb.MapBatchPutResponse:
+        return pb.MapBatchPutResponse()
+
     async def Subscribe(
-        self,
-        request_iterator: object,
-        context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.SubscribeResponse],
-    ) -> None:
+        self, request_iterator: Any, context: Ctx
+    ) -> AsyncIterator[pb.SubscribeResponse]:
         """Pushes a full window, then as many new messages as each ack frees: real flow control."""
-        first = await context.read()
-        if not isinstance(first, pb.SubscribeRequest) or first.WhichOneof("kind") != "open":
-            await context.write(pb.SubscribeResponse(code=pb.CODE_INVALID_ARGUMENT))
+        first = await anext(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "open":
+            yield pb.SubscribeResponse(code=pb.CODE_INVALID_ARGUMENT)
             return
         window = first.open.max_unacked or SUBSCRIBE_DEFAULT_WINDOW
-        await context.write(pb.SubscribeResponse(element_info=self._infos(window)))
-        while True:
-            req = await context.read()
-            if not isinstance(req, pb.SubscribeRequest):
-                return
+        yield pb.SubscribeResponse(element_info=self._infos(window))
+        async for req in request_iterator:
             freed = len(req.ack.message_ids)
             if freed:
-                await context.write(pb.SubscribeResponse(element_info=self._infos(freed)))
+                yield pb.SubscribeResponse(element_info=self._infos(freed))
 
 
 async def serve(listen: str, port_file: Path, element_size: int) -> None:
     """Serves until SIGTERM/SIGINT; the port file is written only once the port is bound."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    servicer = FloorServicer(element_size)
-    pb_grpc.add_QueueManagerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    register: Any = pb_grpc.add_QueueManagerServiceServicer_to_server
+    register(FloorServicer(element_size), server)
     port = server.add_insecure_port(listen)
     await server.start()
     tmp = port_file.with_suffix(".tmp")

@@ -19,10 +19,9 @@ from typing import Any
 
 import grpc
 
-from benchmarks.login import login
+from benchmarks.login import login, new_stub
 from benchmarks.scenarios import LoadResult, LoadSpec
 from qm.v1 import queue_manager_pb2 as pb
-from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
 OK = pb.CODE_OK
 EMPTY = pb.CODE_QUEUE_EMPTY
@@ -208,7 +207,7 @@ async def _wait_for_go() -> None:
 async def drive(spec: LoadSpec, wait_for_go: bool = True) -> LoadResult:
     loop_fn = LOOPS[spec.scenario]
     async with grpc.aio.insecure_channel(spec.address) as channel:
-        stub = pb_grpc.QueueManagerServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub = new_stub(channel)
         token = await login(stub, spec.username, spec.password)
         beat = pb.HeartBeatRequest(token=token)
         for _ in range(3):  # warm the HTTP/2 connection and both sides' code paths

@@ -1,16 +1,24 @@
-"""The two-step login every client needs: GetChallenge, then Auth with an OAEP envelope."""
+"""What every client of ours needs: a stub, and the two-step login (challenge, then Auth)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import grpc
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from qm.v1 import queue_manager_pb2 as pb
+from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
 LOGIN_TIMEOUT_S = 30.0
 """Generous: password hashing is deliberately slow and the machine is shared."""
+
+
+def new_stub(channel: grpc.aio.Channel) -> Any:
+    """An aio stub typed Any: the generated stub's typing changes with the generator."""
+    stub_class: Any = pb_grpc.QueueManagerServiceStub
+    return stub_class(channel)
 
 
 class LoginFailed(RuntimeError):

@@ -6,10 +6,9 @@ import time
 
 import grpc
 
-from benchmarks.login import login
+from benchmarks.login import login, new_stub
 from benchmarks.peers.common import E2EResult, E2ESpec
 from qm.v1 import queue_manager_pb2 as pb
-from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
 CALL_TIMEOUT_S = 30.0
 
@@ -19,7 +18,7 @@ async def run(spec: E2ESpec) -> E2EResult:
     element = "x" * spec.element_size
     deadline = time.monotonic() + spec.timeout_s
     async with grpc.aio.insecure_channel(f"{spec.host}:{spec.port}") as channel:
-        stub = pb_grpc.QueueManagerServiceStub(channel)  # type: ignore[no-untyped-call]
+        stub = new_stub(channel)
         token = await login(stub, spec.username, spec.password)
         r = await stub.NewQueue(
             pb.NewQueueRequest(token=token, queue_name=spec.name), timeout=CALL_TIMEOUT_S
