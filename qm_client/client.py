@@ -20,10 +20,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from qm.v1 import queue_manager_pb2 as pb
+from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
 from ._channel import open_channel
 from ._login import check_server_key, encrypt_password
-from ._stub import Stub, make_stub
 from .errors import (
     ClientClosed,
     MessageNotFound,
@@ -167,7 +167,7 @@ class QueueManagerClient:
         self._timeout = timeout
         self._on_session_lost = on_session_lost
         self._channel = open_channel(target, root_certificates)
-        self._stub: Stub = make_stub(self._channel)
+        self._stub = pb_grpc.QueueManagerServiceStub(self._channel)
         # Guards _session and _closed; never held across a network call.
         self._lock = threading.Lock()
         # Serializes logins, so that threads finding the same dead session log in once.
