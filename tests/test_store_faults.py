@@ -1,0 +1,130 @@
+"""Store failures answer UNAVAILABLE, turn health NOT_SERVING, and lose nothing committed.
+
+The data directory sits on a small tmpfs mounted by the test (the tests run as root), so
+that the disk really fills up under the running server. (A read-only remount cannot be
+forced while the server holds its files open for writing; it fails the same way, through
+the same sqlite3 error path.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import ServerHandle, login
+from qm.v1 import queue_manager_pb2 as pb
+from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+
+Stub = pb_grpc.QueueManagerServiceStub
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+class HealthWatch:
+    """Follows the server's health stream, so tests wait for events, not for time."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        stub = health_pb2_grpc.HealthStub(channel)
+        self._stream = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+
+    def wait_for(self, status: int) -> None:
+        for reply in self._stream:
+            if reply.status == status:
+                return
+        raise AssertionError("health stream ended")
+
+    def close(self) -> None:
+        self._stream.cancel()
+
+
+def fill(path: Path) -> None:
+    """Write until the file system is full."""
+    with path.open("wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+
+
+def add_until_unavailable(stub: Stub, token: str, committed: list[int]) -> pb.AddResponse:
+    for _ in range(500):
+        reply = stub.Add(pb.AddRequest(token=token, queue_name="q", element="x" * 50_000))
+        if reply.code != pb.CODE_OK:
+            return reply
+        committed.append(reply.message_id)
+    raise AssertionError("the disk never filled up")
+
+
+def test_full_disk(make_server: Callable[..., ServerHandle], small_disk: Path) -> None:
+    handle = make_server(data_dir=small_disk / "data")
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        watch = HealthWatch(channel)
+        watch.wait_for(SERVING)
+        token = login(stub, "admin", handle.admin_password)
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+        committed: list[int] = []
+        fill(small_disk / "filler")
+        failed = add_until_unavailable(stub, token, committed)
+        assert failed.code == pb.CODE_UNAVAILABLE
+        assert "could not commit" in failed.message or "cannot commit" in failed.message
+        watch.wait_for(NOT_SERVING)
+        map_put = stub.MapPut(pb.MapPutRequest(token=token, map="m", key="k", value="v"))
+        assert map_put.code == pb.CODE_UNAVAILABLE
+        (small_disk / "filler").unlink()
+        watch.wait_for(SERVING)
+        after = stub.Add(pb.AddRequest(token=token, queue_name="q", element="after"))
+        assert after.code == pb.CODE_OK
+        committed.append(after.message_id)
+        watch.close()
+    handle.stop()
+    assert_all_present(make_server(data_dir=small_disk / "data"), committed)
+
+
+def test_removed_database_file(make_server: Callable[..., ServerHandle], tmp_path: Path) -> None:
+    handle = make_server(data_dir=tmp_path / "data")
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        watch = HealthWatch(channel)
+        token = login(stub, "admin", handle.admin_password)
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+        (tmp_path / "data" / "qm.db").unlink()
+        failed = stub.Add(pb.AddRequest(token=token, queue_name="q", element="lost?"))
+        assert failed.code == pb.CODE_UNAVAILABLE
+        assert "removed" in failed.message
+        watch.wait_for(NOT_SERVING)
+        watch.close()
+
+
+def assert_all_present(handle: ServerHandle, ids: list[int]) -> None:
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        token = login(stub, "admin", handle.admin_password)
+        found: list[int] = []
+        while True:
+            page = stub.PullElements(
+                pb.PullElementsRequest(token=token, queue_name="q", number=1000)
+            )
+            if page.code != pb.CODE_OK:
+                assert page.code == pb.CODE_QUEUE_EMPTY
+                break
+            found.extend(e.message_id for e in page.element_info)
+    assert found == sorted(ids)
