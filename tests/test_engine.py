@@ -1,0 +1,132 @@
+"""Engine rules against a fake clock: expiry, throttling and delivery without the network."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from conftest import FAST_AUTH, encrypt_password
+from qm.v1 import queue_manager_pb2 as pb
+from qm_server import errors
+from qm_server.auth import KeyPair, PasswordHasher
+from qm_server.engine import Engine
+from qm_server.store.base import UserRecord
+from qm_server.store.sqlite import SqliteStore
+
+KEY = KeyPair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+EngineTest = Callable[[Engine, FakeClock], Awaitable[None]]
+
+
+def run(tmp_path: Path, test: EngineTest, session_ttl_s: float = 10.0) -> None:
+    async def main() -> None:
+        store = SqliteStore(tmp_path)
+        await store.open()
+        hashed = PasswordHasher.from_settings(FAST_AUTH).hash("pw")
+        await store.put_user(UserRecord("admin", hashed, is_admin=True))
+        clock = FakeClock()
+        engine = Engine(store, KEY, session_ttl_s=session_ttl_s, auth=FAST_AUTH, clock=clock)
+        try:
+            await test(engine, clock)
+        finally:
+            await engine.stop()
+            await store.close()
+
+    asyncio.run(main())
+
+
+async def log_in(engine: Engine, password: str = "pw") -> str:
+    challenge = engine.get_challenge()
+    reply = pb.GetChallengeResponse(
+        public_key_pem=challenge.public_key_pem, challenge=challenge.challenge
+    )
+    token, _ = await engine.login("admin", encrypt_password(reply, password), "peer")
+    return token
+
+
+def test_session_expires_after_ttl_of_inactivity(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        clock.now += 9
+        await engine.heartbeat(token)  # activity resets the ttl
+        clock.now += 9
+        await engine.new_queue(token, "q")
+        clock.now += 10.5
+        with pytest.raises(errors.Unauthenticated):
+            await engine.heartbeat(token)
+
+    run(tmp_path, scenario)
+
+
+def test_expiry_releases_in_flight_messages(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        producer = await log_in(engine)
+        consumer = await log_in(engine)
+        await engine.new_queue(producer, "q")
+        await engine.add(producer, "q", ["a", "b"])
+        taken = await engine.take(consumer, "q", 2, 0)
+        assert [d.delivery_count for d in taken] == [1, 1]
+        clock.now += 6
+        await engine.heartbeat(producer)
+        clock.now += 6  # the consumer is now idle for 12 s > 10 s, the producer for 6 s
+        await engine.expire_idle_sessions()
+        assert await engine.counts(producer, "q") == (2, 0)
+        again = await engine.take(producer, "q", 2, 0)
+        assert [(d.element, d.delivery_count) for d in again] == [("a", 2), ("b", 2)]
+
+    run(tmp_path, scenario)
+
+
+def test_throttle_backs_off_and_recovers(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        for _ in range(FAST_AUTH.failures_before_backoff):
+            with pytest.raises(errors.Unauthenticated):
+                await log_in(engine, "wrong")
+        with pytest.raises(errors.ResourceExhausted):
+            await log_in(engine, "pw")
+        clock.now += 1.01  # first backoff is one second
+        assert await log_in(engine, "pw")
+
+    run(tmp_path, scenario)
+
+
+def test_waiter_wakes_when_message_is_nacked(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        await engine.new_queue(token, "q")
+        (message_id,) = await engine.add(token, "q", ["x"])
+        await engine.take(token, "q", 1, 0)
+        waiting = asyncio.ensure_future(engine.take(token, "q", 1, 5000))
+        await asyncio.sleep(0)  # let the waiter register
+        assert not waiting.done()
+        assert await engine.ack(token, [message_id], pb.ACK_TYPE_ERROR) == [True]
+        (delivery,) = await asyncio.wait_for(waiting, 5)
+        assert (delivery.message_id, delivery.delivery_count) == (message_id, 2)
+
+    run(tmp_path, scenario)
+
+
+def test_drain_answers_waiters_at_once(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        await engine.new_queue(token, "q")
+        waiting = asyncio.ensure_future(engine.take(token, "q", 1, 20_000))
+        await asyncio.sleep(0)
+        engine.begin_drain()
+        with pytest.raises(errors.QueueEmpty):
+            await asyncio.wait_for(waiting, 5)
+
+    run(tmp_path, scenario)
