@@ -378,7 +378,7 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
         type=float,
         default=default(DEFAULT_TIMEOUT),
         metavar="SECONDS",
-        help="deadline of each call (default %(default)s)",
+        help=f"deadline of each call (default {DEFAULT_TIMEOUT:g})",
     )
     group.add_argument(
         "--json",

@@ -56,8 +56,8 @@ def heartbeat_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("qm-heartbeat-")]
 
 
-def client_env(server: ServerHandle, **extra: str) -> dict[str, str]:
-    """The environment a user of ``qm`` or an example would set up."""
+def client_env(server: ServerHandle, **extra: str | None) -> dict[str, str]:
+    """The environment a user of ``qm`` or an example would set up; ``None`` unsets."""
     env = dict(os.environ)
     for name in ("QM_SERVER", "QM_USER", "QM_PASSWORD", "QM_PIN"):
         env.pop(name, None)
@@ -67,7 +67,11 @@ def client_env(server: ServerHandle, **extra: str) -> dict[str, str]:
         QM_PASSWORD=server.admin_password,
         PYTHONPATH=str(ROOT),
     )
-    env.update(extra)
+    for name, value in extra.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return env
 
 
@@ -92,7 +96,7 @@ def run(
 
 
 def run_qm(
-    server: ServerHandle, *args: str, stdin: str | None = None, **env: str
+    server: ServerHandle, *args: str, stdin: str | None = None, **env: str | None
 ) -> subprocess.CompletedProcess[str]:
     """``qm ARGS...`` against ``server``, as a subprocess."""
     return run([sys.executable, "-m", "qm_client", *args], client_env(server, **env), stdin)
