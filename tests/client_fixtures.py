@@ -16,10 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import ServerHandle
+from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_client import QueueManagerClient, SessionLoss
+from qm_client._login import fingerprint_of
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "admin"
@@ -38,6 +42,15 @@ def raw_stub(server: ServerHandle) -> Iterator[pb_grpc.QueueManagerServiceStub]:
     """The bare generated stub, to check what the client did from the outside."""
     with grpc.insecure_channel(server.target) as channel:
         yield pb_grpc.QueueManagerServiceStub(channel)
+
+
+def server_fingerprint(server: ServerHandle) -> str:
+    """The login key's fingerprint, computed from the key the server hands out."""
+    with raw_stub(server) as stub:
+        challenge = stub.GetChallenge(pb.GetChallengeRequest())
+    key = serialization.load_pem_public_key(challenge.public_key_pem.encode())
+    assert isinstance(key, rsa.RSAPublicKey)
+    return fingerprint_of(key)
 
 
 class LossRecorder:

@@ -7,9 +7,14 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-from client_fixtures import ADMIN, LossRecorder, connect, heartbeat_threads, raw_stub
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from client_fixtures import (
+    ADMIN,
+    LossRecorder,
+    connect,
+    heartbeat_threads,
+    raw_stub,
+    server_fingerprint,
+)
 
 from conftest import ServerHandle
 from qm.v1 import queue_manager_pb2 as pb
@@ -32,7 +37,6 @@ from qm_client import (
     Unauthenticated,
     Unavailable,
 )
-from qm_client._login import fingerprint_of
 from qm_client.errors import error_for_code
 
 
@@ -46,14 +50,6 @@ def qm(server: ServerHandle) -> Iterator[QueueManagerClient]:
 def jobs(qm: QueueManagerClient) -> str:
     qm.new_queue("jobs")
     return "jobs"
-
-
-def server_fingerprint(server: ServerHandle) -> str:
-    with raw_stub(server) as stub:
-        challenge = stub.GetChallenge(pb.GetChallengeRequest())
-    key = serialization.load_pem_public_key(challenge.public_key_pem.encode())
-    assert isinstance(key, rsa.RSAPublicKey)
-    return fingerprint_of(key)
 
 
 # -- login and lifecycle -------------------------------------------------------------------
