@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from qm.v1 import queue_manager_pb2 as pb
-from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server import handlers
 from qm_server.auth import KeyPair, PasswordHasher, random_password
 from qm_server.config import ServerConfig
 from qm_server.engine import Engine
@@ -72,8 +72,7 @@ class QueueManagerServer:
             options=grpc_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        servicer = QueueManagerServicer(self.engine)
-        pb_grpc.add_QueueManagerServiceServicer_to_server(servicer, server)
+        handlers.register(QueueManagerServicer(self.engine), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
@@ -94,7 +93,7 @@ class QueueManagerServer:
         await self._set_serving(True)
         log.info(
             "serving on %s (port %d), data directory %s, key fingerprint %s",
-            config.listen,
+            f"{config.listen.rsplit(':', 1)[0]}:{port}",
             port,
             config.data_dir.resolve(),
             self.keys.fingerprint,

@@ -14,7 +14,8 @@ Conventions that hold for every RPC:
 - A non-OK gRPC status means the service never judged the request: a request larger
   than the transport limit (RESOURCE_EXHAUSTED), a deadline (DEADLINE_EXCEEDED), the
   server draining at shutdown (UNAVAILABLE), an unknown method (UNIMPLEMENTED), or bytes
-  that are not a valid request (INTERNAL from the gRPC runtime).
+  that do not parse as the request message, such as invalid UTF-8 in a string field
+  (INVALID_ARGUMENT, naming the problem).
 - Every call except GetChallenge and Auth carries `token`; an unknown, expired or
   logged-out token answers CODE_UNAUTHENTICATED. A call with a valid token counts as
   session activity.

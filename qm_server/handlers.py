@@ -1,0 +1,94 @@
+"""Registers the servicer with gRPC so that a malformed request is a clean INVALID_ARGUMENT.
+
+The generated `add_QueueManagerServiceServicer_to_server` parses requests with
+`FromString`; bytes that do not parse (garbage, truncation, invalid UTF-8 in a string
+field) raise inside grpcio, which answers UNKNOWN and logs a traceback for what is only a
+client's mistake. Here each request parser returns a `Malformed` marker instead, and the
+method is answered with gRPC INVALID_ARGUMENT naming the problem: the service never got to
+judge the request, so per the contract it is a gRPC status, not a response code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError, Message
+
+from qm.v1 import queue_manager_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["QueueManagerService"]
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """Stands in for a request that did not parse."""
+
+    type_name: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"request is not a valid {self.type_name}: {self.reason}"
+
+
+def _parser(message_type: type[Message]) -> Callable[[bytes], Message | Malformed]:
+    name = message_type.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | Malformed:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Malformed(
+                name, str(exc).removeprefix(f"Error parsing message with type '{name}': ")
+            )
+
+    return parse
+
+
+def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def handle(
+        request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+        return await behavior(request, context)
+
+    return handle
+
+
+def register(servicer: object, server: grpc.aio.Server) -> None:
+    """Add every method of QueueManagerService, as the generated function would."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in SERVICE.methods:
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        behavior = getattr(servicer, method.name)
+        parse = _parser(request_type)
+        serialize = response_type.SerializeToString
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                behavior, request_deserializer=parse, response_serializer=serialize
+            )
+        elif not method.client_streaming and not method.server_streaming:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guard_unary(behavior), request_deserializer=parse, response_serializer=serialize
+            )
+        else:  # pragma: no cover - the contract has no such method
+            raise TypeError(f"unsupported streaming shape for {method.name}")
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+async def checked(
+    requests: AsyncIterator[Message | Malformed], context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[Any]:
+    """A streaming method's requests, ending the call with INVALID_ARGUMENT on bad bytes."""
+    async for request in requests:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+        yield request
