@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,9 @@ from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, LoginThrottle, Pas
 from qm_server.config import AuthSettings, Limits
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Store
+from qm_server.subscription import Subscription
 from qm_server.validation import check_count, check_name, check_text_size
+from qm_server.waiting import ReadySignals
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +73,11 @@ class Engine:
         self._crypto_pool = ThreadPoolExecutor(
             max_workers=self._auth.max_concurrent_hashes, thread_name_prefix="qm-crypto"
         )
-        # queue name -> futures of long polls waiting for a ready message, oldest first.
-        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
-        self._draining = False
+        self.signals = ReadySignals(store.ready_hint)
+        self._subscriptions: dict[int, set[Subscription]] = {}  # by session id
+        self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
-        store.set_ready_listener(self._wake_waiters)
+        store.set_ready_listener(self.signals.wake)
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -86,9 +87,11 @@ class Engine:
 
     def begin_drain(self) -> None:
         """Answer waiting long polls now (QUEUE_EMPTY) and refuse to start new waits."""
-        self._draining = True
-        for name in list(self._waiters):
-            self._wake_waiters(name, everyone=True)
+        self.draining = True
+        self.signals.wake_everyone()
+        for subscriptions in self._subscriptions.values():
+            for subscription in subscriptions:
+                subscription.poke()
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -168,6 +171,8 @@ class Engine:
         session.ended = True
         self._sessions.remove(session)
         log.info("session %x of %s %s", session.id, session.username, why)
+        for subscription in self._subscriptions.pop(session.id, ()):
+            subscription.poke()
         await self.store.release_session(session.id)
 
     async def _expire_sessions_forever(self) -> None:
@@ -194,7 +199,7 @@ class Engine:
         self.session(token)
         check_name("queue_name", name)
         await self.store.destroy_queue(name, force)
-        self._wake_waiters(name, everyone=True)
+        self.signals.wake(name, everyone=True)
 
     async def add(self, token: str, name: str, elements: Sequence[str]) -> list[int]:
         self.session(token)
@@ -221,18 +226,17 @@ class Engine:
                     await self.store.release_session(session.id)
                     raise errors.Unauthenticated("the session expired; log in again")
                 if self.store.ready_hint(name) > 0:
-                    self._wake_waiters(name)  # more is ready: pass the wake-up on
+                    self.signals.wake(name)  # more is ready: pass the wake-up on
                 return deliveries
             remaining = deadline - self._clock()
-            if remaining <= 0 or self._draining:
+            if remaining <= 0 or self.draining:
                 raise errors.QueueEmpty(f"queue {name!r} has no ready message")
             await self._wait_for_ready(name, remaining)
             session = self.session(token)
 
     async def _wait_for_ready(self, name: str, timeout_s: float) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(name, deque())
-        waiters.append(waiter)
+        self.signals.park(name, waiter)
         try:
             async with asyncio.timeout(timeout_s):
                 await waiter
@@ -240,26 +244,10 @@ class Engine:
             pass
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._wake_waiters(name)  # we were woken but leave: wake someone else
+                self.signals.wake(name)  # we were woken but leave: wake someone else
             raise
         finally:
-            with contextlib.suppress(ValueError):
-                waiters.remove(waiter)
-            if not waiters and self._waiters.get(name) is waiters:
-                del self._waiters[name]
-
-    def _wake_waiters(self, name: str, everyone: bool = False) -> None:
-        """Wake as many waiters as there are ready messages (all, on destroy or drain)."""
-        waiters = self._waiters.get(name)
-        if not waiters:
-            return
-        count = len(waiters) if everyone else max(1, self.store.ready_hint(name))
-        for waiter in list(waiters):
-            if count <= 0:
-                break
-            if not waiter.done():
-                waiter.set_result(None)
-                count -= 1
+            self.signals.unpark(name, waiter)
 
     async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[bool]:
         session = self.session(token)
@@ -269,6 +257,25 @@ class Engine:
         if len(set(message_ids)) != len(message_ids):
             raise errors.InvalidArgument("message_ids repeats an id")
         return await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
+
+    async def subscribe(self, token: str, name: str, max_unacked: int) -> Subscription:
+        """A streaming consumer holding at most max_unacked messages at once."""
+        session = self.session(token)
+        check_name("queue_name", name)
+        check_count("max_unacked", max_unacked, self.limits.max_batch)
+        await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
+        if self.draining:
+            raise errors.Unavailable("the server is shutting down")
+        subscription = Subscription(self, session, token, name, max_unacked)
+        self._subscriptions.setdefault(session.id, set()).add(subscription)
+        return subscription
+
+    def forget(self, subscription: Subscription) -> None:
+        subscriptions = self._subscriptions.get(subscription.session.id)
+        if subscriptions is not None:
+            subscriptions.discard(subscription)
+            if not subscriptions:
+                del self._subscriptions[subscription.session.id]
 
     async def counts(self, token: str, name: str) -> tuple[int, int]:
         """(ready, in flight) for Size, IsEmpty and GetUncheckNum."""

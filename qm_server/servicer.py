@@ -8,18 +8,20 @@ the client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 from google.protobuf.message import Message
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
-from qm_server import errors
+from qm_server import errors, handlers
 from qm_server.engine import Engine
+from qm_server.store.base import Delivery
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +128,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 request.token, request.queue_name, request.number, request.wait_ms
             )
             return pb.PullElementsResponse(
-                element_info=[
-                    pb.ElementInfo(
-                        element=d.element, message_id=d.message_id, delivery_count=d.delivery_count
-                    )
-                    for d in deliveries
-                ],
+                element_info=_element_info(deliveries),
                 number=len(deliveries),
             )
 
@@ -265,5 +262,69 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Context
     ) -> AsyncIterator[pb.SubscribeResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Subscribe is not implemented yet")
-        yield pb.SubscribeResponse()  # pragma: no cover - makes this an async generator
+        """Two activities share the stream: pushing deliveries and applying acks.
+
+        Both feed one outbox that this generator drains, so responses go out in order and
+        one failing side ends the whole stream with its code.
+        """
+        requests = handlers.checked(request_iterator, context)
+        try:
+            first = await anext(requests)
+            if first.WhichOneof("kind") != "open":
+                raise errors.InvalidArgument("the first message must be open")
+            subscription = await self._engine.subscribe(
+                first.open.token, first.open.queue_name, first.open.max_unacked
+            )
+        except StopAsyncIteration:
+            return
+        except errors.QmError as exc:
+            yield pb.SubscribeResponse(code=_wire(exc), message=str(exc))
+            return
+        outbox: asyncio.Queue[pb.SubscribeResponse | None] = asyncio.Queue()
+
+        async def push() -> None:
+            while True:
+                deliveries = await subscription.next_batch()
+                await outbox.put(pb.SubscribeResponse(element_info=_element_info(deliveries)))
+
+        async def apply_acks() -> None:
+            async for request in requests:
+                if request.WhichOneof("kind") != "ack":
+                    raise errors.InvalidArgument("only ack may follow open")
+                ids = list(request.ack.message_ids)
+                found = await subscription.ack(ids, request.ack.ack_type)
+                missing = [i for i, ok in zip(ids, found, strict=True) if not ok]
+                if missing:
+                    results = [
+                        pb.AckResult(message_id=i, code=pb.CODE_MESSAGE_NOT_FOUND) for i in missing
+                    ]
+                    await outbox.put(pb.SubscribeResponse(ack_results=results))
+            await outbox.put(None)  # the client closed its side: end the stream
+
+        async def guarded(work: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await work()
+            except errors.QmError as exc:
+                await outbox.put(pb.SubscribeResponse(code=_wire(exc), message=str(exc)))
+                await outbox.put(None)
+
+        tasks = [asyncio.ensure_future(guarded(push)), asyncio.ensure_future(guarded(apply_acks))]
+        try:
+            while (response := await outbox.get()) is not None:
+                yield response
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await subscription.close()
+
+
+def _wire(exc: errors.QmError) -> pb.Code:
+    return cast(pb.Code, int(exc.code))
+
+
+def _element_info(deliveries: list[Delivery]) -> list[pb.ElementInfo]:
+    return [
+        pb.ElementInfo(element=d.element, message_id=d.message_id, delivery_count=d.delivery_count)
+        for d in deliveries
+    ]

@@ -1,0 +1,106 @@
+"""A streaming consumer: pushes ready messages while it holds fewer than max_unacked.
+
+One Subscription per Subscribe stream. It waits on one future that three things can
+resolve: messages becoming ready in its queue, an ack freeing room, and its session
+ending (or the server draining). So an idle subscription costs one parked future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from qm_server import errors
+from qm_server.sessions import Session
+from qm_server.store.base import Delivery
+
+if TYPE_CHECKING:
+    from qm_server.engine import Engine
+
+
+class Subscription:
+    def __init__(
+        self, engine: Engine, session: Session, token: str, queue: str, max_unacked: int
+    ) -> None:
+        self.session = session
+        self.queue = queue
+        self.max_unacked = max_unacked
+        self._engine = engine
+        self._token = token
+        self._held: set[int] = set()  # ids delivered on this stream, not yet acked
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def poke(self) -> None:
+        """Re-check now: room was freed, the session ended, or the server drains."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next_batch(self) -> list[Delivery]:
+        """Wait until messages are ready and there is room, then claim them.
+
+        Raises Unauthenticated when the session ends, Unavailable when the server drains,
+        QueueNotFound when the queue is destroyed.
+        """
+        engine = self._engine
+        while True:
+            if self.session.ended:
+                raise errors.Unauthenticated("the session ended; log in again")
+            if engine.draining:
+                raise errors.Unavailable("the server is shutting down")
+            room = self.max_unacked - len(self._held)
+            if room > 0:
+                deliveries = await engine.store.claim(
+                    self.queue, self.session.id, room, engine.limits.max_response_bytes
+                )
+                if deliveries:
+                    if self.session.ended:  # it ended while the claim was committing
+                        await engine.store.release_session(self.session.id)
+                        raise errors.Unauthenticated("the session ended; log in again")
+                    self._held.update(d.message_id for d in deliveries)
+                    if engine.store.ready_hint(self.queue) > 0:
+                        engine.signals.wake(self.queue)
+                    return deliveries
+            await self._wait(park=room > 0)
+
+    async def _wait(self, park: bool) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        if park:
+            self._engine.signals.park(self.queue, waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if park and waiter.done() and not waiter.cancelled():
+                self._engine.signals.wake(self.queue)
+            raise
+        finally:
+            self._waiter = None
+            if park:
+                self._engine.signals.unpark(self.queue, waiter)
+
+    async def ack(self, message_ids: Sequence[int], ack_type: int) -> list[bool]:
+        """Ack ids delivered on this stream; ids it does not hold are not found."""
+        mine = [i for i in message_ids if i in self._held]
+        found = dict.fromkeys(message_ids, False)
+        if mine:
+            results = await self._engine.ack(self._token, mine, ack_type)
+            found.update(zip(mine, results, strict=True))
+            self._held.difference_update(mine)
+            self.poke()
+        return [found[i] for i in message_ids]
+
+    async def close(self) -> None:
+        """Release what the stream still holds: ready again, for someone else."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine.forget(self)
+        held, self._held = sorted(self._held), set()
+        if held and not self.session.ended:
+            await self._engine.store.ack(self.session.id, held, done=False)
