@@ -81,7 +81,7 @@ def test_cancelled_stream_releases_held(server: ServerHandle, stub: Stub, token:
     other = login(stub, "admin", server.admin_password)
     stream = Stream(stub, other, "q", max_unacked=10)
     assert len(stream.next().element_info) == 2
-    stream.responses.cancel()  # type: ignore[attr-defined]
+    stream.responses.cancel()
     # Release happens on the server after it notices the cancel: follow it by long-polling.
     reply = stub.Poll(pb.PollRequest(token=token, queue_name="q", wait_ms=10_000))
     assert (reply.code, reply.element, reply.delivery_count) == (pb.CODE_OK, "a", 2)
