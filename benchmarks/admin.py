@@ -58,6 +58,27 @@ class AdminClient:
         if r.code not in (pb.CODE_OK, pb.CODE_QUEUE_NOT_FOUND):
             raise SetupFailed(f"DestroyQueue {name}: {pb.Code.Name(r.code)} {r.message}")
 
+    async def supports_subscribe(self, queue_name: str) -> bool:
+        """Opens and closes one Subscribe stream: False only for UNIMPLEMENTED.
+
+        Lets the harness skip filling a backlog that no stream would consume.
+        """
+        call = self.stub.Subscribe()
+        try:
+            await call.write(
+                pb.SubscribeRequest(
+                    open=pb.SubscribeOpen(token=self.token, queue_name=queue_name, max_unacked=1)
+                )
+            )
+            await asyncio.wait_for(call.read(), timeout=1.0)
+        except grpc.aio.AioRpcError as e:
+            return e.code() != grpc.StatusCode.UNIMPLEMENTED
+        except TimeoutError:
+            pass  # open and waiting for messages: implemented
+        finally:
+            call.cancel()
+        return True
+
     async def size(self, name: str) -> int:
         r = await self.stub.Size(
             pb.SizeRequest(token=self.token, queue_name=name), timeout=CALL_TIMEOUT_S

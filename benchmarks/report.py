@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from benchmarks.backlog import BacklogResult
-from benchmarks.peers.e2e import AT_LEAST_AS_DURABLE_AS_OURS, E2ERow
+from benchmarks.peers.e2e import AT_LEAST_AS_DURABLE_AS_OURS, CONTEXT_ONLY, E2ERow
 from benchmarks.runner import Measurement
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.stats import median
@@ -193,7 +193,7 @@ def check_targets(
         out.append(Target(name, "PASS" if gap <= 0.3 else "FAIL", f"+{gap:.2f} ms"))
     ours = next((x for x in e2e if x.system == "ours" and not math.isnan(x.rate)), None)
     for peer in e2e:
-        if peer.system in ("ours", "floor"):
+        if peer.system == "ours" or peer.system in CONTEXT_ONLY:
             continue
         strength = "equal" if peer.system in AT_LEAST_AS_DURABLE_AS_OURS else "weaker"
         name = f"e2e faster than {peer.system} ({strength} durability)"

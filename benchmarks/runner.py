@@ -69,6 +69,10 @@ class Measurement:
     note: str = ""
 
 
+class NotImplementedByServer(Exception):
+    """The scenario needs an RPC the server answers UNIMPLEMENTED: reported as n/a."""
+
+
 class _RssSampler:
     """Keeps the peak RSS seen while the clients run; sampling is cheap next to the load."""
 
@@ -138,6 +142,8 @@ async def _prepare_queue(
         return
     async with AdminClient(target.server.address, target.username, target.password) as admin:
         await admin.new_queue(queue)
+        if scenario.name == "stream" and not await admin.supports_subscribe(queue):
+            raise NotImplementedByServer("Subscribe not implemented by the server")
         if scenario.needs_backlog:
             # Extra room so that windows held by the last tasks never starve the others.
             await admin.fill(queue, units + tasks * scenario.batch, opts.element_size)
@@ -193,6 +199,8 @@ async def measure(
         peak = await sampler.stop()
         results = [LoadResult(**json.loads(r)) for r in raw]
         _combine(m, results, cpu1 - cpu0, peak)
+    except NotImplementedByServer as e:
+        m.status, m.note = "n/a", str(e)
     except Exception as e:  # one broken row must not lose the rest of the run
         m.status, m.note = "error", f"{type(e).__name__}: {e}"[:300]
     finally:
