@@ -4,6 +4,7 @@ qm-server [--listen HOST:PORT] [--data-dir DIR] [--session-ttl SECONDS] ...
 qm-server user add|passwd NAME --password-stdin [--data-dir DIR]
 qm-server user remove NAME [--data-dir DIR]
 qm-server user list [--data-dir DIR]
+qm-server user grant|revoke NAME ACTIONS KIND PATTERN [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import asyncio
 import getpass
 import logging
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 
 from qm_server.auth import PasswordHasher
 from qm_server.config import AuthSettings, Limits, ServerConfig
 from qm_server.fsutil import ensure_dir
+from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite
 from qm_server.store.base import UserRecord
@@ -76,8 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     remove = user.add_parser("remove")
     remove.add_argument("name")
     remove.add_argument("--data-dir", type=Path, dest="user_data_dir")
-    listing = user.add_parser("list")
+    listing = user.add_parser("list", help="users, their role and their grants")
     listing.add_argument("--data-dir", type=Path, dest="user_data_dir")
+    for action in ("grant", "revoke"):
+        sub = user.add_parser(action, help=f"{action} ACTIONS on KIND names matching PATTERN")
+        sub.add_argument("name")
+        sub.add_argument("actions", help="read, write, manage, or a comma-separated list")
+        sub.add_argument("kind", choices=KINDS)
+        sub.add_argument("pattern", help="a glob: a name, 'jobs.*', or '*' for all")
+        sub.add_argument("--data-dir", type=Path, dest="user_data_dir")
     return parser
 
 
@@ -139,32 +149,65 @@ def read_password(args: argparse.Namespace) -> str:
 def manage_users(args: argparse.Namespace) -> int:
     data_dir: Path = args.user_data_dir or args.data_dir
     ensure_dir(data_dir)
+    # Ask for the password before taking the database's write lock.
+    password = read_password(args) if args.action in ("add", "passwd") else ""
     conn = sqlite.connect(data_dir / sqlite.DB_FILE)
     try:
-        if args.action == "list":
-            for record in sqlite.list_users(conn):
-                print(f"{record.name}{' (admin)' if record.is_admin else ''}")
-            return 0
-        if args.action == "remove":
-            if not sqlite.delete_user(conn, args.name):
-                print(f"qm-server: no user {args.name!r}", file=sys.stderr)
-                return 1
-            print(f"removed user {args.name}")
-            return 0
-        existing = sqlite.get_user(conn, args.name)
-        if args.action == "add" and existing is not None:
-            print(f"qm-server: user {args.name!r} already exists", file=sys.stderr)
-            return 1
-        if args.action == "passwd" and existing is None:
-            print(f"qm-server: no user {args.name!r}", file=sys.stderr)
-            return 1
-        hashed = PasswordHasher.from_settings(AuthSettings()).hash(read_password(args))
-        is_admin = args.admin or (existing is not None and existing.is_admin)
-        sqlite.put_user(conn, UserRecord(args.name, hashed, is_admin))
-        print(f"{'added' if args.action == 'add' else 'changed password of'} user {args.name}")
-        return 0
+        with sqlite.transaction(conn):
+            return change_users(conn, args, password)
     finally:
         conn.close()
+
+
+def change_users(conn: sqlite3.Connection, args: argparse.Namespace, password: str) -> int:
+    """One user command, inside one transaction."""
+    if args.action == "list":
+        permissions = sqlite.load_permissions(conn)
+        for record in sqlite.list_users(conn):
+            grants = "; ".join(str(g) for g in permissions[record.name].grants)
+            role = " (admin)" if record.is_admin else ""
+            print(f"{record.name}{role}{': ' + grants if grants else ''}")
+        return 0
+    if args.action in ("grant", "revoke"):
+        return change_grants(conn, args)
+    if args.action == "remove":
+        if not sqlite.delete_user(conn, args.name):
+            print(f"qm-server: no user {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"removed user {args.name}")
+        return 0
+    existing = sqlite.get_user(conn, args.name)
+    if args.action == "add" and existing is not None:
+        print(f"qm-server: user {args.name!r} already exists", file=sys.stderr)
+        return 1
+    if args.action == "passwd" and existing is None:
+        print(f"qm-server: no user {args.name!r}", file=sys.stderr)
+        return 1
+    hashed = PasswordHasher.from_settings(AuthSettings()).hash(password)
+    is_admin = args.admin or (existing is not None and existing.is_admin)
+    sqlite.put_user(conn, UserRecord(args.name, hashed, is_admin))
+    print(f"{'added' if args.action == 'add' else 'changed password of'} user {args.name}")
+    return 0
+
+
+def change_grants(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
+    if sqlite.get_user(conn, args.name) is None:
+        print(f"qm-server: no user {args.name!r}", file=sys.stderr)
+        return 1
+    try:
+        grants = [Grant(a.strip(), args.kind, args.pattern) for a in args.actions.split(",")]
+    except ValueError as exc:
+        print(f"qm-server: {exc}", file=sys.stderr)
+        return 1
+    for grant in grants:
+        if args.action == "grant":
+            sqlite.add_grant(conn, args.name, grant)
+            print(f"granted {grant} to {args.name}")
+        elif sqlite.remove_grant(conn, args.name, grant):
+            print(f"revoked {grant} from {args.name}")
+        else:
+            print(f"{args.name} did not hold {grant}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

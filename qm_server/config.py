@@ -18,6 +18,12 @@ class Limits:
     max_queues: int = 10_000
     max_maps: int = 10_000
     max_wait_ms: int = 20_000
+    # Long polls parked at once, and open Subscribe streams: each costs a little memory,
+    # so a flood of idle consumers is refused (RESOURCE_EXHAUSTED) rather than absorbed.
+    max_waiting_polls: int = 10_000
+    max_subscriptions: int = 10_000
+    # Live sessions: each login costs memory until it expires.
+    max_sessions: int = 100_000
     # PullElements stops adding messages once a response holds this many payload bytes,
     # so that a batch of large elements never exceeds what a client can receive.
     max_response_bytes: int = 4 * MIB

@@ -20,6 +20,7 @@ from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, LoginThrottle, PasswordHasher
 from qm_server.config import AuthSettings, Limits
+from qm_server.permissions import Permissions
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Store
 from qm_server.subscription import Subscription
@@ -75,15 +76,20 @@ class Engine:
         )
         self.signals = ReadySignals(store.ready_hint)
         self._subscriptions: dict[int, set[Subscription]] = {}  # by session id
+        self._subscription_count = 0
+        # user name -> grants; reloaded at each login and every sweep, so that grants,
+        # revocations and removed users take effect within a second.
+        self._permissions: dict[str, Permissions] = {}
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
         store.set_ready_listener(self.signals.wake)
 
     # Life cycle -------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Begin expiring idle sessions (call on the running loop)."""
-        self._sweeper = asyncio.get_running_loop().create_task(self._expire_sessions_forever())
+    async def start(self) -> None:
+        """Load permissions, then expire idle sessions in the background."""
+        await self.refresh_permissions()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     def begin_drain(self) -> None:
         """Answer waiting long polls now (QUEUE_EMPTY) and refuse to start new waits."""
@@ -131,6 +137,11 @@ class Engine:
             raise errors.Unauthenticated(LOGIN_FAILED)
         for key in keys:
             self._throttle.succeeded(key)
+        if self._sessions.count() >= self.limits.max_sessions:
+            raise errors.ResourceExhausted(
+                f"the server holds {self.limits.max_sessions} sessions (limit)"
+            )
+        await self.refresh_permissions()
         token, session = self._sessions.create(record.name, record.is_admin, self._clock())
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
@@ -171,18 +182,33 @@ class Engine:
         session.ended = True
         self._sessions.remove(session)
         log.info("session %x of %s %s", session.id, session.username, why)
-        for subscription in self._subscriptions.pop(session.id, ()):
+        for subscription in self._subscriptions.get(session.id, set()).copy():
             subscription.poke()
         await self.store.release_session(session.id)
 
-    async def _expire_sessions_forever(self) -> None:
+    async def _sweep_forever(self) -> None:
         interval = min(1.0, self.session_ttl_s / 4)
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.expire_idle_sessions()
+                await self.refresh_permissions()
             except errors.QmError as exc:
-                log.warning("could not expire sessions yet: %s", exc)
+                log.warning("could not sweep sessions yet: %s", exc)
+
+    async def refresh_permissions(self) -> None:
+        """Reload grants; end the sessions of users that were removed."""
+        self._permissions = await self.store.load_permissions()
+        for session in self._sessions.all():
+            if session.username not in self._permissions:
+                await self._end_session(session, "ended: the user was removed")
+
+    def _authorize(self, session: Session, action: str, kind: str, name: str) -> None:
+        permissions = self._permissions.get(session.username)
+        if permissions is None or not permissions.allows(action, kind, name):
+            raise errors.PermissionDenied(
+                f"user {session.username!r} may not {action} {kind} {name!r}"
+            )
 
     async def expire_idle_sessions(self) -> None:
         for session in self._sessions.idle_since(self._clock() - self.session_ttl_s):
@@ -191,19 +217,22 @@ class Engine:
     # Queues -----------------------------------------------------------------------------
 
     async def new_queue(self, token: str, name: str) -> None:
-        self.session(token)
+        session = self.session(token)
         check_name("queue_name", name)
+        self._authorize(session, "manage", "queue", name)
         await self.store.create_queue(name, self.limits.max_queues)
 
     async def destroy_queue(self, token: str, name: str, force: bool) -> None:
-        self.session(token)
+        session = self.session(token)
         check_name("queue_name", name)
+        self._authorize(session, "manage", "queue", name)
         await self.store.destroy_queue(name, force)
         self.signals.wake(name, everyone=True)
 
     async def add(self, token: str, name: str, elements: Sequence[str]) -> list[int]:
-        self.session(token)
+        session = self.session(token)
         check_name("queue_name", name)
+        self._authorize(session, "write", "queue", name)
         check_count("elements", len(elements), self.limits.max_batch)
         for element in elements:
             check_text_size("element", element, self.limits.max_element_bytes)
@@ -213,6 +242,7 @@ class Engine:
         """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked."""
         session = self.session(token)
         check_name("queue_name", name)
+        self._authorize(session, "read", "queue", name)
         check_count("number", number, self.limits.max_batch)
         if wait_ms < 0:
             raise errors.InvalidArgument("wait_ms must not be negative")
@@ -231,6 +261,10 @@ class Engine:
             remaining = deadline - self._clock()
             if remaining <= 0 or self.draining:
                 raise errors.QueueEmpty(f"queue {name!r} has no ready message")
+            if self.signals.waiting() >= self.limits.max_waiting_polls:
+                raise errors.ResourceExhausted(
+                    f"{self.limits.max_waiting_polls} long polls are waiting (limit)"
+                )
             await self._wait_for_ready(name, remaining)
             session = self.session(token)
 
@@ -262,33 +296,42 @@ class Engine:
         """A streaming consumer holding at most max_unacked messages at once."""
         session = self.session(token)
         check_name("queue_name", name)
+        self._authorize(session, "read", "queue", name)
         check_count("max_unacked", max_unacked, self.limits.max_batch)
         await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
         if self.draining:
             raise errors.Unavailable("the server is shutting down")
+        if self._subscription_count >= self.limits.max_subscriptions:
+            raise errors.ResourceExhausted(
+                f"{self.limits.max_subscriptions} subscriptions are open (limit)"
+            )
         subscription = Subscription(self, session, token, name, max_unacked)
         self._subscriptions.setdefault(session.id, set()).add(subscription)
+        self._subscription_count += 1
         return subscription
 
     def forget(self, subscription: Subscription) -> None:
         subscriptions = self._subscriptions.get(subscription.session.id)
-        if subscriptions is not None:
-            subscriptions.discard(subscription)
+        if subscriptions is not None and subscription in subscriptions:
+            subscriptions.remove(subscription)
+            self._subscription_count -= 1
             if not subscriptions:
                 del self._subscriptions[subscription.session.id]
 
     async def counts(self, token: str, name: str) -> tuple[int, int]:
         """(ready, in flight) for Size, IsEmpty and GetUncheckNum."""
-        self.session(token)
+        session = self.session(token)
         check_name("queue_name", name)
+        self._authorize(session, "read", "queue", name)
         counts = await self.store.queue_counts(name)
         return counts.ready, counts.in_flight
 
     # Maps -------------------------------------------------------------------------------
 
     async def map_put(self, token: str, name: str, pairs: Sequence[tuple[str, str]]) -> None:
-        self.session(token)
+        session = self.session(token)
         check_name("map", name)
+        self._authorize(session, "write", "map", name)
         check_count("list", len(pairs), self.limits.max_batch)
         for key, value in pairs:
             check_text_size("key", key, self.limits.max_element_bytes)
@@ -296,31 +339,36 @@ class Engine:
         await self.store.map_put(name, pairs, self.limits.max_maps)
 
     async def map_remove(self, token: str, name: str, key: str) -> None:
-        self.session(token)
+        session = self.session(token)
         check_name("map", name)
+        self._authorize(session, "write", "map", name)
         await self.store.map_remove(name, key)
 
     async def map_get(self, token: str, name: str, key: str) -> str:
-        self.session(token)
+        session = self.session(token)
         check_name("map", name)
+        self._authorize(session, "read", "map", name)
         return await self.store.map_get(name, key)
 
     async def map_get_all(self, token: str, name: str) -> dict[str, str]:
-        self.session(token)
+        session = self.session(token)
         check_name("map", name)
+        self._authorize(session, "read", "map", name)
         return await self.store.map_get_all(name)
 
     async def map_get_list(
         self, token: str, name: str, offset: int, size: int
     ) -> list[tuple[str, str]]:
-        self.session(token)
+        session = self.session(token)
         check_name("map", name)
+        self._authorize(session, "read", "map", name)
         if offset < 0:
             raise errors.InvalidArgument("offset must not be negative")
         check_count("size", size, self.limits.max_page)
         return await self.store.map_get_list(name, offset, size)
 
     async def map_destroy(self, token: str, name: str) -> None:
-        self.session(token)
+        session = self.session(token)
         check_name("map", name)
+        self._authorize(session, "manage", "map", name)
         await self.store.map_destroy(name)

@@ -87,8 +87,8 @@ class QueueManagerServer:
             raise BindError(f"cannot listen on {config.listen}")
         self.port = port
         self._server = server
+        await self.engine.start()
         await server.start()
-        self.engine.start()
         self.store.set_health_listener(self._on_store_health)
         await self._set_serving(True)
         log.info(

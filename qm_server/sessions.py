@@ -46,6 +46,9 @@ class SessionRegistry(abc.ABC):
     def count(self) -> int:
         """How many sessions exist."""
 
+    def all(self) -> list[Session]:
+        return self.idle_since(float("inf"))
+
 
 class MemorySessions(SessionRegistry):
     def __init__(self) -> None:

@@ -17,9 +17,11 @@ class ReadySignals:
     def __init__(self, ready_hint: Callable[[str], int]) -> None:
         self._ready_hint = ready_hint
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._count = 0
 
     def park(self, name: str, waiter: asyncio.Future[None]) -> None:
         self._waiters.setdefault(name, deque()).append(waiter)
+        self._count += 1
 
     def unpark(self, name: str, waiter: asyncio.Future[None]) -> None:
         waiters = self._waiters.get(name)
@@ -27,6 +29,7 @@ class ReadySignals:
             return
         with contextlib.suppress(ValueError):
             waiters.remove(waiter)
+            self._count -= 1
         if not waiters:
             del self._waiters[name]
 
@@ -48,4 +51,4 @@ class ReadySignals:
             self.wake(name, everyone=True)
 
     def waiting(self) -> int:
-        return sum(len(w) for w in self._waiters.values())
+        return self._count

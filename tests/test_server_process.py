@@ -129,6 +129,9 @@ def test_sigterm_drains(tmp_path: Path, processes: list[ServerProcess]) -> None:
         token = login(stub, "admin", "pw")
         stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
         waiting = stub.Poll.future(pb.PollRequest(token=token, queue_name="q", wait_ms=20_000))
+        # Calls on one connection are dispatched in arrival order: once this answers, the
+        # long poll is parked on the server.
+        assert stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_OK
         started = time.monotonic()
         assert proc.terminate() == 0
         # The long poll in progress was answered, not cut off, and well before its wait.

@@ -17,6 +17,8 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from qm_server.permissions import Permissions
+
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
@@ -153,3 +155,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def put_user(self, record: UserRecord) -> None:
         """Create or replace a user."""
+
+    @abc.abstractmethod
+    async def load_permissions(self) -> dict[str, Permissions]:
+        """Every user's admin flag and grants (a small table, read whole)."""

@@ -22,13 +22,14 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qm_server import errors
 from qm_server.fsutil import fsync_dir
+from qm_server.permissions import Grant, Permissions
 from qm_server.store import sqlite_sql as sql
 from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, UserRecord
 
@@ -77,6 +78,18 @@ def migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction for a connection in autocommit mode (the user commands)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 # Users: also used directly (without the writer thread) by `qm-server user ...`. ----------
 
 
@@ -90,7 +103,27 @@ def put_user(conn: sqlite3.Connection, record: UserRecord) -> None:
 
 
 def delete_user(conn: sqlite3.Connection, name: str) -> bool:
+    conn.execute(sql.DELETE_USER_GRANTS, (name,))
     return conn.execute(sql.DELETE_USER, (name,)).rowcount > 0
+
+
+def add_grant(conn: sqlite3.Connection, name: str, grant: Grant) -> None:
+    conn.execute(sql.ADD_GRANT, (name, grant.action, grant.kind, grant.pattern))
+
+
+def remove_grant(conn: sqlite3.Connection, name: str, grant: Grant) -> bool:
+    args = (name, grant.action, grant.kind, grant.pattern)
+    return conn.execute(sql.REMOVE_GRANT, args).rowcount > 0
+
+
+def load_permissions(conn: sqlite3.Connection) -> dict[str, Permissions]:
+    grants: dict[str, list[Grant]] = {}
+    for username, action, kind, pattern in conn.execute(sql.ALL_GRANTS):
+        grants.setdefault(username, []).append(Grant(action, kind, pattern))
+    return {
+        user.name: Permissions(user.is_admin, tuple(grants.get(user.name, ())))
+        for user in list_users(conn)
+    }
 
 
 def list_users(conn: sqlite3.Connection) -> list[UserRecord]:
@@ -363,6 +396,9 @@ class SqliteStore(Store):
 
     async def put_user(self, record: UserRecord) -> None:
         await self._submit(lambda: put_user(self._db, record))
+
+    async def load_permissions(self) -> dict[str, Permissions]:
+        return await self._submit(lambda: load_permissions(self._db))
 
     # The writer -------------------------------------------------------------------------
 

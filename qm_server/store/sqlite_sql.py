@@ -47,6 +47,16 @@ MIGRATIONS: list[str] = [
         is_admin      INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 2: grants of actions on name patterns (permissions.py).
+    """
+    CREATE TABLE grants (
+        username TEXT NOT NULL,
+        action   TEXT NOT NULL,
+        kind     TEXT NOT NULL,
+        pattern  TEXT NOT NULL,
+        PRIMARY KEY (username, action, kind, pattern)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
@@ -129,4 +139,8 @@ PUT_USER = (
     " is_admin = excluded.is_admin"
 )
 DELETE_USER = "DELETE FROM users WHERE name = ?"
+DELETE_USER_GRANTS = "DELETE FROM grants WHERE username = ?"
+ADD_GRANT = "INSERT OR IGNORE INTO grants (username, action, kind, pattern) VALUES (?, ?, ?, ?)"
+REMOVE_GRANT = "DELETE FROM grants WHERE username = ? AND action = ? AND kind = ? AND pattern = ?"
+ALL_GRANTS = "SELECT username, action, kind, pattern FROM grants ORDER BY 1, 2, 3, 4"
 LIST_USERS = "SELECT name, password_hash, is_admin FROM users ORDER BY name"

@@ -1,0 +1,48 @@
+"""Who may do what: grants of actions on queue and map name patterns.
+
+`read` covers Poll, PullElements, Subscribe, Size, IsEmpty, GetUncheckNum and map reads;
+`write` covers Add, AddAll, MapPut, MapBatchPut and MapRemove; `manage` covers NewQueue,
+DestroyQueue and MapDestroy. Acks need no grant of their own: only the session that
+received a message (which needed `read`) can ack it. Admins hold everything and manage
+users; a new user holds nothing until granted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+ACTIONS = ("read", "write", "manage")
+KINDS = ("queue", "map")
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """`action` on every `kind` whose name matches the glob `pattern` (`*`, `jobs.*`)."""
+
+    action: str
+    kind: str
+    pattern: str
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"action must be one of {', '.join(ACTIONS)}, not {self.action!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if not self.pattern:
+            raise ValueError("the name pattern is empty")
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.kind} {self.pattern}"
+
+
+@dataclass(frozen=True, slots=True)
+class Permissions:
+    is_admin: bool = False
+    grants: tuple[Grant, ...] = field(default_factory=tuple)
+
+    def allows(self, action: str, kind: str, name: str) -> bool:
+        return self.is_admin or any(
+            g.action == action and g.kind == kind and fnmatchcase(name, g.pattern)
+            for g in self.grants
+        )
