@@ -20,25 +20,58 @@ import grpc
 
 from qm.v1 import queue_manager_pb2 as pb
 
-from .errors import ClientClosed, MessageReleased, error_for_code, error_for_rpc_error
+from .errors import (
+    MessageNotFound,
+    MessageReleased,
+    QMError,
+    error_for_code,
+    error_for_rpc_error,
+)
 
 if TYPE_CHECKING:
-    from .client import Message, QueueManagerClient
+    from .client import Message, QueueManagerClient, _Session
 
 __all__ = ["Subscription"]
 
 logger = logging.getLogger("qm_client")
 
-_END = None
+
+class _Stream:
+    """One open Subscribe call: its requests, and the ids delivered on it not yet finished.
+
+    A subscription outlives streams: when the session is lost the client logs in again and
+    opens a new stream, and messages of the old one can no longer be acked.
+    """
+
+    def __init__(self, client: QueueManagerClient, queue: str, max_unacked: int) -> None:
+        self.session: _Session = client._current()
+        self.open_ids: set[int] = set()
+        self.requests: queue_module.SimpleQueue[pb.SubscribeRequest | None] = (
+            queue_module.SimpleQueue()
+        )
+        opening = pb.SubscribeOpen(
+            token=self.session.token, queue_name=queue, max_unacked=max_unacked
+        )
+        self.requests.put(pb.SubscribeRequest(open=opening))
+        self.call = client._stub.Subscribe(self._request_iterator())
+
+    def _request_iterator(self) -> Iterator[pb.SubscribeRequest]:
+        while (request := self.requests.get()) is not None:
+            yield request
+
+    def end(self) -> None:
+        self.requests.put(None)  # lets gRPC's request thread finish
+        self.call.cancel()
 
 
 class Subscription:
     """Messages of one queue as the server pushes them; create with ``client.subscribe``.
 
     Iterating blocks until the next message arrives and ends when :meth:`close` is called
-    (from any thread). Each message must be acked or nacked to make room for more. The
-    stream has no deadline, by design: it lives as long as the consumer wants it, and the
-    client's heartbeat keeps its session alive.
+    (from any thread) or the server ends the stream. Ack or nack each message to make room
+    for more. The stream has no deadline, by design: it lives as long as the consumer wants
+    it, and the client's heartbeat keeps its session alive. When the session is lost, the
+    subscription logs in again (through the client, which reports the loss) and resumes.
     """
 
     def __init__(self, client: QueueManagerClient, queue: str, max_unacked: int) -> None:
@@ -46,23 +79,11 @@ class Subscription:
         self.queue = queue
         self.max_unacked = max_unacked
         self.failed_acks: list[int] = []
-        self._requests: queue_module.SimpleQueue[pb.SubscribeRequest | None] = (
-            queue_module.SimpleQueue()
-        )
         self._buffer: deque[Message] = deque()
-        # Ids delivered on this stream and not yet finished; guarded by _lock.
+        # Guards _stream, _closed and the stream's open_ids (acks come from any thread).
         self._lock = threading.Lock()
-        self._open: set[int] = set()
         self._closed = False
-        self._session = client._current()
-        self._requests.put(
-            pb.SubscribeRequest(
-                open=pb.SubscribeOpen(
-                    token=self._session.token, queue_name=queue, max_unacked=max_unacked
-                )
-            )
-        )
-        self._call = client._stub.Subscribe(self._request_stream())
+        self._stream = _Stream(client, queue, max_unacked)
 
     def __enter__(self) -> Self:
         return self
@@ -80,18 +101,21 @@ class Subscription:
 
     def __next__(self) -> Message:
         while not self._buffer:
-            if self._closed:
-                raise StopIteration
+            with self._lock:
+                if self._closed:
+                    raise StopIteration
+                stream = self._stream
             try:
-                response = next(self._call)
+                response = next(stream.call)
             except StopIteration:
-                self._closed = True
+                self.close()
                 raise
             except grpc.RpcError as error:
                 if self._closed:
                     raise StopIteration from None
+                self.close()
                 raise error_for_rpc_error(error) from error
-            self._take(response)
+            self._take(stream, response)
         return self._buffer.popleft()
 
     def close(self) -> None:
@@ -100,18 +124,22 @@ class Subscription:
             if self._closed:
                 return
             self._closed = True
-        self._requests.put(_END)
-        self._call.cancel()
+            stream = self._stream
+            released = list(stream.open_ids)
+            stream.open_ids.clear()
+        stream.end()
+        self._client._unhold(stream.session, released)
 
-    def _take(self, response: pb.SubscribeResponse) -> None:
+    def _take(self, stream: _Stream, response: pb.SubscribeResponse) -> None:
+        if response.code == pb.CODE_UNAUTHENTICATED:
+            self._resume(stream)
+            return
         if response.code != pb.CODE_OK:
             self.close()
-            if response.code == pb.CODE_UNAUTHENTICATED:
-                self._client._renew(self._session)
             raise error_for_code(response.code, response.message)
         for result in response.ack_results:
             logger.warning(
-                "ack of message %d on subscription to %s failed: %s",
+                "ack of message %d on the subscription to %s failed: %s",
                 result.message_id,
                 self.queue,
                 pb.Code.Name(result.code),
@@ -119,28 +147,39 @@ class Subscription:
             self.failed_acks.append(result.message_id)
         for info in response.element_info:
             # Acks for this message go through the stream, not the Ack RPC.
-            message = self._client._hold(self._session, self.queue, info, owner=self)
+            message = self._client._hold(stream.session, self.queue, info, owner=self)
             with self._lock:
-                self._open.add(info.message_id)
+                stream.open_ids.add(info.message_id)
             self._buffer.append(message)
+
+    def _resume(self, stream: _Stream) -> None:
+        """The session ended under the stream: log in again and open a new stream."""
+        stream.end()
+        try:
+            self._client._renew(stream.session)  # reports what the old session held
+            fresh = _Stream(self._client, self.queue, self.max_unacked)
+        except QMError:
+            self.close()
+            raise
+        with self._lock:
+            if self._closed:
+                fresh.end()
+                return
+            self._stream = fresh
+            stream.open_ids.clear()
+        # Messages of the old stream still in the buffer were released with it.
+        self._buffer.clear()
 
     def _finish(self, message: Message, ack_type: pb.AckType) -> None:
         with self._lock:
+            stream = self._stream
             if self._closed:
-                raise ClientClosed("the subscription is closed; its messages were released")
-            if message.message_id not in self._open or message._session is not self._session:
+                raise MessageReleased("the subscription is closed; its messages were released")
+            if message._session is not stream.session:
                 raise MessageReleased("the stream this message was delivered on has ended")
-            self._open.discard(message.message_id)
-        self._client._unhold(self._session, [message.message_id])
-        self._requests.put(
-            pb.SubscribeRequest(
-                ack=pb.SubscribeAck(message_ids=[message.message_id], ack_type=ack_type)
-            )
-        )
-
-    def _request_stream(self) -> Iterator[pb.SubscribeRequest]:
-        while True:
-            request = self._requests.get()
-            if request is _END:
-                return
-            yield request
+            if message.message_id not in stream.open_ids:
+                raise MessageNotFound(f"message {message.message_id} was already finished")
+            stream.open_ids.discard(message.message_id)
+        self._client._unhold(stream.session, [message.message_id])
+        ack = pb.SubscribeAck(message_ids=[message.message_id], ack_type=ack_type)
+        stream.requests.put(pb.SubscribeRequest(ack=ack))

@@ -7,10 +7,13 @@ uses in plain sight (and linters do not see imported fixtures as unused).
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,83 @@ def server_fingerprint(server: ServerHandle) -> str:
     key = serialization.load_pem_public_key(challenge.public_key_pem.encode())
     assert isinstance(key, rsa.RSAPublicKey)
     return fingerprint_of(key)
+
+
+class ScriptedServicer(pb_grpc.QueueManagerServiceServicer):
+    """A stand-in server for what the real one cannot be made to do on demand.
+
+    Logs anyone in (tokens t1, t2, ... in login order) and fails a method with gRPC
+    UNAVAILABLE ``failures[method]`` times, counting attempts. Only the methods defined
+    here exist; the others answer UNIMPLEMENTED, as the generated base does.
+    """
+
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.failures: dict[str, int] = {}
+        self.attempts: Counter[str] = Counter()
+        self.logins = 0
+        self._lock = threading.Lock()
+
+    def _attempt(self, method: str, context: grpc.ServicerContext) -> None:
+        with self._lock:
+            self.attempts[method] += 1
+            failing = self.failures.get(method, 0) > 0
+            if failing:
+                self.failures[method] -= 1
+        if failing:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "scripted outage")
+
+    def GetChallenge(
+        self, request: pb.GetChallengeRequest, context: grpc.ServicerContext
+    ) -> pb.GetChallengeResponse:
+        public = self.key.public_key()
+        pem = public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return pb.GetChallengeResponse(
+            public_key_pem=pem.decode(),
+            fingerprint=fingerprint_of(public),
+            algorithm="RSA-OAEP-SHA256",
+            challenge=secrets.token_bytes(32),
+            challenge_ttl_ms=60_000,
+        )
+
+    def Auth(self, request: pb.AuthRequest, context: grpc.ServicerContext) -> pb.AuthResponse:
+        with self._lock:
+            self.logins += 1
+            return pb.AuthResponse(token=f"t{self.logins}", session_ttl_ms=60_000)
+
+    def Logout(self, request: pb.LogoutRequest, context: grpc.ServicerContext) -> pb.LogoutResponse:
+        return pb.LogoutResponse()
+
+    def Size(self, request: pb.SizeRequest, context: grpc.ServicerContext) -> pb.SizeResponse:
+        self._attempt("Size", context)
+        return pb.SizeResponse(size=7)
+
+    def MapGet(self, request: pb.MapGetRequest, context: grpc.ServicerContext) -> pb.MapGetResponse:
+        self._attempt("MapGet", context)
+        return pb.MapGetResponse(value="v")
+
+    def Add(self, request: pb.AddRequest, context: grpc.ServicerContext) -> pb.AddResponse:
+        self._attempt("Add", context)
+        return pb.AddResponse(message_id=1)
+
+    def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollResponse:
+        self._attempt("Poll", context)
+        return pb.PollResponse(code=pb.CODE_QUEUE_EMPTY)
+
+
+@contextmanager
+def scripted_server(servicer: ScriptedServicer) -> Iterator[str]:
+    """Serve ``servicer`` on a free local port; yields the target."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_QueueManagerServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
 
 
 class LossRecorder:

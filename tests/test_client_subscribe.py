@@ -1,0 +1,200 @@
+"""The client's ``subscribe`` against a scripted Subscribe stream.
+
+The real server does not implement Subscribe yet, so a scripted servicer plays the proto's
+rules: a failed open answers one response and ends the stream; the server pushes while
+fewer than ``max_unacked`` are held; acks on the stream free room; failed acks come back in
+``ack_results``; a session that ends answers CODE_UNAUTHENTICATED and releases what the
+stream held.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+import grpc
+import pytest
+from client_fixtures import LossRecorder, ScriptedServicer, scripted_server
+
+from qm.v1 import queue_manager_pb2 as pb
+from qm_client import MessageNotFound, MessageReleased, QueueManagerClient, QueueNotFound
+
+
+class SubscribeServicer(ScriptedServicer):
+    def __init__(self, elements: Iterable[str]) -> None:
+        super().__init__()
+        # Ready messages as (id, element, deliveries so far), oldest first.
+        self.ready: deque[tuple[int, str, int]] = deque(
+            (i, e, 0) for i, e in enumerate(elements, start=1)
+        )
+        self.acks: list[tuple[int, int]] = []
+        self.opens: list[pb.SubscribeOpen] = []
+        self.fail_acks: set[int] = set()
+        self.end_session_of: str | None = None
+        self.changed = threading.Condition(self._lock)
+
+    def wait_for_acks(self, count: int) -> list[tuple[int, int]]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.acks) >= count, timeout=30)
+            return list(self.acks)
+
+    def Subscribe(
+        self, request_iterator: Iterator[pb.SubscribeRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.SubscribeResponse]:
+        opening = next(request_iterator).open
+        with self._lock:
+            self.opens.append(opening)
+        if opening.queue_name != "jobs":
+            yield pb.SubscribeResponse(code=pb.CODE_QUEUE_NOT_FOUND, message="no such queue")
+            return
+        held: dict[int, tuple[str, int]] = {}
+
+        def push(results: list[pb.AckResult]) -> pb.SubscribeResponse:
+            infos = []
+            with self._lock:
+                while self.ready and len(held) < opening.max_unacked:
+                    message_id, element, deliveries = self.ready.popleft()
+                    held[message_id] = (element, deliveries + 1)
+                    infos.append(
+                        pb.ElementInfo(
+                            element=element, message_id=message_id, delivery_count=deliveries + 1
+                        )
+                    )
+            return pb.SubscribeResponse(element_info=infos, ack_results=results)
+
+        def release() -> None:
+            with self._lock:
+                for message_id in sorted(held, reverse=True):
+                    element, deliveries = held.pop(message_id)
+                    self.ready.appendleft((message_id, element, deliveries))
+
+        yield push([])
+        if self.end_session_of == opening.token:
+            release()
+            yield pb.SubscribeResponse(code=pb.CODE_UNAUTHENTICATED, message="session expired")
+            return
+        try:
+            for request in request_iterator:
+                results = []
+                for message_id in request.ack.message_ids:
+                    if message_id in self.fail_acks or message_id not in held:
+                        held.pop(message_id, None)  # "not found": not held any more
+                        results.append(
+                            pb.AckResult(message_id=message_id, code=pb.CODE_MESSAGE_NOT_FOUND)
+                        )
+                        continue
+                    element, deliveries = held.pop(message_id)
+                    with self.changed:
+                        self.acks.append((message_id, request.ack.ack_type))
+                        if request.ack.ack_type == pb.ACK_TYPE_ERROR:
+                            self.ready.appendleft((message_id, element, deliveries))
+                        self.changed.notify_all()
+                yield push(results)
+        finally:
+            release()  # a closed stream releases what it held
+
+
+def serve(servicer: SubscribeServicer) -> Iterator[tuple[SubscribeServicer, str]]:
+    with scripted_server(servicer) as target:
+        yield servicer, target
+
+
+@pytest.fixture
+def five() -> Iterator[tuple[SubscribeServicer, str]]:
+    yield from serve(SubscribeServicer(["a", "bad", "c", "d", "e"]))  # type: ignore[abstract]
+
+
+def test_subscription_pushes_with_flow_control_and_acks_on_the_stream(
+    five: tuple[SubscribeServicer, str],
+) -> None:
+    servicer, target = five
+    seen = []
+    with (
+        QueueManagerClient(target, "u", "p", heartbeat=False) as qm,
+        qm.subscribe("jobs", max_unacked=2) as subscription,
+    ):
+        for message in subscription:
+            seen.append((message.element, message.delivery_count))
+            if message.element == "bad" and message.delivery_count == 1:
+                message.nack()
+            else:
+                message.ack()
+            if len(seen) == 6:
+                break
+        acks = servicer.wait_for_acks(6)
+    # "bad" goes back to the front when nacked, after "c" filled the room "a" freed.
+    assert seen == [("a", 1), ("bad", 1), ("c", 1), ("bad", 2), ("d", 1), ("e", 1)]
+    assert acks == [
+        (1, pb.ACK_TYPE_DONE),
+        (2, pb.ACK_TYPE_ERROR),
+        (3, pb.ACK_TYPE_DONE),
+        (2, pb.ACK_TYPE_DONE),
+        (4, pb.ACK_TYPE_DONE),
+        (5, pb.ACK_TYPE_DONE),
+    ]
+    assert [(o.token, o.queue_name, o.max_unacked) for o in servicer.opens] == [("t1", "jobs", 2)]
+    assert subscription.failed_acks == []
+
+
+def test_a_message_is_finished_once(five: tuple[SubscribeServicer, str]) -> None:
+    _, target = five
+    with (
+        QueueManagerClient(target, "u", "p", heartbeat=False) as qm,
+        qm.subscribe("jobs", max_unacked=1) as subscription,
+    ):
+        message = next(iter(subscription))
+        message.ack()
+        with pytest.raises(MessageNotFound):
+            message.ack()
+    with pytest.raises(MessageReleased):
+        message.nack()  # closed: whatever it held was released
+
+
+def test_failed_acks_are_reported(five: tuple[SubscribeServicer, str]) -> None:
+    servicer, target = five
+    servicer.fail_acks.add(1)
+    with (
+        QueueManagerClient(target, "u", "p", heartbeat=False) as qm,
+        qm.subscribe("jobs", max_unacked=1) as subscription,
+    ):
+        first = next(subscription)
+        first.ack()
+        assert subscription.failed_acks == []
+        # The failure comes back with the next push.
+        second = next(subscription)
+    assert (first.message_id, second.message_id) == (1, 2)
+    assert subscription.failed_acks == [1]
+
+
+def test_a_failed_open_raises_its_code(five: tuple[SubscribeServicer, str]) -> None:
+    _, target = five
+    with QueueManagerClient(target, "u", "p", heartbeat=False) as qm:
+        subscription = qm.subscribe("nope")
+        with pytest.raises(QueueNotFound) as caught:
+            next(subscription)
+        assert caught.value.code == pb.CODE_QUEUE_NOT_FOUND
+        assert list(subscription) == []  # closed
+
+
+def test_a_lost_session_resumes_on_a_new_stream_and_reports_the_loss(
+    five: tuple[SubscribeServicer, str],
+) -> None:
+    servicer, target = five
+    servicer.end_session_of = "t1"
+    lost = LossRecorder()
+    with (
+        QueueManagerClient(target, "u", "p", heartbeat=False, on_session_lost=lost) as qm,
+        qm.subscribe("jobs", max_unacked=2) as subscription,
+    ):
+        stream = iter(subscription)
+        first, second = next(stream), next(stream)
+        again = next(stream)  # reads CODE_UNAUTHENTICATED, logs in again, reopens
+        assert [loss.released for loss in lost.losses] == [(first, second)]
+        assert (again.element, again.message_id, again.delivery_count) == ("a", 1, 2)
+        with pytest.raises(MessageReleased):
+            first.ack()
+        again.ack()
+        assert servicer.wait_for_acks(1) == [(1, pb.ACK_TYPE_DONE)]
+        assert qm.token == "t2"
+    assert [o.token for o in servicer.opens] == ["t1", "t2"]
