@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from qm_server.auth import PasswordHasher
-from qm_server.config import AuthSettings, Limits, ServerConfig
+from qm_server.config import AuthSettings, KeepaliveSettings, Limits, ServerConfig, TlsSettings
 from qm_server.fsutil import ensure_dir
 from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
@@ -59,6 +59,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-wait-ms", type=int, default=LIMIT_DEFAULTS.max_wait_ms)
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULTS.max_request_bytes)
     parser.add_argument("--max-concurrent-rpcs", type=int, default=None)
+    parser.add_argument("--max-sessions", type=int, default=LIMIT_DEFAULTS.max_sessions)
+    parser.add_argument("--max-waiting-polls", type=int, default=LIMIT_DEFAULTS.max_waiting_polls)
+    parser.add_argument("--max-subscriptions", type=int, default=LIMIT_DEFAULTS.max_subscriptions)
+    parser.add_argument(
+        "--min-ping-interval-ms",
+        type=int,
+        default=KeepaliveSettings().min_client_ping_interval_ms,
+        help="clients pinging more often than this get GOAWAY (too_many_pings)",
+    )
+    parser.add_argument(
+        "--login-failures",
+        type=int,
+        default=AuthSettings().failures_before_backoff,
+        help="failed logins per user or host before backoff starts",
+    )
+    parser.add_argument(
+        "--max-concurrent-hashes",
+        type=int,
+        default=AuthSettings().max_concurrent_hashes,
+        help="password hashes computed at once",
+    )
+    parser.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    parser.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates signed by this CA"
+    )
+    parser.add_argument(
+        "--allow-plaintext",
+        action="store_true",
+        help="allow plaintext on a non-loopback address (tokens cross the network in clear)",
+    )
     parser.add_argument(
         "--rsa-bits",
         type=int,
@@ -99,6 +130,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_s=args.grace,
         max_request_bytes=args.max_request_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        tls=TlsSettings(args.tls_cert, args.tls_key, args.tls_client_ca),
+        allow_plaintext=args.allow_plaintext,
+        keepalive=KeepaliveSettings(min_client_ping_interval_ms=args.min_ping_interval_ms),
         limits=Limits(
             max_element_bytes=args.max_element_bytes,
             max_batch=args.max_batch,
@@ -106,8 +140,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_queues=args.max_queues,
             max_maps=args.max_maps,
             max_wait_ms=args.max_wait_ms,
+            max_sessions=args.max_sessions,
+            max_waiting_polls=args.max_waiting_polls,
+            max_subscriptions=args.max_subscriptions,
         ),
-        auth=AuthSettings(rsa_bits=args.rsa_bits),
+        auth=AuthSettings(
+            rsa_bits=args.rsa_bits,
+            failures_before_backoff=args.login_failures,
+            max_concurrent_hashes=args.max_concurrent_hashes,
+        ),
     )
 
 

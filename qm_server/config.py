@@ -49,6 +49,30 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """Server certificate and key (PEM files); a client CA turns on mutual TLS."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class KeepaliveSettings:
+    """HTTP/2 keepalive: the server pings idle connections to find dead peers, and
+    answers clients that ping more often than allowed with GOAWAY (too_many_pings)."""
+
+    time_ms: int = 60_000
+    timeout_ms: int = 20_000
+    min_client_ping_interval_ms: int = 10_000
+    max_ping_strikes: int = 2
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """What `qm-server` runs with; the command line fills it."""
 
@@ -61,5 +85,9 @@ class ServerConfig:
     max_request_bytes: int = 8 * MIB
     max_concurrent_rpcs: int | None = None
     admin_password: str | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    # Plaintext is allowed on loopback addresses only, unless this is set.
+    allow_plaintext: bool = False
+    keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
     limits: Limits = field(default_factory=Limits)
     auth: AuthSettings = field(default_factory=AuthSettings)

@@ -33,12 +33,50 @@ class BindError(RuntimeError):
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    keepalive = config.keepalive
     return [
         # A second server on a taken port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", -1),
+        ("grpc.keepalive_time_ms", keepalive.time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive.min_client_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", keepalive.max_ping_strikes),
     ]
+
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+
+
+def is_loopback(listen: str) -> bool:
+    host = listen.rsplit(":", 1)[0]
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Add the listening port, with TLS when configured; plaintext only where allowed."""
+    tls = config.tls
+    if tls.enabled:
+        if tls.key is None or tls.cert is None:
+            raise BindError("--tls-cert and --tls-key go together")
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())],
+            root_certificates=tls.client_ca.read_bytes() if tls.client_ca else None,
+            require_client_auth=tls.client_ca is not None,
+        )
+        return server.add_secure_port(config.listen, credentials)
+    if tls.client_ca is not None or tls.key is not None:
+        raise BindError("--tls-client-ca and --tls-key need --tls-cert")
+    if not is_loopback(config.listen):
+        if not config.allow_plaintext:
+            raise BindError(
+                f"refusing plaintext on {config.listen}, which is not a loopback address: "
+                "give --tls-cert and --tls-key, or --allow-plaintext"
+            )
+        log.warning("serving PLAINTEXT on %s: tokens and data cross the network", config.listen)
+    return server.add_insecure_port(config.listen)
 
 
 class QueueManagerServer:
@@ -78,10 +116,13 @@ class QueueManagerServer:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         try:
-            port = server.add_insecure_port(config.listen)
-        except RuntimeError as exc:
+            port = bind(server, config)
+        except (RuntimeError, OSError) as exc:
             await self.store.close()
             raise BindError(f"cannot listen on {config.listen}: {exc}") from None
+        except BindError:
+            await self.store.close()
+            raise
         if port == 0:
             await self.store.close()
             raise BindError(f"cannot listen on {config.listen}")
@@ -92,7 +133,8 @@ class QueueManagerServer:
         self.store.set_health_listener(self._on_store_health)
         await self._set_serving(True)
         log.info(
-            "serving on %s (port %d), data directory %s, key fingerprint %s",
+            "serving %s on %s (port %d), data directory %s, key fingerprint %s",
+            "TLS" if config.tls.enabled else "plaintext",
             f"{config.listen.rsplit(':', 1)[0]}:{port}",
             port,
             config.data_dir.resolve(),

@@ -66,14 +66,10 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
     limit_fields = {f.name for f in dataclasses.fields(Limits)}
     limits = {k: overrides.pop(k) for k in list(overrides) if k in limit_fields}
     overrides.setdefault("auth", FAST_AUTH)
-    return ServerConfig(
-        data_dir=data_dir,
-        listen="127.0.0.1:0",
-        admin_password=ADMIN_PASSWORD,
-        grace_s=1.0,
-        limits=Limits(**limits),
-        **overrides,
-    )
+    overrides.setdefault("listen", "127.0.0.1:0")
+    overrides.setdefault("admin_password", ADMIN_PASSWORD)
+    overrides.setdefault("grace_s", 1.0)
+    return ServerConfig(data_dir=data_dir, limits=Limits(**limits), **overrides)
 
 
 @pytest.fixture
