@@ -35,6 +35,28 @@ ADMIN = "admin"
 SUBPROCESS_TIMEOUT = 60.0
 
 
+def add_user(server: ServerHandle, name: str, password: str) -> None:
+    """A user with no grants, through the server's own command line."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qm_server",
+            "user",
+            "add",
+            name,
+            "--password-stdin",
+            "--data-dir",
+            str(server.data_dir),
+        ],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=True,
+    )
+
+
 def connect(server: ServerHandle, **kwargs: Any) -> QueueManagerClient:
     """A client logged in as the admin of ``server``."""
     return QueueManagerClient(server.target, ADMIN, server.admin_password, **kwargs)

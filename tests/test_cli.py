@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from client_fixtures import connect, raw_stub, run_qm
+from client_fixtures import add_user, connect, raw_stub, run_qm
 
 from conftest import ServerHandle
 from qm.v1 import queue_manager_pb2 as pb
@@ -227,6 +227,13 @@ def test_token_session_outlives_the_command(server: ServerHandle) -> None:
             reply = stub.Size(pb.SizeRequest(token=value, queue_name="nope"))
             assert reply.code == pb.CODE_QUEUE_NOT_FOUND  # the token was accepted
             assert stub.Logout(pb.LogoutRequest(token=value)).code == pb.CODE_OK
+
+
+def test_permission_denied_is_named(server: ServerHandle, qm: QueueManagerClient) -> None:
+    qm.new_queue("jobs")
+    add_user(server, "bob", "bob-pw")
+    result = run_qm(server, "queue", "size", "jobs", QM_USER="bob", QM_PASSWORD="bob-pw")
+    failed(result, 1, "PERMISSION_DENIED")
 
 
 def test_wrong_password_fails_with_the_code(server: ServerHandle) -> None:

@@ -10,6 +10,7 @@ import pytest
 from client_fixtures import (
     ADMIN,
     LossRecorder,
+    add_user,
     connect,
     heartbeat_threads,
     raw_stub,
@@ -28,6 +29,7 @@ from qm_client import (
     Message,
     MessageNotFound,
     MessageReleased,
+    PermissionDenied,
     QMError,
     QueueAlreadyExists,
     QueueManagerClient,
@@ -395,6 +397,18 @@ def test_codes_become_typed_errors(
     assert caught.value.code == code
     assert caught.value.code_name == pb.Code.Name(code).removeprefix("CODE_")
     assert str(caught.value).startswith(caught.value.code_name + ": ")
+
+
+def test_a_user_without_grants_is_permission_denied(
+    server: ServerHandle, qm: QueueManagerClient, jobs: str
+) -> None:
+    add_user(server, "bob", "bob-pw")
+    with QueueManagerClient(server.target, "bob", "bob-pw") as bob:
+        with pytest.raises(PermissionDenied) as caught:
+            bob.size(jobs)
+        assert caught.value.code == pb.CODE_PERMISSION_DENIED
+        with pytest.raises(PermissionDenied):
+            bob.map("cfg")["k"] = "v"
 
 
 def test_limits_are_resource_exhausted(make_server: Callable[..., ServerHandle]) -> None:
