@@ -48,14 +48,29 @@ def service_config() -> str:
     return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
 
 
-def open_channel(target: str, root_certificates: bytes | None = None) -> grpc.Channel:
-    """A channel to ``target``: TLS when ``root_certificates`` is given, else plaintext."""
+def open_channel(
+    target: str,
+    root_certificates: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
+) -> grpc.Channel:
+    """A channel to ``target``: TLS when any certificate is given, else plaintext.
+
+    ``certificate_chain`` and ``private_key`` are the client's own, for a server that
+    requires mutual TLS.
+    """
     options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config()),
         ("grpc.primary_user_agent", "qm-python-client"),
     ]
-    if root_certificates is not None:
-        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("certificate_chain and private_key go together")
+    if root_certificates is not None or certificate_chain is not None:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=root_certificates,
+            private_key=private_key,
+            certificate_chain=certificate_chain,
+        )
         return grpc.secure_channel(target, credentials, options=options)
     return grpc.insecure_channel(target, options=options)

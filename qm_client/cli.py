@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypedDict
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -36,6 +36,14 @@ EXIT_USAGE = 2
 EXIT_EMPTY = 3
 
 Handler = Callable[["Context", argparse.Namespace], int]
+
+
+class TlsFiles(TypedDict):
+    """The TLS keyword arguments of the client, read from the files the flags name."""
+
+    root_certificates: bytes | None
+    certificate_chain: bytes | None
+    private_key: bytes | None
 
 
 class UsageError(Exception):
@@ -70,11 +78,22 @@ class Context:
                 self.server,
                 user,
                 password,
-                root_certificates=_read_bytes(args.ca_cert) if args.ca_cert else None,
                 pin_fingerprint=args.pin or os.environ.get("QM_PIN") or None,
                 timeout=args.timeout,
+                **self.tls(),
             )
         return self.client
+
+    def tls(self) -> TlsFiles:
+        """The TLS files named by the flags, read; all ``None`` means plaintext."""
+        args = self.args
+        if (args.client_cert is None) != (args.client_key is None):
+            raise UsageError("--cert and --key go together")
+        return TlsFiles(
+            root_certificates=_read_bytes(args.ca_cert) if args.ca_cert else None,
+            certificate_chain=_read_bytes(args.client_cert) if args.client_cert else None,
+            private_key=_read_bytes(args.client_key) if args.client_key else None,
+        )
 
     @property
     def server(self) -> str:
@@ -308,8 +327,7 @@ def cmd_map_load(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_health(ctx: Context, args: argparse.Namespace) -> int:
-    ca = _read_bytes(args.ca_cert) if args.ca_cert else None
-    status = health(ctx.server, args.service, root_certificates=ca, timeout=args.timeout)
+    status = health(ctx.server, args.service, timeout=args.timeout, **ctx.tls())
     ctx.emit(status, {"service": args.service, "status": status})
     if status != "SERVING":
         print(f"qm: {status}", file=ctx.stderr)
@@ -366,6 +384,20 @@ def _common_options(suppress: bool) -> argparse.ArgumentParser:
         default=default(None),
         metavar="FILE",
         help="PEM root certificates: use TLS and verify the server with them",
+    )
+    group.add_argument(
+        "--cert",
+        dest="client_cert",
+        default=default(None),
+        metavar="FILE",
+        help="PEM client certificate chain, for a server that requires mutual TLS",
+    )
+    group.add_argument(
+        "--key",
+        dest="client_key",
+        default=default(None),
+        metavar="FILE",
+        help="PEM private key of --cert",
     )
     group.add_argument(
         "--pin",

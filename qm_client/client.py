@@ -135,7 +135,12 @@ class QueueManagerClient:
         username: The user to log in as.
         password: Its password; it only ever travels RSA-OAEP encrypted with a one-use
             challenge, so a captured login cannot be replayed.
-        root_certificates: PEM roots to verify a TLS server with; ``None`` is plaintext.
+        root_certificates: PEM roots to verify a TLS server with. With neither these nor
+            a client certificate the channel is plaintext; with only a client certificate,
+            the system's roots verify the server.
+        certificate_chain: PEM certificate chain of this client, for a server that
+            requires mutual TLS; goes with ``private_key``.
+        private_key: PEM private key of that certificate.
         pin_fingerprint: Hex SHA-256 of the server's login key (the server logs it at
             start). When given, a server with any other key gets no password:
             :class:`FingerprintMismatch`.
@@ -155,6 +160,8 @@ class QueueManagerClient:
         password: str,
         *,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         pin_fingerprint: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         heartbeat: bool = True,
@@ -166,7 +173,7 @@ class QueueManagerClient:
         self._pin = pin_fingerprint
         self._timeout = timeout
         self._on_session_lost = on_session_lost
-        self._channel = open_channel(target, root_certificates)
+        self._channel = open_channel(target, root_certificates, certificate_chain, private_key)
         self._stub = pb_grpc.QueueManagerServiceStub(self._channel)
         # Guards _session and _closed; never held across a network call.
         self._lock = threading.Lock()
@@ -550,13 +557,16 @@ def health(
     service: str = "",
     *,
     root_certificates: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> str:
     """The ``grpc.health.v1`` status of ``service`` (``""`` for the whole server).
 
     Needs no login, so monitors can call it. Returns the status name, e.g. ``SERVING``.
+    TLS arguments as for :class:`QueueManagerClient`.
     """
-    with open_channel(target, root_certificates) as channel:
+    with open_channel(target, root_certificates, certificate_chain, private_key) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
