@@ -160,8 +160,9 @@ async def serve(config: ServerConfig, port_file: Path | None) -> int:
         print(f"qm-server: {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task[None]] = []  # a reference keeps the task alive
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: loop.create_task(server.stop()))
+        loop.add_signal_handler(signum, lambda: stopping.append(loop.create_task(server.stop())))
     if port_file is not None:
         tmp = port_file.with_name(port_file.name + ".tmp")
         tmp.write_text(f"{port}\n")

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -82,6 +82,7 @@ class Engine:
         self._permissions: dict[str, Permissions] = {}
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         store.set_ready_listener(self.signals.wake)
 
     # Life cycle -------------------------------------------------------------------------
@@ -106,6 +107,12 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         self._crypto_pool.shutdown(wait=True, cancel_futures=True)
+
+    def _in_background(self, work: Coroutine[None, None, None]) -> None:
+        """Run work without awaiting it, holding a reference until it is done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # Login and sessions -----------------------------------------------------------------
 
@@ -162,7 +169,7 @@ class Engine:
         if session is None or session.ended:
             raise errors.Unauthenticated("unknown or expired token; log in again")
         if now - session.last_active > self.session_ttl_s:
-            asyncio.get_running_loop().create_task(self._end_session(session, "expired"))
+            self._in_background(self._end_session(session, "expired"))
             raise errors.Unauthenticated("the session expired; log in again")
         session.last_active = now
         return session
@@ -266,7 +273,11 @@ class Engine:
                     f"{self.limits.max_waiting_polls} long polls are waiting (limit)"
                 )
             await self._wait_for_ready(name, remaining)
-            session = self.session(token)
+            try:
+                session = self.session(token)
+            except errors.Unauthenticated:
+                self.signals.wake(name)  # the wake-up we may have taken goes to another
+                raise
 
     async def _wait_for_ready(self, name: str, timeout_s: float) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -91,6 +91,7 @@ class QueueManagerServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._stopped = asyncio.Event()
+        self._health_update: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Open the store, bind, and serve; returns the bound port."""
@@ -160,7 +161,8 @@ class QueueManagerServer:
 
     def _on_store_health(self, healthy: bool) -> None:
         if not self._stopped.is_set():
-            asyncio.get_running_loop().create_task(self._set_serving(healthy))
+            # Keep a reference: the loop holds tasks only weakly.
+            self._health_update = asyncio.get_running_loop().create_task(self._set_serving(healthy))
 
     async def _set_serving(self, serving: bool) -> None:
         status = (
