@@ -221,21 +221,27 @@ class QueueManagerClient:
             self._closed = True
             session = self._session
         self._stop.set()
-        if self._heartbeat_thread is not None:
-            self._heartbeat_thread.join()
+        thread = self._heartbeat_thread
+        # The heartbeat thread itself may close (from on_session_lost); it cannot join itself.
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
         try:
             if logout:
-                response = self._send(
-                    self._stub.Logout, pb.LogoutRequest(token=session.token), self._timeout
-                )
-                if response.code not in (pb.CODE_OK, pb.CODE_UNAUTHENTICATED):
-                    logger.warning(
-                        "logout failed: %s", error_for_code(response.code, response.message)
-                    )
-        except QMError as error:
-            logger.warning("logout failed, session will expire instead: %s", error)
+                self._logout(session)
         finally:
             self._channel.close()
+
+    def _logout(self, session: _Session) -> None:
+        try:
+            response = self._send(
+                self._stub.Logout, pb.LogoutRequest(token=session.token), self._timeout
+            )
+        except QMError as error:
+            logger.warning("logout failed, the session will expire instead: %s", error)
+            return
+        if response.code not in (pb.CODE_OK, pb.CODE_UNAUTHENTICATED):
+            failure = error_for_code(response.code, response.message)
+            logger.warning("logout failed, the session will expire instead: %s", failure)
 
     @property
     def token(self) -> str:
@@ -463,7 +469,14 @@ class QueueManagerClient:
                     code=error.code,
                 ) from error
             with self._lock:
-                self._session = fresh
+                closed = self._closed
+                if not closed:
+                    self._session = fresh
+            if closed:
+                # close() ran during the login: end the new session too, or it would hold
+                # whatever it is given until its ttl.
+                self._logout(fresh)
+                raise ClientClosed("the client is closed")
         loss = SessionLoss(released=tuple(stale.held.values()), generation=fresh.generation)
         self._report(loss)
         return fresh

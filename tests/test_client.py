@@ -36,6 +36,7 @@ from qm_client import (
     QueueNotEmpty,
     QueueNotFound,
     ResourceExhausted,
+    SessionLoss,
     Unauthenticated,
     Unavailable,
 )
@@ -214,6 +215,26 @@ def test_heartbeat_notices_a_lost_session_and_logs_in_again(server: ServerHandle
         assert again is not None
         assert (again.message_id, again.delivery_count) == (held.message_id, 2)
         again.ack()
+
+
+def test_on_session_lost_may_close_the_client(server: ServerHandle) -> None:
+    closed = threading.Event()
+    qm: QueueManagerClient | None = None
+
+    def give_up(loss: SessionLoss) -> None:
+        assert qm is not None
+        qm.close()  # from the heartbeat thread: must not try to join itself
+        closed.set()
+
+    qm = connect(server, on_session_lost=give_up)
+    (thread,) = heartbeat_threads()
+    with raw_stub(server) as stub:
+        assert stub.Logout(pb.LogoutRequest(token=qm.token)).code == pb.CODE_OK
+    assert closed.wait(timeout=30)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    with pytest.raises(ClientClosed):
+        qm.size("jobs")
 
 
 def test_an_ack_whose_session_ended_is_refused_and_the_client_recovers(
