@@ -197,6 +197,9 @@ class QueueManagerClient:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def __repr__(self) -> str:
+        return f"QueueManagerClient({self.target!r}, user={self.username!r})"
+
     def __enter__(self) -> Self:
         return self
 

@@ -61,6 +61,7 @@ def jobs(qm: QueueManagerClient) -> str:
 def test_login_gives_a_session_the_server_accepts(server: ServerHandle) -> None:
     with connect(server) as qm:
         assert qm.session_ttl == 30.0
+        assert repr(qm) == f"QueueManagerClient({server.target!r}, user='admin')"
         with raw_stub(server) as stub:
             reply = stub.HeartBeat(pb.HeartBeatRequest(token=qm.token))
         assert reply.code == pb.CODE_OK
