@@ -81,14 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
 def _meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "started": args.started,
+        "load_at_start": args.load_at_start,
+        "finished": _now(),
         "command": "scripts/bench " + " ".join(argv),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
-        "load": os.getloadavg(),
+        "load_at_end": os.getloadavg(),
         "runs": args.runs,
         "duration_s": args.duration,
     }
@@ -173,6 +179,7 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.started, args.load_at_start = _now(), os.getloadavg()
     if args.quick:
         args.runs = args.runs or 1
         args.duration = args.duration or 0.5
