@@ -101,10 +101,6 @@ def _meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace, work: Path) -> int:
-    unknown = [s for s in args.scenarios if s not in ALL_SCENARIOS]
-    if unknown:
-        print(f"unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
-        return 2
     opts = RunOptions(
         duration_s=args.duration,
         scale=args.scale,
@@ -180,6 +176,10 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.started, args.load_at_start = _now(), os.getloadavg()
+    unknown = [s for s in args.scenarios if s not in ALL_SCENARIOS]
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
     if args.quick:
         args.runs = args.runs or 1
         args.duration = args.duration or 0.5
