@@ -243,4 +243,5 @@ def write_json(
         "backlog": dataclasses.asdict(backlog) if backlog else None,
         "targets": [dataclasses.asdict(t) for t in targets],
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(clean(doc), indent=2) + "\n")
