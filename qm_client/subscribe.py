@@ -60,8 +60,29 @@ class _Stream:
             yield request
 
     def end(self) -> None:
+        """Abandon the stream at once (it has failed, or its session is gone)."""
         self.requests.put(None)  # lets gRPC's request thread finish
         self.call.cancel()
+
+    def finish(self, timeout: float) -> None:
+        """Half-close, and wait for the server to end the stream.
+
+        Acks are queued, not confirmed: cancelling at once could drop the last ones
+        before they were sent. After a half-close the server applies every ack it was
+        sent, then ends the stream; anything it pushed meanwhile it releases. A server
+        that takes longer than ``timeout`` is cut off.
+        """
+        self.requests.put(None)
+        watchdog = threading.Timer(timeout, self.call.cancel)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            for _ in self.call:
+                pass
+        except grpc.RpcError:
+            pass  # cut off by the watchdog, or the stream failed: either way it is over
+        finally:
+            watchdog.cancel()
 
 
 class Subscription:
@@ -108,34 +129,51 @@ class Subscription:
             try:
                 response = next(stream.call)
             except StopIteration:
-                self.close()
+                self._abort()
                 raise
             except grpc.RpcError as error:
                 if self._closed:
                     raise StopIteration from None
-                self.close()
+                self._abort()
                 raise error_for_rpc_error(error) from error
+            if self._closed:
+                raise StopIteration  # closed meanwhile: what came is released
             self._take(stream, response)
         return self._buffer.popleft()
 
     def close(self) -> None:
-        """End the stream; the server releases every message it still holds."""
+        """End the stream once the server has applied the acks sent on it.
+
+        The server then releases every message the stream still holds.
+        """
+        stream = self._shut()
+        if stream is not None:
+            stream.finish(self._client._timeout)
+
+    def _abort(self) -> None:
+        """End the stream without waiting (it failed, or the client is closed)."""
+        stream = self._shut()
+        if stream is not None:
+            stream.end()
+
+    def _shut(self) -> _Stream | None:
+        """Mark closed; returns the stream to end, or None if already closed."""
         with self._lock:
             if self._closed:
-                return
+                return None
             self._closed = True
             stream = self._stream
             released = list(stream.open_ids)
             stream.open_ids.clear()
-        stream.end()
         self._client._unhold(stream.session, released)
+        return stream
 
     def _take(self, stream: _Stream, response: pb.SubscribeResponse) -> None:
         if response.code == pb.CODE_UNAUTHENTICATED:
             self._resume(stream)
             return
         if response.code != pb.CODE_OK:
-            self.close()
+            self._abort()
             raise error_for_code(response.code, response.message)
         for result in response.ack_results:
             logger.warning(
@@ -159,7 +197,7 @@ class Subscription:
             self._client._renew(stream.session)  # reports what the old session held
             fresh = _Stream(self._client, self.queue, self.max_unacked)
         except QMError:
-            self.close()
+            self._abort()
             raise
         with self._lock:
             if self._closed:

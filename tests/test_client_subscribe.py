@@ -1,7 +1,9 @@
-"""The client's ``subscribe`` against a scripted Subscribe stream.
+"""The client's ``subscribe``: against the real server, and against a scripted stream.
 
-The real server does not implement Subscribe yet, so a scripted servicer plays the proto's
-rules: a failed open answers one response and ends the stream; the server pushes while
+The real server shows the behaviour end to end. The scripted servicer plays the proto's
+rules exactly where the real one cannot be steered: the order of pushes under flow
+control, a failed ack, and a session ending while the stream is open. It follows the
+proto: a failed open answers one response and ends the stream; the server pushes while
 fewer than ``max_unacked`` are held; acks on the stream free room; failed acks come back in
 ``ack_results``; a session that ends answers CODE_UNAUTHENTICATED and releases what the
 stream held.
@@ -15,10 +17,17 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 import pytest
-from client_fixtures import LossRecorder, ScriptedServicer, scripted_server
+from client_fixtures import LossRecorder, ScriptedServicer, connect, raw_stub, scripted_server
 
+from conftest import ServerHandle
 from qm.v1 import queue_manager_pb2 as pb
-from qm_client import MessageNotFound, MessageReleased, QueueManagerClient, QueueNotFound
+from qm_client import (
+    InvalidArgument,
+    MessageNotFound,
+    MessageReleased,
+    QueueManagerClient,
+    QueueNotFound,
+)
 
 
 class SubscribeServicer(ScriptedServicer):
@@ -198,3 +207,87 @@ def test_a_lost_session_resumes_on_a_new_stream_and_reports_the_loss(
         assert servicer.wait_for_acks(1) == [(1, pb.ACK_TYPE_DONE)]
         assert qm.token == "t2"
     assert [o.token for o in servicer.opens] == ["t1", "t2"]
+
+
+# -- against the real server ---------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(server: ServerHandle) -> Iterator[tuple[QueueManagerClient, QueueManagerClient]]:
+    """A consumer and, beside it, a producer that also checks the queue from outside."""
+    with connect(server) as consumer, connect(server) as producer:
+        producer.new_queue("jobs")
+        yield consumer, producer
+
+
+def test_real_subscription_delivers_acks_and_nacks(
+    pair: tuple[QueueManagerClient, QueueManagerClient],
+) -> None:
+    consumer, producer = pair
+    ids = producer.add_all("jobs", ["a", "b"])
+    with consumer.subscribe("jobs", max_unacked=2) as subscription:
+        stream = iter(subscription)
+        first, second = next(stream), next(stream)
+        assert [(m.element, m.message_id, m.delivery_count) for m in (first, second)] == [
+            ("a", ids[0], 1),
+            ("b", ids[1], 1),
+        ]
+        assert (producer.size("jobs"), producer.unacked("jobs")) == (0, 2)
+        later = producer.add("jobs", "c")  # pushed as soon as there is room
+        first.ack()
+        third = next(stream)
+        assert (third.element, third.message_id) == ("c", later)
+        second.nack()
+        again = next(stream)
+        assert (again.element, again.message_id, again.delivery_count) == ("b", ids[1], 2)
+        again.ack()
+        third.ack()
+    # Closing waits until the server has applied the acks sent on the stream.
+    assert (producer.size("jobs"), producer.unacked("jobs")) == (0, 0)
+    assert subscription.failed_acks == []
+
+
+def test_closing_a_real_subscription_releases_what_it_holds(
+    pair: tuple[QueueManagerClient, QueueManagerClient],
+) -> None:
+    consumer, producer = pair
+    ids = producer.add_all("jobs", ["a", "b", "c"])
+    with consumer.subscribe("jobs", max_unacked=2) as subscription:
+        held = [next(subscription), next(subscription)]
+        held[0].ack()
+        next(subscription)  # "c" fills the room
+    back = producer.pull("jobs", 3, wait=10)
+    assert [(m.message_id, m.delivery_count) for m in back] == [(ids[1], 2), (ids[2], 2)]
+    with pytest.raises(MessageReleased):
+        held[1].ack()
+
+
+def test_a_real_subscription_resumes_after_its_session_ends(
+    server: ServerHandle, pair: tuple[QueueManagerClient, QueueManagerClient]
+) -> None:
+    _, producer = pair
+    lost = LossRecorder()
+    with connect(server, on_session_lost=lost) as consumer:
+        (message_id,) = producer.add_all("jobs", ["a"])
+        with consumer.subscribe("jobs", max_unacked=1) as subscription:
+            first = next(subscription)
+            with raw_stub(server) as stub:  # the session ends behind the client's back
+                reply = stub.Logout(pb.LogoutRequest(token=consumer.token))
+                assert reply.code == pb.CODE_OK
+            again = next(subscription)
+            assert (again.message_id, again.delivery_count) == (message_id, 2)
+            assert [loss.released for loss in lost.losses] == [(first,)]
+            with pytest.raises(MessageReleased):
+                first.ack()
+            again.ack()
+    assert (producer.size("jobs"), producer.unacked("jobs")) == (0, 0)
+
+
+def test_real_subscription_open_failures_raise_their_code(
+    pair: tuple[QueueManagerClient, QueueManagerClient],
+) -> None:
+    consumer, _ = pair
+    with pytest.raises(QueueNotFound):
+        next(consumer.subscribe("nope"))
+    with pytest.raises(InvalidArgument):
+        next(consumer.subscribe("jobs", max_unacked=0))
