@@ -322,19 +322,28 @@ class QueueManagerClient:
         because the others were finished all the same.
         """
         batch = list(messages)
-        if not batch:
-            return []
         ack_type = pb.ACK_TYPE_ERROR if nack else pb.ACK_TYPE_DONE
+        failed: list[Message] = []
+        # Messages from a subscription are finished on their stream, which must learn that
+        # it has room again.
+        for message in [m for m in batch if m._owner is not self]:
+            try:
+                message._owner._finish(message, ack_type)
+            except MessageNotFound:
+                failed.append(message)
+        batch = [m for m in batch if m._owner is self]
+        if not batch:
+            return failed
         session = self._current()
         current = [m for m in batch if m._session is session]
-        failed = [m for m in batch if m._session is not session]
+        failed.extend(m for m in batch if m._session is not session)
         if not current:
             return failed
         request = pb.BatchAckRequest(message_ids=[m.message_id for m in current], ack_type=ack_type)
         try:
             response, _ = self._call(self._stub.BatchAck, request, bound_to=session)
         except MessageReleased:
-            return batch
+            return failed + current
         by_id = {m.message_id: m for m in current}
         self._unhold(session, by_id)
         failed.extend(

@@ -291,3 +291,16 @@ def test_real_subscription_open_failures_raise_their_code(
         next(consumer.subscribe("nope"))
     with pytest.raises(InvalidArgument):
         next(consumer.subscribe("jobs", max_unacked=0))
+
+
+def test_ack_many_finishes_subscription_messages_on_their_stream(
+    pair: tuple[QueueManagerClient, QueueManagerClient],
+) -> None:
+    consumer, producer = pair
+    producer.add_all("jobs", ["a", "b", "c"])
+    with consumer.subscribe("jobs", max_unacked=2) as subscription:
+        batch = [next(subscription), next(subscription)]
+        assert consumer.ack_many(batch) == []
+        last = next(subscription)  # room again: the stream learnt of the acks
+        assert consumer.ack_many([last, batch[0]]) == [batch[0]]
+    assert (producer.size("jobs"), producer.unacked("jobs")) == (0, 0)
