@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -41,6 +42,8 @@ T = TypeVar("T")
 MAX_BATCH_OPS = 1024
 # While unhealthy, the writer probes the file this often to notice the fault is gone.
 PROBE_INTERVAL_S = 0.5
+# How often the WAL is copied back into the database file (see _Checkpointer).
+CHECKPOINT_INTERVAL_S = 0.25
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -130,6 +133,39 @@ def list_users(conn: sqlite3.Connection) -> list[UserRecord]:
     return [UserRecord(r[0], r[1], bool(r[2])) for r in conn.execute(sql.LIST_USERS)]
 
 
+class _Checkpointer:
+    """Copies the WAL back into the database file from its own thread and connection.
+
+    Left to SQLite's autocheckpoint, that copy (and its fsync of the database file) would
+    run inside a commit on the writer thread and stall every caller of the batch.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qm-sqlite-checkpoint")
+        self._thread.daemon = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout = 1000")
+            while not self._stop.wait(CHECKPOINT_INTERVAL_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # a full disk: the writer reports it
+                    log.debug("checkpoint failed: %s", exc)
+        finally:
+            conn.close()
+
+
 @dataclass(slots=True)
 class _QueueState:
     id: int
@@ -159,6 +195,7 @@ class _Batch:
     def __init__(self) -> None:
         self.touched: set[str] = set()
         self.now_ready: set[str] = set()
+        self.enqueued = False
 
 
 class SqliteStore(Store):
@@ -176,6 +213,7 @@ class SqliteStore(Store):
         self._published: dict[str, QueueCounts] = {}
         self._healthy = True
         self._closed = False
+        self._checkpointer: _Checkpointer | None = None
         self._health_listener: HealthListener = lambda healthy: None
         self._ready_listener: Callable[[str], None] = lambda name: None
 
@@ -193,6 +231,11 @@ class SqliteStore(Store):
 
     def _open_in_writer(self) -> None:
         self._conn = connect(self._path)
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
+        self._conn.execute("PRAGMA journal_size_limit = 67108864")
+        self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages, at most
+        self._checkpointer = _Checkpointer(self._path)
+        self._checkpointer.start()
         stat = os.stat(self._path)
         self._file_id = (stat.st_dev, stat.st_ino)
         self._conn.execute("BEGIN IMMEDIATE")
@@ -259,6 +302,7 @@ class SqliteStore(Store):
                 sql.INSERT_MESSAGE, [(i, state.id, e) for i, e in zip(ids, elements, strict=True)]
             )
             self._index.next_message_id = first + len(elements)
+            self._batch.enqueued = True
             state.ready += len(elements)
             self._batch.touched.add(name)
             self._batch.now_ready.add(name)
@@ -292,16 +336,19 @@ class SqliteStore(Store):
         return await self._submit(run)
 
     async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
-        statement = sql.ACK_DONE if done else sql.ACK_ERROR
-
         def run() -> list[bool]:
-            found: list[bool] = []
-            for message_id in message_ids:
-                row = self._db.execute(statement, (message_id, session_id)).fetchone()
-                found.append(row is not None)
-                if row is not None:
-                    self._finish_in_flight(row[0], back_to_ready=not done)
-            return found
+            if len(message_ids) == 1:
+                statement = sql.ACK_DONE if done else sql.ACK_ERROR
+                row = self._db.execute(statement, (message_ids[0], session_id)).fetchone()
+                rows = [(message_ids[0], row[0])] if row else []
+            else:
+                statement = sql.ACK_DONE_MANY if done else sql.ACK_ERROR_MANY
+                ids = json.dumps(list(message_ids))
+                rows = self._db.execute(statement, (session_id, ids)).fetchall()
+            for _, queue_id in rows:
+                self._finish_in_flight(queue_id, back_to_ready=not done)
+            acked = {message_id for message_id, _ in rows}
+            return [message_id in acked for message_id in message_ids]
 
         return await self._submit(run)
 
@@ -451,6 +498,8 @@ class SqliteStore(Store):
                 self._run_batch(batch)
             if stop:
                 break
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         if self._conn is not None:
             self._conn.close()
 
@@ -464,28 +513,29 @@ class SqliteStore(Store):
             return
         self._batch = _Batch()
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        stale_index = False
         try:
             self._check_file()
             self._db.execute("BEGIN IMMEDIATE")
             for op in batch:
-                self._db.execute("SAVEPOINT op")
                 ok, value = _call(op.run)
-                if ok:
-                    self._db.execute("RELEASE op")
-                else:
-                    self._db.execute("ROLLBACK TO op")
-                    self._db.execute("RELEASE op")
-                    if isinstance(value, sqlite3.Error | OSError | errors.Unavailable):
+                if not ok and not isinstance(value, errors.QmError):
+                    if isinstance(value, sqlite3.Error | OSError):
                         raise value
-                    if not isinstance(value, errors.QmError):
-                        # A bug: its op failed alone, but it may have left the index
-                        # half-changed, so rebuild the index from the file.
-                        stale_index = True
+                    # A bug in one operation, which may have written part of its effect
+                    # (domain errors are raised before any write, so they need no undo):
+                    # undo the transaction and run each operation alone.
+                    self._db.execute("ROLLBACK")
+                    self._load_index()
+                    if len(batch) == 1:
+                        self._settle([(op.future, False, value)])
+                    else:
+                        for single in batch:
+                            self._run_batch([single])
+                    return
                 outcomes.append((op.future, ok, value))
+            if self._batch.enqueued:
+                self._db.execute(sql.SAVE_NEXT_MESSAGE_ID, (self._index.next_message_id,))
             self._db.execute("COMMIT")
-            if stale_index:
-                self._load_index()
         except Exception as exc:  # the whole transaction is lost: nothing answered OK
             self._fail(exc)
             failure = errors.Unavailable(f"the store could not commit: {exc}")
@@ -543,7 +593,7 @@ class SqliteStore(Store):
         for queue_id, count in self._db.execute(sql.IN_FLIGHT_COUNTS):
             index.queues[index.queue_names[queue_id]].in_flight = count
         index.maps = {name: map_id for map_id, name in self._db.execute(sql.ALL_MAPS)}
-        index.next_message_id = int(self._db.execute(sql.LAST_MESSAGE_ID).fetchone()[0]) + 1
+        index.next_message_id = int(self._db.execute(sql.NEXT_MESSAGE_ID).fetchone()[0])
         self._index = index
         self._published = {}
         self._publish(index.queues.keys())

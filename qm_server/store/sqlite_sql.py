@@ -15,11 +15,12 @@ MIGRATIONS: list[str] = [
         id   INTEGER PRIMARY KEY,
         name TEXT NOT NULL UNIQUE
     );
-    -- AUTOINCREMENT so that an id is never reused, even when the newest message was
-    -- acked (deleted) before a restart.
+    -- Ids come from the writer's counter, whose high-water mark meta.next_message_id
+    -- is saved with every transaction that adds, so an id is never reused even when
+    -- the newest message was acked (deleted) before a restart.
     -- state: 0 ready, 1 in flight for session_id. Acked messages are deleted.
     CREATE TABLE messages (
-        id             INTEGER PRIMARY KEY AUTOINCREMENT,
+        id             INTEGER PRIMARY KEY,
         queue_id       INTEGER NOT NULL,
         state          INTEGER NOT NULL DEFAULT 0,
         session_id     INTEGER,
@@ -75,11 +76,14 @@ ALL_QUEUES = "SELECT id, name FROM queues"
 READY_COUNTS = "SELECT queue_id, count(*) FROM messages WHERE state = 0 GROUP BY queue_id"
 IN_FLIGHT_COUNTS = "SELECT queue_id, count(*) FROM messages WHERE state = 1 GROUP BY queue_id"
 ALL_MAPS = "SELECT id, name FROM maps"
-# The next id continues after the largest ever handed out (sqlite_sequence remembers it
-# after the row is gone).
-LAST_MESSAGE_ID = (
-    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),"
-    " coalesce((SELECT max(id) FROM messages), 0))"
+# The next id: after the largest ever handed out, even if that row is gone.
+NEXT_MESSAGE_ID = (
+    "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta"
+    " WHERE key = 'next_message_id'), 1), coalesce((SELECT max(id) FROM messages), 0) + 1)"
+)
+SAVE_NEXT_MESSAGE_ID = (
+    "INSERT INTO meta (key, value) VALUES ('next_message_id', ?)"
+    " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
 # Sessions die with the process: at start every in-flight message is ready again.
 RELEASE_ALL = "UPDATE messages SET state = 0, session_id = NULL WHERE state = 1"
@@ -90,8 +94,7 @@ DELETE_QUEUE = "DELETE FROM queues WHERE id = ?"
 DELETE_QUEUE_MESSAGES = "DELETE FROM messages WHERE queue_id = ?"
 
 # Messages -------------------------------------------------------------------------------
-# Ids are assigned by the single writer (consecutive, increasing); AUTOINCREMENT still
-# records the largest in sqlite_sequence.
+# Ids are assigned by the single writer (consecutive, increasing).
 INSERT_MESSAGE = "INSERT INTO messages (id, queue_id, payload) VALUES (?, ?, ?)"
 # The claim: one statement picks the oldest ready ids and marks them in flight.
 CLAIM = """
@@ -111,6 +114,15 @@ ACK_DONE = "DELETE FROM messages WHERE id = ? AND session_id = ? AND state = 1 R
 ACK_ERROR = (
     "UPDATE messages SET state = 0, session_id = NULL"
     " WHERE id = ? AND session_id = ? AND state = 1 RETURNING queue_id"
+)
+# Batch acks: one statement for the whole list (a JSON array of ids).
+ACK_DONE_MANY = (
+    "DELETE FROM messages WHERE session_id = ? AND state = 1"
+    " AND id IN (SELECT value FROM json_each(?)) RETURNING id, queue_id"
+)
+ACK_ERROR_MANY = (
+    "UPDATE messages SET state = 0, session_id = NULL WHERE session_id = ? AND state = 1"
+    " AND id IN (SELECT value FROM json_each(?)) RETURNING id, queue_id"
 )
 RELEASE_SESSION = (
     "UPDATE messages SET state = 0, session_id = NULL"
