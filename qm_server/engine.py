@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -168,7 +168,7 @@ class Engine:
         now = self._clock()
         if session is None or session.ended:
             raise errors.Unauthenticated("unknown or expired token; log in again")
-        if now - session.last_active > self.session_ttl_s:
+        if not session.waiting and now - session.last_active > self.session_ttl_s:
             self._in_background(self._end_session(session, "expired"))
             raise errors.Unauthenticated("the session expired; log in again")
         session.last_active = now
@@ -272,27 +272,38 @@ class Engine:
                 raise errors.ResourceExhausted(
                     f"{self.limits.max_waiting_polls} long polls are waiting (limit)"
                 )
-            await self._wait_for_ready(name, remaining)
+            await self._wait_for_ready(session, name, remaining)
             try:
                 session = self.session(token)
             except errors.Unauthenticated:
                 self.signals.wake(name)  # the wake-up we may have taken goes to another
                 raise
 
-    async def _wait_for_ready(self, name: str, timeout_s: float) -> None:
+    async def _wait_for_ready(self, session: Session, name: str, timeout_s: float) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.signals.park(name, waiter)
+        with self.busy(session):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await waiter
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self.signals.wake(name)  # we were woken but leave: wake someone else
+                raise
+            finally:
+                self.signals.unpark(name, waiter)
+
+    @contextlib.contextmanager
+    def busy(self, session: Session) -> Iterator[None]:
+        """A call in progress keeps its session alive; its end counts as activity."""
+        session.waiting += 1
         try:
-            async with asyncio.timeout(timeout_s):
-                await waiter
-        except TimeoutError:
-            pass
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.signals.wake(name)  # we were woken but leave: wake someone else
-            raise
+            yield
         finally:
-            self.signals.unpark(name, waiter)
+            session.waiting -= 1
+            session.last_active = max(session.last_active, self._clock())
 
     async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[bool]:
         session = self.session(token)

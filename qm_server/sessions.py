@@ -16,13 +16,18 @@ from qm_server.auth import new_token, token_digest
 
 @dataclass(eq=False)
 class Session:
-    """One login. `ended` turns true once, when logout or expiry released its messages."""
+    """One login. `ended` turns true once, when logout or expiry released its messages.
+
+    `waiting` counts the session's long polls and subscriptions parked on the server: a
+    session with a call in progress is active, so it does not expire under a long wait.
+    """
 
     id: int
     username: str
     is_admin: bool
     last_active: float
     ended: bool = field(default=False)
+    waiting: int = field(default=0)
 
 
 class SessionRegistry(abc.ABC):
@@ -40,14 +45,15 @@ class SessionRegistry(abc.ABC):
 
     @abc.abstractmethod
     def idle_since(self, cutoff: float) -> list[Session]:
-        """Sessions whose last activity is older than cutoff."""
+        """Sessions with no call in progress whose last activity is older than cutoff."""
 
     @abc.abstractmethod
     def count(self) -> int:
         """How many sessions exist."""
 
+    @abc.abstractmethod
     def all(self) -> list[Session]:
-        return self.idle_since(float("inf"))
+        """Every session."""
 
 
 class MemorySessions(SessionRegistry):
@@ -75,7 +81,10 @@ class MemorySessions(SessionRegistry):
             del self._by_digest[digest]
 
     def idle_since(self, cutoff: float) -> list[Session]:
-        return [s for s in self._by_digest.values() if s.last_active < cutoff]
+        return [s for s in self._by_digest.values() if s.last_active < cutoff and not s.waiting]
 
     def count(self) -> int:
         return len(self._by_digest)
+
+    def all(self) -> list[Session]:
+        return list(self._by_digest.values())

@@ -74,7 +74,8 @@ class Subscription:
         if park:
             self._engine.signals.park(self.queue, waiter)
         try:
-            await waiter
+            with self._engine.busy(self.session):
+                await waiter
         except asyncio.CancelledError:
             if park and waiter.done() and not waiter.cancelled():
                 self._engine.signals.wake(self.queue)

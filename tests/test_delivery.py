@@ -133,3 +133,17 @@ def test_concurrent_producers_and_consumers_lose_and_repeat_nothing(
     sizes = stub.Size(pb.SizeRequest(token=token, queue_name="work"))
     in_flight = stub.GetUncheckNum(pb.GetUncheckNumRequest(token=token, queue_name="work"))
     assert (sizes.size, in_flight.ack_num) == (0, 0)
+
+
+def test_long_poll_longer_than_ttl_keeps_session(
+    make_server: Callable[..., ServerHandle],
+) -> None:
+    """Regression: a session whose only activity is a long wait must not expire under it."""
+    handle = make_server(session_ttl_s=0.5)
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        token = login(stub, "admin", handle.admin_password)
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+        reply = stub.Poll(pb.PollRequest(token=token, queue_name="q", wait_ms=1500))
+        assert reply.code == pb.CODE_QUEUE_EMPTY
+        assert stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_OK

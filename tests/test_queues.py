@@ -273,3 +273,13 @@ def test_pull_stops_at_response_byte_budget(make_server: Callable[..., ServerHan
         assert size(stub, token, "q") == (3, 2)
         rest = stub.PullElements(pb.PullElementsRequest(token=token, queue_name="q", number=5))
         assert [e.delivery_count for e in rest.element_info] == [1, 1]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_any_text_round_trips(stub: Stub, token: str, queue: str, batch: int) -> None:
+    """NUL, emoji, quotes, backslashes and empty strings come back exactly as added."""
+    samples = ["a\x00b", "😀 é", "\\u0041", '"q"', "\n\t", "", "\x00"]
+    for start in range(0, len(samples), batch):
+        add(stub, token, queue, *samples[start : start + batch])
+    pulled = stub.PullElements(pb.PullElementsRequest(token=token, queue_name=queue, number=50))
+    assert [e.element for e in pulled.element_info] == samples

@@ -18,7 +18,8 @@ Conventions that hold for every RPC:
   (INVALID_ARGUMENT, naming the problem).
 - Every call except GetChallenge and Auth carries `token`; an unknown, expired or
   logged-out token answers CODE_UNAUTHENTICATED. A call with a valid token counts as
-  session activity.
+  session activity, and a session whose long poll or subscription is waiting on the
+  server does not expire during the wait.
 - Names of queues and maps: 1 to 255 characters of [A-Za-z0-9._:-]; anything else is
   CODE_INVALID_ARGUMENT. Queues and maps are separate namespaces.
 - CODE_UNAVAILABLE means the store failed (disk full, file gone, read-only) or the

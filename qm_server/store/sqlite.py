@@ -298,9 +298,12 @@ class SqliteStore(Store):
             state = self._queue(name)
             first = self._index.next_message_id
             ids = list(range(first, first + len(elements)))
-            self._db.executemany(
-                sql.INSERT_MESSAGE, [(i, state.id, e) for i, e in zip(ids, elements, strict=True)]
-            )
+            payloads = json.dumps(list(elements), ensure_ascii=False) if len(elements) > 1 else ""
+            if payloads and "\\u0000" not in payloads:
+                self._db.execute(sql.INSERT_MESSAGES, (first, state.id, payloads))
+            else:
+                rows = [(i, state.id, e) for i, e in zip(ids, elements, strict=True)]
+                self._db.executemany(sql.INSERT_MESSAGE, rows)
             self._index.next_message_id = first + len(elements)
             self._batch.enqueued = True
             state.ready += len(elements)

@@ -96,6 +96,12 @@ DELETE_QUEUE_MESSAGES = "DELETE FROM messages WHERE queue_id = ?"
 # Messages -------------------------------------------------------------------------------
 # Ids are assigned by the single writer (consecutive, increasing).
 INSERT_MESSAGE = "INSERT INTO messages (id, queue_id, payload) VALUES (?, ?, ?)"
+# A whole batch in one statement (a JSON array of payloads): one call into SQLite instead
+# of one per row. JSON cannot carry NUL through SQLite's json_each, so batches holding a
+# NUL character use INSERT_MESSAGE per row.
+INSERT_MESSAGES = (
+    "INSERT INTO messages (id, queue_id, payload) SELECT ? + key, ?, value FROM json_each(?)"
+)
 # The claim: one statement picks the oldest ready ids and marks them in flight.
 CLAIM = """
     UPDATE messages
