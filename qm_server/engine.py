@@ -306,13 +306,18 @@ class Engine:
             session.last_active = max(session.last_active, self._clock())
 
     async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[bool]:
+        session = self.check_ack(token, message_ids, ack_type)
+        return await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
+
+    def check_ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> Session:
+        """The rules every ack obeys, unary or on a stream; returns the live session."""
         session = self.session(token)
         if ack_type not in (pb.ACK_TYPE_DONE, pb.ACK_TYPE_ERROR):
             raise errors.InvalidArgument(f"ack_type {ack_type} is not 0 (done) or 1 (error)")
         check_count("message_ids", len(message_ids), self.limits.max_batch)
         if len(set(message_ids)) != len(message_ids):
             raise errors.InvalidArgument("message_ids repeats an id")
-        return await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
+        return session
 
     async def subscribe(self, token: str, name: str, max_unacked: int) -> Subscription:
         """A streaming consumer holding at most max_unacked messages at once."""

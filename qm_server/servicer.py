@@ -292,13 +292,18 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 if request.WhichOneof("kind") != "ack":
                     raise errors.InvalidArgument("only ack may follow open")
                 ids = list(request.ack.message_ids)
-                found = await subscription.ack(ids, request.ack.ack_type)
-                missing = [i for i, ok in zip(ids, found, strict=True) if not ok]
-                if missing:
-                    results = [
-                        pb.AckResult(message_id=i, code=pb.CODE_MESSAGE_NOT_FOUND) for i in missing
-                    ]
-                    await outbox.put(pb.SubscribeResponse(ack_results=results))
+                found, refill = await subscription.ack(ids, request.ack.ack_type)
+                missing = [
+                    pb.AckResult(message_id=i, code=pb.CODE_MESSAGE_NOT_FOUND)
+                    for i, ok in zip(ids, found, strict=True)
+                    if not ok
+                ]
+                if missing or refill:
+                    await outbox.put(
+                        pb.SubscribeResponse(
+                            element_info=_element_info(refill), ack_results=missing
+                        )
+                    )
             await outbox.put(None)  # the client closed its side: end the stream
 
         async def guarded(work: Callable[[], Awaitable[None]]) -> None:

@@ -3,6 +3,11 @@
 One Subscription per Subscribe stream. It waits on one future that three things can
 resolve: messages becoming ready in its queue, an ack freeing room, and its session
 ending (or the server draining). So an idle subscription costs one parked future.
+
+Refills come in batches: once the stream holds anything, it waits until a quarter of
+its window is free, so a consumer acking one message at a time does not cost a claim
+per message. An ack that frees enough room claims the refill in the same transaction
+(one commit for both).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.sessions import Session
 from qm_server.store.base import Delivery
@@ -29,6 +35,7 @@ class Subscription:
         self._engine = engine
         self._token = token
         self._held: set[int] = set()  # ids delivered on this stream, not yet acked
+        self._low_water = max(1, max_unacked // 4)
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
 
@@ -53,20 +60,29 @@ class Subscription:
                 raise errors.Unauthenticated("the session ended; log in again")
             if engine.draining:
                 raise errors.Unavailable("the server is shutting down")
-            room = self.max_unacked - len(self._held)
-            if room > 0:
+            room = self._room()
+            if room:
                 deliveries = await engine.store.claim(
                     self.queue, self.session.id, room, engine.limits.max_response_bytes
                 )
                 if deliveries:
-                    if self.session.ended:  # it ended while the claim was committing
-                        await engine.store.release_session(self.session.id)
-                        raise errors.Unauthenticated("the session ended; log in again")
-                    self._held.update(d.message_id for d in deliveries)
-                    if engine.store.ready_hint(self.queue) > 0:
-                        engine.signals.wake(self.queue)
-                    return deliveries
+                    return await self._took(deliveries)
             await self._wait(park=room > 0)
+
+    def _room(self) -> int:
+        """How many to claim now: 0 while the window is more than three quarters full."""
+        room = self.max_unacked - len(self._held)
+        return room if room >= self._low_water or not self._held else 0
+
+    async def _took(self, deliveries: list[Delivery]) -> list[Delivery]:
+        engine = self._engine
+        if self.session.ended:  # it ended while the claim was committing
+            await engine.store.release_session(self.session.id)
+            raise errors.Unauthenticated("the session ended; log in again")
+        self._held.update(d.message_id for d in deliveries)
+        if engine.store.ready_hint(self.queue) > 0:
+            engine.signals.wake(self.queue)
+        return deliveries
 
     async def _wait(self, park: bool) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -85,16 +101,34 @@ class Subscription:
             if park:
                 self._engine.signals.unpark(self.queue, waiter)
 
-    async def ack(self, message_ids: Sequence[int], ack_type: int) -> list[bool]:
-        """Ack ids delivered on this stream; ids it does not hold are not found."""
+    async def ack(
+        self, message_ids: Sequence[int], ack_type: int
+    ) -> tuple[list[bool], list[Delivery]]:
+        """Ack ids delivered on this stream (others are not found), and refill.
+
+        Returns the per-id outcome and the messages claimed to refill the window.
+        """
+        engine = self._engine
+        engine.check_ack(self._token, message_ids, ack_type)
         mine = [i for i in message_ids if i in self._held]
         found = dict.fromkeys(message_ids, False)
-        if mine:
-            results = await self._engine.ack(self._token, mine, ack_type)
-            found.update(zip(mine, results, strict=True))
-            self._held.difference_update(mine)
-            self.poke()
-        return [found[i] for i in message_ids]
+        if not mine:
+            return [found[i] for i in message_ids], []
+        self._held.difference_update(mine)
+        room = self._room() if not engine.draining else 0
+        results, deliveries = await engine.store.ack_and_claim(
+            self.session.id,
+            mine,
+            ack_type == pb.ACK_TYPE_DONE,
+            self.queue,
+            room,
+            engine.limits.max_response_bytes,
+        )
+        found.update(zip(mine, results, strict=True))
+        if deliveries:
+            deliveries = await self._took(deliveries)
+        self.poke()  # the pusher re-checks its room and parks on the queue if needed
+        return [found[i] for i in message_ids], deliveries
 
     async def close(self) -> None:
         """Release what the stream still holds: ready again, for someone else."""

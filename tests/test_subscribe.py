@@ -54,11 +54,10 @@ def test_flow_control_and_acks(stub: Stub, token: str) -> None:
     assert [e.element for e in first.element_info] == ["0", "1", "2"]  # several per message
     assert counts(stub, token) == (2, 3)  # no more than max_unacked held
     stream.ack([first.element_info[0].message_id, 999_999])
-    missing = stream.next()
-    assert [(r.message_id, r.code) for r in missing.ack_results] == [
+    pushed = stream.next()  # one slot freed: refilled in the ack's own answer
+    assert [(r.message_id, r.code) for r in pushed.ack_results] == [
         (999_999, pb.CODE_MESSAGE_NOT_FOUND)
     ]
-    pushed = stream.next()  # one slot freed: one more pushed
     assert [e.element for e in pushed.element_info] == ["3"]
     stream.ack([e.message_id for e in first.element_info[1:]], pb.ACK_TYPE_DONE)
     later = stream.next()
@@ -114,4 +113,19 @@ def test_logout_ends_the_stream(stub: Stub, token: str, server: ServerHandle) ->
     stub.Logout(pb.LogoutRequest(token=consumer))
     assert stream.next().code == pb.CODE_UNAUTHENTICATED
     assert list(stream.responses) == []
+    stream.close()
+
+
+def test_refills_wait_for_a_quarter_of_the_window(stub: Stub, token: str) -> None:
+    stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+    stub.AddAll(pb.AddAllRequest(token=token, queue_name="q", elements=[str(i) for i in range(12)]))
+    stream = Stream(stub, token, "q", max_unacked=8)
+    first = stream.next()
+    ids = [e.message_id for e in first.element_info]
+    assert len(ids) == 8
+    stream.ack(ids[:1])  # one free slot of eight: below the low-water mark, no refill
+    stream.ack(ids[1:2])  # two free slots: a quarter of the window, refill both
+    refill = stream.next()
+    assert [e.element for e in refill.element_info] == ["8", "9"]
+    assert counts(stub, token) == (2, 8)
     stream.close()

@@ -95,6 +95,24 @@ class Store(abc.ABC):
         session (and nothing changed for it).
         """
 
+    async def ack_and_claim(
+        self,
+        session_id: int,
+        message_ids: Sequence[int],
+        done: bool,
+        name: str,
+        limit: int,
+        max_bytes: int,
+    ) -> tuple[list[bool], list[Delivery]]:
+        """Ack, then claim up to `limit` (0: none) more from `name` for the same session.
+
+        A streaming consumer's refill; a store that can do both in one transaction (one
+        commit instead of two) overrides this. Ack failures are per id as in `ack`; the
+        claim may raise QueueNotFound after the ack was applied.
+        """
+        found = await self.ack(session_id, message_ids, done)
+        return found, await self.claim(name, session_id, limit, max_bytes) if limit else []
+
     @abc.abstractmethod
     async def release_session(self, session_id: int) -> None:
         """Make every message in flight for the session ready again (logout, expiry)."""

@@ -320,40 +320,55 @@ class SqliteStore(Store):
         if published.ready == 0 and self._healthy:
             return []
 
-        def run() -> list[Delivery]:
-            state = self._queue(name)
-            if state.ready == 0:
-                return []
-            rows = self._db.execute(
-                sql.CLAIM, {"session_id": session_id, "queue_id": state.id, "limit": limit}
-            ).fetchall()
-            rows.sort()
-            taken = _within_budget(rows, max_bytes)
-            for row in rows[taken:]:
-                self._db.execute(sql.UNCLAIM, (row[0],))
-            state.ready -= taken
-            state.in_flight += taken
-            self._batch.touched.add(name)
-            return [Delivery(r[0], r[1], r[2]) for r in rows[:taken]]
-
-        return await self._submit(run)
+        return await self._submit(lambda: self._claim(name, session_id, limit, max_bytes))
 
     async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
-        def run() -> list[bool]:
-            if len(message_ids) == 1:
-                statement = sql.ACK_DONE if done else sql.ACK_ERROR
-                row = self._db.execute(statement, (message_ids[0], session_id)).fetchone()
-                rows = [(message_ids[0], row[0])] if row else []
-            else:
-                statement = sql.ACK_DONE_MANY if done else sql.ACK_ERROR_MANY
-                ids = json.dumps(list(message_ids))
-                rows = self._db.execute(statement, (session_id, ids)).fetchall()
-            for _, queue_id in rows:
-                self._finish_in_flight(queue_id, back_to_ready=not done)
-            acked = {message_id for message_id, _ in rows}
-            return [message_id in acked for message_id in message_ids]
+        return await self._submit(lambda: self._ack(session_id, message_ids, done))
+
+    async def ack_and_claim(
+        self,
+        session_id: int,
+        message_ids: Sequence[int],
+        done: bool,
+        name: str,
+        limit: int,
+        max_bytes: int,
+    ) -> tuple[list[bool], list[Delivery]]:
+        def run() -> tuple[list[bool], list[Delivery]]:
+            found = self._ack(session_id, message_ids, done)
+            return found, self._claim(name, session_id, limit, max_bytes) if limit else []
 
         return await self._submit(run)
+
+    def _claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+        state = self._queue(name)
+        if state.ready == 0:
+            return []
+        rows = self._db.execute(
+            sql.CLAIM, {"session_id": session_id, "queue_id": state.id, "limit": limit}
+        ).fetchall()
+        rows.sort()
+        taken = _within_budget(rows, max_bytes)
+        for row in rows[taken:]:
+            self._db.execute(sql.UNCLAIM, (row[0],))
+        state.ready -= taken
+        state.in_flight += taken
+        self._batch.touched.add(name)
+        return [Delivery(r[0], r[1], r[2]) for r in rows[:taken]]
+
+    def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
+        if len(message_ids) == 1:
+            statement = sql.ACK_DONE if done else sql.ACK_ERROR
+            row = self._db.execute(statement, (message_ids[0], session_id)).fetchone()
+            rows = [(message_ids[0], row[0])] if row else []
+        else:
+            statement = sql.ACK_DONE_MANY if done else sql.ACK_ERROR_MANY
+            ids = json.dumps(list(message_ids))
+            rows = self._db.execute(statement, (session_id, ids)).fetchall()
+        for _, queue_id in rows:
+            self._finish_in_flight(queue_id, back_to_ready=not done)
+        acked = {message_id for message_id, _ in rows}
+        return [message_id in acked for message_id in message_ids]
 
     async def release_session(self, session_id: int) -> None:
         def run() -> None:
