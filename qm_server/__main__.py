@@ -25,6 +25,7 @@ from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite
 from qm_server.store.base import UserRecord
+from qm_server.store.sqlite import SYNCHRONOUS
 
 DEFAULTS = ServerConfig()
 LIMIT_DEFAULTS = Limits()
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long calls in progress may finish at shutdown",
     )
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    parser.add_argument(
+        "--durability",
+        choices=sorted(SYNCHRONOUS),
+        default=DEFAULTS.durability,
+        help="full: fsync before every answer (survives power loss); process-crash: "
+        "faster, survives kill -9 but may lose the last answers on power loss",
+    )
     parser.add_argument("--max-element-bytes", type=int, default=LIMIT_DEFAULTS.max_element_bytes)
     parser.add_argument("--max-batch", type=int, default=LIMIT_DEFAULTS.max_batch)
     parser.add_argument("--max-page", type=int, default=LIMIT_DEFAULTS.max_page)
@@ -127,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         data_dir=args.data_dir,
         listen=args.listen,
         session_ttl_s=args.session_ttl,
+        durability=args.durability,
         grace_s=args.grace,
         max_request_bytes=args.max_request_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs,

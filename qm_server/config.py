@@ -85,6 +85,9 @@ class ServerConfig:
     max_request_bytes: int = 8 * MIB
     max_concurrent_rpcs: int | None = None
     admin_password: str | None = None
+    # "full" (fsync before every OK) or "process-crash" (see store/sqlite.py); never
+    # weaker by default.
+    durability: str = "full"
     tls: TlsSettings = field(default_factory=TlsSettings)
     # Plaintext is allowed on loopback addresses only, unless this is set.
     allow_plaintext: bool = False

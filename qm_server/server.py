@@ -84,7 +84,7 @@ class QueueManagerServer:
 
     def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
         self.config = config
-        self.store = store or SqliteStore(config.data_dir)
+        self.store = store or SqliteStore(config.data_dir, config.durability)
         self.port = 0
         self.keys: KeyPair | None = None
         self.engine: Engine | None = None

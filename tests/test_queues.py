@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -11,6 +12,7 @@ import pytest
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.store.sqlite import SqliteStore
 
 Stub = pb_grpc.QueueManagerServiceStub
 
@@ -283,3 +285,26 @@ def test_any_text_round_trips(stub: Stub, token: str, queue: str, batch: int) ->
         add(stub, token, queue, *samples[start : start + batch])
     pulled = stub.PullElements(pb.PullElementsRequest(token=token, queue_name=queue, number=50))
     assert [e.element for e in pulled.element_info] == samples
+
+
+def test_process_crash_durability_mode_serves_and_keeps_data(
+    make_server: Callable[..., ServerHandle],
+) -> None:
+    handle = make_server(durability="process-crash")
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        token = login(stub, "admin", handle.admin_password)
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+        ids = add(stub, token, "q", "a", "b")
+    handle.stop()
+    again = make_server(data_dir=handle.data_dir, durability="process-crash")
+    with grpc.insecure_channel(again.target) as channel:
+        stub = Stub(channel)
+        token = login(stub, "admin", again.admin_password)
+        pulled = stub.PullElements(pb.PullElementsRequest(token=token, queue_name="q", number=5))
+        assert [e.message_id for e in pulled.element_info] == ids
+
+
+def test_unknown_durability_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="durability must be one of full, process-crash"):
+        SqliteStore(tmp_path, durability="fast")

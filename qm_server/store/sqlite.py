@@ -37,6 +37,11 @@ from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, U
 log = logging.getLogger(__name__)
 
 DB_FILE = "qm.db"
+# Durability modes. "full" (the default and the contract's promise): every commit is
+# fsynced before its answer, so a power cut loses nothing answered OK. "process-crash":
+# commits reach the OS but are fsynced only at checkpoints; a kill -9 loses nothing, a
+# power cut may lose the last commits.
+SYNCHRONOUS = {"full": "FULL", "process-crash": "NORMAL"}
 T = TypeVar("T")
 # How many queued operations one transaction takes at most: bounds commit latency.
 MAX_BATCH_OPS = 1024
@@ -201,7 +206,10 @@ class _Batch:
 class SqliteStore(Store):
     """The default store: `<data_dir>/qm.db`, no other process needed."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, durability: str = "full") -> None:
+        if durability not in SYNCHRONOUS:
+            raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}")
+        self._synchronous = SYNCHRONOUS[durability]
         self._path = data_dir / DB_FILE
         self._inbox: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -231,6 +239,7 @@ class SqliteStore(Store):
 
     def _open_in_writer(self) -> None:
         self._conn = connect(self._path)
+        self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
         self._conn.execute("PRAGMA journal_size_limit = 67108864")
         self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages, at most
