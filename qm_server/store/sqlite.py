@@ -47,8 +47,12 @@ T = TypeVar("T")
 MAX_BATCH_OPS = 1024
 # While unhealthy, the writer probes the file this often to notice the fault is gone.
 PROBE_INTERVAL_S = 0.5
-# How often the WAL is copied back into the database file (see _Checkpointer).
-CHECKPOINT_INTERVAL_S = 0.25
+# Checkpoint after this many WAL pages. A small WAL that is reset often keeps commits
+# overwriting the same file blocks instead of growing the file: measured here, the mean
+# FULL commit fell from 0.45-0.75 ms (SQLite's default of 1000 pages) to about 0.2 ms.
+# A checkpoint running on another thread cannot reset the WAL under continuous writes
+# (it never catches up), so the writer checkpoints itself.
+WAL_AUTOCHECKPOINT_PAGES = 200
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -138,39 +142,6 @@ def list_users(conn: sqlite3.Connection) -> list[UserRecord]:
     return [UserRecord(r[0], r[1], bool(r[2])) for r in conn.execute(sql.LIST_USERS)]
 
 
-class _Checkpointer:
-    """Copies the WAL back into the database file from its own thread and connection.
-
-    Left to SQLite's autocheckpoint, that copy (and its fsync of the database file) would
-    run inside a commit on the writer thread and stall every caller of the batch.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="qm-sqlite-checkpoint")
-        self._thread.daemon = True
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        try:
-            conn.execute("PRAGMA busy_timeout = 1000")
-            while not self._stop.wait(CHECKPOINT_INTERVAL_S):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:  # a full disk: the writer reports it
-                    log.debug("checkpoint failed: %s", exc)
-        finally:
-            conn.close()
-
-
 @dataclass(slots=True)
 class _QueueState:
     id: int
@@ -221,7 +192,6 @@ class SqliteStore(Store):
         self._published: dict[str, QueueCounts] = {}
         self._healthy = True
         self._closed = False
-        self._checkpointer: _Checkpointer | None = None
         self._health_listener: HealthListener = lambda healthy: None
         self._ready_listener: Callable[[str], None] = lambda name: None
 
@@ -240,11 +210,9 @@ class SqliteStore(Store):
     def _open_in_writer(self) -> None:
         self._conn = connect(self._path)
         self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
+        self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         self._conn.execute("PRAGMA journal_size_limit = 67108864")
         self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages, at most
-        self._checkpointer = _Checkpointer(self._path)
-        self._checkpointer.start()
         stat = os.stat(self._path)
         self._file_id = (stat.st_dev, stat.st_ino)
         self._conn.execute("BEGIN IMMEDIATE")
@@ -525,8 +493,6 @@ class SqliteStore(Store):
                 self._run_batch(batch)
             if stop:
                 break
-        if self._checkpointer is not None:
-            self._checkpointer.stop()
         if self._conn is not None:
             self._conn.close()
 
