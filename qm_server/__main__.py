@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-wait-ms", type=int, default=LIMIT_DEFAULTS.max_wait_ms)
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULTS.max_request_bytes)
     parser.add_argument("--max-concurrent-rpcs", type=int, default=None)
+    parser.add_argument(
+        "--max-streams-per-connection", type=int, default=DEFAULTS.max_streams_per_connection
+    )
+    parser.add_argument(
+        "--max-map-get-all-bytes", type=int, default=LIMIT_DEFAULTS.max_map_get_all_bytes
+    )
+    parser.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=LIMIT_DEFAULTS.max_response_bytes,
+        help="PullElements, Subscribe pushes and MapGetList pages stop adding entries here",
+    )
     parser.add_argument("--max-sessions", type=int, default=LIMIT_DEFAULTS.max_sessions)
     parser.add_argument("--max-waiting-polls", type=int, default=LIMIT_DEFAULTS.max_waiting_polls)
     parser.add_argument("--max-subscriptions", type=int, default=LIMIT_DEFAULTS.max_subscriptions)
@@ -139,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         grace_s=args.grace,
         max_request_bytes=args.max_request_bytes,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_streams_per_connection=args.max_streams_per_connection,
         tls=TlsSettings(args.tls_cert, args.tls_key, args.tls_client_ca),
         allow_plaintext=args.allow_plaintext,
         keepalive=KeepaliveSettings(min_client_ping_interval_ms=args.min_ping_interval_ms),
@@ -150,6 +163,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_maps=args.max_maps,
             max_wait_ms=args.max_wait_ms,
             max_sessions=args.max_sessions,
+            max_map_get_all_bytes=args.max_map_get_all_bytes,
+            max_response_bytes=args.max_response_bytes,
             max_waiting_polls=args.max_waiting_polls,
             max_subscriptions=args.max_subscriptions,
         ),

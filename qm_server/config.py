@@ -27,6 +27,9 @@ class Limits:
     # PullElements stops adding messages once a response holds this many payload bytes,
     # so that a batch of large elements never exceeds what a client can receive.
     max_response_bytes: int = 4 * MIB
+    # MapGetAll answers the whole map or, past this many bytes, RESOURCE_EXHAUSTED (page
+    # with MapGetList instead): an answer must not grow without bound.
+    max_map_get_all_bytes: int = 64 * MIB
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class ServerConfig:
     # before the service sees them.
     max_request_bytes: int = 8 * MIB
     max_concurrent_rpcs: int | None = None
+    # HTTP/2 streams (calls in progress) per connection. Bounds what one client that
+    # never reads its answers can make the server hold; more calls wait in the client.
+    max_streams_per_connection: int = 32
     admin_password: str | None = None
     # "full" (fsync before every OK) or "process-crash" (see store/sqlite.py); never
     # weaker by default.

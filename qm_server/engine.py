@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
@@ -22,13 +23,14 @@ from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, LoginThrottle, Pas
 from qm_server.config import AuthSettings, Limits
 from qm_server.permissions import Permissions
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
-from qm_server.store.base import Delivery, Store
+from qm_server.store.base import Delivery, Store, message_ids_of
 from qm_server.subscription import Subscription
 from qm_server.validation import check_count, check_name, check_text_size
 from qm_server.waiting import ReadySignals
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 LOGIN_FAILED = "login failed: unknown user, wrong password, or a bad or used challenge"
 
 
@@ -255,8 +257,10 @@ class Engine:
             raise errors.InvalidArgument("wait_ms must not be negative")
         deadline = self._clock() + min(wait_ms, self.limits.max_wait_ms) / 1000
         while True:
-            deliveries = await self.store.claim(
-                name, session.id, number, self.limits.max_response_bytes
+            deliveries = await self.guarded_claim(
+                session,
+                self.store.claim(name, session.id, number, self.limits.max_response_bytes),
+                message_ids_of,
             )
             if deliveries:
                 if session.ended:  # it expired while the claim was committing
@@ -294,6 +298,40 @@ class Engine:
                 raise
             finally:
                 self.signals.unpark(name, waiter)
+
+    async def guarded_claim(
+        self, session: Session, claim: Awaitable[T], claimed: Callable[[T], list[int]]
+    ) -> T:
+        """Await a claim so that cancelling the caller cannot strand what it claims.
+
+        The store commits a claim even when its caller gives up (a client deadline, a
+        closed stream): what it took is then made ready again at once instead of sitting
+        in flight, unseen, until the session ends.
+        """
+        task = asyncio.ensure_future(claim)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._give_back(session, done, claimed))
+            raise
+
+    def _give_back(
+        self, session: Session, done: asyncio.Future[T], claimed: Callable[[T], list[int]]
+    ) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        ids = claimed(done.result())
+        if ids:
+            self._in_background(self._release(session, ids))
+
+    async def _release(self, session: Session, message_ids: list[int]) -> None:
+        try:
+            if session.ended:  # its release may have run before this claim committed
+                await self.store.release_session(session.id)
+            else:
+                await self.store.ack(session.id, message_ids, done=False)
+        except errors.QmError as exc:
+            log.warning("could not release %d abandoned messages: %s", len(message_ids), exc)
 
     @contextlib.contextmanager
     def busy(self, session: Session) -> Iterator[None]:
@@ -381,7 +419,7 @@ class Engine:
         session = self.session(token)
         check_name("map", name)
         self._authorize(session, "read", "map", name)
-        return await self.store.map_get_all(name)
+        return await self.store.map_get_all(name, self.limits.max_map_get_all_bytes)
 
     async def map_get_list(
         self, token: str, name: str, offset: int, size: int
@@ -392,7 +430,7 @@ class Engine:
         if offset < 0:
             raise errors.InvalidArgument("offset must not be negative")
         check_count("size", size, self.limits.max_page)
-        return await self.store.map_get_list(name, offset, size)
+        return await self.store.map_get_list(name, offset, size, self.limits.max_response_bytes)
 
     async def map_destroy(self, token: str, name: str) -> None:
         session = self.session(token)

@@ -28,6 +28,24 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QueueManagerService"].full_name
 INITIAL_PASSWORD_FILE = "initial-admin-password"
 
 
+class _ClientGoneFilter(logging.Filter):
+    """grpcio logs an ERROR with a traceback when it cannot send an answer because the
+    client went away. That is the client's doing, not a server fault: keep one line at
+    debug level instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "ExecuteBatchError" not in message:
+            return True
+        log.debug("a client left before its answer was sent: %s", message.splitlines()[0])
+        return False
+
+
+_GRPC_LOG = logging.getLogger("grpc._cython.cygrpc")
+if not any(isinstance(f, _ClientGoneFilter) for f in _GRPC_LOG.filters):
+    _GRPC_LOG.addFilter(_ClientGoneFilter())
+
+
 class BindError(RuntimeError):
     """The listen address could not be bound (taken, or not an address of this host)."""
 
@@ -39,6 +57,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", -1),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
         ("grpc.keepalive_time_ms", keepalive.time_ms),
         ("grpc.keepalive_timeout_ms", keepalive.timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),

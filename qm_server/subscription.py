@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.sessions import Session
-from qm_server.store.base import Delivery
+from qm_server.store.base import Delivery, message_ids_of
 
 if TYPE_CHECKING:
     from qm_server.engine import Engine
@@ -62,8 +62,12 @@ class Subscription:
                 raise errors.Unavailable("the server is shutting down")
             room = self._room()
             if room:
-                deliveries = await engine.store.claim(
-                    self.queue, self.session.id, room, engine.limits.max_response_bytes
+                deliveries = await engine.guarded_claim(
+                    self.session,
+                    engine.store.claim(
+                        self.queue, self.session.id, room, engine.limits.max_response_bytes
+                    ),
+                    message_ids_of,
                 )
                 if deliveries:
                     return await self._took(deliveries)
@@ -116,13 +120,17 @@ class Subscription:
             return [found[i] for i in message_ids], []
         self._held.difference_update(mine)
         room = self._room() if not engine.draining else 0
-        results, deliveries = await engine.store.ack_and_claim(
-            self.session.id,
-            mine,
-            ack_type == pb.ACK_TYPE_DONE,
-            self.queue,
-            room,
-            engine.limits.max_response_bytes,
+        results, deliveries = await engine.guarded_claim(
+            self.session,
+            engine.store.ack_and_claim(
+                self.session.id,
+                mine,
+                ack_type == pb.ACK_TYPE_DONE,
+                self.queue,
+                room,
+                engine.limits.max_response_bytes,
+            ),
+            lambda outcome: message_ids_of(outcome[1]),
         )
         found.update(zip(mine, results, strict=True))
         if deliveries:

@@ -134,3 +134,20 @@ def test_map_limit(make_server: Callable[..., ServerHandle]) -> None:
         assert refused.code == pb.CODE_RESOURCE_EXHAUSTED
         # Writing to the existing map is still fine.
         assert stub.MapPut(pb.MapPutRequest(token=token, map="a", key="j", value="v")).code == 0
+
+
+def test_answers_stay_within_byte_limits(make_server: Callable[..., ServerHandle]) -> None:
+    handle = make_server(max_map_get_all_bytes=1000, max_response_bytes=250)
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        token = login(stub, "admin", handle.admin_password)
+        pairs = [kv(f"k{i}", "v" * 99) for i in range(9)]  # 100 bytes per entry
+        stub.MapBatchPut(pb.MapBatchPutRequest(token=token, map="m", size=9, list=pairs))
+        assert len(stub.MapGetAll(pb.MapGetAllRequest(token=token, map="m")).map) == 9
+        page = stub.MapGetList(pb.MapGetListRequest(token=token, map="m", offset=0, size=9))
+        assert (page.code, page.size, [e.key for e in page.list]) == (pb.CODE_OK, 2, ["k0", "k1"])
+        stub.MapPut(pb.MapPutRequest(token=token, map="m", key="k9", value="v" * 99))
+        stub.MapPut(pb.MapPutRequest(token=token, map="m", key="kA", value="v" * 99))
+        too_big = stub.MapGetAll(pb.MapGetAllRequest(token=token, map="m"))
+        assert too_big.code == pb.CODE_RESOURCE_EXHAUSTED
+        assert "MapGetList" in too_big.message

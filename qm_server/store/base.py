@@ -29,6 +29,10 @@ class Delivery:
     delivery_count: int
 
 
+def message_ids_of(deliveries: list[Delivery]) -> list[int]:
+    return [d.message_id for d in deliveries]
+
+
 @dataclass(frozen=True, slots=True)
 class QueueCounts:
     ready: int
@@ -149,12 +153,15 @@ class Store(abc.ABC):
         """MapNotFound, KeyNotFound."""
 
     @abc.abstractmethod
-    async def map_get_all(self, name: str) -> dict[str, str]:
-        """MapNotFound."""
+    async def map_get_all(self, name: str, max_bytes: int) -> dict[str, str]:
+        """MapNotFound; ResourceExhausted when the entries exceed max_bytes."""
 
     @abc.abstractmethod
-    async def map_get_list(self, name: str, offset: int, size: int) -> list[tuple[str, str]]:
-        """One page in key order (UTF-8 byte order). MapNotFound."""
+    async def map_get_list(
+        self, name: str, offset: int, size: int, max_bytes: int
+    ) -> list[tuple[str, str]]:
+        """One page in key order (UTF-8 byte order), at most `size` entries, and fewer
+        once they exceed max_bytes (the first entry always comes). MapNotFound."""
 
     @abc.abstractmethod
     async def map_destroy(self, name: str) -> None:

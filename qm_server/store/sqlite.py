@@ -406,18 +406,35 @@ class SqliteStore(Store):
 
         return await self._submit(run)
 
-    async def map_get_all(self, name: str) -> dict[str, str]:
-        return await self._submit(
-            lambda: dict(self._db.execute(sql.ALL_ENTRIES, (self._map(name),)).fetchall())
-        )
+    async def map_get_all(self, name: str, max_bytes: int) -> dict[str, str]:
+        def run() -> dict[str, str]:
+            entries: dict[str, str] = {}
+            total = 0
+            for key, value in self._db.execute(sql.ALL_ENTRIES, (self._map(name),)):
+                total += _utf8_size(key) + _utf8_size(value)
+                if total > max_bytes:
+                    raise errors.ResourceExhausted(
+                        f"map {name!r} holds more than {max_bytes} bytes; page it with MapGetList"
+                    )
+                entries[key] = value
+            return entries
 
-    async def map_get_list(self, name: str, offset: int, size: int) -> list[tuple[str, str]]:
-        return await self._submit(
-            lambda: [
-                (str(k), str(v))
-                for k, v in self._db.execute(sql.PAGE_ENTRIES, (self._map(name), size, offset))
-            ]
-        )
+        return await self._submit(run)
+
+    async def map_get_list(
+        self, name: str, offset: int, size: int, max_bytes: int
+    ) -> list[tuple[str, str]]:
+        def run() -> list[tuple[str, str]]:
+            page: list[tuple[str, str]] = []
+            total = 0
+            for key, value in self._db.execute(sql.PAGE_ENTRIES, (self._map(name), size, offset)):
+                total += _utf8_size(key) + _utf8_size(value)
+                if page and total > max_bytes:
+                    break
+                page.append((key, value))
+            return page
+
+        return await self._submit(run)
 
     async def map_destroy(self, name: str) -> None:
         def run() -> None:
@@ -638,7 +655,12 @@ def _within_budget(rows: list[Any], max_bytes: int) -> int:
     """How many rows (oldest first) fit in max_bytes of payload; at least one."""
     total = 0
     for taken, row in enumerate(rows):
-        total += len(row[1].encode())
+        total += _utf8_size(row[1])
         if taken and total > max_bytes:
             return taken
     return len(rows)
+
+
+def _utf8_size(text: str) -> int:
+    # ASCII is the common case; str.isascii() is O(1) for CPython's compact strings.
+    return len(text) if text.isascii() else len(text.encode())
