@@ -121,8 +121,9 @@ def test_concurrent_rpc_limit(make_server: Callable[..., ServerHandle]) -> None:
             stub.Poll.future(pb.PollRequest(token=token, queue_name="q", wait_ms=5000))
             for _ in range(2)
         ]
+        deadline = time.monotonic() + 4  # the polls wait 5 s: they hold both slots
         with pytest.raises(grpc.RpcError) as refused:
-            for _ in range(100):  # until both long polls occupy the two slots
+            while time.monotonic() < deadline:  # until both long polls are parked
                 stub.HeartBeat(pb.HeartBeatRequest(token=token), timeout=5)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for call in parked:
