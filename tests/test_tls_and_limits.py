@@ -11,6 +11,7 @@ import dataclasses
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
