@@ -88,8 +88,10 @@ class ServerConfig:
     max_request_bytes: int = 8 * MIB
     max_concurrent_rpcs: int | None = None
     # HTTP/2 streams (calls in progress) per connection. Bounds what one client that
-    # never reads its answers can make the server hold; more calls wait in the client.
-    max_streams_per_connection: int = 32
+    # never reads its answers can make the server hold (about 5 answers' worth each).
+    # 100 is HTTP/2's recommended minimum: clients that open more calls at once than
+    # the limit before they see it get REFUSED_STREAM, so lower values break eager ones.
+    max_streams_per_connection: int = 100
     admin_password: str | None = None
     # "full" (fsync before every OK) or "process-crash" (see store/sqlite.py); never
     # weaker by default.

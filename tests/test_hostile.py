@@ -743,15 +743,25 @@ PIN_LIMIT = 256 * MIB
 
 
 def test_a_connection_that_never_reads_cannot_pin_unbounded_memory(
-    hostile: ServerHandle, bystander: Bystander, caplog: pytest.LogCaptureFixture
+    make_server: Callable[..., ServerHandle], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Regression: 200 MapGet calls of a 1 MiB value, sent in 41 KiB over one connection
     that never reads, made the server hold about 1 GiB (some 4.8 MiB per call: the value,
     the response message, its serialized bytes and the transport's copy), for as long as
     the connection stays open; 1000 calls held 4.4 GiB and stalled other clients' calls
-    for seconds. Nothing bounds the calls in progress on
-    one connection (no HTTP/2 MAX_CONCURRENT_STREAMS) nor the answers waiting to be sent.
+    for seconds. Nothing bounded the calls in progress on one connection (no HTTP/2
+    MAX_CONCURRENT_STREAMS) nor the answers waiting to be sent. Now
+    --max-streams-per-connection bounds it: about 5 MiB per stream for 1 MiB answers,
+    so this server, at 16 streams, must stay well under PIN_LIMIT.
     """
+    hostile = make_server(max_wait_ms=100, max_streams_per_connection=16)
+    with Bystander(hostile) as bystander:
+        check_pinning(hostile, bystander, caplog)
+
+
+def check_pinning(
+    hostile: ServerHandle, bystander: Bystander, caplog: pytest.LogCaptureFixture
+) -> None:
     before = bystander.p50()
     with grpc.insecure_channel(hostile.target) as channel:
         stub = Stub(channel)
