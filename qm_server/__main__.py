@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-request-bytes", type=int, default=DEFAULTS.max_request_bytes)
     parser.add_argument("--max-concurrent-rpcs", type=int, default=None)
     parser.add_argument(
-        "--max-streams-per-connection", type=int, default=DEFAULTS.max_streams_per_connection
+        "--max-streams-per-connection",
+        type=int,
+        default=DEFAULTS.max_streams_per_connection,
+        help="HTTP/2 streams per connection (default: unlimited)",
     )
     parser.add_argument(
         "--max-map-get-all-bytes", type=int, default=LIMIT_DEFAULTS.max_map_get_all_bytes

@@ -52,12 +52,13 @@ class BindError(RuntimeError):
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     keepalive = config.keepalive
+    streams = config.max_streams_per_connection
     return [
+        *([("grpc.max_concurrent_streams", streams)] if streams else []),
         # A second server on a taken port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", -1),
-        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
         ("grpc.keepalive_time_ms", keepalive.time_ms),
         ("grpc.keepalive_timeout_ms", keepalive.timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
