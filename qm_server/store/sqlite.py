@@ -171,7 +171,9 @@ class _Batch:
     def __init__(self) -> None:
         self.touched: set[str] = set()
         self.now_ready: set[str] = set()
-        self.enqueued = False
+        # The newest id was deleted: save the id counter, or a restart (which derives it
+        # from the largest id present) could hand that id out again.
+        self.deleted_newest = False
 
 
 class SqliteStore(Store):
@@ -263,6 +265,7 @@ class SqliteStore(Store):
                     "in-flight messages; use force to destroy it anyway"
                 )
             self._db.execute(sql.DELETE_QUEUE_MESSAGES, (state.id,))
+            self._batch.deleted_newest = True
             self._db.execute(sql.DELETE_QUEUE, (state.id,))
             del self._index.queues[name]
             del self._index.queue_names[state.id]
@@ -282,7 +285,6 @@ class SqliteStore(Store):
                 rows = [(i, state.id, e) for i, e in zip(ids, elements, strict=True)]
                 self._db.executemany(sql.INSERT_MESSAGE, rows)
             self._index.next_message_id = first + len(elements)
-            self._batch.enqueued = True
             state.ready += len(elements)
             self._batch.touched.add(name)
             self._batch.now_ready.add(name)
@@ -342,6 +344,8 @@ class SqliteStore(Store):
             statement = sql.ACK_DONE_MANY if done else sql.ACK_ERROR_MANY
             ids = json.dumps(list(message_ids))
             rows = self._db.execute(statement, (session_id, ids)).fetchall()
+        if done and any(m == self._index.next_message_id - 1 for m, _ in rows):
+            self._batch.deleted_newest = True
         for _, queue_id in rows:
             self._finish_in_flight(queue_id, back_to_ready=not done)
         acked = {message_id for message_id, _ in rows}
@@ -543,7 +547,7 @@ class SqliteStore(Store):
                             self._run_batch([single])
                     return
                 outcomes.append((op.future, ok, value))
-            if self._batch.enqueued:
+            if self._batch.deleted_newest:
                 self._db.execute(sql.SAVE_NEXT_MESSAGE_ID, (self._index.next_message_id,))
             self._db.execute("COMMIT")
         except Exception as exc:  # the whole transaction is lost: nothing answered OK

@@ -15,9 +15,9 @@ MIGRATIONS: list[str] = [
         id   INTEGER PRIMARY KEY,
         name TEXT NOT NULL UNIQUE
     );
-    -- Ids come from the writer's counter, whose high-water mark meta.next_message_id
-    -- is saved with every transaction that adds, so an id is never reused even when
-    -- the newest message was acked (deleted) before a restart.
+    -- Ids come from the writer's counter. At start it continues after the largest id
+    -- present or meta.next_message_id, which is saved whenever the newest message is
+    -- deleted, so an id is never reused, even after a restart.
     -- state: 0 ready, 1 in flight for session_id. Acked messages are deleted.
     CREATE TABLE messages (
         id             INTEGER PRIMARY KEY,
