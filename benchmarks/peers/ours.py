@@ -1,8 +1,15 @@
-"""The e2e workload against our server (or the floor): AddAll x100, then Pull x100 + BatchAck."""
+"""The e2e workload against our server (or the floor): AddAll x100, then Subscribe.
+
+The consumer is the streaming one (window of `batch` unacked messages, each pushed batch
+acked on the stream as soon as it arrives): the best mode the contract offers, and the
+same "100 in flight" the peers get with their prefetch.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import grpc
 
@@ -38,25 +45,7 @@ async def run(spec: E2ESpec) -> E2EResult:
                     break
                 res.produced += k
             t1 = time.perf_counter()
-            while res.consumed < res.produced and time.monotonic() < deadline:
-                p = await stub.PullElements(
-                    pb.PullElementsRequest(
-                        token=token, queue_name=spec.name, number=spec.batch, wait_ms=0
-                    ),
-                    timeout=CALL_TIMEOUT_S,
-                )
-                if p.code != pb.CODE_OK:
-                    res.note = f"PullElements: {pb.Code.Name(p.code)} {p.message}"
-                    break
-                ids = [e.message_id for e in p.element_info]
-                b = await stub.BatchAck(
-                    pb.BatchAckRequest(token=token, message_ids=ids, ack_type=pb.ACK_TYPE_DONE),
-                    timeout=CALL_TIMEOUT_S,
-                )
-                if b.code != pb.CODE_OK:
-                    res.note = f"BatchAck: {pb.Code.Name(b.code)} {b.message}"
-                    break
-                res.consumed += sum(1 for x in b.results if x.code == pb.CODE_OK)
+            await _consume(stub, token, spec, res, deadline)
             t2 = time.perf_counter()
             res.produce_s, res.consume_s = t1 - t0, t2 - t1
         finally:
@@ -68,3 +57,39 @@ async def run(spec: E2ESpec) -> E2EResult:
     if res.consumed < spec.n:
         res.status = "partial"
     return res
+
+
+async def _consume(stub: Any, token: str, spec: E2ESpec, res: E2EResult, deadline: float) -> None:
+    call = stub.Subscribe()
+    try:
+        await call.write(
+            pb.SubscribeRequest(
+                open=pb.SubscribeOpen(token=token, queue_name=spec.name, max_unacked=spec.batch)
+            )
+        )
+        while res.consumed < res.produced:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                res.note = "Subscribe: out of time"
+                return
+            reply = await asyncio.wait_for(call.read(), timeout=left)
+            if reply is grpc.aio.EOF:
+                res.note = "Subscribe: stream ended"
+                return
+            if reply.code != pb.CODE_OK or reply.ack_results:
+                res.note = f"Subscribe: {pb.Code.Name(reply.code)} {reply.message}"
+                return
+            ids = [e.message_id for e in reply.element_info]
+            if ids:
+                await call.write(
+                    pb.SubscribeRequest(
+                        ack=pb.SubscribeAck(message_ids=ids, ack_type=pb.ACK_TYPE_DONE)
+                    )
+                )
+                res.consumed += len(ids)
+        await call.done_writing()
+        # Acks sent on the stream are applied before the server ends it.
+        while await asyncio.wait_for(call.read(), timeout=CALL_TIMEOUT_S) is not grpc.aio.EOF:
+            pass
+    finally:
+        call.cancel()
