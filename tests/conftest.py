@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import certs
 import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
@@ -70,6 +71,22 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
     overrides.setdefault("admin_password", ADMIN_PASSWORD)
     overrides.setdefault("grace_s", 1.0)
     return ServerConfig(data_dir=data_dir, limits=Limits(**limits), **overrides)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate for localhost and a client certificate, as PEM files."""
+    ca, ca_key = certs.make_ca()
+    (tmp_path / "ca.crt").write_bytes(ca.cert)
+    server_cert, server_key = certs.write(certs.issue(ca, ca_key, "localhost"), tmp_path, "srv")
+    client_cert, client_key = certs.write(certs.issue(ca, ca_key, "client"), tmp_path, "cli")
+    return {
+        "ca": tmp_path / "ca.crt",
+        "server_cert": server_cert,
+        "server_key": server_key,
+        "client_cert": client_cert,
+        "client_key": client_key,
+    }
 
 
 @pytest.fixture

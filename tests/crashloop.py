@@ -53,10 +53,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from server_process import ServerProcess
 
+from conftest import encrypt_password
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
@@ -88,18 +87,6 @@ EXPECTED = {"poll": {pb.CODE_OK, pb.CODE_QUEUE_EMPTY}, "pull": {pb.CODE_OK, pb.C
 
 
 # Logging in ---------------------------------------------------------------------------
-
-
-def encrypt_password(challenge: pb.GetChallengeResponse, password: str) -> bytes:
-    key = serialization.load_pem_public_key(challenge.public_key_pem.encode())
-    assert isinstance(key, rsa.RSAPublicKey)
-    envelope = pb.PasswordEnvelope(password=password, challenge=challenge.challenge)
-    return key.encrypt(
-        envelope.SerializeToString(),
-        padding.OAEP(
-            mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None
-        ),
-    )
 
 
 def login(stub: Stub, user: str = USER, password: str = PASSWORD) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import certs
 import grpc
 import pytest
 from client_fixtures import ADMIN, run_qm
@@ -13,21 +12,6 @@ from client_fixtures import ADMIN, run_qm
 from conftest import ServerHandle
 from qm_client import QueueManagerClient, Unavailable, health
 from qm_server.config import TlsSettings
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    ca, ca_key = certs.make_ca()
-    (tmp_path / "ca.crt").write_bytes(ca.cert)
-    server_cert, server_key = certs.write(certs.issue(ca, ca_key, "localhost"), tmp_path, "srv")
-    client_cert, client_key = certs.write(certs.issue(ca, ca_key, "client"), tmp_path, "cli")
-    return {
-        "ca": tmp_path / "ca.crt",
-        "server_cert": server_cert,
-        "server_key": server_key,
-        "client_cert": client_cert,
-        "client_key": client_key,
-    }
 
 
 def test_client_verifies_the_server_with_the_given_roots(

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import certs
 import grpc
 import pytest
 from test_engine import FakeClock, run
@@ -26,21 +25,6 @@ from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server.config import KeepaliveSettings, TlsSettings
 
 Stub = pb_grpc.QueueManagerServiceStub
-
-
-@pytest.fixture
-def pki(tmp_path: Path) -> dict[str, Path]:
-    ca, ca_key = certs.make_ca()
-    (tmp_path / "ca.crt").write_bytes(ca.cert)
-    server_cert, server_key = certs.write(certs.issue(ca, ca_key, "localhost"), tmp_path, "srv")
-    client_cert, client_key = certs.write(certs.issue(ca, ca_key, "client"), tmp_path, "cli")
-    return {
-        "ca": tmp_path / "ca.crt",
-        "server_cert": server_cert,
-        "server_key": server_key,
-        "client_cert": client_cert,
-        "client_key": client_key,
-    }
 
 
 def tls_target(handle: ServerHandle) -> str:
