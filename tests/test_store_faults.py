@@ -1,13 +1,14 @@
 """Store failures answer UNAVAILABLE, turn health NOT_SERVING, and lose nothing committed.
 
 The data directory sits on a small tmpfs mounted by the test (the tests run as root), so
-that the disk really fills up under the running server. (A read-only remount cannot be
-forced while the server holds its files open for writing; it fails the same way, through
-the same sqlite3 error path.)
+that the disk really fills up under the running server. A read-only remount cannot be
+forced while the server holds its files open for writing, so read-only is made with
+`chattr +i`, which refuses writes through open descriptors too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,6 +98,50 @@ def test_full_disk(make_server: Callable[..., ServerHandle], small_disk: Path) -
         watch.close()
     handle.stop()
     assert_all_present(make_server(data_dir=small_disk / "data"), committed)
+
+
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make the directory and its files immutable (chattr +i): even root's writes through
+    already open descriptors fail with EPERM, as on a file system remounted read-only.
+
+    SQLite's shared-memory index (qm.db-shm) stays writable: it is mapped into memory, and
+    a write fault on an immutable mapping kills the process with SIGBUS, which no
+    server can answer. (A real read-only remount refuses while files are open for
+    writing; this is the closest a test can come.)"""
+    paths = [str(directory), *(str(p) for p in directory.iterdir() if p.suffix != ".db-shm")]
+    subprocess.run(["chattr", "+i", *paths], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *paths], check=True)
+
+
+def test_read_only_data_directory(make_server: Callable[..., ServerHandle], tmp_path: Path) -> None:
+    handle = make_server(data_dir=tmp_path / "data")
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        watch = HealthWatch(channel)
+        watch.wait_for(SERVING)
+        token = login(stub, "admin", handle.admin_password)
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+        first = stub.Add(pb.AddRequest(token=token, queue_name="q", element="before"))
+        assert first.code == pb.CODE_OK
+        with read_only(tmp_path / "data"):
+            failed = stub.Add(pb.AddRequest(token=token, queue_name="q", element="during"))
+            assert failed.code == pb.CODE_UNAVAILABLE
+            watch.wait_for(NOT_SERVING)
+            size = stub.Size(pb.SizeRequest(token=token, queue_name="q"))
+            assert size.code == pb.CODE_UNAVAILABLE
+        watch.wait_for(SERVING)
+        second = stub.Add(pb.AddRequest(token=token, queue_name="q", element="after"))
+        assert second.code == pb.CODE_OK
+        assert stub.Size(pb.SizeRequest(token=token, queue_name="q")).size == 2
+        watch.close()
+    handle.stop()
+    assert_all_present(
+        make_server(data_dir=tmp_path / "data"), [first.message_id, second.message_id]
+    )
 
 
 def test_removed_database_file(make_server: Callable[..., ServerHandle], tmp_path: Path) -> None:
