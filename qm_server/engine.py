@@ -151,7 +151,7 @@ class Engine:
                 f"the server holds {self.limits.max_sessions} sessions (limit)"
             )
         await self.refresh_permissions()
-        token, session = self._sessions.create(record.name, record.is_admin, self._clock())
+        token, session = self._sessions.create(record.name, self._clock())
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
 

@@ -24,7 +24,6 @@ class Session:
 
     id: int
     username: str
-    is_admin: bool
     last_active: float
     ended: bool = field(default=False)
     waiting: int = field(default=0)
@@ -32,7 +31,7 @@ class Session:
 
 class SessionRegistry(abc.ABC):
     @abc.abstractmethod
-    def create(self, username: str, is_admin: bool, now: float) -> tuple[str, Session]:
+    def create(self, username: str, now: float) -> tuple[str, Session]:
         """A new session and its token; only the token's digest is kept."""
 
     @abc.abstractmethod
@@ -61,12 +60,12 @@ class MemorySessions(SessionRegistry):
         self._by_digest: dict[bytes, Session] = {}
         self._digest_by_id: dict[int, bytes] = {}
 
-    def create(self, username: str, is_admin: bool, now: float) -> tuple[str, Session]:
+    def create(self, username: str, now: float) -> tuple[str, Session]:
         token = new_token()
         session_id = secrets.randbits(62)
         while session_id in self._digest_by_id:
             session_id = secrets.randbits(62)
-        session = Session(session_id, username, is_admin, now)
+        session = Session(session_id, username, now)
         digest = token_digest(token)
         self._by_digest[digest] = session
         self._digest_by_id[session_id] = digest
