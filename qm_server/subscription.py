@@ -5,8 +5,8 @@ resolve: messages becoming ready in its queue, an ack freeing room, and its sess
 ending (or the server draining). So an idle subscription costs one parked future.
 
 Refills come in batches: once the stream holds anything, it waits until a quarter of
-its window is free, so a consumer acking one message at a time does not cost a claim
-per message. An ack that frees enough room claims the refill in the same transaction
+its window is free (or REFILL_DELAY_S has passed), so a consumer acking one message at a
+time does not cost a claim per message. An ack that frees enough room claims the refill in the same transaction
 (one commit for both).
 """
 
@@ -20,6 +20,10 @@ from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.sessions import Session
 from qm_server.store.base import Delivery, message_ids_of
+
+# How long a stream with a little room (below the low-water mark) waits for more acks
+# before it refills anyway.
+REFILL_DELAY_S = 0.05
 
 if TYPE_CHECKING:
     from qm_server.engine import Engine
@@ -55,12 +59,14 @@ class Subscription:
         QueueNotFound when the queue is destroyed.
         """
         engine = self._engine
+        overdue = False
         while True:
             if self.session.ended:
                 raise errors.Unauthenticated("the session ended; log in again")
             if engine.draining:
                 raise errors.Unavailable("the server is shutting down")
-            room = self._room()
+            room = self.max_unacked - len(self._held) if overdue else self._room()
+            overdue = False
             if room:
                 deliveries = await engine.guarded_claim(
                     self.session,
@@ -71,7 +77,14 @@ class Subscription:
                 )
                 if deliveries:
                     return await self._took(deliveries)
-            await self._wait(park=room > 0)
+                await self._wait(park=True)
+            elif len(self._held) < self.max_unacked:
+                # Some room, below the low-water mark: wait a moment for more acks, then
+                # refill anyway, so a consumer that waits for more messages before it
+                # acks never stalls.
+                overdue = not await self._wait(park=False, timeout_s=REFILL_DELAY_S)
+            else:
+                await self._wait(park=False)
 
     def _room(self) -> int:
         """How many to claim now: 0 while the window is more than three quarters full."""
@@ -88,14 +101,19 @@ class Subscription:
             engine.signals.wake(self.queue)
         return deliveries
 
-    async def _wait(self, park: bool) -> None:
+    async def _wait(self, park: bool, timeout_s: float | None = None) -> bool:
+        """Wait for a poke (or, if parked, ready messages); False when timeout_s passed."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
         if park:
             self._engine.signals.park(self.queue, waiter)
         try:
             with self._engine.busy(self.session):
-                await waiter
+                async with asyncio.timeout(timeout_s):
+                    await waiter
+            return True
+        except TimeoutError:
+            return False
         except asyncio.CancelledError:
             if park and waiter.done() and not waiter.cancelled():
                 self._engine.signals.wake(self.queue)

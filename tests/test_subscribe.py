@@ -129,3 +129,17 @@ def test_refills_wait_for_a_quarter_of_the_window(stub: Stub, token: str) -> Non
     assert [e.element for e in refill.element_info] == ["8", "9"]
     assert counts(stub, token) == (2, 8)
     stream.close()
+
+
+def test_a_little_room_is_refilled_after_a_moment(stub: Stub, token: str) -> None:
+    """Regression: below the low-water mark the stream used to wait for more acks forever,
+    stalling a consumer that waits for more messages before it acks the ones it holds."""
+    stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+    stub.AddAll(pb.AddAllRequest(token=token, queue_name="q", elements=[str(i) for i in range(9)]))
+    stream = Stream(stub, token, "q", max_unacked=8)
+    first = stream.next()
+    assert len(first.element_info) == 8
+    stream.ack([first.element_info[0].message_id])  # one slot: below a quarter of eight
+    late = stream.next()
+    assert [e.element for e in late.element_info] == ["8"]
+    stream.close()
