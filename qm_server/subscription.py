@@ -6,8 +6,8 @@ ending (or the server draining). So an idle subscription costs one parked future
 
 Refills come in batches: once the stream holds anything, it waits until a quarter of
 its window is free (or REFILL_DELAY_S has passed), so a consumer acking one message at a
-time does not cost a claim per message. An ack that frees enough room claims the refill in the same transaction
-(one commit for both).
+time does not cost a claim per message. An ack that frees enough room claims the refill
+in the same transaction (one commit for both).
 """
 
 from __future__ import annotations
