@@ -195,11 +195,6 @@ async def serve(config: ServerConfig, port_file: Path | None) -> int:
         tmp.write_text(f"{port}\n")
         tmp.replace(port_file)
     await server.wait_stopped()
-    # stop() sets the event first and then drains; wait for the drain to finish.
-    await asyncio.gather(
-        *(t for t in asyncio.all_tasks() if t is not asyncio.current_task()),
-        return_exceptions=True,
-    )
     return 0
 
 

@@ -108,6 +108,8 @@ class Engine:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        # Releases started in the background still need the store, which closes next.
+        await asyncio.gather(*self._background, return_exceptions=True)
         self._crypto_pool.shutdown(wait=True, cancel_futures=True)
 
     def _in_background(self, work: Coroutine[None, None, None]) -> None:

@@ -12,7 +12,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from qm.v1 import queue_manager_pb2 as pb
 from qm_server import handlers
 from qm_server.auth import KeyPair, PasswordHasher, random_password
 from qm_server.config import ServerConfig
@@ -24,7 +23,7 @@ from qm_server.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QueueManagerService"].full_name
+SERVICE_NAME = handlers.SERVICE.full_name
 INITIAL_PASSWORD_FILE = "initial-admin-password"
 
 
@@ -76,7 +75,20 @@ def is_loopback(listen: str) -> bool:
 
 
 def bind(server: grpc.aio.Server, config: ServerConfig) -> int:
-    """Add the listening port, with TLS when configured; plaintext only where allowed."""
+    """Add the listening port, with TLS when configured; plaintext only where allowed.
+
+    Every way of failing (a taken port, a bad address, a bad TLS setup) is a BindError.
+    """
+    try:
+        port = _add_port(server, config)
+    except (RuntimeError, OSError) as exc:
+        raise BindError(f"cannot listen on {config.listen}: {exc}") from None
+    if port == 0:
+        raise BindError(f"cannot listen on {config.listen}")
+    return port
+
+
+def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
     tls = config.tls
     if tls.enabled:
         if tls.key is None or tls.cert is None:
@@ -110,6 +122,7 @@ class QueueManagerServer:
         self.engine: Engine | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
+        self._stopping = False
         self._stopped = asyncio.Event()
         self._health_update: asyncio.Task[None] | None = None
 
@@ -138,15 +151,9 @@ class QueueManagerServer:
         )
         try:
             port = bind(server, config)
-        except (RuntimeError, OSError) as exc:
-            await self.store.close()
-            raise BindError(f"cannot listen on {config.listen}: {exc}") from None
         except BindError:
             await self.store.close()
             raise
-        if port == 0:
-            await self.store.close()
-            raise BindError(f"cannot listen on {config.listen}")
         self.port = port
         self._server = server
         await self.engine.start()
@@ -165,9 +172,11 @@ class QueueManagerServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let running ones finish, close the store."""
-        if self._server is None or self._stopped.is_set():
+        if self._server is None or self._stopping:
             return
-        self._stopped.set()
+        self._stopping = True
+        if self._health_update is not None:
+            await self._health_update
         await self._set_serving(False)
         assert self.engine is not None
         self.engine.begin_drain()
@@ -175,12 +184,14 @@ class QueueManagerServer:
         await self.engine.stop()
         await self.store.close()
         log.info("stopped; store closed")
+        self._stopped.set()
 
     async def wait_stopped(self) -> None:
+        """Until stop() has finished: drained, store closed."""
         await self._stopped.wait()
 
     def _on_store_health(self, healthy: bool) -> None:
-        if not self._stopped.is_set():
+        if not self._stopping:
             # Keep a reference: the loop holds tasks only weakly.
             self._health_update = asyncio.get_running_loop().create_task(self._set_serving(healthy))
 
@@ -245,10 +256,6 @@ class ServerThread:
                 return
             started.set()
             loop.run_until_complete(self.server.wait_stopped())
-            # Let stop() finish on this loop before closing it.
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._loop = loop

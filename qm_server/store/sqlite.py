@@ -65,10 +65,21 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    """Apply the migrations this file has not seen, each in its own transaction."""
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction for a connection in autocommit mode (the user commands)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Apply the migrations this file has not seen, in one transaction."""
+    with transaction(conn):
         has_meta = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
         ).fetchone()
@@ -84,22 +95,6 @@ def migrate(conn: sqlite3.Connection) -> None:
                 if statement.strip():
                     conn.execute(statement)
             conn.execute(sql.SET_SCHEMA_VERSION, (str(number),))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction for a connection in autocommit mode (the user commands)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 # Users: also used directly (without the writer thread) by `qm-server user ...`. ----------
@@ -217,9 +212,8 @@ class SqliteStore(Store):
         self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages, at most
         stat = os.stat(self._path)
         self._file_id = (stat.st_dev, stat.st_ino)
-        self._conn.execute("BEGIN IMMEDIATE")
-        released = self._conn.execute(sql.RELEASE_ALL).rowcount
-        self._conn.execute("COMMIT")
+        with transaction(self._conn):
+            released = self._conn.execute(sql.RELEASE_ALL).rowcount
         if released:
             log.info("made %d in-flight messages ready again after restart", released)
         self._load_index()
@@ -327,7 +321,7 @@ class SqliteStore(Store):
             sql.CLAIM, {"session_id": session_id, "queue_id": state.id, "limit": limit}
         ).fetchall()
         rows.sort()
-        taken = _within_budget(rows, max_bytes)
+        taken = _within_budget([_utf8_size(row[1]) for row in rows], max_bytes)
         for row in rows[taken:]:
             self._db.execute(sql.UNCLAIM, (row[0],))
         state.ready -= taken
@@ -429,14 +423,9 @@ class SqliteStore(Store):
         self, name: str, offset: int, size: int, max_bytes: int
     ) -> list[tuple[str, str]]:
         def run() -> list[tuple[str, str]]:
-            page: list[tuple[str, str]] = []
-            total = 0
-            for key, value in self._db.execute(sql.PAGE_ENTRIES, (self._map(name), size, offset)):
-                total += _utf8_size(key) + _utf8_size(value)
-                if page and total > max_bytes:
-                    break
-                page.append((key, value))
-            return page
+            page = self._db.execute(sql.PAGE_ENTRIES, (self._map(name), size, offset)).fetchall()
+            sizes = [_utf8_size(key) + _utf8_size(value) for key, value in page]
+            return page[: _within_budget(sizes, max_bytes)]
 
         return await self._submit(run)
 
@@ -655,14 +644,15 @@ def _call(run: Callable[[], Any]) -> tuple[bool, Any]:
         return False, exc
 
 
-def _within_budget(rows: list[Any], max_bytes: int) -> int:
-    """How many rows (oldest first) fit in max_bytes of payload; at least one."""
+def _within_budget(sizes: list[int], max_bytes: int) -> int:
+    """How many leading items fit in max_bytes; at least one, so that one large item
+    still gets through."""
     total = 0
-    for taken, row in enumerate(rows):
-        total += _utf8_size(row[1])
+    for taken, size in enumerate(sizes):
+        total += size
         if taken and total > max_bytes:
             return taken
-    return len(rows)
+    return len(sizes)
 
 
 def _utf8_size(text: str) -> int:
