@@ -10,7 +10,6 @@ import base64
 import hashlib
 import hmac
 import secrets
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,10 +191,6 @@ def token_digest(token: str) -> bytes:
 
 def random_password() -> str:
     return secrets.token_urlsafe(18)
-
-
-def monotonic() -> float:
-    return time.monotonic()
 
 
 def _b64(raw: bytes) -> str:
