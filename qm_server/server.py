@@ -256,6 +256,11 @@ class ServerThread:
                 return
             started.set()
             loop.run_until_complete(self.server.wait_stopped())
+            # As asyncio.run does, let what is still scheduled (grpc's own tasks) finish
+            # before the loop closes, or grpc's poller calls into a closed loop.
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._loop = loop
