@@ -144,6 +144,39 @@ def test_read_only_data_directory(make_server: Callable[..., ServerHandle], tmp_
     )
 
 
+def test_failed_commits_leave_deliveries_as_committed(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """A claim or an ack whose commit failed changes nothing, in flight or on disk."""
+    handle = make_server(data_dir=tmp_path / "data")
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        watch = HealthWatch(channel)
+        watch.wait_for(SERVING)
+        token = login(stub, "admin", handle.admin_password)
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+        stub.AddAll(pb.AddAllRequest(token=token, queue_name="q", elements=["a", "b"]))
+        held = stub.Poll(pb.PollRequest(token=token, queue_name="q"))
+        assert (held.code, held.element, held.delivery_count) == (pb.CODE_OK, "a", 1)
+        with read_only(tmp_path / "data"):
+            claim = stub.Poll(pb.PollRequest(token=token, queue_name="q"))
+            assert claim.code == pb.CODE_UNAVAILABLE
+            ack = stub.Ack(pb.AckRequest(token=token, message_id=held.message_id))
+            assert ack.code == pb.CODE_UNAVAILABLE
+            watch.wait_for(NOT_SERVING)
+        watch.wait_for(SERVING)
+        unacked = stub.GetUncheckNum(pb.GetUncheckNumRequest(token=token, queue_name="q"))
+        assert unacked.ack_num == 1
+        assert stub.Size(pb.SizeRequest(token=token, queue_name="q")).size == 1
+        next_one = stub.Poll(pb.PollRequest(token=token, queue_name="q"))
+        assert (next_one.element, next_one.delivery_count) == ("b", 1)
+        ack = stub.Ack(pb.AckRequest(token=token, message_id=held.message_id))
+        assert ack.code == pb.CODE_OK
+        watch.close()
+    handle.stop()
+    assert_all_present(make_server(data_dir=tmp_path / "data"), [next_one.message_id])
+
+
 def test_removed_database_file(make_server: Callable[..., ServerHandle], tmp_path: Path) -> None:
     handle = make_server(data_dir=tmp_path / "data")
     with grpc.insecure_channel(handle.target) as channel:

@@ -3,8 +3,8 @@
 The engine speaks to storage only through this interface, in domain terms (enqueue, claim
 for a session, ack, release a session's messages, map operations) rather than rows, so
 that each store does each operation atomically its own way: the embedded SQLite store with
-one writer thread and `UPDATE ... RETURNING`, a PostgreSQL store shared by several server
-processes with `FOR UPDATE SKIP LOCKED`.
+one writer thread and being in flight kept in memory (one process owns every session), a
+PostgreSQL store shared by several server processes with `FOR UPDATE SKIP LOCKED`.
 
 Every method is a coroutine that returns only after its effect is committed durably; a
 store that cannot commit raises errors.Unavailable and reports itself unhealthy. Domain

@@ -7,7 +7,10 @@ future that is resolved only after the COMMIT returned, so nothing answers OK be
 is durable.
 
 The writer also owns a small in-memory index (queue ids and counts, map ids, the next
-message id) so that limits and existence checks cost no query and payloads stay on disk.
+message id, which session holds which message) so that limits and existence checks cost
+no query and payloads stay on disk. Being in flight is not written to disk at all
+(inflight.py says why): a claim reads rows and advances one per-queue mark, an ack
+deletes rows, a negative ack or a session's end writes nothing.
 After each commit it publishes the counts of the queues it touched; `queue_counts` and
 `ready_hint` read that published copy without a thread hop, and it only ever shows
 committed state.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import os
@@ -33,6 +37,7 @@ from qm_server.fsutil import fsync_dir
 from qm_server.permissions import Grant, Permissions
 from qm_server.store import sqlite_sql as sql
 from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, UserRecord
+from qm_server.store.inflight import InFlight
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +146,12 @@ def list_users(conn: sqlite3.Connection) -> list[UserRecord]:
 class _QueueState:
     id: int
     ready: int = 0
-    in_flight: int = 0
+    # Every id at or below it was delivered at least once (saved with each claim).
+    delivered_upto: int = 0
+    # A heap of ready ids at or below delivered_upto: given back by a negative ack or a
+    # session's end, or in flight when the last process stopped. Older than every id
+    # above the mark, so claims take these first.
+    given_back: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -185,6 +195,7 @@ class SqliteStore(Store):
         self._conn: sqlite3.Connection | None = None
         self._file_id: tuple[int, int] | None = None
         self._index = _Index()
+        self._in_flight = InFlight()
         self._batch = _Batch()
         self._published: dict[str, QueueCounts] = {}
         self._healthy = True
@@ -212,11 +223,10 @@ class SqliteStore(Store):
         self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages, at most
         stat = os.stat(self._path)
         self._file_id = (stat.st_dev, stat.st_ino)
-        with transaction(self._conn):
-            released = self._conn.execute(sql.RELEASE_ALL).rowcount
-        if released:
-            log.info("made %d in-flight messages ready again after restart", released)
         self._load_index()
+        given_back = sum(len(state.given_back) for state in self._index.queues.values())
+        if given_back:
+            log.info("%d messages delivered before the restart are ready again", given_back)
 
     async def close(self) -> None:
         if self._closed:
@@ -253,12 +263,14 @@ class SqliteStore(Store):
     async def destroy_queue(self, name: str, force: bool) -> None:
         def run() -> None:
             state = self._queue(name)
-            if not force and (state.ready or state.in_flight):
+            in_flight = self._in_flight.count(state.id)
+            if not force and (state.ready or in_flight):
                 raise errors.QueueNotEmpty(
-                    f"queue {name!r} holds {state.ready} ready and {state.in_flight} "
+                    f"queue {name!r} holds {state.ready} ready and {in_flight} "
                     "in-flight messages; use force to destroy it anyway"
                 )
             self._db.execute(sql.DELETE_QUEUE_MESSAGES, (state.id,))
+            self._in_flight.drop_queue(state.id)
             self._batch.deleted_newest = True
             self._db.execute(sql.DELETE_QUEUE, (state.id,))
             del self._index.queues[name]
@@ -317,46 +329,65 @@ class SqliteStore(Store):
         state = self._queue(name)
         if state.ready == 0:
             return []
-        rows = self._db.execute(
-            sql.CLAIM, {"session_id": session_id, "queue_id": state.id, "limit": limit}
-        ).fetchall()
-        rows.sort()
-        taken = _within_budget([_utf8_size(row[1]) for row in rows], max_bytes)
-        for row in rows[taken:]:
-            self._db.execute(sql.UNCLAIM, (row[0],))
-        state.ready -= taken
-        state.in_flight += taken
+        rows: list[tuple[int, str, int]] = []
+        if state.given_back:
+            given_back = json.dumps(heapq.nsmallest(limit, state.given_back))
+            rows = self._db.execute(sql.READ_BY_IDS, (given_back,)).fetchall()
+        if len(rows) < limit:
+            undelivered = (state.id, state.delivered_upto, limit - len(rows))
+            rows += self._db.execute(sql.READ_UNDELIVERED, undelivered).fetchall()
+        rows = rows[: _within_budget([_utf8_size(row[1]) for row in rows], max_bytes)]
+        deliveries: list[Delivery] = []
+        recounts: list[tuple[int, int]] = []
+        for message_id, payload, recorded in rows:
+            if message_id <= state.delivered_upto:  # a redelivery: the row keeps the count
+                if heapq.heappop(state.given_back) != message_id:
+                    raise RuntimeError(f"message {message_id} was not given back")
+                count = max(recorded, 1) + 1
+                recounts.append((count, message_id))
+            else:  # a first delivery: the queue's mark records it
+                count = recorded + 1
+                if recorded:  # never for rows above the mark; kept exact all the same
+                    recounts.append((count, message_id))
+            deliveries.append(Delivery(message_id, payload, count))
+        if recounts:
+            self._db.executemany(sql.SET_DELIVERY_COUNT, recounts)
+        newest = rows[-1][0]
+        if newest > state.delivered_upto:
+            self._db.execute(sql.SET_DELIVERED_UPTO, (newest, state.id))
+            state.delivered_upto = newest
+        self._in_flight.hold(session_id, state.id, (row[0] for row in rows))
+        state.ready -= len(rows)
         self._batch.touched.add(name)
-        return [Delivery(r[0], r[1], r[2]) for r in rows[:taken]]
+        return deliveries
 
     def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
-        if len(message_ids) == 1:
-            statement = sql.ACK_DONE if done else sql.ACK_ERROR
-            row = self._db.execute(statement, (message_ids[0], session_id)).fetchone()
-            rows = [(message_ids[0], row[0])] if row else []
-        else:
-            statement = sql.ACK_DONE_MANY if done else sql.ACK_ERROR_MANY
-            ids = json.dumps(list(message_ids))
-            rows = self._db.execute(statement, (session_id, ids)).fetchall()
-        if done and any(m == self._index.next_message_id - 1 for m, _ in rows):
-            self._batch.deleted_newest = True
-        for _, queue_id in rows:
-            self._finish_in_flight(queue_id, back_to_ready=not done)
-        acked = {message_id for message_id, _ in rows}
-        return [message_id in acked for message_id in message_ids]
+        found = [self._in_flight.drop(m, session_id) for m in message_ids]
+        finished = [m for m, q in zip(message_ids, found, strict=True) if q is not None]
+        if done and finished:
+            if len(finished) == 1:
+                self._db.execute(sql.DELETE_MESSAGE, (finished[0],))
+            else:
+                self._db.execute(sql.DELETE_MESSAGES, (json.dumps(finished),))
+            if self._index.next_message_id - 1 in finished:
+                self._batch.deleted_newest = True
+        for message_id, queue_id in zip(message_ids, found, strict=True):
+            if queue_id is not None:
+                self._finish_in_flight(message_id, queue_id, back_to_ready=not done)
+        return [queue_id is not None for queue_id in found]
 
     async def release_session(self, session_id: int) -> None:
         def run() -> None:
-            for (queue_id,) in self._db.execute(sql.RELEASE_SESSION, (session_id,)).fetchall():
-                self._finish_in_flight(queue_id, back_to_ready=True)
+            for message_id, queue_id in self._in_flight.drop_session(session_id):
+                self._finish_in_flight(message_id, queue_id, back_to_ready=True)
 
         await self._submit(run)
 
-    def _finish_in_flight(self, queue_id: int, back_to_ready: bool) -> None:
+    def _finish_in_flight(self, message_id: int, queue_id: int, back_to_ready: bool) -> None:
         name = self._index.queue_names[queue_id]
         state = self._index.queues[name]
-        state.in_flight -= 1
         if back_to_ready:
+            heapq.heappush(state.given_back, message_id)
             state.ready += 1
             self._batch.now_ready.add(name)
         self._batch.touched.add(name)
@@ -528,6 +559,7 @@ class SqliteStore(Store):
                     # (domain errors are raised before any write, so they need no undo):
                     # undo the transaction and run each operation alone.
                     self._db.execute("ROLLBACK")
+                    self._in_flight.rollback()
                     self._load_index()
                     if len(batch) == 1:
                         self._settle([(op.future, False, value)])
@@ -539,6 +571,7 @@ class SqliteStore(Store):
             if self._batch.deleted_newest:
                 self._db.execute(sql.SAVE_NEXT_MESSAGE_ID, (self._index.next_message_id,))
             self._db.execute("COMMIT")
+            self._in_flight.commit()
         except Exception as exc:  # the whole transaction is lost: nothing answered OK
             self._fail(exc)
             failure = errors.Unavailable(f"the store could not commit: {exc}")
@@ -557,6 +590,7 @@ class SqliteStore(Store):
             raise errors.Unavailable(f"database file {self._path} was replaced")
 
     def _fail(self, exc: BaseException) -> None:
+        self._in_flight.rollback()
         if self._db.in_transaction:
             try:
                 self._db.execute("ROLLBACK")
@@ -587,14 +621,19 @@ class SqliteStore(Store):
         return True
 
     def _load_index(self) -> None:
+        """Rebuild the index from the committed file and the in-flight map (at start, and
+        after a failed transaction, whose in-flight changes were already undone)."""
         index = _Index()
-        for queue_id, name in self._db.execute(sql.ALL_QUEUES):
-            index.queues[name] = _QueueState(queue_id)
+        for queue_id, name, delivered_upto in self._db.execute(sql.ALL_QUEUES).fetchall():
+            held = self._in_flight.held_in(queue_id)
+            delivered = self._db.execute(sql.DELIVERED_IDS, (queue_id, delivered_upto))
+            given_back = [m for (m,) in delivered if m not in held]  # ascending: a heap
+            index.queues[name] = _QueueState(queue_id, 0, delivered_upto, given_back)
             index.queue_names[queue_id] = name
-        for queue_id, count in self._db.execute(sql.READY_COUNTS):
-            index.queues[index.queue_names[queue_id]].ready = count
-        for queue_id, count in self._db.execute(sql.IN_FLIGHT_COUNTS):
-            index.queues[index.queue_names[queue_id]].in_flight = count
+        for queue_id, count in self._db.execute(sql.MESSAGE_COUNTS):
+            index.queues[index.queue_names[queue_id]].ready = count - self._in_flight.count(
+                queue_id
+            )
         index.maps = {name: map_id for map_id, name in self._db.execute(sql.ALL_MAPS)}
         index.next_message_id = int(self._db.execute(sql.NEXT_MESSAGE_ID).fetchone()[0])
         self._index = index
@@ -607,7 +646,7 @@ class SqliteStore(Store):
             if state is None:
                 self._published.pop(name, None)
             else:
-                self._published[name] = QueueCounts(state.ready, state.in_flight)
+                self._published[name] = QueueCounts(state.ready, self._in_flight.count(state.id))
 
     def _settle(
         self,

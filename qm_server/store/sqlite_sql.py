@@ -58,6 +58,20 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (username, action, kind, pattern)
     ) WITHOUT ROWID;
     """,
+    # 3: being in flight moves to memory (store/inflight.py); a message's first delivery
+    # is recorded by its queue's delivered_upto mark instead of its own row. Every id at
+    # or below the mark has been delivered at least once; claims take ids in order, so
+    # the mark of an existing file is its largest id ever delivered.
+    """
+    ALTER TABLE queues ADD COLUMN delivered_upto INTEGER NOT NULL DEFAULT 0;
+    UPDATE queues SET delivered_upto = coalesce((SELECT max(id) FROM messages
+        WHERE messages.queue_id = queues.id AND messages.delivery_count > 0), 0);
+    DROP INDEX messages_ready;
+    DROP INDEX messages_in_flight;
+    ALTER TABLE messages DROP COLUMN state;
+    ALTER TABLE messages DROP COLUMN session_id;
+    CREATE INDEX messages_by_queue ON messages (queue_id, id);
+    """,
 ]
 
 SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
@@ -72,9 +86,10 @@ TOUCH_PROBE = (
 )
 
 # Loading the in-memory index ------------------------------------------------------------
-ALL_QUEUES = "SELECT id, name FROM queues"
-READY_COUNTS = "SELECT queue_id, count(*) FROM messages WHERE state = 0 GROUP BY queue_id"
-IN_FLIGHT_COUNTS = "SELECT queue_id, count(*) FROM messages WHERE state = 1 GROUP BY queue_id"
+ALL_QUEUES = "SELECT id, name, delivered_upto FROM queues"
+MESSAGE_COUNTS = "SELECT queue_id, count(*) FROM messages GROUP BY queue_id"
+# Delivered before and not acked: in flight when the last process stopped, or given back.
+DELIVERED_IDS = "SELECT id FROM messages WHERE queue_id = ? AND id <= ? ORDER BY id"
 ALL_MAPS = "SELECT id, name FROM maps"
 # The next id: after the largest ever handed out, even if that row is gone.
 NEXT_MESSAGE_ID = (
@@ -85,8 +100,6 @@ SAVE_NEXT_MESSAGE_ID = (
     "INSERT INTO meta (key, value) VALUES ('next_message_id', ?)"
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
-# Sessions die with the process: at start every in-flight message is ready again.
-RELEASE_ALL = "UPDATE messages SET state = 0, session_id = NULL WHERE state = 1"
 
 # Queues ---------------------------------------------------------------------------------
 INSERT_QUEUE = "INSERT INTO queues (name) VALUES (?)"
@@ -102,38 +115,22 @@ INSERT_MESSAGE = "INSERT INTO messages (id, queue_id, payload) VALUES (?, ?, ?)"
 INSERT_MESSAGES = (
     "INSERT INTO messages (id, queue_id, payload) SELECT ? + key, ?, value FROM json_each(?)"
 )
-# The claim: one statement picks the oldest ready ids and marks them in flight.
-CLAIM = """
-    UPDATE messages
-       SET state = 1, session_id = :session_id, delivery_count = delivery_count + 1
-     WHERE id IN (SELECT id FROM messages
-                   WHERE queue_id = :queue_id AND state = 0
-                   ORDER BY id LIMIT :limit)
-    RETURNING id, payload, delivery_count
-"""
-# Undo part of a claim that went over the response byte budget, in the same transaction.
-UNCLAIM = (
-    "UPDATE messages SET state = 0, session_id = NULL, delivery_count = delivery_count - 1"
-    " WHERE id = ?"
+# A claim reads the oldest messages never delivered (above the queue's mark) ...
+READ_UNDELIVERED = (
+    "SELECT id, payload, delivery_count FROM messages"
+    " WHERE queue_id = ? AND id > ? ORDER BY id LIMIT ?"
 )
-ACK_DONE = "DELETE FROM messages WHERE id = ? AND session_id = ? AND state = 1 RETURNING queue_id"
-ACK_ERROR = (
-    "UPDATE messages SET state = 0, session_id = NULL"
-    " WHERE id = ? AND session_id = ? AND state = 1 RETURNING queue_id"
+# ... after those given back (a JSON array of ids), which are older.
+READ_BY_IDS = (
+    "SELECT id, payload, delivery_count FROM messages"
+    " WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
 )
-# Batch acks: one statement for the whole list (a JSON array of ids).
-ACK_DONE_MANY = (
-    "DELETE FROM messages WHERE session_id = ? AND state = 1"
-    " AND id IN (SELECT value FROM json_each(?)) RETURNING id, queue_id"
-)
-ACK_ERROR_MANY = (
-    "UPDATE messages SET state = 0, session_id = NULL WHERE session_id = ? AND state = 1"
-    " AND id IN (SELECT value FROM json_each(?)) RETURNING id, queue_id"
-)
-RELEASE_SESSION = (
-    "UPDATE messages SET state = 0, session_id = NULL"
-    " WHERE session_id = ? AND state = 1 RETURNING queue_id"
-)
+# First deliveries: one row per claim, however many messages it took.
+SET_DELIVERED_UPTO = "UPDATE queues SET delivered_upto = ? WHERE id = ?"
+# Redeliveries: the message's own count.
+SET_DELIVERY_COUNT = "UPDATE messages SET delivery_count = ? WHERE id = ?"
+DELETE_MESSAGE = "DELETE FROM messages WHERE id = ?"
+DELETE_MESSAGES = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))"
 
 # Maps -----------------------------------------------------------------------------------
 INSERT_MAP = "INSERT INTO maps (name) VALUES (?)"
