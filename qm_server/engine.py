@@ -25,7 +25,7 @@ from qm_server.permissions import Permissions
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Store, message_ids_of
 from qm_server.subscription import Subscription
-from qm_server.validation import check_count, check_name, check_text_size
+from qm_server.validation import check_count, check_name, check_text_size, check_texts_size
 from qm_server.waiting import ReadySignals
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,7 @@ class Engine:
         check_name("queue_name", name)
         self._authorize(session, "write", "queue", name)
         check_count("elements", len(elements), self.limits.max_batch)
-        for element in elements:
-            check_text_size("element", element, self.limits.max_element_bytes)
+        check_texts_size("element", elements, self.limits.max_element_bytes)
         return await self.store.enqueue(name, elements)
 
     async def take(self, token: str, name: str, number: int, wait_ms: int) -> list[Delivery]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from qm_server.errors import InvalidArgument
 
@@ -21,9 +22,15 @@ def check_name(kind: str, name: str) -> None:
 
 def check_text_size(what: str, text: str, limit: int) -> None:
     """Elements, keys and values are limited in UTF-8 bytes, as they are stored."""
-    # A character is at most 4 bytes: skip the encoding for the common small case.
-    if len(text) * 4 > limit and len(text.encode()) > limit:
-        raise InvalidArgument(f"{what} is larger than {limit} bytes")
+    check_texts_size(what, (text,), limit)
+
+
+def check_texts_size(what: str, texts: Sequence[str], limit: int) -> None:
+    """check_text_size for each text, in one loop (AddAll checks up to max_batch)."""
+    for text in texts:
+        # A character is at most 4 bytes: skip the encoding for the common small case.
+        if len(text) * 4 > limit and len(text.encode()) > limit:
+            raise InvalidArgument(f"{what} is larger than {limit} bytes")
 
 
 def check_count(what: str, count: int, limit: int) -> None:
