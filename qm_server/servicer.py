@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar, cast
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import Message
 
 from qm.v1 import queue_manager_pb2 as pb
@@ -106,7 +107,10 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
 
     async def AddAll(self, request: pb.AddAllRequest, context: Context) -> pb.AddAllResponse:
         async def call() -> pb.AddAllResponse:
-            ids = await self._engine.add(request.token, request.queue_name, request.elements)
+            # One list: every later pass (checks, the store) would otherwise convert each
+            # element of the repeated field to a str again.
+            elements = list(request.elements)
+            ids = await self._engine.add(request.token, request.queue_name, elements)
             return pb.AddAllResponse(message_ids=ids)
 
         return await _answer(pb.AddAllResponse, call)
@@ -127,10 +131,9 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             deliveries = await self._engine.take(
                 request.token, request.queue_name, request.number, request.wait_ms
             )
-            return pb.PullElementsResponse(
-                element_info=_element_info(deliveries),
-                number=len(deliveries),
-            )
+            response = pb.PullElementsResponse(number=len(deliveries))
+            _add_element_info(response.element_info, deliveries)
+            return response
 
         return await _answer(pb.PullElementsResponse, call)
 
@@ -147,13 +150,16 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
 
     async def BatchAck(self, request: pb.BatchAckRequest, context: Context) -> pb.BatchAckResponse:
         async def call() -> pb.BatchAckResponse:
-            found = await self._engine.ack(request.token, request.message_ids, request.ack_type)
-            return pb.BatchAckResponse(
-                results=[
-                    pb.AckResult(message_id=i, code=pb.CODE_OK if ok else pb.CODE_MESSAGE_NOT_FOUND)
-                    for i, ok in zip(request.message_ids, found, strict=True)
-                ]
-            )
+            message_ids = list(request.message_ids)  # one conversion for every pass below
+            found = await self._engine.ack(request.token, message_ids, request.ack_type)
+            response = pb.BatchAckResponse()
+            add_result = response.results.add
+            for message_id, ok in zip(message_ids, found, strict=True):
+                result = add_result()
+                result.message_id = message_id
+                if not ok:  # code stays CODE_OK (0), the default, otherwise
+                    result.code = pb.CODE_MESSAGE_NOT_FOUND
+            return response
 
         return await _answer(pb.BatchAckResponse, call)
 
@@ -285,7 +291,9 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         async def push() -> None:
             while True:
                 deliveries = await subscription.next_batch()
-                await outbox.put(pb.SubscribeResponse(element_info=_element_info(deliveries)))
+                response = pb.SubscribeResponse()
+                _add_element_info(response.element_info, deliveries)
+                await outbox.put(response)
 
         async def apply_acks() -> None:
             async for request in requests:
@@ -299,11 +307,9 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                     if not ok
                 ]
                 if missing or refill:
-                    await outbox.put(
-                        pb.SubscribeResponse(
-                            element_info=_element_info(refill), ack_results=missing
-                        )
-                    )
+                    response = pb.SubscribeResponse(ack_results=missing)
+                    _add_element_info(response.element_info, refill)
+                    await outbox.put(response)
             await outbox.put(None)  # the client closed its side: end the stream
 
         async def guarded(work: Callable[[], Awaitable[None]]) -> None:
@@ -328,8 +334,17 @@ def _wire(exc: errors.QmError) -> pb.Code:
     return cast(pb.Code, int(exc.code))
 
 
-def _element_info(deliveries: list[Delivery]) -> list[pb.ElementInfo]:
-    return [
-        pb.ElementInfo(element=d.element, message_id=d.message_id, delivery_count=d.delivery_count)
-        for d in deliveries
-    ]
+def _add_element_info(
+    target: RepeatedCompositeFieldContainer[pb.ElementInfo], deliveries: list[Delivery]
+) -> None:
+    """Append one ElementInfo per delivery to a response's repeated field.
+
+    Built in place with `add()` and attribute stores: a list of ElementInfo passed to a
+    response's constructor is copied element by element, which cost twice as much.
+    """
+    add = target.add
+    for d in deliveries:
+        info = add()
+        info.element = d.element
+        info.message_id = d.message_id
+        info.delivery_count = d.delivery_count
