@@ -96,7 +96,7 @@ class Subscription:
         if self.session.ended:  # it ended while the claim was committing
             await engine.store.release_session(self.session.id)
             raise errors.Unauthenticated("the session ended; log in again")
-        self._held.update(d.message_id for d in deliveries)
+        self._held.update(message_ids_of(deliveries))
         if engine.store.ready_hint(self.queue) > 0:
             engine.signals.wake(self.queue)
         return deliveries
@@ -133,9 +133,8 @@ class Subscription:
         engine = self._engine
         engine.check_ack(self._token, message_ids, ack_type)
         mine = [i for i in message_ids if i in self._held]
-        found = dict.fromkeys(message_ids, False)
         if not mine:
-            return [found[i] for i in message_ids], []
+            return [False] * len(message_ids), []
         self._held.difference_update(mine)
         room = self._room() if not engine.draining else 0
         results, deliveries = await engine.guarded_claim(
@@ -150,11 +149,14 @@ class Subscription:
             ),
             lambda outcome: message_ids_of(outcome[1]),
         )
-        found.update(zip(mine, results, strict=True))
         if deliveries:
             deliveries = await self._took(deliveries)
         self.poke()  # the pusher re-checks its room and parks on the queue if needed
-        return [found[i] for i in message_ids], deliveries
+        if len(mine) < len(message_ids):  # some were not ours: not found, in their place
+            found = dict.fromkeys(message_ids, False)
+            found.update(zip(mine, results, strict=True))
+            results = [found[i] for i in message_ids]
+        return results, deliveries
 
     async def close(self) -> None:
         """Release what the stream still holds: ready again, for someone else."""
