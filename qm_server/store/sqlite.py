@@ -356,39 +356,49 @@ class SqliteStore(Store):
         if newest > state.delivered_upto:
             self._db.execute(sql.SET_DELIVERED_UPTO, (newest, state.id))
             state.delivered_upto = newest
-        self._in_flight.hold(session_id, state.id, (row[0] for row in rows))
+        self._in_flight.hold(session_id, state.id, [row[0] for row in rows])
         state.ready -= len(rows)
         self._batch.touched.add(name)
         return deliveries
 
     def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
-        found = [self._in_flight.drop(m, session_id) for m in message_ids]
-        finished = [m for m, q in zip(message_ids, found, strict=True) if q is not None]
-        if done and finished:
-            if len(finished) == 1:
-                self._db.execute(sql.DELETE_MESSAGE, (finished[0],))
-            else:
-                self._db.execute(sql.DELETE_MESSAGES, (json.dumps(finished),))
-            if self._index.next_message_id - 1 in finished:
-                self._batch.deleted_newest = True
+        found = self._in_flight.drop(session_id, message_ids)
+        finished: dict[int, list[int]] = {}
         for message_id, queue_id in zip(message_ids, found, strict=True):
             if queue_id is not None:
-                self._finish_in_flight(message_id, queue_id, back_to_ready=not done)
+                finished.setdefault(queue_id, []).append(message_id)
+        for queue_id, ids in finished.items():
+            if done:
+                self._delete_messages(ids)
+            self._finished(queue_id, ids, back_to_ready=not done)
         return [queue_id is not None for queue_id in found]
+
+    def _delete_messages(self, message_ids: list[int]) -> None:
+        if len(message_ids) == 1:
+            self._db.execute(sql.DELETE_MESSAGE, (message_ids[0],))
+        else:
+            self._db.execute(sql.DELETE_MESSAGES, (json.dumps(message_ids),))
+        if self._index.next_message_id - 1 in message_ids:
+            self._batch.deleted_newest = True
 
     async def release_session(self, session_id: int) -> None:
         def run() -> None:
+            by_queue: dict[int, list[int]] = {}
             for message_id, queue_id in self._in_flight.drop_session(session_id):
-                self._finish_in_flight(message_id, queue_id, back_to_ready=True)
+                by_queue.setdefault(queue_id, []).append(message_id)
+            for queue_id, ids in by_queue.items():
+                self._finished(queue_id, ids, back_to_ready=True)
 
         await self._submit(run)
 
-    def _finish_in_flight(self, message_id: int, queue_id: int, back_to_ready: bool) -> None:
+    def _finished(self, queue_id: int, message_ids: list[int], back_to_ready: bool) -> None:
+        """Messages no longer in flight: acked, or ready again at their place."""
         name = self._index.queue_names[queue_id]
         state = self._index.queues[name]
         if back_to_ready:
-            heapq.heappush(state.given_back, message_id)
-            state.ready += 1
+            for message_id in message_ids:
+                heapq.heappush(state.given_back, message_id)
+            state.ready += len(message_ids)
             self._batch.now_ready.add(name)
         self._batch.touched.add(name)
 
