@@ -42,6 +42,8 @@ class Subscription:
         self._low_water = max(1, max_unacked // 4)
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        # The pusher waits for nothing but acks to free room (its window is full).
+        self._awaiting_room = False
 
     @property
     def held(self) -> int:
@@ -84,7 +86,11 @@ class Subscription:
                 # acks never stalls.
                 overdue = not await self._wait(park=False, timeout_s=REFILL_DELAY_S)
             else:
-                await self._wait(park=False)
+                self._awaiting_room = True
+                try:
+                    await self._wait(park=False)
+                finally:
+                    self._awaiting_room = False
 
     def _room(self) -> int:
         """How many to claim now: 0 while the window is more than three quarters full."""
@@ -151,7 +157,10 @@ class Subscription:
         )
         if deliveries:
             deliveries = await self._took(deliveries)
-        self.poke()  # the pusher re-checks its room and parks on the queue if needed
+        # The pusher re-checks its room and parks on the queue if needed; one waiting for
+        # room in a window that the refill filled again would only wait again.
+        if not (self._awaiting_room and len(self._held) >= self.max_unacked):
+            self.poke()
         if len(mine) < len(message_ids):  # some were not ours: not found, in their place
             found = dict.fromkeys(message_ids, False)
             found.update(zip(mine, results, strict=True))

@@ -202,3 +202,38 @@ def test_subscribe_ack_results_follow_the_request_order(tmp_path: Path) -> None:
         assert (counts.ready, counts.in_flight) == (0, 0)
 
     run(tmp_path, scenario)
+
+
+def test_a_full_window_refilled_by_its_ack_keeps_pushing_later(tmp_path: Path) -> None:
+    """The pusher is not woken when an ack refills a full window, and still pushes after."""
+
+    async def scenario(engine: Engine, s: QueueManagerServicer) -> None:
+        token = await log_in(engine)
+        ids = await fill(s, token, ["m0", "m1", "m2", "m3"])
+        requests: asyncio.Queue[pb.SubscribeRequest | None] = asyncio.Queue()
+        requests.put_nowait(
+            pb.SubscribeRequest(open=pb.SubscribeOpen(token=token, queue_name="q", max_unacked=2))
+        )
+
+        async def stream() -> AsyncIterator[pb.SubscribeRequest]:
+            while (request := await requests.get()) is not None:
+                yield request
+
+        responses = s.Subscribe(stream(), NO_CONTEXT)
+        first = await anext(responses)
+        assert [e.message_id for e in first.element_info] == ids[:2]
+        await asyncio.sleep(0.01)  # the pusher now waits for room
+        requests.put_nowait(pb.SubscribeRequest(ack=pb.SubscribeAck(message_ids=ids[:2])))
+        refill = await anext(responses)
+        assert [e.message_id for e in refill.element_info] == ids[2:]
+        requests.put_nowait(pb.SubscribeRequest(ack=pb.SubscribeAck(message_ids=ids[2:])))
+        await asyncio.sleep(0.01)  # nothing to refill with: the pusher parks on the queue
+        later = await s.Add(pb.AddRequest(token=token, queue_name="q", element="m4"), NO_CONTEXT)
+        pushed = await asyncio.wait_for(anext(responses), 5)
+        assert [(e.message_id, e.element) for e in pushed.element_info] == [
+            (later.message_id, "m4")
+        ]
+        requests.put_nowait(None)
+        assert [r async for r in responses] == []
+
+    run(tmp_path, scenario)
