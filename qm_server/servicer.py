@@ -301,11 +301,13 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                     raise errors.InvalidArgument("only ack may follow open")
                 ids = list(request.ack.message_ids)
                 found, refill = await subscription.ack(ids, request.ack.ack_type)
-                missing = [
-                    pb.AckResult(message_id=i, code=pb.CODE_MESSAGE_NOT_FOUND)
-                    for i, ok in zip(ids, found, strict=True)
-                    if not ok
-                ]
+                missing: list[pb.AckResult] = []
+                if not all(found):  # rare: a consumer acks what its stream holds
+                    missing = [
+                        pb.AckResult(message_id=i, code=pb.CODE_MESSAGE_NOT_FOUND)
+                        for i, ok in zip(ids, found, strict=True)
+                        if not ok
+                    ]
                 if missing or refill:
                     response = pb.SubscribeResponse(ack_results=missing)
                     _add_element_info(response.element_info, refill)
