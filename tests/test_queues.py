@@ -172,6 +172,37 @@ def test_batch_ack_reports_per_id(stub: Stub, token: str, queue: str) -> None:
     assert empty.code == pb.CODE_INVALID_ARGUMENT
 
 
+def test_batch_ack_deletes_only_its_own_ids_between_others(
+    server: ServerHandle, stub: Stub, token: str, queue: str
+) -> None:
+    """Acks delete runs of consecutive ids as ranges: a message in the gap, held by
+    another session or ready, or of another queue, must survive."""
+    stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="other"))
+    ids = add(stub, token, queue, "a", "b")  # ids 1, 2
+    elsewhere = add(stub, token, "other", "x")  # id 3, another queue
+    ids += add(stub, token, queue, "c", "d", "e", "f")  # ids 4..7
+    other = login(stub, "admin", server.admin_password)
+
+    def pull(session: str, number: int) -> list[int]:
+        reply = stub.PullElements(
+            pb.PullElementsRequest(token=session, queue_name=queue, number=number)
+        )
+        return [e.message_id for e in reply.element_info]
+
+    mine = pull(token, 3)  # 1, 2, 4
+    theirs = pull(other, 1)  # 5
+    mine += pull(token, 1)  # 6; 7 stays ready
+    assert (mine, theirs) == ([ids[0], ids[1], ids[2], ids[4]], [ids[3]])
+    reply = stub.BatchAck(pb.BatchAckRequest(token=token, message_ids=mine))
+    assert [r.code for r in reply.results] == [pb.CODE_OK] * 4
+    assert size(stub, token, queue) == (1, 1)
+    assert size(stub, token, "other") == (1, 0)
+    assert stub.Ack(pb.AckRequest(token=other, message_id=theirs[0])).code == pb.CODE_OK
+    last = stub.Poll(pb.PollRequest(token=token, queue_name=queue))
+    assert (last.element, last.message_id) == ("f", ids[5])
+    assert stub.Poll(pb.PollRequest(token=token, queue_name="other")).message_id == elsewhere[0]
+
+
 def test_destroy_queue(stub: Stub, token: str, queue: str) -> None:
     add(stub, token, queue, "a", "b")
     stub.Poll(pb.PollRequest(token=token, queue_name=queue))

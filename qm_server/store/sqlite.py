@@ -374,10 +374,9 @@ class SqliteStore(Store):
         return [queue_id is not None for queue_id in found]
 
     def _delete_messages(self, message_ids: list[int]) -> None:
-        if len(message_ids) == 1:
-            self._db.execute(sql.DELETE_MESSAGE, (message_ids[0],))
-        else:
-            self._db.execute(sql.DELETE_MESSAGES, (json.dumps(message_ids),))
+        """Delete rows this session held: every id of a run is one of them, so deleting
+        the whole range touches no other message."""
+        self._db.executemany(sql.DELETE_ID_RANGE, _runs(message_ids))
         if self._index.next_message_id - 1 in message_ids:
             self._batch.deleted_newest = True
 
@@ -691,6 +690,20 @@ def _call(run: Callable[[], Any]) -> tuple[bool, Any]:
         return True, run()
     except Exception as exc:
         return False, exc
+
+
+def _runs(numbers: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive integers as (first, last) pairs: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    runs: list[tuple[int, int]] = []
+    ordered = sorted(numbers)
+    first = last = ordered[0]
+    for number in ordered[1:]:
+        if number != last + 1:
+            runs.append((first, last))
+            first = number
+        last = number
+    runs.append((first, last))
+    return runs
 
 
 def _within_budget(sizes: list[int], max_bytes: int) -> int:

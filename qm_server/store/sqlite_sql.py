@@ -129,8 +129,9 @@ READ_BY_IDS = (
 SET_DELIVERED_UPTO = "UPDATE queues SET delivered_upto = ? WHERE id = ?"
 # Redeliveries: the message's own count.
 SET_DELIVERY_COUNT = "UPDATE messages SET delivery_count = ? WHERE id = ?"
-DELETE_MESSAGE = "DELETE FROM messages WHERE id = ?"
-DELETE_MESSAGES = "DELETE FROM messages WHERE id IN (SELECT value FROM json_each(?))"
+# Acks delete runs of consecutive ids (a FIFO consumer acks mostly whole runs): a range
+# walks the table once, where a list of ids seeks every row (about half the cost).
+DELETE_ID_RANGE = "DELETE FROM messages WHERE id BETWEEN ? AND ?"
 
 # Maps -----------------------------------------------------------------------------------
 INSERT_MAP = "INSERT INTO maps (name) VALUES (?)"
