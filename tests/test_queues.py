@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,38 @@ def test_batch_ack_deletes_only_its_own_ids_between_others(
     last = stub.Poll(pb.PollRequest(token=token, queue_name=queue))
     assert (last.element, last.message_id) == ("f", ids[5])
     assert stub.Poll(pb.PollRequest(token=token, queue_name="other")).message_id == elsewhere[0]
+
+
+def test_concurrent_adds_to_two_queues_keep_ids_elements_and_order(
+    server: ServerHandle, stub: Stub, token: str
+) -> None:
+    """Adds that share one transaction are inserted together: every element must still
+    land in its own queue under the id its answer gave, NUL characters included."""
+    for name in ("left", "right"):
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name=name))
+
+    def produce(worker: int) -> list[tuple[str, int, str]]:
+        answered: list[tuple[str, int, str]] = []
+        with grpc.insecure_channel(server.target) as channel:
+            s = Stub(channel)
+            t = login(s, "admin", server.admin_password)
+            for i in range(30):
+                name = ("left", "right")[(worker + i) % 2]
+                elements = [f"{worker}-{i}-{j}" + "\0" * (j % 3 == 0) for j in range(i % 4 + 1)]
+                reply = s.AddAll(pb.AddAllRequest(token=t, queue_name=name, elements=elements))
+                assert reply.code == pb.CODE_OK, reply.message
+                answered += zip([name] * len(elements), reply.message_ids, elements, strict=True)
+        return answered
+
+    with ThreadPoolExecutor(6) as pool:
+        answered = [row for rows in pool.map(produce, range(6)) for row in rows]
+
+    for name in ("left", "right"):
+        expected = sorted((i, e) for q, i, e in answered if q == name)
+        pulled = stub.PullElements(
+            pb.PullElementsRequest(token=token, queue_name=name, number=1000)
+        )
+        assert [(e.message_id, e.element) for e in pulled.element_info] == expected
 
 
 def test_destroy_queue(stub: Stub, token: str, queue: str) -> None:

@@ -168,6 +168,17 @@ class _Index:
 class _Op:
     run: Callable[[], Any]
     future: asyncio.Future[Any]
+    # Only stages rows in _Batch.appends: may run before staged rows reach the file.
+    appends: bool = False
+
+
+@dataclass(slots=True)
+class _Append:
+    """Consecutive ids of one queue, staged to be inserted with one statement."""
+
+    queue_id: int
+    first_id: int
+    payloads: list[str]
 
 
 class _Batch:
@@ -179,6 +190,9 @@ class _Batch:
         # The newest id was deleted: save the id counter, or a restart (which derives it
         # from the largest id present) could hand that id out again.
         self.deleted_newest = False
+        # Adds staged for one INSERT per run of ids: each statement costs the writer a
+        # round trip through the GIL, which under load is most of an add's time.
+        self.appends: list[_Append] = []
 
 
 class SqliteStore(Store):
@@ -283,20 +297,31 @@ class SqliteStore(Store):
         def run() -> list[int]:
             state = self._queue(name)
             first = self._index.next_message_id
-            ids = list(range(first, first + len(elements)))
-            payloads = json.dumps(list(elements), ensure_ascii=False) if len(elements) > 1 else ""
-            if payloads and "\\u0000" not in payloads:
-                self._db.execute(sql.INSERT_MESSAGES, (first, state.id, payloads))
+            appends = self._batch.appends
+            if appends and appends[-1].queue_id == state.id:  # ids follow on: same run
+                appends[-1].payloads.extend(elements)
             else:
-                rows = [(i, state.id, e) for i, e in zip(ids, elements, strict=True)]
-                self._db.executemany(sql.INSERT_MESSAGE, rows)
+                appends.append(_Append(state.id, first, list(elements)))
             self._index.next_message_id = first + len(elements)
             state.ready += len(elements)
             self._batch.touched.add(name)
             self._batch.now_ready.add(name)
-            return ids
+            return list(range(first, first + len(elements)))
 
-        return await self._submit(run)
+        return await self._submit(run, appends=True)
+
+    def _write_appends(self) -> None:
+        """Insert the staged adds: before anything that reads or deletes messages, and
+        before the commit."""
+        for append in self._batch.appends:
+            payloads = json.dumps(append.payloads, ensure_ascii=False)
+            if len(append.payloads) > 1 and "\\u0000" not in payloads:
+                self._db.execute(sql.INSERT_MESSAGES, (append.first_id, append.queue_id, payloads))
+            else:
+                first, queue_id = append.first_id, append.queue_id
+                rows = [(first + i, queue_id, e) for i, e in enumerate(append.payloads)]
+                self._db.executemany(sql.INSERT_MESSAGE, rows)
+        self._batch.appends.clear()
 
     async def claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
         published = self._published.get(name)
@@ -511,12 +536,12 @@ class SqliteStore(Store):
             raise errors.MapNotFound(f"map {name!r} does not exist")
         return map_id
 
-    def _submit(self, run: Callable[[], T]) -> asyncio.Future[T]:
+    def _submit(self, run: Callable[[], T], appends: bool = False) -> asyncio.Future[T]:
         if self._closed:
             raise errors.Unavailable("the store is closed")
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
-        self._inbox.put(_Op(run, future))
+        self._inbox.put(_Op(run, future, appends))
         return future
 
     def _writer_loop(self) -> None:
@@ -560,6 +585,8 @@ class SqliteStore(Store):
             self._check_file()
             self._db.execute("BEGIN IMMEDIATE")
             for op in batch:
+                if not op.appends:
+                    self._write_appends()
                 ok, value = _call(op.run)
                 if not ok and not isinstance(value, errors.QmError):
                     if isinstance(value, sqlite3.Error | OSError):
@@ -577,6 +604,7 @@ class SqliteStore(Store):
                             self._run_batch([single])
                     return
                 outcomes.append((op.future, ok, value))
+            self._write_appends()
             if self._batch.deleted_newest:
                 self._db.execute(sql.SAVE_NEXT_MESSAGE_ID, (self._index.next_message_id,))
             self._db.execute("COMMIT")
