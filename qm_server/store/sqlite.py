@@ -168,8 +168,25 @@ class _Index:
 class _Op:
     run: Callable[[], Any]
     future: asyncio.Future[Any]
-    # Only stages rows in _Batch.appends: may run before staged rows reach the file.
-    appends: bool = False
+    # What the operation may run beside staged work (see _Batch): ADDS only stages rows;
+    # CLAIMS stages claims or changes only what is in flight; any other operation needs
+    # the staged rows written and the staged claims resolved first.
+    stage: str = ""
+
+
+ADDS = "adds"
+CLAIMS = "claims"
+
+
+@dataclass(slots=True)
+class _Claim:
+    """A claim staged in a transaction; `deliveries` is filled in place when resolved."""
+
+    state: _QueueState
+    session_id: int
+    limit: int
+    max_bytes: int
+    deliveries: list[Delivery] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -190,9 +207,18 @@ class _Batch:
         # The newest id was deleted: save the id counter, or a restart (which derives it
         # from the largest id present) could hand that id out again.
         self.deleted_newest = False
-        # Adds staged for one INSERT per run of ids: each statement costs the writer a
-        # round trip through the GIL, which under load is most of an add's time.
+        # Writes staged so that a transaction issues few statements, whatever number of
+        # operations it holds: each statement costs the writer a round trip through the
+        # GIL, which under load took most of an operation's time. Adds: one INSERT per run
+        # of ids, written before any operation that reads or deletes messages.
         self.appends: list[_Append] = []
+        # Done-acked ids, deleted by runs, and queue id -> delivered_upto: written just
+        # before the commit. Deferring them changes no claim: a claim never reads a
+        # message that was in flight, and reads the mark from memory.
+        self.deletes: list[int] = []
+        self.marks: dict[int, int] = {}
+        # Claims in arrival order, resolved together: one read per queue for all of them.
+        self.claims: list[_Claim] = []
 
 
 class SqliteStore(Store):
@@ -308,7 +334,21 @@ class SqliteStore(Store):
             self._batch.now_ready.add(name)
             return list(range(first, first + len(elements)))
 
-        return await self._submit(run, appends=True)
+        return await self._submit(run, ADDS)
+
+    def _write_staged(self) -> None:
+        """Everything staged, before the commit."""
+        self._write_appends()
+        deletes = self._batch.deletes
+        if deletes:
+            # Every id of a run was acked done, so deleting the whole range touches no
+            # other message.
+            self._db.executemany(sql.DELETE_ID_RANGE, _runs(deletes))
+        if self._batch.marks:
+            marks = [(mark, queue_id) for queue_id, mark in self._batch.marks.items()]
+            self._db.executemany(sql.SET_DELIVERED_UPTO, marks)
+        if self._batch.deleted_newest:
+            self._db.execute(sql.SAVE_NEXT_MESSAGE_ID, (self._index.next_message_id,))
 
     def _write_appends(self) -> None:
         """Insert the staged adds: before anything that reads or deletes messages, and
@@ -330,10 +370,10 @@ class SqliteStore(Store):
         if published.ready == 0 and self._healthy:
             return []
 
-        return await self._submit(lambda: self._claim(name, session_id, limit, max_bytes))
+        return await self._submit(lambda: self._claim(name, session_id, limit, max_bytes), CLAIMS)
 
     async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
-        return await self._submit(lambda: self._ack(session_id, message_ids, done))
+        return await self._submit(lambda: self._ack(session_id, message_ids, done), CLAIMS)
 
     async def ack_and_claim(
         self,
@@ -348,43 +388,65 @@ class SqliteStore(Store):
             found = self._ack(session_id, message_ids, done)
             return found, self._claim(name, session_id, limit, max_bytes) if limit else []
 
-        return await self._submit(run)
+        return await self._submit(run, CLAIMS)
 
     def _claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+        """Stage a claim; its list is filled before the commit (_resolve_claims)."""
         state = self._queue(name)
         if state.ready == 0:
             return []
+        claim = _Claim(state, session_id, limit, max_bytes)
+        self._batch.claims.append(claim)
+        return claim.deliveries
+
+    def _resolve_claims(self) -> None:
+        """Give each staged claim the oldest ready messages of its queue, in the order
+        the claims arrived: one read per queue, however many claims wait."""
+        self._write_appends()  # the rows the claims may take
+        by_queue: dict[int, list[_Claim]] = {}
+        for claim in self._batch.claims:
+            by_queue.setdefault(claim.state.id, []).append(claim)
+        self._batch.claims.clear()
+        for claims in by_queue.values():
+            self._fill_claims(claims[0].state, claims)
+
+    def _fill_claims(self, state: _QueueState, claims: list[_Claim]) -> None:
+        wanted = min(sum(claim.limit for claim in claims), state.ready)
         rows: list[tuple[int, str, int]] = []
         if state.given_back:
-            given_back = json.dumps(heapq.nsmallest(limit, state.given_back))
+            given_back = json.dumps(heapq.nsmallest(wanted, state.given_back))
             rows = self._db.execute(sql.READ_BY_IDS, (given_back,)).fetchall()
-        if len(rows) < limit:
-            undelivered = (state.id, state.delivered_upto, limit - len(rows))
+        if len(rows) < wanted:
+            undelivered = (state.id, state.delivered_upto, wanted - len(rows))
             rows += self._db.execute(sql.READ_UNDELIVERED, undelivered).fetchall()
-        rows = rows[: _within_budget([_utf8_size(row[1]) for row in rows], max_bytes)]
-        deliveries: list[Delivery] = []
         recounts: list[tuple[int, int]] = []
-        for message_id, payload, recorded in rows:
-            if message_id <= state.delivered_upto:  # a redelivery: the row keeps the count
-                if heapq.heappop(state.given_back) != message_id:
-                    raise RuntimeError(f"message {message_id} was not given back")
-                count = max(recorded, 1) + 1
-                recounts.append((count, message_id))
-            else:  # a first delivery: the queue's mark records it
-                count = recorded + 1
-                if recorded:  # never for rows above the mark; kept exact all the same
+        start = 0
+        for claim in claims:
+            mine = rows[start : start + claim.limit]
+            mine = mine[: _within_budget([_utf8_size(row[1]) for row in mine], claim.max_bytes)]
+            start += len(mine)
+            for message_id, payload, recorded in mine:
+                if message_id <= state.delivered_upto:  # a redelivery: the row keeps the count
+                    if heapq.heappop(state.given_back) != message_id:
+                        raise RuntimeError(f"message {message_id} was not given back")
+                    count = max(recorded, 1) + 1
                     recounts.append((count, message_id))
-            deliveries.append(Delivery(message_id, payload, count))
+                else:  # a first delivery: the queue's mark records it
+                    count = recorded + 1
+                    if recorded:  # never for rows above the mark; kept exact all the same
+                        recounts.append((count, message_id))
+                claim.deliveries.append(Delivery(message_id, payload, count))
+            if mine:
+                self._in_flight.hold(claim.session_id, state.id, [row[0] for row in mine])
         if recounts:
             self._db.executemany(sql.SET_DELIVERY_COUNT, recounts)
-        newest = rows[-1][0]
-        if newest > state.delivered_upto:
-            self._db.execute(sql.SET_DELIVERED_UPTO, (newest, state.id))
-            state.delivered_upto = newest
-        self._in_flight.hold(session_id, state.id, [row[0] for row in rows])
-        state.ready -= len(rows)
-        self._batch.touched.add(name)
-        return deliveries
+        if start:
+            newest = rows[start - 1][0]
+            if newest > state.delivered_upto:
+                self._batch.marks[state.id] = newest
+                state.delivered_upto = newest
+            state.ready -= start
+            self._batch.touched.add(self._index.queue_names[state.id])
 
     def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
         found = self._in_flight.drop(session_id, message_ids)
@@ -399,9 +461,7 @@ class SqliteStore(Store):
         return [queue_id is not None for queue_id in found]
 
     def _delete_messages(self, message_ids: list[int]) -> None:
-        """Delete rows this session held: every id of a run is one of them, so deleting
-        the whole range touches no other message."""
-        self._db.executemany(sql.DELETE_ID_RANGE, _runs(message_ids))
+        self._batch.deletes.extend(message_ids)
         if self._index.next_message_id - 1 in message_ids:
             self._batch.deleted_newest = True
 
@@ -536,12 +596,12 @@ class SqliteStore(Store):
             raise errors.MapNotFound(f"map {name!r} does not exist")
         return map_id
 
-    def _submit(self, run: Callable[[], T], appends: bool = False) -> asyncio.Future[T]:
+    def _submit(self, run: Callable[[], T], stage: str = "") -> asyncio.Future[T]:
         if self._closed:
             raise errors.Unavailable("the store is closed")
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
-        self._inbox.put(_Op(run, future, appends))
+        self._inbox.put(_Op(run, future, stage))
         return future
 
     def _writer_loop(self) -> None:
@@ -585,8 +645,8 @@ class SqliteStore(Store):
             self._check_file()
             self._db.execute("BEGIN IMMEDIATE")
             for op in batch:
-                if not op.appends:
-                    self._write_appends()
+                if not op.stage:
+                    self._resolve_claims()
                 ok, value = _call(op.run)
                 if not ok and not isinstance(value, errors.QmError):
                     if isinstance(value, sqlite3.Error | OSError):
@@ -604,9 +664,8 @@ class SqliteStore(Store):
                             self._run_batch([single])
                     return
                 outcomes.append((op.future, ok, value))
-            self._write_appends()
-            if self._batch.deleted_newest:
-                self._db.execute(sql.SAVE_NEXT_MESSAGE_ID, (self._index.next_message_id,))
+            self._resolve_claims()
+            self._write_staged()
             self._db.execute("COMMIT")
             self._in_flight.commit()
         except Exception as exc:  # the whole transaction is lost: nothing answered OK
