@@ -415,10 +415,10 @@ class SqliteStore(Store):
         rows: list[tuple[int, str, int]] = []
         if state.given_back:
             given_back = json.dumps(heapq.nsmallest(wanted, state.given_back))
-            rows = self._db.execute(sql.READ_BY_IDS, (given_back,)).fetchall()
+            rows = self._read_messages(sql.READ_BY_IDS, (given_back,))
         if len(rows) < wanted:
             undelivered = (state.id, state.delivered_upto, wanted - len(rows))
-            rows += self._db.execute(sql.READ_UNDELIVERED, undelivered).fetchall()
+            rows += self._read_messages(sql.READ_UNDELIVERED, undelivered)
         recounts: list[tuple[int, int]] = []
         start = 0
         for claim in claims:
@@ -447,6 +447,14 @@ class SqliteStore(Store):
                 state.delivered_upto = newest
             state.ready -= start
             self._batch.touched.add(self._index.queue_names[state.id])
+
+    def _read_messages(self, statement: str, args: tuple[Any, ...]) -> list[tuple[int, str, int]]:
+        """(id, payload, delivery count) rows, by id, from a statement that returns them as
+        one JSON array."""
+        (array,) = self._db.execute(statement, args).fetchone()
+        rows: list[tuple[int, str, int]] = json.loads(array)
+        rows.sort()
+        return rows
 
     def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
         found = self._in_flight.drop(session_id, message_ids)
