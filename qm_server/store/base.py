@@ -16,13 +16,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from qm_server.permissions import Permissions
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A message put in flight for a session."""
+class Delivery(NamedTuple):
+    """A message put in flight for a session.
+
+    A named tuple rather than a dataclass: a store builds thousands per second straight
+    from rows (`Delivery._make(row)`), at C speed.
+    """
 
     message_id: int
     element: str

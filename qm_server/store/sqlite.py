@@ -423,19 +423,17 @@ class SqliteStore(Store):
         start = 0
         for claim in claims:
             mine = rows[start : start + claim.limit]
-            mine = mine[: _within_budget([_utf8_size(row[1]) for row in mine], claim.max_bytes)]
+            if len(mine) > 1 and not _fits(mine, claim.max_bytes):
+                mine = mine[: _within_budget([_utf8_size(row[1]) for row in mine], claim.max_bytes)]
             start += len(mine)
-            for message_id, payload, recorded in mine:
-                if message_id <= state.delivered_upto:  # a redelivery: the row keeps the count
-                    if heapq.heappop(state.given_back) != message_id:
-                        raise RuntimeError(f"message {message_id} was not given back")
-                    count = max(recorded, 1) + 1
-                    recounts.append((count, message_id))
-                else:  # a first delivery: the queue's mark records it
-                    count = recorded + 1
-                    if recorded:  # never for rows above the mark; kept exact all the same
-                        recounts.append((count, message_id))
-                claim.deliveries.append(Delivery(message_id, payload, count))
+            for message_id, _, count in mine:
+                if message_id > state.delivered_upto:
+                    break  # the rest are first deliveries, recorded by the mark
+                # A redelivery: the message's own row keeps the count.
+                if heapq.heappop(state.given_back) != message_id:
+                    raise RuntimeError(f"message {message_id} was not given back")
+                recounts.append((count, message_id))
+            claim.deliveries.extend(map(Delivery._make, mine))
             if mine:
                 self._in_flight.hold(claim.session_id, state.id, [row[0] for row in mine])
         if recounts:
@@ -799,6 +797,11 @@ def _runs(numbers: list[int]) -> list[tuple[int, int]]:
         last = number
     runs.append((first, last))
     return runs
+
+
+def _fits(rows: list[tuple[int, str, int]], max_bytes: int) -> bool:
+    """Cheaply: surely within max_bytes (a character takes at most 4 bytes in UTF-8)."""
+    return 4 * sum(len(row[1]) for row in rows) <= max_bytes
 
 
 def _within_budget(sizes: list[int], max_bytes: int) -> int:

@@ -116,19 +116,22 @@ INSERT_MESSAGES = (
     "INSERT INTO messages (id, queue_id, payload) SELECT ? + key, ?, value FROM json_each(?)"
 )
 # A claim reads the oldest messages never delivered (above the queue's mark) ...
+# Each row is (id, payload, its delivery count once this delivery is recorded).
 # Rows come back as one JSON array in one row: the sqlite3 module lets go of the GIL for
 # every row it steps through, and under load getting it back costs more than the JSON.
 # (The JSON functions keep NUL characters, escaped.) Aggregates promise no order, so the
-# reader sorts the rows by id.
+# reader sorts the rows by id. Rows above the mark were never delivered, so their
+# stored count is 0 and their first delivery makes it 1.
 READ_UNDELIVERED = """
-    SELECT json_group_array(json_array(id, payload, delivery_count)) FROM (
-        SELECT id, payload, delivery_count FROM messages
+    SELECT json_group_array(json_array(id, payload, 1)) FROM (
+        SELECT id, payload FROM messages
          WHERE queue_id = ? AND id > ? ORDER BY id LIMIT ?)
 """
-# ... after those given back (a JSON array of ids), which are older.
+# ... after those given back (a JSON array of ids), which are older. A stored count of 0
+# at or below the mark means one delivery, recorded by the mark alone.
 READ_BY_IDS = """
-    SELECT json_group_array(json_array(id, payload, delivery_count)) FROM messages
-     WHERE id IN (SELECT value FROM json_each(?))
+    SELECT json_group_array(json_array(id, payload, max(delivery_count, 1) + 1))
+      FROM messages WHERE id IN (SELECT value FROM json_each(?))
 """
 # First deliveries: one row per claim, however many messages it took.
 SET_DELIVERED_UPTO = "UPDATE queues SET delivered_upto = ? WHERE id = ?"
