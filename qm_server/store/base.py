@@ -25,7 +25,7 @@ class Delivery(NamedTuple):
     """A message put in flight for a session.
 
     A named tuple rather than a dataclass: a store builds thousands per second straight
-    from rows (`Delivery._make(row)`), at C speed.
+    from rows (`tuple.__new__(Delivery, row)`), at C speed.
     """
 
     message_id: int
