@@ -22,6 +22,7 @@ def write_schema_2_file(data_dir: Path) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     with transaction(conn):
         for script in sql.MIGRATIONS[:2]:
+            assert isinstance(script, str)
             for statement in script.split(";"):
                 if statement.strip():
                     conn.execute(statement)

@@ -63,7 +63,10 @@ WAL_AUTOCHECKPOINT_PAGES = 200
 
 def connect(path: Path) -> sqlite3.Connection:
     """Open the database with the durability settings of the contract, migrated."""
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # Statements are per queue (one messages table each): keep many of them prepared.
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, cached_statements=1024
+    )
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA busy_timeout = 10000")
@@ -96,10 +99,13 @@ def migrate(conn: sqlite3.Connection) -> None:
                 f"database schema version {version} is newer than this server "
                 f"({len(sql.MIGRATIONS)}); upgrade qm-server"
             )
-        for number, script in enumerate(sql.MIGRATIONS[version:], start=version + 1):
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+        for number, step in enumerate(sql.MIGRATIONS[version:], start=version + 1):
+            if callable(step):
+                step(conn)
+            else:
+                for statement in step.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
             conn.execute(sql.SET_SCHEMA_VERSION, (str(number),))
 
 
@@ -146,6 +152,7 @@ def list_users(conn: sqlite3.Connection) -> list[UserRecord]:
 @dataclass(slots=True)
 class _QueueState:
     id: int
+    sql: sql.MessageStatements
     ready: int = 0
     # Every id at or below it was delivered at least once (saved with each claim).
     delivered_upto: int = 0
@@ -194,7 +201,7 @@ class _Claim:
 class _Append:
     """Consecutive ids of one queue, staged to be inserted with one statement."""
 
-    queue_id: int
+    queue: _QueueState
     first_id: int
     payloads: list[str]
 
@@ -216,7 +223,7 @@ class _Batch:
         # Done-acked ids, deleted by runs, and queue id -> delivered_upto: written just
         # before the commit. Deferring them changes no claim: a claim never reads a
         # message that was in flight, and reads the mark from memory.
-        self.deletes: list[int] = []
+        self.deletes: dict[int, list[int]] = {}  # queue id -> ids
         self.marks: dict[int, int] = {}
         # Claims in arrival order, resolved together: one read per queue for all of them.
         self.claims: list[_Claim] = []
@@ -295,7 +302,9 @@ class SqliteStore(Store):
                 raise errors.ResourceExhausted(f"the server holds {max_queues} queues (limit)")
             queue_id = self._db.execute(sql.INSERT_QUEUE, (name,)).lastrowid
             assert queue_id is not None
-            index.queues[name] = _QueueState(queue_id)
+            statements = sql.MessageStatements.of(queue_id)
+            self._db.execute(statements.create)
+            index.queues[name] = _QueueState(queue_id, statements)
             index.queue_names[queue_id] = name
             self._batch.touched.add(name)
 
@@ -310,7 +319,8 @@ class SqliteStore(Store):
                     f"queue {name!r} holds {state.ready} ready and {in_flight} "
                     "in-flight messages; use force to destroy it anyway"
                 )
-            self._db.execute(sql.DELETE_QUEUE_MESSAGES, (state.id,))
+            self._db.execute(state.sql.drop)
+            self._batch.deletes.pop(state.id, None)  # its acked rows went with the table
             self._in_flight.drop_queue(state.id)
             self._batch.deleted_newest = True
             self._db.execute(sql.DELETE_QUEUE, (state.id,))
@@ -325,10 +335,10 @@ class SqliteStore(Store):
             state = self._queue(name)
             first = self._index.next_message_id
             appends = self._batch.appends
-            if appends and appends[-1].queue_id == state.id:  # ids follow on: same run
+            if appends and appends[-1].queue is state:  # ids follow on: same run
                 appends[-1].payloads.extend(elements)
             else:
-                appends.append(_Append(state.id, first, list(elements)))
+                appends.append(_Append(state, first, list(elements)))
             self._index.next_message_id = first + len(elements)
             state.ready += len(elements)
             self._batch.touched.add(name)
@@ -340,11 +350,11 @@ class SqliteStore(Store):
     def _write_staged(self) -> None:
         """Everything staged, before the commit."""
         self._write_appends()
-        deletes = self._batch.deletes
-        if deletes:
+        for queue_id, deletes in self._batch.deletes.items():
             # Every id of a run was acked done, so deleting the whole range touches no
             # other message.
-            self._db.executemany(sql.DELETE_ID_RANGE, _runs(deletes))
+            state = self._index.queues[self._index.queue_names[queue_id]]
+            self._db.executemany(state.sql.delete_range, _runs(deletes))
         if self._batch.marks:
             marks = [(mark, queue_id) for queue_id, mark in self._batch.marks.items()]
             self._db.executemany(sql.SET_DELIVERED_UPTO, marks)
@@ -356,12 +366,13 @@ class SqliteStore(Store):
         before the commit."""
         for append in self._batch.appends:
             payloads = json.dumps(append.payloads, ensure_ascii=False)
+            statements = append.queue.sql
             if len(append.payloads) > 1 and "\\u0000" not in payloads:
-                self._db.execute(sql.INSERT_MESSAGES, (append.first_id, append.queue_id, payloads))
+                self._db.execute(statements.insert_many, (append.first_id, payloads))
             else:
-                first, queue_id = append.first_id, append.queue_id
-                rows = [(first + i, queue_id, e) for i, e in enumerate(append.payloads)]
-                self._db.executemany(sql.INSERT_MESSAGE, rows)
+                first = append.first_id
+                rows = [(first + i, e) for i, e in enumerate(append.payloads)]
+                self._db.executemany(statements.insert_one, rows)
         self._batch.appends.clear()
 
     async def claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
@@ -416,10 +427,10 @@ class SqliteStore(Store):
         rows: list[tuple[int, str, int]] = []
         if state.given_back:
             given_back = json.dumps(heapq.nsmallest(wanted, state.given_back))
-            rows = self._read_messages(sql.READ_BY_IDS, (given_back,))
+            rows = self._read_messages(state.sql.read_by_ids, (given_back,))
         if len(rows) < wanted:
-            undelivered = (state.id, state.delivered_upto, wanted - len(rows))
-            rows += self._read_messages(sql.READ_UNDELIVERED, undelivered)
+            undelivered = (state.delivered_upto, wanted - len(rows))
+            rows += self._read_messages(state.sql.read_undelivered, undelivered)
         recounts: list[tuple[int, int]] = []
         start = 0
         for claim in claims:
@@ -438,7 +449,7 @@ class SqliteStore(Store):
             if mine:
                 self._in_flight.hold(claim.session_id, state.id, [row[0] for row in mine])
         if recounts:
-            self._db.executemany(sql.SET_DELIVERY_COUNT, recounts)
+            self._db.executemany(state.sql.set_delivery_count, recounts)
         if start:
             newest = rows[start - 1][0]
             if newest > state.delivered_upto:
@@ -463,12 +474,12 @@ class SqliteStore(Store):
                 finished.setdefault(queue_id, []).append(message_id)
         for queue_id, ids in finished.items():
             if done:
-                self._delete_messages(ids)
+                self._delete_messages(queue_id, ids)
             self._finished(queue_id, ids, back_to_ready=not done)
         return [queue_id is not None for queue_id in found]
 
-    def _delete_messages(self, message_ids: list[int]) -> None:
-        self._batch.deletes.extend(message_ids)
+    def _delete_messages(self, queue_id: int, message_ids: list[int]) -> None:
+        self._batch.deletes.setdefault(queue_id, []).extend(message_ids)
         if self._index.next_message_id - 1 in message_ids:
             self._batch.deleted_newest = True
 
@@ -727,18 +738,22 @@ class SqliteStore(Store):
         """Rebuild the index from the committed file and the in-flight map (at start, and
         after a failed transaction, whose in-flight changes were already undone)."""
         index = _Index()
+        # The next id: after the largest ever handed out, even if that row is gone.
+        (saved_next_id,) = self._db.execute(sql.SAVED_NEXT_MESSAGE_ID).fetchone() or (1,)
+        index.next_message_id = int(saved_next_id)
         for queue_id, name, delivered_upto in self._db.execute(sql.ALL_QUEUES).fetchall():
+            statements = sql.MessageStatements.of(queue_id)
             held = self._in_flight.held_in(queue_id)
-            delivered = self._db.execute(sql.DELIVERED_IDS, (queue_id, delivered_upto))
+            delivered = self._db.execute(statements.delivered_ids, (delivered_upto,))
             given_back = [m for (m,) in delivered if m not in held]  # ascending: a heap
-            index.queues[name] = _QueueState(queue_id, 0, delivered_upto, given_back)
+            (count,) = self._db.execute(statements.count).fetchone()
+            ready = count - self._in_flight.count(queue_id)
+            state = _QueueState(queue_id, statements, ready, delivered_upto, given_back)
+            index.queues[name] = state
             index.queue_names[queue_id] = name
-        for queue_id, count in self._db.execute(sql.MESSAGE_COUNTS):
-            index.queues[index.queue_names[queue_id]].ready = count - self._in_flight.count(
-                queue_id
-            )
+            (newest,) = self._db.execute(statements.max_id).fetchone()
+            index.next_message_id = max(index.next_message_id, (newest or 0) + 1)
         index.maps = {name: map_id for map_id, name in self._db.execute(sql.ALL_MAPS)}
-        index.next_message_id = int(self._db.execute(sql.NEXT_MESSAGE_ID).fetchone()[0])
         self._index = index
         self._published = {}
         self._publish(index.queues.keys())

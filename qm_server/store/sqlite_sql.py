@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+
 # Schema migrations, applied in order; meta.schema_version records how many ran.
 # Never edit a published entry: append a new one.
-MIGRATIONS: list[str] = [
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: queues, messages, maps, users.
     """
     CREATE TABLE IF NOT EXISTS meta (
@@ -58,20 +62,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (username, action, kind, pattern)
     ) WITHOUT ROWID;
     """,
-    # 3: being in flight moves to memory (store/inflight.py); a message's first delivery
-    # is recorded by its queue's delivered_upto mark instead of its own row. Every id at
-    # or below the mark has been delivered at least once; claims take ids in order, so
-    # the mark of an existing file is its largest id ever delivered.
-    """
-    ALTER TABLE queues ADD COLUMN delivered_upto INTEGER NOT NULL DEFAULT 0;
-    UPDATE queues SET delivered_upto = coalesce((SELECT max(id) FROM messages
-        WHERE messages.queue_id = queues.id AND messages.delivery_count > 0), 0);
-    DROP INDEX messages_ready;
-    DROP INDEX messages_in_flight;
-    ALTER TABLE messages DROP COLUMN state;
-    ALTER TABLE messages DROP COLUMN session_id;
-    CREATE INDEX messages_by_queue ON messages (queue_id, id);
-    """,
+    # 3: see migrate_3 below.
+    lambda conn: migrate_3(conn),
 ]
 
 SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
@@ -87,15 +79,10 @@ TOUCH_PROBE = (
 
 # Loading the in-memory index ------------------------------------------------------------
 ALL_QUEUES = "SELECT id, name, delivered_upto FROM queues"
-MESSAGE_COUNTS = "SELECT queue_id, count(*) FROM messages GROUP BY queue_id"
-# Delivered before and not acked: in flight when the last process stopped, or given back.
-DELIVERED_IDS = "SELECT id FROM messages WHERE queue_id = ? AND id <= ? ORDER BY id"
 ALL_MAPS = "SELECT id, name FROM maps"
-# The next id: after the largest ever handed out, even if that row is gone.
-NEXT_MESSAGE_ID = (
-    "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta"
-    " WHERE key = 'next_message_id'), 1), coalesce((SELECT max(id) FROM messages), 0) + 1)"
-)
+# The id counter saved when the newest message was deleted (see SqliteStore): the next id
+# is after it and after the largest id present.
+SAVED_NEXT_MESSAGE_ID = "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_message_id'"
 SAVE_NEXT_MESSAGE_ID = (
     "INSERT INTO meta (key, value) VALUES ('next_message_id', ?)"
     " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
@@ -104,42 +91,105 @@ SAVE_NEXT_MESSAGE_ID = (
 # Queues ---------------------------------------------------------------------------------
 INSERT_QUEUE = "INSERT INTO queues (name) VALUES (?)"
 DELETE_QUEUE = "DELETE FROM queues WHERE id = ?"
-DELETE_QUEUE_MESSAGES = "DELETE FROM messages WHERE queue_id = ?"
+# First deliveries: one row per queue and transaction, however many messages it took.
+SET_DELIVERED_UPTO = "UPDATE queues SET delivered_upto = ? WHERE id = ?"
+
 
 # Messages -------------------------------------------------------------------------------
-# Ids are assigned by the single writer (consecutive, increasing).
-INSERT_MESSAGE = "INSERT INTO messages (id, queue_id, payload) VALUES (?, ?, ?)"
-# A whole batch in one statement (a JSON array of payloads): one call into SQLite instead
-# of one per row. JSON cannot carry NUL through SQLite's json_each, so batches holding a
-# NUL character use INSERT_MESSAGE per row.
-INSERT_MESSAGES = (
-    "INSERT INTO messages (id, queue_id, payload) SELECT ? + key, ?, value FROM json_each(?)"
-)
-# A claim reads the oldest messages never delivered (above the queue's mark) ...
-# Each row is (id, payload, its delivery count once this delivery is recorded).
-# Rows come back as one JSON array in one row: the sqlite3 module lets go of the GIL for
-# every row it steps through, and under load getting it back costs more than the JSON.
-# (The JSON functions keep NUL characters, escaped.) Aggregates promise no order, so the
-# reader sorts the rows by id. Rows above the mark were never delivered, so their
-# stored count is 0 and their first delivery makes it 1.
-READ_UNDELIVERED = """
-    SELECT json_group_array(json_array(id, payload, 1)) FROM (
-        SELECT id, payload FROM messages
-         WHERE queue_id = ? AND id > ? ORDER BY id LIMIT ?)
-"""
-# ... after those given back (a JSON array of ids), which are older. A stored count of 0
-# at or below the mark means one delivery, recorded by the mark alone.
-READ_BY_IDS = """
-    SELECT json_group_array(json_array(id, payload, max(delivery_count, 1) + 1))
-      FROM messages WHERE id IN (SELECT value FROM json_each(?))
-"""
-# First deliveries: one row per claim, however many messages it took.
-SET_DELIVERED_UPTO = "UPDATE queues SET delivered_upto = ? WHERE id = ?"
-# Redeliveries: the message's own count.
-SET_DELIVERY_COUNT = "UPDATE messages SET delivery_count = ? WHERE id = ?"
-# Acks delete runs of consecutive ids (a FIFO consumer acks mostly whole runs): a range
-# walks the table once, where a list of ids seeks every row (about half the cost).
-DELETE_ID_RANGE = "DELETE FROM messages WHERE id BETWEEN ? AND ?"
+@dataclass(frozen=True, slots=True)
+class MessageStatements:
+    """The statements on one queue's messages, which live in a table of their own.
+
+    Why a table per queue: the primary key (the message id) is then the only index, so
+    an add, a claim and an ack each touch one b-tree instead of two, and destroying a
+    queue is a DROP TABLE. Measured here, that cut the CPU of an add of 100 messages by
+    about a fifth and of a claim plus an ack by about a quarter. Ids stay global (one
+    counter for all queues), so they still say which message came first.
+    """
+
+    create: str
+    drop: str
+    count: str
+    max_id: str
+    # Delivered before and not acked: in flight when the last process stopped, or given back.
+    delivered_ids: str
+    insert_one: str
+    # A whole batch in one statement (a JSON array of payloads): one call into SQLite
+    # instead of one per row. JSON cannot carry NUL through SQLite's json_each, so
+    # batches holding a NUL character use insert_one per row.
+    insert_many: str
+    # A claim reads the oldest messages never delivered (above the queue's mark) ...
+    # Each row is (id, payload, its delivery count once this delivery is recorded).
+    # Rows come back as one JSON array in one row: the sqlite3 module lets go of the GIL
+    # for every row it steps through, and under load getting it back costs more than the
+    # JSON. (The JSON functions keep NUL characters, escaped.) Aggregates promise no
+    # order, so the reader sorts the rows by id. Rows above the mark were never
+    # delivered, so their stored count is 0 and their first delivery makes it 1.
+    read_undelivered: str
+    # ... after those given back (a JSON array of ids), which are older. A stored count
+    # of 0 at or below the mark means one delivery, recorded by the mark alone.
+    read_by_ids: str
+    # Redeliveries: the message's own count.
+    set_delivery_count: str
+    # Acks delete runs of consecutive ids (a FIFO consumer acks mostly whole runs): a
+    # range walks the table once, where a list of ids seeks every row.
+    delete_range: str
+
+    @classmethod
+    def of(cls, queue_id: int) -> MessageStatements:
+        table = f"messages_{int(queue_id)}"
+        return cls(
+            create=f"""CREATE TABLE {table} (
+                id             INTEGER PRIMARY KEY,
+                delivery_count INTEGER NOT NULL DEFAULT 0,
+                payload        TEXT NOT NULL
+            )""",
+            drop=f"DROP TABLE {table}",
+            count=f"SELECT count(*) FROM {table}",
+            max_id=f"SELECT max(id) FROM {table}",
+            delivered_ids=f"SELECT id FROM {table} WHERE id <= ? ORDER BY id",
+            insert_one=f"INSERT INTO {table} (id, payload) VALUES (?, ?)",
+            insert_many=(
+                f"INSERT INTO {table} (id, payload) SELECT ? + key, value FROM json_each(?)"
+            ),
+            read_undelivered=f"""
+                SELECT json_group_array(json_array(id, payload, 1)) FROM (
+                    SELECT id, payload FROM {table} WHERE id > ? ORDER BY id LIMIT ?)""",
+            read_by_ids=f"""
+                SELECT json_group_array(json_array(id, payload, max(delivery_count, 1) + 1))
+                  FROM {table} WHERE id IN (SELECT value FROM json_each(?))""",
+            set_delivery_count=f"UPDATE {table} SET delivery_count = ? WHERE id = ?",
+            delete_range=f"DELETE FROM {table} WHERE id BETWEEN ? AND ?",
+        )
+
+
+def migrate_3(conn: sqlite3.Connection) -> None:
+    """Schema 3: one messages table per queue; being in flight moves to memory.
+
+    A message's first delivery is recorded by its queue's delivered_upto mark instead of
+    its own row. Every id at or below the mark has been delivered at least once; claims
+    take ids in order, so the mark of an existing file is its largest id ever delivered.
+    """
+    conn.execute("ALTER TABLE queues ADD COLUMN delivered_upto INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "UPDATE queues SET delivered_upto = coalesce((SELECT max(id) FROM messages"
+        " WHERE messages.queue_id = queues.id AND messages.delivery_count > 0), 0)"
+    )
+    (next_id,) = conn.execute(
+        "SELECT max(coalesce((SELECT CAST(value AS INTEGER) FROM meta"
+        " WHERE key = 'next_message_id'), 1), coalesce((SELECT max(id) FROM messages), 0) + 1)"
+    ).fetchone()
+    conn.execute(SAVE_NEXT_MESSAGE_ID, (str(next_id),))
+    for (queue_id,) in conn.execute("SELECT id FROM queues").fetchall():
+        statements = MessageStatements.of(queue_id)
+        conn.execute(statements.create)
+        conn.execute(
+            f"INSERT INTO messages_{int(queue_id)} (id, delivery_count, payload)"
+            " SELECT id, delivery_count, payload FROM messages WHERE queue_id = ?",
+            (queue_id,),
+        )
+    conn.execute("DROP TABLE messages")
+
 
 # Maps -----------------------------------------------------------------------------------
 INSERT_MAP = "INSERT INTO maps (name) VALUES (?)"
