@@ -23,9 +23,9 @@ from qm_server.config import AuthSettings, KeepaliveSettings, Limits, ServerConf
 from qm_server.fsutil import ensure_dir
 from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
-from qm_server.store import sqlite
+from qm_server.store import sqlite_file
 from qm_server.store.base import UserRecord
-from qm_server.store.sqlite import SYNCHRONOUS
+from qm_server.store.sqlite_file import SYNCHRONOUS
 
 DEFAULTS = ServerConfig()
 LIMIT_DEFAULTS = Limits()
@@ -215,9 +215,9 @@ def manage_users(args: argparse.Namespace) -> int:
     ensure_dir(data_dir)
     # Ask for the password before taking the database's write lock.
     password = read_password(args) if args.action in ("add", "passwd") else ""
-    conn = sqlite.connect(data_dir / sqlite.DB_FILE)
+    conn = sqlite_file.connect(data_dir / sqlite_file.DB_FILE)
     try:
-        with sqlite.transaction(conn):
+        with sqlite_file.transaction(conn):
             return change_users(conn, args, password)
     finally:
         conn.close()
@@ -226,8 +226,8 @@ def manage_users(args: argparse.Namespace) -> int:
 def change_users(conn: sqlite3.Connection, args: argparse.Namespace, password: str) -> int:
     """One user command, inside one transaction."""
     if args.action == "list":
-        permissions = sqlite.load_permissions(conn)
-        for record in sqlite.list_users(conn):
+        permissions = sqlite_file.load_permissions(conn)
+        for record in sqlite_file.list_users(conn):
             grants = "; ".join(str(g) for g in permissions[record.name].grants)
             role = " (admin)" if record.is_admin else ""
             print(f"{record.name}{role}{': ' + grants if grants else ''}")
@@ -235,12 +235,12 @@ def change_users(conn: sqlite3.Connection, args: argparse.Namespace, password: s
     if args.action in ("grant", "revoke"):
         return change_grants(conn, args)
     if args.action == "remove":
-        if not sqlite.delete_user(conn, args.name):
+        if not sqlite_file.delete_user(conn, args.name):
             print(f"qm-server: no user {args.name!r}", file=sys.stderr)
             return 1
         print(f"removed user {args.name}")
         return 0
-    existing = sqlite.get_user(conn, args.name)
+    existing = sqlite_file.get_user(conn, args.name)
     if args.action == "add" and existing is not None:
         print(f"qm-server: user {args.name!r} already exists", file=sys.stderr)
         return 1
@@ -249,13 +249,13 @@ def change_users(conn: sqlite3.Connection, args: argparse.Namespace, password: s
         return 1
     hashed = PasswordHasher.from_settings(AuthSettings()).hash(password)
     is_admin = args.admin or (existing is not None and existing.is_admin)
-    sqlite.put_user(conn, UserRecord(args.name, hashed, is_admin))
+    sqlite_file.put_user(conn, UserRecord(args.name, hashed, is_admin))
     print(f"{'added' if args.action == 'add' else 'changed password of'} user {args.name}")
     return 0
 
 
 def change_grants(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    if sqlite.get_user(conn, args.name) is None:
+    if sqlite_file.get_user(conn, args.name) is None:
         print(f"qm-server: no user {args.name!r}", file=sys.stderr)
         return 1
     try:
@@ -265,9 +265,9 @@ def change_grants(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
         return 1
     for grant in grants:
         if args.action == "grant":
-            sqlite.add_grant(conn, args.name, grant)
+            sqlite_file.add_grant(conn, args.name, grant)
             print(f"granted {grant} to {args.name}")
-        elif sqlite.remove_grant(conn, args.name, grant):
+        elif sqlite_file.remove_grant(conn, args.name, grant):
             print(f"revoked {grant} from {args.name}")
         else:
             print(f"{args.name} did not hold {grant}")

@@ -12,7 +12,7 @@ from conftest import ADMIN_PASSWORD, ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server.store import sqlite_sql as sql
-from qm_server.store.sqlite import DB_FILE, transaction
+from qm_server.store.sqlite_file import DB_FILE, transaction
 
 
 def write_schema_2_file(data_dir: Path) -> None:
