@@ -10,10 +10,17 @@ The writer also owns a small in-memory index (queue ids and counts, map ids, the
 message id, which session holds which message) so that limits and existence checks cost
 no query and payloads stay on disk. Being in flight is not written to disk at all
 (inflight.py says why): a claim reads rows and advances one per-queue mark, an ack
-deletes rows, a negative ack or a session's end writes nothing.
+deletes rows, a negative ack or a session's end writes nothing. Each queue's messages
+have a table of their own (sqlite_sql.MessageStatements says why).
 After each commit it publishes the counts of the queues it touched; `queue_counts` and
 `ready_hint` read that published copy without a thread hop, and it only ever shows
 committed state.
+
+Why operations are staged (_Batch): the sqlite3 module releases the GIL around every
+step of every statement, and under load the writer then waits for the event loop to give
+the GIL back far longer than SQLite works. So a transaction issues few statements however
+many operations share it: adds, claims and done-acks are collected and written together
+just before the commit (BENCHMARKS.md has the measurements).
 """
 
 from __future__ import annotations
