@@ -381,9 +381,9 @@ class SqliteStore(Store):
 
     def _read_messages(self, statement: str, args: tuple[Any, ...]) -> list[tuple[int, str, int]]:
         """(id, payload, delivery count) rows, by id, from a statement that returns them as
-        one JSON array."""
-        (array,) = self._db.execute(statement, args).fetchone()
-        rows: list[tuple[int, str, int]] = json.loads(array)
+        three JSON arrays (sqlite_sql.MessageStatements.read_undelivered says why)."""
+        ids, payloads, counts = self._db.execute(statement, args).fetchone()
+        rows = list(zip(json.loads(ids), json.loads(payloads), json.loads(counts), strict=True))
         rows.sort()
         return rows
 
