@@ -269,8 +269,9 @@ class SqliteStore(Store):
         return await self._submit(run, ADDS)
 
     def _write_staged(self) -> None:
-        """Everything staged, before the commit."""
-        self._write_appends()
+        """Everything staged, before the commit: adds and claims (which read them), then
+        deletions and marks."""
+        self._resolve_claims()
         for queue_id, deletes in self._batch.deletes.items():
             # Every id of a run was acked done, so deleting the whole range touches no
             # other message.
@@ -603,7 +604,6 @@ class SqliteStore(Store):
                             self._run_batch([single])
                     return
                 outcomes.append((op.future, ok, value))
-            self._resolve_claims()
             self._write_staged()
             self._db.execute("COMMIT")
             self._in_flight.commit()
