@@ -107,6 +107,7 @@ class MessageStatements:
     counter for all queues), so they still say which message came first.
     """
 
+    table: str
     create: str
     drop: str
     count: str
@@ -140,6 +141,7 @@ class MessageStatements:
     def of(cls, queue_id: int) -> MessageStatements:
         table = f"messages_{int(queue_id)}"
         return cls(
+            table=table,
             create=f"""CREATE TABLE {table} (
                 id             INTEGER PRIMARY KEY,
                 delivery_count INTEGER NOT NULL DEFAULT 0,
@@ -186,7 +188,7 @@ def migrate_3(conn: sqlite3.Connection) -> None:
         statements = MessageStatements.of(queue_id)
         conn.execute(statements.create)
         conn.execute(
-            f"INSERT INTO messages_{int(queue_id)} (id, delivery_count, payload)"
+            f"INSERT INTO {statements.table} (id, delivery_count, payload)"
             " SELECT id, delivery_count, payload FROM messages WHERE queue_id = ?",
             (queue_id,),
         )
