@@ -74,14 +74,24 @@ def add_until_unavailable(stub: Stub, token: str, committed: list[int]) -> pb.Ad
     raise AssertionError("the disk never filled up")
 
 
-def test_full_disk(make_server: Callable[..., ServerHandle], small_disk: Path) -> None:
-    handle = make_server(data_dir=small_disk / "data")
+@contextlib.contextmanager
+def queue_q(handle: ServerHandle) -> Iterator[tuple[Stub, HealthWatch, str]]:
+    """A channel to a serving server, its health stream, a session, and queue "q"."""
     with grpc.insecure_channel(handle.target) as channel:
         stub = Stub(channel)
         watch = HealthWatch(channel)
         watch.wait_for(SERVING)
         token = login(stub, "admin", handle.admin_password)
         stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+        try:
+            yield stub, watch, token
+        finally:
+            watch.close()
+
+
+def test_full_disk(make_server: Callable[..., ServerHandle], small_disk: Path) -> None:
+    handle = make_server(data_dir=small_disk / "data")
+    with queue_q(handle) as (stub, watch, token):
         committed: list[int] = []
         fill(small_disk / "filler")
         failed = add_until_unavailable(stub, token, committed)
@@ -95,7 +105,6 @@ def test_full_disk(make_server: Callable[..., ServerHandle], small_disk: Path) -
         after = stub.Add(pb.AddRequest(token=token, queue_name="q", element="after"))
         assert after.code == pb.CODE_OK
         committed.append(after.message_id)
-        watch.close()
     handle.stop()
     assert_all_present(make_server(data_dir=small_disk / "data"), committed)
 
@@ -119,12 +128,7 @@ def read_only(directory: Path) -> Iterator[None]:
 
 def test_read_only_data_directory(make_server: Callable[..., ServerHandle], tmp_path: Path) -> None:
     handle = make_server(data_dir=tmp_path / "data")
-    with grpc.insecure_channel(handle.target) as channel:
-        stub = Stub(channel)
-        watch = HealthWatch(channel)
-        watch.wait_for(SERVING)
-        token = login(stub, "admin", handle.admin_password)
-        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+    with queue_q(handle) as (stub, watch, token):
         first = stub.Add(pb.AddRequest(token=token, queue_name="q", element="before"))
         assert first.code == pb.CODE_OK
         with read_only(tmp_path / "data"):
@@ -137,7 +141,6 @@ def test_read_only_data_directory(make_server: Callable[..., ServerHandle], tmp_
         second = stub.Add(pb.AddRequest(token=token, queue_name="q", element="after"))
         assert second.code == pb.CODE_OK
         assert stub.Size(pb.SizeRequest(token=token, queue_name="q")).size == 2
-        watch.close()
     handle.stop()
     assert_all_present(
         make_server(data_dir=tmp_path / "data"), [first.message_id, second.message_id]
@@ -149,12 +152,7 @@ def test_failed_commits_leave_deliveries_as_committed(
 ) -> None:
     """A claim or an ack whose commit failed changes nothing, in flight or on disk."""
     handle = make_server(data_dir=tmp_path / "data")
-    with grpc.insecure_channel(handle.target) as channel:
-        stub = Stub(channel)
-        watch = HealthWatch(channel)
-        watch.wait_for(SERVING)
-        token = login(stub, "admin", handle.admin_password)
-        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+    with queue_q(handle) as (stub, watch, token):
         stub.AddAll(pb.AddAllRequest(token=token, queue_name="q", elements=["a", "b"]))
         held = stub.Poll(pb.PollRequest(token=token, queue_name="q"))
         assert (held.code, held.element, held.delivery_count) == (pb.CODE_OK, "a", 1)
@@ -172,24 +170,18 @@ def test_failed_commits_leave_deliveries_as_committed(
         assert (next_one.element, next_one.delivery_count) == ("b", 1)
         ack = stub.Ack(pb.AckRequest(token=token, message_id=held.message_id))
         assert ack.code == pb.CODE_OK
-        watch.close()
     handle.stop()
     assert_all_present(make_server(data_dir=tmp_path / "data"), [next_one.message_id])
 
 
 def test_removed_database_file(make_server: Callable[..., ServerHandle], tmp_path: Path) -> None:
     handle = make_server(data_dir=tmp_path / "data")
-    with grpc.insecure_channel(handle.target) as channel:
-        stub = Stub(channel)
-        watch = HealthWatch(channel)
-        token = login(stub, "admin", handle.admin_password)
-        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+    with queue_q(handle) as (stub, watch, token):
         (tmp_path / "data" / "qm.db").unlink()
         failed = stub.Add(pb.AddRequest(token=token, queue_name="q", element="lost?"))
         assert failed.code == pb.CODE_UNAVAILABLE
         assert "removed" in failed.message
         watch.wait_for(NOT_SERVING)
-        watch.close()
 
 
 def assert_all_present(handle: ServerHandle, ids: list[int]) -> None:
