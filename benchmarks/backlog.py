@@ -6,7 +6,6 @@ It uses its own server and data directory, so the other scenarios never run agai
 
 from __future__ import annotations
 
-import asyncio
 import math
 import shutil
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.admin import AdminClient, SetupFailed
-from benchmarks.procs import ServerProcess
+from benchmarks.procs import RssSampler
 from benchmarks.servers import ADMIN_PASSWORD, ADMIN_USER, start_ours
 from benchmarks.stats import percentile
 from qm.v1 import queue_manager_pb2 as pb
@@ -107,26 +106,6 @@ async def _poll_latencies(admin: AdminClient, samples: int) -> list[float]:
     return sorted(lat)
 
 
-async def _fill_watching_rss(
-    admin: AdminClient, server: ServerProcess, n: int, element_size: int, timeout_s: float
-) -> tuple[float, float]:
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, server.rss_bytes())
-            await asyncio.sleep(0.5)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        rate = await admin.fill(QUEUE, n, element_size, batch=1000, timeout_s=timeout_s)
-    finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-    return rate, max(peak, server.rss_bytes()) / 2**20
-
-
 async def run_backlog(n: int, element_size: int, work_dir: Path) -> BacklogResult:
     """Bounded in time: the fill may take at most max(300 s, n / 5000 msgs/s)."""
     res = BacklogResult(backlog=n, element_size=element_size)
@@ -140,10 +119,16 @@ async def run_backlog(n: int, element_size: int, work_dir: Path) -> BacklogResul
             small = await _poll_latencies(admin, POLL_SAMPLES)
             res.poll_p50_small_ms = percentile(small, 0.5)
             t0 = time.perf_counter()
-            res.fill_rate, res.rss_peak_fill_mb = await _fill_watching_rss(
-                admin, server, n - SMALL_BACKLOG + POLL_SAMPLES, element_size,
-                timeout_s=max(300.0, n / 5000),
-            )  # fmt: skip
+            sampler = RssSampler(server, every_s=0.5)
+            sampler.start()
+            try:
+                res.fill_rate = await admin.fill(
+                    QUEUE, n - SMALL_BACKLOG + POLL_SAMPLES, element_size,
+                    batch=1000, timeout_s=max(300.0, n / 5000),
+                )  # fmt: skip
+            finally:
+                peak = await sampler.stop()
+            res.rss_peak_fill_mb = peak / 2**20
             res.fill_s = time.perf_counter() - t0
             res.rss_after_fill_mb = server.rss_bytes() / 2**20
             large = await _poll_latencies(admin, POLL_SAMPLES)

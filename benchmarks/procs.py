@@ -6,6 +6,7 @@ figures are comparable: psutil on the server's own pid, never on the harness.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import time
@@ -82,6 +83,31 @@ class ServerProcess:
                 self.popen.kill()
                 self.popen.wait(timeout=timeout_s)
         return self.popen.returncode
+
+
+class RssSampler:
+    """Keeps the peak RSS seen while a load runs; sampling is cheap next to the load."""
+
+    def __init__(self, server: ServerProcess, every_s: float = 0.2) -> None:
+        self.server = server
+        self.every_s = every_s
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.server.rss_bytes())
+            await asyncio.sleep(self.every_s)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> int:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.peak = max(self.peak, self.server.rss_bytes())
+        return self.peak
 
 
 def start_server(

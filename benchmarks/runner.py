@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.admin import AdminClient
-from benchmarks.procs import REPO_ROOT, ServerProcess, child_env
+from benchmarks.procs import REPO_ROOT, RssSampler, ServerProcess, child_env
 from benchmarks.scenarios import LoadResult, LoadSpec, Scenario
 from benchmarks.stats import percentile
 
@@ -71,31 +71,6 @@ class Measurement:
 
 class NotImplementedByServer(Exception):
     """The scenario needs an RPC the server answers UNIMPLEMENTED: reported as n/a."""
-
-
-class _RssSampler:
-    """Keeps the peak RSS seen while the clients run; sampling is cheap next to the load."""
-
-    def __init__(self, server: ServerProcess, every_s: float = 0.2) -> None:
-        self.server = server
-        self.every_s = every_s
-        self.peak = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, self.server.rss_bytes())
-            await asyncio.sleep(self.every_s)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> int:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        self.peak = max(self.peak, self.server.rss_bytes())
-        return self.peak
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -185,7 +160,7 @@ async def measure(
         ]
         procs = [await _spawn(spec, log_path) for spec in specs]
         await asyncio.gather(*(_read_tagged(p, "READY", READY_TIMEOUT_S) for p in procs))
-        sampler = _RssSampler(target.server)
+        sampler = RssSampler(target.server)
         sampler.start()
         cpu0 = target.server.cpu_seconds()
         for p in procs:
