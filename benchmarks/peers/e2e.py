@@ -143,6 +143,15 @@ def _skipped(label: str, reason: str) -> E2ERow:
     return E2ERow(label, DURABILITY[label], status="skipped", note=reason)
 
 
+async def _measure_running(
+    label: str, system: str, addr: tuple[str, int], opts: E2EOptions, user: str = "", pw: str = ""
+) -> E2ERow:
+    """A peer the machine already runs: measured if something listens at addr, else skipped."""
+    if not reachable(*addr):
+        return _skipped(label, f"nothing listening on {addr[0]}:{addr[1]}")
+    return await _measure(label, system, *addr, opts, user, pw)
+
+
 async def run_e2e(
     opts: E2EOptions,
     ours: tuple[str, int, str, str] | None,
@@ -157,10 +166,7 @@ async def run_e2e(
         rows.append(await _measure("ours", "ours", host, port, opts, user, password))
     if not opts.peers:
         return rows
-    if reachable(*RABBIT):
-        rows.append(await _measure("rabbitmq", "rabbitmq", *RABBIT, opts, "guest", "guest"))
-    else:
-        rows.append(_skipped("rabbitmq", f"nothing listening on {RABBIT[0]}:{RABBIT[1]}"))
+    rows.append(await _measure_running("rabbitmq", "rabbitmq", RABBIT, opts, "guest", "guest"))
     for mode in ("always", "everysec"):
         with _durable_redis(mode) as (port, reason):
             label = f"redis-{mode}"
@@ -168,12 +174,6 @@ async def run_e2e(
                 rows.append(_skipped(label, reason))
             else:
                 rows.append(await _measure(label, "redis", "127.0.0.1", port, opts))
-    if reachable(*REDIS):
-        rows.append(await _measure("redis-none", "redis", *REDIS, opts))
-    else:
-        rows.append(_skipped("redis-none", f"nothing listening on {REDIS[0]}:{REDIS[1]}"))
-    if reachable(*NATS):
-        rows.append(await _measure("nats", "nats", *NATS, opts))
-    else:
-        rows.append(_skipped("nats", f"nothing listening on {NATS[0]}:{NATS[1]}"))
+    rows.append(await _measure_running("redis-none", "redis", REDIS, opts))
+    rows.append(await _measure_running("nats", "nats", NATS, opts))
     return rows
