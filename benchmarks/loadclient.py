@@ -200,11 +200,7 @@ LOOPS: dict[str, Loop] = {
 }
 
 
-async def _wait_for_go() -> None:
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-
-
-async def drive(spec: LoadSpec, wait_for_go: bool = True) -> LoadResult:
+async def drive(spec: LoadSpec) -> LoadResult:
     loop_fn = LOOPS[spec.scenario]
     async with grpc.aio.insecure_channel(spec.address) as channel:
         stub = new_stub(channel)
@@ -212,9 +208,8 @@ async def drive(spec: LoadSpec, wait_for_go: bool = True) -> LoadResult:
         beat = pb.HeartBeatRequest(token=token)
         for _ in range(3):  # warm the HTTP/2 connection and both sides' code paths
             await stub.HeartBeat(beat, timeout=spec.call_timeout_s)
-        if wait_for_go:
-            print("READY", flush=True)
-            await _wait_for_go()
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO
         budget = Budget(spec.max_units, spec.duration_s)
         started = time.perf_counter()
         results = await asyncio.gather(

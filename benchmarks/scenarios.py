@@ -33,7 +33,6 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 
-DEFAULT_SCENARIOS = tuple(SCENARIOS)
 DEFAULT_CONCURRENCY = (1, 64)
 
 
