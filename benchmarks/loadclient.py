@@ -57,6 +57,11 @@ class Budget:
     def give_back(self, n: int) -> None:
         self.remaining += n
 
+    def ran_dry(self, n: int) -> None:
+        """The queue answered empty: the n units taken go back and every task stops."""
+        self.give_back(n)
+        self.exhausted = True
+
     def done(self, started_ns: int, units: int) -> None:
         self.units += units
         self.iterations += 1
@@ -103,8 +108,7 @@ async def run_poll_ack(stub: Any, token: str, spec: LoadSpec, budget: Budget) ->
         t0 = time.perf_counter_ns()
         r = await stub.Poll(poll, timeout=spec.call_timeout_s)
         if r.code == EMPTY:
-            budget.give_back(1)
-            budget.exhausted = True
+            budget.ran_dry(1)
             return
         if r.code != OK:
             budget.fail("Poll", r.code, r.message)
@@ -127,8 +131,7 @@ async def run_pull_ack(stub: Any, token: str, spec: LoadSpec, budget: Budget) ->
             timeout=spec.call_timeout_s,
         )
         if r.code == EMPTY:
-            budget.give_back(n)
-            budget.exhausted = True
+            budget.ran_dry(n)
             return
         if r.code != OK:
             budget.fail("PullElements", r.code, r.message)
