@@ -468,11 +468,9 @@ class QueueManagerClient:
     def _renew(self, stale: _Session) -> _Session:
         """Replace a dead session with a new login, unless another thread already did."""
         with self._login_lock:
-            with self._lock:
-                if self._closed:
-                    raise ClientClosed("the client is closed")
-                if self._session is not stale:
-                    return self._session
+            current = self._current()
+            if current is not stale:
+                return current
             try:
                 fresh = self._login(generation=stale.generation + 1)
             except Unauthenticated as error:
