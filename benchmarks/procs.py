@@ -7,17 +7,25 @@ figures are comparable: psutil on the server's own pid, never on the harness.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
 import psutil
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 """Children run from here with it on PYTHONPATH, so ``-m benchmarks.*`` works uninstalled."""
+
+
+RESULT_GRACE_S = 30.0
+"""How long past its own time limit a client may take to report before it is killed."""
 
 
 class ServerStartError(RuntimeError):
@@ -31,6 +39,24 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     if extra:
         env.update(extra)
     return env
+
+
+async def spawn_client(
+    module: str, spec: Any, stdin: int, stderr: int | IO[bytes], limit: int = 2**16
+) -> asyncio.subprocess.Process:
+    """Starts ``python -m module '{json spec}'``, its stdout piped for the RESULT line."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        json.dumps(dataclasses.asdict(spec)),
+        stdin=stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=stderr,
+        cwd=REPO_ROOT,
+        env=child_env(),
+        limit=limit,
+    )
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -7,24 +7,20 @@ happen before it, so the server CPU read around it belongs to the scenario alone
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import math
-import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.admin import AdminClient
-from benchmarks.procs import REPO_ROOT, RssSampler, ServerProcess, child_env
+from benchmarks.procs import RESULT_GRACE_S, RssSampler, ServerProcess, spawn_client
 from benchmarks.scenarios import LoadResult, LoadSpec, Scenario
 from benchmarks.stats import percentile
 
 READY_TIMEOUT_S = 90.0
 """Covers interpreter start, imports and a deliberately slow password hash per client."""
-RESULT_GRACE_S = 30.0
-"""How long past its own time limit a client may take to report before it is killed."""
 STREAM_LINE_LIMIT = 64 * 1024 * 1024
 """A RESULT line carries every latency sample; asyncio's 64 KiB default would cut it."""
 
@@ -80,16 +76,11 @@ def split(total: int, parts: int) -> list[int]:
 
 async def _spawn(spec: LoadSpec, log_path: Path) -> asyncio.subprocess.Process:
     with log_path.open("ab") as log:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
+        return await spawn_client(
             "benchmarks.loadclient",
-            json.dumps(dataclasses.asdict(spec)),
+            spec,
             stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
             stderr=log,
-            cwd=REPO_ROOT,
-            env=child_env(),
             limit=STREAM_LINE_LIMIT,
         )
 

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from benchmarks.peers.common import E2EResult, E2ESpec, reachable
 from benchmarks.peers.redis_instance import DurableRedis
-from benchmarks.procs import REPO_ROOT, child_env
+from benchmarks.procs import RESULT_GRACE_S, spawn_client
 from benchmarks.stats import median
-
-RESULT_GRACE_S = 30.0
 
 RABBIT = ("127.0.0.1", 5672)
 REDIS = ("127.0.0.1", 6379)
@@ -65,16 +61,11 @@ class E2EOptions:
 
 
 async def _run_client(spec: E2ESpec) -> E2EResult:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    proc = await spawn_client(
         "benchmarks.peers.client",
-        json.dumps(dataclasses.asdict(spec)),
+        spec,
         stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
-        cwd=REPO_ROOT,
-        env=child_env(),
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), spec.timeout_s + RESULT_GRACE_S)
