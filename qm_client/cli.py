@@ -212,19 +212,14 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
         messages = client.pull(args.queue, args.count, wait=args.wait)
     if not messages:
         raise QueueEmpty(f"no message ready in {args.queue}", code=pb.CODE_QUEUE_EMPTY)
-    finished = None
-    if args.ack:
-        finished = "ack"
-        failed = client.ack_many(messages) if len(messages) > 1 else _finish_one(messages[0])
-    elif args.nack:
-        finished = "nack"
-        failed = (
-            client.ack_many(messages, nack=True)
-            if len(messages) > 1
-            else _finish_one(messages[0], nack=True)
-        )
-    else:
-        failed = []
+    finished = "ack" if args.ack else "nack" if args.nack else None
+    failed: list[Message] = []
+    if finished is not None and len(messages) > 1:
+        failed = client.ack_many(messages, nack=args.nack)
+    elif finished == "ack":
+        messages[0].ack()
+    elif finished == "nack":
+        messages[0].nack()
     ctx.emit(
         "\n".join(f"{m.message_id}\t{m.element}" for m in messages),
         {
@@ -253,14 +248,6 @@ def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
             "(not acked: released back to the queue when qm exits; use --ack or --nack to finish)"
         )
     return EXIT_OK
-
-
-def _finish_one(message: Message, *, nack: bool = False) -> list[Message]:
-    if nack:
-        message.nack()
-    else:
-        message.ack()
-    return []
 
 
 def cmd_map_put(ctx: Context, args: argparse.Namespace) -> int:
