@@ -144,10 +144,7 @@ def _read_bytes(path: str) -> bytes:
 def _read_text(path: str | None) -> str:
     if path is None or path == "-":
         return sys.stdin.read()
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    return _read_bytes(path).decode("utf-8")
 
 
 # -- commands ------------------------------------------------------------------------------
