@@ -39,7 +39,7 @@ def square(element: str) -> str:
 
 def handle(qm: QueueManagerClient, message: Message, results: QMap, max_deliveries: int) -> None:
     try:
-        results[message.element] = square(message.element)
+        result = square(message.element)
     except ValueError as error:
         if message.delivery_count >= max_deliveries:
             dead = f"{message.queue}.dead"
@@ -62,8 +62,9 @@ def handle(qm: QueueManagerClient, message: Message, results: QMap, max_deliveri
                 error,
             )
         return
+    results[message.element] = result
     message.ack()
-    log.info("done %r -> %s", message.element, results[message.element])
+    log.info("done %r -> %s", message.element, result)
 
 
 def on_session_lost(loss: SessionLoss) -> None:
