@@ -34,6 +34,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "code_name",
     "error_for_code",
     "error_for_rpc_error",
 ]
@@ -226,13 +227,20 @@ _BY_NAME: dict[str, type[QMError]] = {
 }
 
 
+def code_name(code: int) -> str:
+    """The proto name of a ``qm.v1.Code`` ("CODE_QUEUE_EMPTY"); a code newer than this
+    client is named by its number ("CODE_42") rather than raising."""
+    try:
+        return pb.Code.Name(code)
+    except ValueError:
+        return f"CODE_{code}"
+
+
 def error_for_code(code: int, message: str = "") -> QMError:
     """The exception for a non-OK ``qm.v1.Code`` found in a response."""
-    try:
-        name = pb.Code.Name(code).removeprefix("CODE_")
-    except ValueError:
-        # A code newer than this client: still an error, still named.
-        name = f"CODE_{code}"
+    name = code_name(code)
+    if name != f"CODE_{code}":  # a known code: errors are named without the prefix
+        name = name.removeprefix("CODE_")
     cls = _BY_NAME.get(name, QMError)
     err = cls(message, code=code)
     if cls is QMError:

@@ -24,6 +24,7 @@ from .errors import (
     MessageNotFound,
     MessageReleased,
     QMError,
+    code_name,
     error_for_code,
     error_for_rpc_error,
 )
@@ -180,7 +181,7 @@ class Subscription:
                 "ack of message %d on the subscription to %s failed: %s",
                 result.message_id,
                 self.queue,
-                pb.Code.Name(result.code),
+                code_name(result.code),
             )
             self.failed_acks.append(result.message_id)
         for info in response.element_info:

@@ -40,6 +40,7 @@ class SubscribeServicer(ScriptedServicer):
         self.acks: list[tuple[int, int]] = []
         self.opens: list[pb.SubscribeOpen] = []
         self.fail_acks: set[int] = set()
+        self.fail_code: int = pb.CODE_MESSAGE_NOT_FOUND  # what a failed ack answers
         self.end_session_of: str | None = None
         self.changed = threading.Condition(self._lock)
 
@@ -90,7 +91,7 @@ class SubscribeServicer(ScriptedServicer):
                     if message_id in self.fail_acks or message_id not in held:
                         held.pop(message_id, None)  # "not found": not held any more
                         results.append(
-                            pb.AckResult(message_id=message_id, code=pb.CODE_MESSAGE_NOT_FOUND)
+                            pb.AckResult(message_id=message_id, code=self.fail_code)  # type: ignore[arg-type]
                         )
                         continue
                     element, deliveries = held.pop(message_id)
@@ -304,3 +305,22 @@ def test_ack_many_finishes_subscription_messages_on_their_stream(
         last = next(subscription)  # room again: the stream learnt of the acks
         assert consumer.ack_many([last, batch[0]]) == [batch[0]]
     assert (producer.size("jobs"), producer.unacked("jobs")) == (0, 0)
+
+
+def test_a_failed_ack_with_a_code_newer_than_the_client_is_reported(
+    five: tuple[SubscribeServicer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: naming the unknown code raised ValueError and broke the iteration."""
+    servicer, target = five
+    servicer.fail_acks.add(1)
+    servicer.fail_code = 999
+    with (
+        QueueManagerClient(target, "u", "p", heartbeat=False) as qm,
+        qm.subscribe("jobs", max_unacked=1) as subscription,
+    ):
+        first = next(subscription)
+        first.ack()
+        second = next(subscription)
+        assert subscription.failed_acks == [1]
+    assert (first.message_id, second.message_id) == (1, 2)
+    assert "failed: CODE_999" in caplog.text
