@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--element-size", type=int, default=100)
     p.add_argument("--e2e-n", type=int, default=None, help="messages per e2e run (default 50000)")
     p.add_argument(
+        "--e2e-in-flight",
+        type=lambda s: tuple(int(x) for x in _csv(s)),
+        default=(100, 400),
+        help="messages each e2e client keeps in flight, every system at each (default: 100,400)",
+    )
+    p.add_argument(
         "--backlog", type=int, default=0, metavar="N", help="run the backlog scenario with N msgs"
     )
     p.add_argument("--json", type=Path, help="write every figure, raw runs included, here")
@@ -145,7 +151,14 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
             raw.append(run)
         if "e2e" in args.scenarios:
             e2e = await run_e2e(
-                E2EOptions(args.e2e_n, args.element_size, args.runs, 120.0, args.peers),
+                E2EOptions(
+                    args.e2e_n,
+                    args.element_size,
+                    args.runs,
+                    120.0,
+                    args.peers,
+                    args.e2e_in_flight,
+                ),
                 ("127.0.0.1", ours.port, ADMIN_USER, ADMIN_PASSWORD),
                 ("127.0.0.1", floor.port),
             )

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.peers.e2e import DURABILITY, E2ERow
+from benchmarks.report import check_targets
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -27,3 +30,43 @@ def test_bench_quick_runs_and_prints_the_table() -> None:
         assert column in header
     for scenario in ("unary Add", "Poll + Ack", "AddAll x100", "PullElements x100 + BatchAck"):
         assert scenario in proc.stdout
+    for depth in (100, 400):
+        assert f"1 client, {depth} in flight" in proc.stdout
+
+
+def _e2e(system: str, depth: int, rate: float) -> E2ERow:
+    return E2ERow(system, DURABILITY[system], "ok", in_flight=depth, rate=rate)
+
+
+def test_e2e_targets_compare_each_system_at_its_fastest_depth() -> None:
+    rows = [
+        _e2e("ours", 100, 50_000),
+        _e2e("ours", 400, 120_000),
+        _e2e("redis-everysec", 100, 65_000),
+        _e2e("redis-everysec", 400, 78_000),
+        _e2e("nats", 100, 130_000),
+        _e2e("nats", 400, 20_000),
+        E2ERow("rabbitmq", DURABILITY["rabbitmq"], "skipped", in_flight=0, note="not running"),
+        _e2e("redis-none", 400, 500_000),  # context only: never a target
+    ]
+    verdicts = {t.name: (t.verdict, t.detail) for t in check_targets([], rows, None)}
+    assert verdicts == {
+        "e2e faster than redis-everysec (weaker durability)": (
+            "PASS",
+            "120000 (400 in flight) vs 78000 msgs/s (400 in flight)",
+        ),
+        "e2e faster than nats (weaker durability)": (
+            "FAIL",
+            "120000 (400 in flight) vs 130000 msgs/s (100 in flight)",
+        ),
+        "e2e faster than rabbitmq (equal durability)": ("n/a", "not running"),
+    } | {
+        name: ("n/a", "not measured")
+        for name in (
+            "unary Add c64 >= 80% of floor",
+            "Poll + Ack c64 >= 80% of floor",
+            "AddAll x100 c64 >= 70% of floor",
+            "PullElements x100 + BatchAck c64 >= 70% of floor",
+            "durable Add c1 p50 within 0.3 ms of floor",
+        )
+    }

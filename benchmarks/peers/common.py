@@ -5,6 +5,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+CALL_SIZE = 100
+"""Elements per AddAll, and the unit of ours' in-flight depth."""
+
 
 @dataclass(frozen=True)
 class E2ESpec:
@@ -15,7 +18,9 @@ class E2ESpec:
     port: int
     n: int
     element_size: int
-    batch: int
+    in_flight: int
+    """Messages a client keeps unacknowledged in each phase: its pipeline, confirm window,
+    prefetch or fetch size. Ours sends calls of CALL_SIZE, in_flight / CALL_SIZE at a time."""
     timeout_s: float
     name: str
     """Queue, stream or key to use; unique per run and removed afterwards."""

@@ -44,6 +44,8 @@ class E2ERow:
     system: str
     durability: str
     status: str
+    in_flight: int
+    """The depth it was measured at; 0 for a system skipped at every depth."""
     rate: float = math.nan
     produce_rate: float = math.nan
     consume_rate: float = math.nan
@@ -58,6 +60,8 @@ class E2EOptions:
     runs: int
     timeout_s: float
     peers: bool
+    depths: tuple[int, ...] = (100, 400)
+    """Messages in flight (E2ESpec.in_flight): every system is measured at each."""
 
 
 async def _run_client(spec: E2ESpec) -> E2EResult:
@@ -79,10 +83,25 @@ async def _run_client(spec: E2ESpec) -> E2EResult:
     return E2EResult(status="error", note=f"client exited {proc.returncode} without a result")
 
 
-async def _measure(
+async def _measure_depths(
     label: str, system: str, host: str, port: int, opts: E2EOptions, user: str = "", pw: str = ""
+) -> list[E2ERow]:
+    return [
+        await _measure(label, system, host, port, opts, depth, user, pw) for depth in opts.depths
+    ]
+
+
+async def _measure(
+    label: str,
+    system: str,
+    host: str,
+    port: int,
+    opts: E2EOptions,
+    depth: int,
+    user: str = "",
+    pw: str = "",
 ) -> E2ERow:
-    row = E2ERow(label, DURABILITY[label], status="ok")
+    row = E2ERow(label, DURABILITY[label], status="ok", in_flight=depth)
     results: list[E2EResult] = []
     for _ in range(opts.runs):
         spec = E2ESpec(
@@ -91,7 +110,7 @@ async def _measure(
             port=port,
             n=opts.n,
             element_size=opts.element_size,
-            batch=100,
+            in_flight=depth,
             timeout_s=opts.timeout_s,
             name=f"bench.e2e.{uuid.uuid4().hex[:8]}",
             username=user,
@@ -130,17 +149,17 @@ def _durable_redis(mode: str) -> Iterator[tuple[int, str]]:
         yield port, reason
 
 
-def _skipped(label: str, reason: str) -> E2ERow:
-    return E2ERow(label, DURABILITY[label], status="skipped", note=reason)
+def _skipped(label: str, reason: str) -> list[E2ERow]:
+    return [E2ERow(label, DURABILITY[label], status="skipped", in_flight=0, note=reason)]
 
 
 async def _measure_running(
     label: str, system: str, addr: tuple[str, int], opts: E2EOptions, user: str = "", pw: str = ""
-) -> E2ERow:
+) -> list[E2ERow]:
     """A peer the machine already runs: measured if something listens at addr, else skipped."""
     if not reachable(*addr):
         return _skipped(label, f"nothing listening on {addr[0]}:{addr[1]}")
-    return await _measure(label, system, *addr, opts, user, pw)
+    return await _measure_depths(label, system, *addr, opts, user, pw)
 
 
 async def run_e2e(
@@ -151,20 +170,20 @@ async def run_e2e(
     """ours is (host, port, user, password), floor is (host, port); either may be absent."""
     rows: list[E2ERow] = []
     if floor:
-        rows.append(await _measure("floor", "floor", *floor, opts, "admin", "-"))
+        rows += await _measure_depths("floor", "floor", *floor, opts, "admin", "-")
     if ours:
         host, port, user, password = ours
-        rows.append(await _measure("ours", "ours", host, port, opts, user, password))
+        rows += await _measure_depths("ours", "ours", host, port, opts, user, password)
     if not opts.peers:
         return rows
-    rows.append(await _measure_running("rabbitmq", "rabbitmq", RABBIT, opts, "guest", "guest"))
+    rows += await _measure_running("rabbitmq", "rabbitmq", RABBIT, opts, "guest", "guest")
     for mode in ("always", "everysec"):
         with _durable_redis(mode) as (port, reason):
             label = f"redis-{mode}"
             if reason:
-                rows.append(_skipped(label, reason))
+                rows += _skipped(label, reason)
             else:
-                rows.append(await _measure(label, "redis", "127.0.0.1", port, opts))
-    rows.append(await _measure_running("redis-none", "redis", REDIS, opts))
-    rows.append(await _measure_running("nats", "nats", NATS, opts))
+                rows += await _measure_depths(label, "redis", "127.0.0.1", port, opts)
+    rows += await _measure_running("redis-none", "redis", REDIS, opts)
+    rows += await _measure_running("nats", "nats", NATS, opts)
     return rows

@@ -34,7 +34,7 @@ async def run(spec: E2ESpec) -> E2EResult:
         )
         t0 = time.perf_counter()
         while res.produced < spec.n and time.monotonic() < deadline:
-            k = min(spec.batch, spec.n - res.produced)
+            k = min(spec.in_flight, spec.n - res.produced)
             futures = [await js.publish_async(subject, body) for _ in range(k)]
             await asyncio.gather(*futures)
             res.produced += k
@@ -47,7 +47,7 @@ async def run(spec: E2ESpec) -> E2EResult:
         )
         while res.consumed < res.produced and time.monotonic() < deadline:
             try:
-                msgs = await sub.fetch(spec.batch, timeout=FETCH_TIMEOUT_S)
+                msgs = await sub.fetch(spec.in_flight, timeout=FETCH_TIMEOUT_S)
             except nats.errors.TimeoutError:
                 continue
             for m in msgs:

@@ -68,7 +68,7 @@ class _ConfirmedPublisher:
         self._pump()
 
     def _pump(self) -> None:
-        while self.sent < self.spec.n and len(self.unconfirmed) < self.spec.batch:
+        while self.sent < self.spec.n and len(self.unconfirmed) < self.spec.in_flight:
             self._channel.basic_publish("", self.spec.name, self.body, properties=self.props)
             self.sent += 1
             self.unconfirmed.add(self.sent)
@@ -112,13 +112,13 @@ def run(spec: E2ESpec) -> E2EResult:
         res.produced, res.produce_s = pub.confirmed, pub.elapsed
         if pub.nacked:
             res.note = f"{pub.nacked} publishes nacked"
-        ch.basic_qos(prefetch_count=spec.batch)
+        ch.basic_qos(prefetch_count=spec.in_flight)
         t1 = time.perf_counter()
         unacked = 0
         for method, _props, _body in ch.consume(spec.name, inactivity_timeout=0.5):
             if method is not None:
                 unacked += 1
-                if unacked == spec.batch or res.consumed + unacked >= res.produced:
+                if unacked == spec.in_flight or res.consumed + unacked >= res.produced:
                     ch.basic_ack(method.delivery_tag, multiple=True)
                     res.consumed += unacked
                     unacked = 0

@@ -23,7 +23,7 @@ def run(spec: E2ESpec) -> E2EResult:
         r.xgroup_create(spec.name, GROUP, id="0", mkstream=True)
         t0 = time.perf_counter()
         while res.produced < spec.n and time.monotonic() < deadline:
-            k = min(spec.batch, spec.n - res.produced)
+            k = min(spec.in_flight, spec.n - res.produced)
             pipe = r.pipeline(transaction=False)
             for _ in range(k):
                 pipe.xadd(spec.name, {"e": body})
@@ -31,7 +31,7 @@ def run(spec: E2ESpec) -> E2EResult:
             res.produced += k
         t1 = time.perf_counter()
         while res.consumed < res.produced and time.monotonic() < deadline:
-            got: Any = r.xreadgroup(GROUP, CONSUMER, {spec.name: ">"}, count=spec.batch)
+            got: Any = r.xreadgroup(GROUP, CONSUMER, {spec.name: ">"}, count=spec.in_flight)
             ids = [mid for _stream, entries in got for mid, _fields in entries]
             if ids:
                 res.consumed += int(r.xack(spec.name, GROUP, *ids))
