@@ -25,7 +25,7 @@ from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite_file
 from qm_server.store.base import UserRecord
-from qm_server.store.sqlite_file import DURABILITY_MODES
+from qm_server.store.sqlite_file import SYNCHRONOUS
 
 DEFAULTS = ServerConfig()
 LIMIT_DEFAULTS = Limits()
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     parser.add_argument(
         "--durability",
-        choices=DURABILITY_MODES,
+        choices=sorted(SYNCHRONOUS),
         default=DEFAULTS.durability,
         help="full: fsync before every answer (survives power loss); process-crash: "
         "faster, survives kill -9 but may lose the last answers on power loss",

@@ -1,10 +1,10 @@
-"""The embedded store: one SQLite file (WAL), one writer thread, one WAL flusher thread.
+"""The embedded store: one SQLite file (WAL, synchronous=FULL), one writer thread.
 
 Why one writer thread: SQLite allows one writer at a time anyway, and a single thread that
 takes every queued operation, runs them in one transaction and commits once (group
 commit) turns N concurrent callers into one fsync. Callers on the event loop await a
-future that is resolved only after the commit is durable: after an fdatasync of the WAL
-that started after the COMMIT (wal_flush.py says why that runs beside the writer).
+future that is resolved only after the COMMIT returned, so nothing answers OK before it
+is durable.
 
 The writer also owns a small in-memory index (queue ids and counts, map ids, the next
 message id, which session holds which message) so that limits and existence checks cost
@@ -48,13 +48,12 @@ from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, U
 from qm_server.store.inflight import InFlight
 from qm_server.store.sqlite_file import (
     DB_FILE,
-    DURABILITY_MODES,
+    SYNCHRONOUS,
     connect,
     get_user,
     load_permissions,
     put_user,
 )
-from qm_server.store.wal_flush import WalFlusher
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +107,6 @@ ADDS = "adds"
 CLAIMS = "claims"
 
 
-class _Nudge:
-    """Wakes the writer when the flusher is idle (see SqliteStore._gather)."""
-
-
-_NUDGE = _Nudge()
-
-
 @dataclass(slots=True)
 class _Claim:
     """A claim staged in a transaction; `deliveries` is filled in place when resolved."""
@@ -162,13 +154,11 @@ class SqliteStore(Store):
     """The default store: `<data_dir>/qm.db`, no other process needed."""
 
     def __init__(self, data_dir: Path, durability: str = "full") -> None:
-        if durability not in DURABILITY_MODES:
-            raise ValueError(f"durability must be one of {', '.join(DURABILITY_MODES)}")
-        self._sync_each_commit = durability == "full"
-        self._flusher: WalFlusher | None = None
+        if durability not in SYNCHRONOUS:
+            raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}")
+        self._synchronous = SYNCHRONOUS[durability]
         self._path = data_dir / DB_FILE
-        # Operations; None to stop; a nudge from the flusher when its last flush is done.
-        self._inbox: queue.SimpleQueue[_Op | _Nudge | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
@@ -196,16 +186,12 @@ class SqliteStore(Store):
 
     def _open_in_writer(self) -> None:
         self._conn = connect(self._path)
-        # Consistent in WAL mode; "full" durability syncs each commit itself (wal_flush.py).
-        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         self._conn.execute("PRAGMA journal_size_limit = 67108864")
         self._conn.execute("PRAGMA cache_size = -65536")  # 64 MiB of pages, at most
         stat = os.stat(self._path)
         self._file_id = (stat.st_dev, stat.st_ino)
-        if self._sync_each_commit:
-            wal = self._path.with_name(self._path.name + "-wal")
-            self._flusher = WalFlusher(wal, on_idle=lambda: self._inbox.put(_NUDGE))
         self._load_index()
         given_back = sum(len(state.given_back) for state in self._index.queues.values())
         if given_back:
@@ -565,37 +551,25 @@ class SqliteStore(Store):
             except queue.Empty:
                 self._recover()
                 continue
-            batch, stop = self._gather(first)
+            batch: list[_Op] = []
+            stop = first is None
+            if first is not None:
+                batch.append(first)
+            while not stop and len(batch) < MAX_BATCH_OPS:
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                else:
+                    batch.append(more)
             if batch:
                 self._run_batch(batch)
             if stop:
                 break
-        if self._flusher is not None:
-            self._flusher.close()  # answers every commit still waiting for its flush
         if self._conn is not None:
             self._conn.close()
-
-    def _gather(self, first: _Op | _Nudge | None) -> tuple[list[_Op], bool]:
-        """The operations for one transaction, and whether the store is closing: whatever
-        is queued and, while the last commit is still being flushed, whatever arrives until
-        that flush is done. Those could not be answered before the next flush anyway, and
-        one transaction for all of them costs far less than one each: under load most
-        transactions otherwise held one to three operations."""
-        batch: list[_Op] = []
-        item = first
-        while True:
-            if item is None:
-                return batch, True
-            if not isinstance(item, _Nudge):
-                batch.append(item)
-            if len(batch) >= MAX_BATCH_OPS:
-                return batch, False
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                if not batch or self._flusher is None or self._flusher.idle:
-                    return batch, False
-                item = self._inbox.get()  # the next operation, or the flusher's nudge
 
     def _run_batch(self, batch: list[_Op]) -> None:
         if self._conn is None:  # the open itself
@@ -638,41 +612,8 @@ class SqliteStore(Store):
             failure = errors.Unavailable(f"the store could not commit: {exc}")
             self._settle([(op.future, False, failure) for op in batch])
             return
-        counts = self._counts(self._batch.touched)
-        self._answer_when_durable(outcomes, self._batch.now_ready, counts)
-
-    def _answer_when_durable(
-        self,
-        outcomes: list[tuple[asyncio.Future[Any], bool, Any]],
-        now_ready: set[str],
-        counts: dict[str, QueueCounts | None],
-    ) -> None:
-        """Answer once the commit is on disk. The writer goes on with the next transaction
-        while the flusher syncs, unless nothing else waits: then it syncs here, which spares
-        a lone caller the hand-off to another thread."""
-        flusher = self._flusher
-        if flusher is None:  # process-crash durability: the commit is the promise
-            self._settle(outcomes, now_ready, counts)
-        elif flusher.idle and self._inbox.empty():
-            self._flushed(outcomes, now_ready, counts, flusher.flush())
-        else:
-            flusher.flush_later(functools.partial(self._flushed, outcomes, now_ready, counts))
-
-    def _flushed(
-        self,
-        outcomes: list[tuple[asyncio.Future[Any], bool, Any]],
-        now_ready: set[str],
-        counts: dict[str, QueueCounts | None],
-        error: OSError | None,
-    ) -> None:
-        if error is None:
-            self._settle(outcomes, now_ready, counts)
-            return
-        # Committed, but perhaps not on disk: nobody may hear OK. The counts are still
-        # published, since memory already holds the commit.
-        failure = errors.Unavailable(f"the store could not sync its log: {error}")
-        self._settle([(future, False, failure) for future, _, _ in outcomes], set(), counts)
-        self._turn_unhealthy(error)
+        self._publish(self._batch.touched)
+        self._settle(outcomes, self._batch.now_ready)
 
     def _check_file(self) -> None:
         """A removed or replaced database file would swallow commits silently."""
@@ -690,9 +631,6 @@ class SqliteStore(Store):
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
                 log.warning("rollback after a failed commit failed too", exc_info=True)
-        self._turn_unhealthy(exc)
-
-    def _turn_unhealthy(self, exc: BaseException) -> None:
         if self._healthy:
             log.error("store failure, answering UNAVAILABLE until it recovers: %s", exc)
             self._healthy = False
@@ -705,8 +643,6 @@ class SqliteStore(Store):
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(sql.TOUCH_PROBE)
             self._db.execute("COMMIT")
-            if self._flusher is not None and (error := self._flusher.flush()) is not None:
-                raise error
             self._load_index()
         except Exception as exc:
             if self._db.in_transaction:
@@ -740,50 +676,29 @@ class SqliteStore(Store):
             index.next_message_id = max(index.next_message_id, (newest or 0) + 1)
         index.maps = {name: map_id for map_id, name in self._db.execute(sql.ALL_MAPS)}
         self._index = index
-        if self._flusher is not None:
-            self._flusher.drain()  # no older counts may land after these
-        self._settle([], set(), self._counts(index.queues.keys()), replace=True)
+        self._published = {}
+        self._publish(index.queues.keys())
 
-    def _counts(self, names: Any) -> dict[str, QueueCounts | None]:
-        """What `queue_counts` will show for these queues once this commit is durable
-        (None: the queue is gone)."""
-        counts: dict[str, QueueCounts | None] = {}
+    def _publish(self, names: Any) -> None:
         for name in names:
             state = self._index.queues.get(name)
-            counts[name] = (
-                None if state is None else QueueCounts(state.ready, self._in_flight.count(state.id))
-            )
-        return counts
+            if state is None:
+                self._published.pop(name, None)
+            else:
+                self._published[name] = QueueCounts(state.ready, self._in_flight.count(state.id))
 
     def _settle(
         self,
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]],
         now_ready: set[str] | None = None,
-        counts: dict[str, QueueCounts | None] | None = None,
-        replace: bool = False,
     ) -> None:
-        """Hand the answers, and the counts they make visible, to the event loop: counts
-        are published there, in commit order, and only once their commit is durable."""
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            self._loop.call_soon_threadsafe(
-                self._settle_on_loop, outcomes, now_ready or set(), counts or {}, replace
-            )
+            self._loop.call_soon_threadsafe(self._settle_on_loop, outcomes, now_ready or set())
 
     def _settle_on_loop(
-        self,
-        outcomes: list[tuple[asyncio.Future[Any], bool, Any]],
-        now_ready: set[str],
-        counts: dict[str, QueueCounts | None],
-        replace: bool,
+        self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], now_ready: set[str]
     ) -> None:
-        if replace:
-            self._published = {}
-        for name, queue_counts in counts.items():
-            if queue_counts is None:
-                self._published.pop(name, None)
-            else:
-                self._published[name] = queue_counts
         for future, ok, value in outcomes:
             if future.done():
                 continue

@@ -18,11 +18,10 @@ from qm_server.store.base import UserRecord
 
 DB_FILE = "qm.db"
 # Durability modes. "full" (the default and the contract's promise): every commit is
-# fsynced before its answer, so a power cut loses nothing answered OK (the store commits
-# with synchronous=NORMAL and syncs the WAL itself, beside the writer: wal_flush.py).
-# "process-crash": commits reach the OS but are fsynced only at checkpoints; a kill -9
-# loses nothing, a power cut may lose the last commits.
-DURABILITY_MODES = ("full", "process-crash")
+# fsynced before its answer, so a power cut loses nothing answered OK. "process-crash":
+# commits reach the OS but are fsynced only at checkpoints; a kill -9 loses nothing, a
+# power cut may lose the last commits.
+SYNCHRONOUS = {"full": "FULL", "process-crash": "NORMAL"}
 
 
 def connect(path: Path) -> sqlite3.Connection:
