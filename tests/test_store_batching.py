@@ -89,3 +89,29 @@ def test_claims_in_one_transaction_share_the_queue_in_arrival_order(tmp_path: Pa
         assert described(again) == [(i, f"m{i}", 2) for i in range(5, 12)]
 
     run(tmp_path, fill, claim_together, after_restart)
+
+
+def test_adds_queued_together_keep_every_row_in_id_order(tmp_path: Path) -> None:
+    """Unary adds queued together share one run of ids and one INSERT; a run holding a NUL
+    character goes row by row (json_each would unescape it): both commit every row, in id
+    order, across a restart."""
+
+    async def add(store: SqliteStore) -> None:
+        await store.create_queue("q", 10)
+        assert await store.enqueue("q", ["lone"]) == [1]
+        # Unary adds queued together share one run of ids: one INSERT of three rows.
+        shared = await in_one_transaction(
+            store, *(store.enqueue("q", [e]) for e in ("a", "b", "c"))
+        )
+        assert shared == [[2], [3], [4]]
+        with_nul = await in_one_transaction(
+            store, store.enqueue("q", ["n\x00l"]), store.enqueue("q", ["after"])
+        )
+        assert with_nul == [[5], [6]]
+
+    async def after_restart(store: SqliteStore) -> None:
+        claimed = await store.claim("q", 1, 100, 1 << 20)
+        elements = ["lone", "a", "b", "c", "n\x00l", "after"]
+        assert described(claimed) == [(i, e, 1) for i, e in enumerate(elements, start=1)]
+
+    run(tmp_path, add, after_restart)
