@@ -70,3 +70,12 @@ def test_e2e_targets_compare_each_system_at_its_fastest_depth() -> None:
             "durable Add c1 p50 within 0.3 ms of floor",
         )
     }
+
+
+def test_the_harness_imports_no_peer_client_until_a_peer_runs() -> None:
+    """`scripts/bench --no-peers` must work where the peers' client libraries are absent."""
+    code = "import sys, benchmarks.cli; print(sorted({'redis', 'pika', 'nats'} & set(sys.modules)))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stderr

@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import redis
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -40,6 +38,8 @@ class DurableRedis:
         return None if shutil.which("redis-server") else "redis-server not installed"
 
     def __enter__(self) -> int:
+        import redis  # here, not at the top: a run without peers needs no redis package
+
         self._dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
         self.port = free_port()
         self._proc = subprocess.Popen(
