@@ -112,7 +112,7 @@ class Engine:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._crypto_pool.shutdown(wait=True, cancel_futures=True)
 
-    def _in_background(self, work: Coroutine[None, None, None]) -> None:
+    def in_background(self, work: Coroutine[None, None, None]) -> None:
         """Run work without awaiting it, holding a reference until it is done."""
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
@@ -173,7 +173,7 @@ class Engine:
         if session is None or session.ended:
             raise errors.Unauthenticated("unknown or expired token; log in again")
         if not session.waiting and now - session.last_active > self.session_ttl_s:
-            self._in_background(self._end_session(session, "expired"))
+            self.in_background(self._end_session(session, "expired"))
             raise errors.Unauthenticated("the session expired; log in again")
         session.last_active = now
         return session
@@ -323,7 +323,7 @@ class Engine:
             return
         ids = claimed(done.result())
         if ids:
-            self._in_background(self._release(session, ids))
+            self.in_background(self._release(session, ids))
 
     async def _release(self, session: Session, message_ids: list[int]) -> None:
         try:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -322,14 +322,27 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 await outbox.put(None)
 
         tasks = [asyncio.ensure_future(guarded(push)), asyncio.ensure_future(guarded(apply_acks))]
+
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await subscription.close()  # once: a second call returns at once
+
+        # A call cancelled while grpc is sending leaves this generator suspended at its
+        # yield, and its `finally` then runs only when the generator is collected: after a
+        # reference cycle, whenever the cyclic GC next runs, which on an idle server can be
+        # never. The call's own end stops the stream and releases its messages at once.
+        def on_done(_: Context) -> None:
+            self._engine.in_background(stop())
+
+        # The stubs type the callback as a class of their own; any callable is accepted.
+        context.add_done_callback(cast(Any, on_done))
         try:
             while (response := await outbox.get()) is not None:
                 yield response
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await subscription.close()
+            await stop()
 
 
 def _wire(exc: errors.QmError) -> pb.Code:

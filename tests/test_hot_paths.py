@@ -7,7 +7,7 @@ The servicer is called directly (no network), on an engine over the SQLite store
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,7 +26,22 @@ from qm_server.store.sqlite import SqliteStore
 from qm_server.validation import check_text_size, check_texts_size
 
 KEY = KeyPair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
-NO_CONTEXT = cast(Any, None)  # the methods under test never touch their context
+NO_CONTEXT = cast(Any, None)  # the unary methods under test never touch their context
+
+
+class StreamContext:
+    """What Subscribe needs of grpc's context: done callbacks, run when the call ends."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[Any], None]] = []
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self.callbacks.append(callback)
+
+    def end(self) -> None:
+        for callback in self.callbacks:
+            callback(self)
+
 
 Scenario = Callable[[Engine, QueueManagerServicer], Awaitable[None]]
 
@@ -176,7 +191,7 @@ def test_subscribe_ack_results_follow_the_request_order(tmp_path: Path) -> None:
             while (request := await requests.get()) is not None:
                 yield request
 
-        responses = s.Subscribe(stream(), NO_CONTEXT)
+        responses = s.Subscribe(stream(), cast(Any, StreamContext()))
         first = await anext(responses)
         assert [e.message_id for e in first.element_info] == ids[:4]
         # Two held ids among one unknown and one never delivered on this stream.
@@ -219,7 +234,7 @@ def test_a_full_window_refilled_by_its_ack_keeps_pushing_later(tmp_path: Path) -
             while (request := await requests.get()) is not None:
                 yield request
 
-        responses = s.Subscribe(stream(), NO_CONTEXT)
+        responses = s.Subscribe(stream(), cast(Any, StreamContext()))
         first = await anext(responses)
         assert [e.message_id for e in first.element_info] == ids[:2]
         await asyncio.sleep(0.01)  # the pusher now waits for room
@@ -235,5 +250,34 @@ def test_a_full_window_refilled_by_its_ack_keeps_pushing_later(tmp_path: Path) -
         ]
         requests.put_nowait(None)
         assert [r async for r in responses] == []
+
+    run(tmp_path, scenario)
+
+
+def test_a_stream_whose_call_ends_releases_its_messages_unclosed(tmp_path: Path) -> None:
+    """grpc ends a call cancelled while it was sending without closing the response
+    generator, which stays suspended at its yield until it is collected (in CI, later than
+    a 10 s long poll). The end of the call alone must release what the stream held."""
+
+    async def scenario(engine: Engine, s: QueueManagerServicer) -> None:
+        token = await log_in(engine)
+        ids = await fill(s, token, ["a", "b"])
+        other = await log_in(engine)
+
+        async def requests() -> AsyncIterator[pb.SubscribeRequest]:
+            yield pb.SubscribeRequest(
+                open=pb.SubscribeOpen(token=other, queue_name="q", max_unacked=10)
+            )
+            await asyncio.Event().wait()  # the client sends nothing more
+
+        context = StreamContext()
+        responses = s.Subscribe(requests(), cast(Any, context))
+        first = await anext(responses)
+        assert [e.message_id for e in first.element_info] == ids
+        context.end()  # the generator stays suspended at its yield
+        poll = pb.PollRequest(token=token, queue_name="q", wait_ms=5_000)
+        reply = await s.Poll(poll, NO_CONTEXT)
+        assert (reply.code, reply.element, reply.delivery_count) == (pb.CODE_OK, "a", 2)
+        await cast(AsyncGenerator[Any, None], responses).aclose()
 
     run(tmp_path, scenario)
