@@ -20,8 +20,13 @@ class ReadySignals:
         self._count = 0
 
     def park(self, name: str, waiter: asyncio.Future[None]) -> None:
+        """Wait for the next wake-up, or none if messages are ready already: a caller
+        parks after a claim that found nothing, and messages made ready in between had
+        their wake-up before the waiter was here to take it."""
         self._waiters.setdefault(name, deque()).append(waiter)
         self._count += 1
+        if self._ready_hint(name) > 0:
+            waiter.set_result(None)
 
     def unpark(self, name: str, waiter: asyncio.Future[None]) -> None:
         waiters = self._waiters.get(name)

@@ -14,7 +14,7 @@ from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.auth import KeyPair, PasswordHasher
 from qm_server.engine import Engine
-from qm_server.store.base import UserRecord
+from qm_server.store.base import Delivery, UserRecord
 from qm_server.store.sqlite import SqliteStore
 
 KEY = KeyPair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
@@ -128,5 +128,54 @@ def test_drain_answers_waiters_at_once(tmp_path: Path) -> None:
         engine.begin_drain()
         with pytest.raises(errors.QueueEmpty):
             await asyncio.wait_for(waiting, 5)
+
+    run(tmp_path, scenario)
+
+
+def release_before_parking(engine: Engine, holder: str) -> None:
+    """Make the store's next claim come back empty and, before the caller can park, let
+    the holder's messages become ready and their wake-up fire: the lost-wake-up window
+    between a claim that found nothing and the park that follows it."""
+    store = engine.store
+    claim = store.claim
+
+    async def claim_then_release(
+        name: str, session_id: int, limit: int, max_bytes: int
+    ) -> list[Delivery]:
+        store.claim = claim  # type: ignore[method-assign]  # once
+        found = await claim(name, session_id, limit, max_bytes)
+        assert found == []
+        await store.release_session(engine.session(holder).id)  # wakes nobody yet
+        return found
+
+    store.claim = claim_then_release  # type: ignore[method-assign]
+
+
+def test_a_long_poll_sees_messages_made_ready_while_it_claimed(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token, holder = await log_in(engine), await log_in(engine)
+        await engine.new_queue(token, "q")
+        await engine.add(token, "q", ["a"])
+        assert len(await engine.take(holder, "q", 1, 0)) == 1
+        release_before_parking(engine, holder)
+        (delivery,) = await asyncio.wait_for(engine.take(token, "q", 1, 30_000), 5)
+        assert (delivery.element, delivery.delivery_count) == ("a", 2)
+
+    run(tmp_path, scenario)
+
+
+def test_a_subscription_sees_messages_made_ready_while_it_claimed(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token, holder = await log_in(engine), await log_in(engine)
+        await engine.new_queue(token, "q")
+        await engine.add(token, "q", ["a"])
+        assert len(await engine.take(holder, "q", 1, 0)) == 1
+        subscription = await engine.subscribe(token, "q", 10)
+        try:
+            release_before_parking(engine, holder)
+            (delivery,) = await asyncio.wait_for(subscription.next_batch(), 5)
+            assert (delivery.element, delivery.delivery_count) == ("a", 2)
+        finally:
+            await subscription.close()
 
     run(tmp_path, scenario)
