@@ -111,6 +111,8 @@ class Subscription:
         """Wait for a poke (or, if parked, ready messages); False when timeout_s passed."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
+        if self.session.ended or self._engine.draining:
+            waiter.set_result(None)  # its poke came while we claimed, with nobody waiting
         if park:
             self._engine.signals.park(self.queue, waiter)
         try:

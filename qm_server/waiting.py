@@ -25,7 +25,7 @@ class ReadySignals:
         their wake-up before the waiter was here to take it."""
         self._waiters.setdefault(name, deque()).append(waiter)
         self._count += 1
-        if self._ready_hint(name) > 0:
+        if not waiter.done() and self._ready_hint(name) > 0:
             waiter.set_result(None)
 
     def unpark(self, name: str, waiter: asyncio.Future[None]) -> None:

@@ -179,3 +179,31 @@ def test_a_subscription_sees_messages_made_ready_while_it_claimed(tmp_path: Path
             await subscription.close()
 
     run(tmp_path, scenario)
+
+
+def test_a_subscription_whose_session_ends_while_it_claims_ends_at_once(
+    tmp_path: Path,
+) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        await engine.new_queue(token, "q")
+        subscription = await engine.subscribe(token, "q", 10)
+        store = engine.store
+        claim = store.claim
+
+        async def claim_then_log_out(
+            name: str, session_id: int, limit: int, max_bytes: int
+        ) -> list[Delivery]:
+            store.claim = claim  # type: ignore[method-assign]  # once
+            found = await claim(name, session_id, limit, max_bytes)
+            await engine.logout(token)  # its poke finds nobody waiting yet
+            return found
+
+        store.claim = claim_then_log_out  # type: ignore[method-assign]
+        try:
+            with pytest.raises(errors.Unauthenticated):
+                await asyncio.wait_for(subscription.next_batch(), 5)
+        finally:
+            await subscription.close()
+
+    run(tmp_path, scenario)
