@@ -291,15 +291,15 @@ class SqliteStore(Store):
                 return
         self._begin()
         self._resolve_claims()
-        for queue_id, deletes in self._batch.deletes.items():
+        for queue_id, deletes in batch.deletes.items():
             # Every id of a run was acked done, so deleting the whole range touches no
             # other message.
             state = self._index.queues[self._index.queue_names[queue_id]]
             self._db.executemany(state.sql.delete_range, _runs(deletes))
-        if self._batch.marks:
-            marks = [(mark, queue_id) for queue_id, mark in self._batch.marks.items()]
+        if batch.marks:
+            marks = [(mark, queue_id) for queue_id, mark in batch.marks.items()]
             self._db.executemany(sql.SET_DELIVERED_UPTO, marks)
-        if self._batch.deleted_newest:
+        if batch.deleted_newest:
             self._db.execute(sql.SAVE_NEXT_MESSAGE_ID, (self._index.next_message_id,))
 
     def _write_appends(self) -> None:
