@@ -108,8 +108,11 @@ class Engine:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        # Releases started in the background still need the store, which closes next.
-        await asyncio.gather(*self._background, return_exceptions=True)
+        # Releases started in the background still need the store, which closes next; the
+        # end of a cancelled call can start one while others finish, so wait until none is
+        # left rather than for the ones running now.
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         self._crypto_pool.shutdown(wait=True, cancel_futures=True)
 
     def in_background(self, work: Coroutine[None, None, None]) -> None:

@@ -207,3 +207,26 @@ def test_a_subscription_whose_session_ends_while_it_claims_ends_at_once(
             await subscription.close()
 
     run(tmp_path, scenario)
+
+
+def test_stop_waits_for_background_work_started_while_it_waits(tmp_path: Path) -> None:
+    """The end of a cancelled call can start a release while stop() already waits for
+    the others; the store closes after stop(), so that release must be waited for too."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        finished: list[str] = []
+
+        async def started_later() -> None:
+            await asyncio.sleep(0.05)  # a release's round trip through the store, say
+            finished.append("started later")
+
+        async def first() -> None:
+            await asyncio.sleep(0)
+            engine.in_background(started_later())
+            finished.append("first")
+
+        engine.in_background(first())
+        await engine.stop()
+        assert finished == ["first", "started later"]
+
+    run(tmp_path, scenario)
