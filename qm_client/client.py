@@ -307,12 +307,17 @@ class QueueManagerClient:
         return [self._hold(session, queue, info) for info in response.element_info]
 
     def ack(self, message: Message) -> None:
-        """Same as ``message.ack()``."""
-        self._finish(message, pb.ACK_TYPE_DONE)
+        """Same as ``message.ack()``.
+
+        Finished by the message's owner: a subscription's message goes on its stream,
+        which must learn that it has room again (a unary Ack would leave the stream
+        counting it as held, and a full window would push nothing more).
+        """
+        message._owner._finish(message, pb.ACK_TYPE_DONE)
 
     def nack(self, message: Message) -> None:
-        """Same as ``message.nack()``."""
-        self._finish(message, pb.ACK_TYPE_ERROR)
+        """Same as ``message.nack()``; finished by its owner, as for :meth:`ack`."""
+        message._owner._finish(message, pb.ACK_TYPE_ERROR)
 
     def ack_many(self, messages: Iterable[Message], *, nack: bool = False) -> list[Message]:
         """Finish many messages in one durable step (BatchAck); return those that failed.

@@ -324,3 +324,28 @@ def test_a_failed_ack_with_a_code_newer_than_the_client_is_reported(
         assert subscription.failed_acks == [1]
     assert (first.message_id, second.message_id) == (1, 2)
     assert "failed: CODE_999" in caplog.text
+
+
+def test_the_clients_ack_and_nack_finish_a_subscription_message_on_its_stream(
+    five: tuple[SubscribeServicer, str],
+) -> None:
+    """Regression: ``qm.ack(message)`` sent the unary Ack for a message of a stream.
+
+    The server finished the message, but the stream still counted it as held, so once
+    ``max_unacked`` messages were finished that way it pushed nothing more and the
+    iteration hung. (The scripted servicer has no unary Ack: that call fails.)
+    """
+    servicer, target = five
+    with (
+        QueueManagerClient(target, "u", "p", heartbeat=False) as qm,
+        qm.subscribe("jobs", max_unacked=1) as subscription,
+    ):
+        first = next(subscription)
+        qm.nack(first)
+        again = next(subscription)  # room again: the stream learnt of the nack
+        assert (again.message_id, again.delivery_count) == (1, 2)
+        qm.ack(again)
+        assert next(subscription).message_id == 2
+        assert servicer.wait_for_acks(2) == [(1, pb.ACK_TYPE_ERROR), (1, pb.ACK_TYPE_DONE)]
+        with pytest.raises(MessageNotFound):
+            qm.ack(again)  # finished once, on its stream
