@@ -122,10 +122,13 @@ class Subscription:
         return self
 
     def __next__(self) -> Message:
-        while not self._buffer:
+        while True:
             with self._lock:
+                # Closing released what the buffer still holds: hand none of it out.
                 if self._closed:
                     raise StopIteration
+                if self._buffer:
+                    return self._buffer.popleft()
                 stream = self._stream
             try:
                 response = next(stream.call)
@@ -140,7 +143,6 @@ class Subscription:
             if self._closed:
                 raise StopIteration  # closed meanwhile: what came is released
             self._take(stream, response)
-        return self._buffer.popleft()
 
     def close(self) -> None:
         """End the stream once the server has applied the acks sent on it.

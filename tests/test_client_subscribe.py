@@ -349,3 +349,21 @@ def test_the_clients_ack_and_nack_finish_a_subscription_message_on_its_stream(
         assert servicer.wait_for_acks(2) == [(1, pb.ACK_TYPE_ERROR), (1, pb.ACK_TYPE_DONE)]
         with pytest.raises(MessageNotFound):
             qm.ack(again)  # finished once, on its stream
+
+
+def test_closing_ends_the_iteration_with_pushed_messages_not_yet_handed_out(
+    five: tuple[SubscribeServicer, str],
+) -> None:
+    """Regression: after ``close()`` the iteration went on through the rest of a push.
+
+    Closing releases every message of the stream, so those were handed out already back
+    in the queue (possibly in another consumer's hands), and their acks raised
+    MessageReleased. The iteration ends when ``close()`` is called, from any thread.
+    """
+    _, target = five
+    with QueueManagerClient(target, "u", "p", heartbeat=False) as qm:
+        subscription = qm.subscribe("jobs", max_unacked=2)
+        first = next(subscription)  # "a" and "bad" come in one push
+        subscription.close()
+        assert list(subscription) == []
+    assert first.element == "a"
