@@ -65,25 +65,40 @@ class _Stream:
         self.requests.put(None)  # lets gRPC's request thread finish
         self.call.cancel()
 
-    def finish(self, timeout: float) -> None:
+    def finish(self, timeout: float, read_elsewhere: bool) -> None:
         """Half-close, and wait for the server to end the stream.
 
         Acks are queued, not confirmed: cancelling at once could drop the last ones
         before they were sent. After a half-close the server applies every ack it was
         sent, then ends the stream; anything it pushed meanwhile it releases. A server
         that takes longer than ``timeout`` is cut off.
+
+        gRPC allows one read at a time on a call (a second fails with "Internal gRPC
+        call error 8"), and it reports the end only once every response was read. So
+        when the consumer's thread is reading the stream (``read_elsewhere``), that
+        thread reads on to the end and this one only waits for it.
         """
         self.requests.put(None)
         watchdog = threading.Timer(timeout, self.call.cancel)
         watchdog.daemon = True
         watchdog.start()
         try:
+            if read_elsewhere:
+                ended = threading.Event()
+                if self.call.add_callback(ended.set):
+                    ended.wait()  # the watchdog's cancel ends the call too
+            else:
+                self.drain()
+        finally:
+            watchdog.cancel()
+
+    def drain(self) -> None:
+        """Read the stream to its end; what still comes was released with it."""
+        try:
             for _ in self.call:
                 pass
         except grpc.RpcError:
             pass  # cut off by the watchdog, or the stream failed: either way it is over
-        finally:
-            watchdog.cancel()
 
 
 class Subscription:
@@ -102,9 +117,11 @@ class Subscription:
         self.max_unacked = max_unacked
         self.failed_acks: list[int] = []
         self._buffer: deque[Message] = deque()
-        # Guards _stream, _closed and the stream's open_ids (acks come from any thread).
+        # Guards _stream, _closed, _reading and the stream's open_ids (acks come from any
+        # thread).
         self._lock = threading.Lock()
         self._closed = False
+        self._reading = False  # the consumer's thread is reading the stream
         self._stream = _Stream(client, queue, max_unacked)
 
     def __enter__(self) -> Self:
@@ -130,6 +147,7 @@ class Subscription:
                 if self._buffer:
                     return self._buffer.popleft()
                 stream = self._stream
+                self._reading = True
             try:
                 response = next(stream.call)
             except StopIteration:
@@ -140,8 +158,15 @@ class Subscription:
                     raise StopIteration from None
                 self._abort()
                 raise error_for_rpc_error(error) from error
-            if self._closed:
-                raise StopIteration  # closed meanwhile: what came is released
+            finally:
+                with self._lock:
+                    self._reading = False
+                    closed = self._closed
+            if closed:
+                # close() came while this thread read, so it waits for this thread to read
+                # the stream to its end. What comes is released.
+                stream.drain()
+                raise StopIteration
             self._take(stream, response)
 
     def close(self) -> None:
@@ -149,27 +174,30 @@ class Subscription:
 
         The server then releases every message the stream still holds.
         """
-        stream = self._shut()
-        if stream is not None:
-            stream.finish(self._client._timeout)
+        shut = self._shut()
+        if shut is not None:
+            stream, read_elsewhere = shut
+            stream.finish(self._client._timeout, read_elsewhere)
 
     def _abort(self) -> None:
         """End the stream without waiting (it failed, or the client is closed)."""
-        stream = self._shut()
-        if stream is not None:
-            stream.end()
+        shut = self._shut()
+        if shut is not None:
+            shut[0].end()
 
-    def _shut(self) -> _Stream | None:
-        """Mark closed; returns the stream to end, or None if already closed."""
+    def _shut(self) -> tuple[_Stream, bool] | None:
+        """Mark closed; returns the stream to end and whether the consumer's thread is
+        reading it (then that thread reads it to the end), or None if already closed."""
         with self._lock:
             if self._closed:
                 return None
             self._closed = True
             stream = self._stream
+            reading = self._reading
             released = list(stream.open_ids)
             stream.open_ids.clear()
         self._client._unhold(stream.session, released)
-        return stream
+        return stream, reading
 
     def _take(self, stream: _Stream, response: pb.SubscribeResponse) -> None:
         if response.code == pb.CODE_UNAUTHENTICATED:

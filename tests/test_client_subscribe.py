@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -367,3 +368,56 @@ def test_closing_ends_the_iteration_with_pushed_messages_not_yet_handed_out(
         subscription.close()
         assert list(subscription) == []
     assert first.element == "a"
+
+
+class _WatchedCall:
+    """A stream's call that tells when a thread goes in to read it."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self.reading = threading.Event()
+
+    def __iter__(self) -> _WatchedCall:
+        return self
+
+    def __next__(self) -> pb.SubscribeResponse:
+        self.reading.set()
+        response: pb.SubscribeResponse = next(self._call)
+        return response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+def test_closing_from_another_thread_while_the_consumer_waits(
+    pair: tuple[QueueManagerClient, QueueManagerClient],
+) -> None:
+    """Regression: close() read the stream to its end while the consumer's thread read it.
+
+    gRPC allows one read at a time on a call; the second failed with ValueError
+    ("Internal gRPC call error 8") in one of the two threads, so close() raised without
+    waiting for the acks sent, or the consumer's loop died instead of ending.
+    """
+    consumer, producer = pair
+    producer.add_all("jobs", ["a"])
+    subscription = consumer.subscribe("jobs", max_unacked=1)
+    first = next(subscription)
+    watched = _WatchedCall(subscription._stream.call)
+    subscription._stream.call = watched  # type: ignore[assignment]
+    failures: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            assert list(subscription) == []
+        except BaseException as error:  # the test reports it from its own thread
+            failures.append(error)
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    assert watched.reading.wait(30)
+    first.ack()
+    subscription.close()  # ends the iteration; returns once the server applied the ack
+    thread.join(30)
+    assert not thread.is_alive()
+    assert failures == []
+    assert (producer.size("jobs"), producer.unacked("jobs")) == (0, 0)
