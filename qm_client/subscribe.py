@@ -249,6 +249,8 @@ class Subscription:
             if message.message_id not in stream.open_ids:
                 raise MessageNotFound(f"message {message.message_id} was already finished")
             stream.open_ids.discard(message.message_id)
+            # Queued under the lock: close() marks the subscription closed before it
+            # half-closes, so an ack that passed the checks goes out ahead of the end.
+            ack = pb.SubscribeAck(message_ids=[message.message_id], ack_type=ack_type)
+            stream.requests.put(pb.SubscribeRequest(ack=ack))
         self._client._unhold(stream.session, [message.message_id])
-        ack = pb.SubscribeAck(message_ids=[message.message_id], ack_type=ack_type)
-        stream.requests.put(pb.SubscribeRequest(ack=ack))

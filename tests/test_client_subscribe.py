@@ -421,3 +421,49 @@ def test_closing_from_another_thread_while_the_consumer_waits(
     assert not thread.is_alive()
     assert failures == []
     assert (producer.size("jobs"), producer.unacked("jobs")) == (0, 0)
+
+
+def test_an_ack_racing_close_is_sent_before_the_half_close_or_refused(
+    five: tuple[SubscribeServicer, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an ack checked before close() was queued after its half-close.
+
+    ``ack()`` returned as if sent, but nothing was read after the half-close: the ack
+    never reached the server, which released the message for redelivery. The acking
+    thread is held between its check and its send while another thread closes.
+    """
+    servicer, target = five
+    with QueueManagerClient(target, "u", "p", heartbeat=False) as qm:
+        subscription = qm.subscribe("jobs", max_unacked=1)
+        message = next(subscription)
+        in_ack, go_on = threading.Event(), threading.Event()
+        unhold = qm._unhold
+
+        def held_up(session: Any, message_ids: Iterable[int]) -> None:
+            if threading.current_thread() is acker:
+                in_ack.set()
+                assert go_on.wait(30)
+            unhold(session, message_ids)
+
+        monkeypatch.setattr(qm, "_unhold", held_up)
+        outcome: list[str] = []
+
+        def ack() -> None:
+            try:
+                message.ack()
+            except MessageReleased:
+                outcome.append("released")
+            else:
+                outcome.append("acked")
+
+        acker = threading.Thread(target=ack)
+        acker.start()
+        assert in_ack.wait(30)
+        subscription.close()  # returns once the server applied every ack sent
+        go_on.set()
+        acker.join(30)
+        assert not acker.is_alive()
+    if outcome == ["acked"]:
+        assert servicer.acks == [(1, pb.ACK_TYPE_DONE)]
+    else:
+        assert (outcome, servicer.acks) == (["released"], [])
