@@ -574,6 +574,11 @@ class QueueManagerClient:
                 return
             except QMError as error:
                 logger.warning("heartbeat for %s@%s failed: %s", self.username, self.target, error)
+            except Exception:
+                # Not a service error (a re-login that cannot parse the server's key, say):
+                # a dead heartbeat would let the session lapse with no word, so log it and
+                # beat again on the next interval.
+                logger.exception("heartbeat for %s@%s failed", self.username, self.target)
 
 
 def _millis(seconds: float) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -551,3 +552,29 @@ def test_map_update_is_one_atomic_batch(make_server: Callable[..., ServerHandle]
         m.update({})  # nothing to set: no call, no error
         with pytest.raises(MapNotFound):
             qm.map("untouched").to_dict()
+
+
+def test_an_unexpected_heartbeat_error_is_logged_and_the_heartbeat_goes_on(
+    make_server: Callable[..., ServerHandle], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only QMError: a re-login against a server with a malformed key raises
+    ValueError from the key parser, say. The thread must log it and keep beating."""
+    server = make_server(session_ttl_s=1.0)
+    with connect(server) as qm:
+        call = qm._call
+        beats: list[str] = []
+        beat_again = threading.Event()
+
+        def failing_once(method: Any, request: Any, **kwargs: Any) -> Any:
+            if isinstance(request, pb.HeartBeatRequest):
+                beats.append("beat")
+                if len(beats) == 1:
+                    raise ValueError("a malformed server key")
+                beat_again.set()
+            return call(method, request, **kwargs)
+
+        qm._call = failing_once  # type: ignore[method-assign]
+        assert beat_again.wait(10)
+        (thread,) = heartbeat_threads()
+        assert thread.is_alive()
+    assert "a malformed server key" in caplog.text
