@@ -119,6 +119,10 @@ class Subscription:
             with self._engine.busy(self.session):
                 async with asyncio.timeout(timeout_s):
                     await waiter
+            if park and self.session.ended:
+                # We leave without claiming; the wake-up we may have taken for a ready
+                # message goes to the next waiter (a drain wakes every waiter anyway).
+                self._engine.signals.wake(self.queue)
             return True
         except TimeoutError:
             return False

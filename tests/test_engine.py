@@ -230,3 +230,38 @@ def test_stop_waits_for_background_work_started_while_it_waits(tmp_path: Path) -
         assert finished == ["first", "started later"]
 
     run(tmp_path, scenario)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until condition holds (each step is one pass of the loop)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+def test_a_subscription_that_ends_after_its_wake_up_passes_it_on(tmp_path: Path) -> None:
+    """A subscription woken for a ready message whose session ends before it runs leaves
+    without claiming; the long poll parked behind it must get the wake-up instead."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token, subscriber, poller = await log_in(engine), await log_in(engine), await log_in(engine)
+        await engine.new_queue(token, "q")
+        subscription = await engine.subscribe(subscriber, "q", 10)
+        pushing = asyncio.ensure_future(subscription.next_batch())
+        await until(lambda: engine.signals.waiting() == 1)
+        polling = asyncio.ensure_future(engine.take(poller, "q", 1, 30_000))
+        await until(lambda: engine.signals.waiting() == 2)
+
+        # The add's answer runs before the subscription it woke: the session ends in
+        # between, so the subscription wakes into an ended session.
+        await engine.add(token, "q", ["m"])
+        await engine.logout(subscriber)
+        with pytest.raises(errors.Unauthenticated):
+            await asyncio.wait_for(pushing, 5)
+        await subscription.close()
+        (delivery,) = await asyncio.wait_for(polling, 5)
+        assert delivery.element == "m"
+
+    run(tmp_path, scenario)
