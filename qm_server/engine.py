@@ -78,6 +78,7 @@ class Engine:
         )
         self.signals = ReadySignals(store.ready_hint)
         self._subscriptions: dict[int, set[Subscription]] = {}  # by session id
+        self._polls: dict[int, set[asyncio.Future[None]]] = {}  # parked long polls, likewise
         self._subscription_count = 0
         # user name -> grants; reloaded at each login and every sweep, so that grants,
         # revocations and removed users take effect within a second.
@@ -198,6 +199,10 @@ class Engine:
         log.info("session %x of %s %s", session.id, session.username, why)
         for subscription in self._subscriptions.get(session.id, set()).copy():
             subscription.poke()
+        # Its parked long polls answer UNAUTHENTICATED now, not at their deadline.
+        for waiter in self._polls.pop(session.id, set()):
+            if not waiter.done():
+                waiter.set_result(None)
         await self.store.release_session(session.id)
 
     async def _sweep_forever(self) -> None:
@@ -289,7 +294,11 @@ class Engine:
 
     async def _wait_for_ready(self, session: Session, name: str, timeout_s: float) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if session.ended:
+            waiter.set_result(None)  # it ended while we claimed, with nobody to wake
         self.signals.park(name, waiter)
+        polls = self._polls.setdefault(session.id, set())
+        polls.add(waiter)
         with self.busy(session):
             try:
                 async with asyncio.timeout(timeout_s):
@@ -302,6 +311,9 @@ class Engine:
                 raise
             finally:
                 self.signals.unpark(name, waiter)
+                polls.discard(waiter)
+                if not polls and self._polls.get(session.id) is polls:
+                    del self._polls[session.id]
 
     async def guarded_claim(
         self, session: Session, claim: Awaitable[T], claimed: Callable[[T], list[int]]

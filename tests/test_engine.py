@@ -265,3 +265,40 @@ def test_a_subscription_that_ends_after_its_wake_up_passes_it_on(tmp_path: Path)
         assert delivery.element == "m"
 
     run(tmp_path, scenario)
+
+
+def test_a_long_poll_whose_session_ends_answers_at_once(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        await engine.new_queue(token, "q")
+        polling = asyncio.ensure_future(engine.take(token, "q", 1, 30_000))
+        await until(lambda: engine.signals.waiting() == 1)
+        await engine.logout(token)
+        with pytest.raises(errors.Unauthenticated):
+            await asyncio.wait_for(polling, 5)
+
+    run(tmp_path, scenario)
+
+
+def test_a_long_poll_whose_session_ends_while_it_claims_answers_at_once(
+    tmp_path: Path,
+) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        await engine.new_queue(token, "q")
+        store = engine.store
+        claim = store.claim
+
+        async def claim_then_log_out(
+            name: str, session_id: int, limit: int, max_bytes: int
+        ) -> list[Delivery]:
+            store.claim = claim  # type: ignore[method-assign]  # once
+            found = await claim(name, session_id, limit, max_bytes)
+            await engine.logout(token)
+            return found
+
+        store.claim = claim_then_log_out  # type: ignore[method-assign]
+        with pytest.raises(errors.Unauthenticated):
+            await asyncio.wait_for(engine.take(token, "q", 1, 30_000), 5)
+
+    run(tmp_path, scenario)
