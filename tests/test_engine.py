@@ -302,3 +302,48 @@ def test_a_long_poll_whose_session_ends_while_it_claims_answers_at_once(
             await asyncio.wait_for(engine.take(token, "q", 1, 30_000), 5)
 
     run(tmp_path, scenario)
+
+
+def destroy_before_parking(engine: Engine, token: str) -> None:
+    """Make the store's next claim come back empty and destroy the queue before the
+    caller can park: the destroy's wake-up finds nobody parked yet."""
+    store = engine.store
+    claim = store.claim
+
+    async def claim_then_destroy(
+        name: str, session_id: int, limit: int, max_bytes: int
+    ) -> list[Delivery]:
+        store.claim = claim  # type: ignore[method-assign]  # once
+        found = await claim(name, session_id, limit, max_bytes)
+        await engine.destroy_queue(token, name, force=True)
+        return found
+
+    store.claim = claim_then_destroy  # type: ignore[method-assign]
+
+
+def test_a_long_poll_whose_queue_is_destroyed_while_it_claims_answers_at_once(
+    tmp_path: Path,
+) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        await engine.new_queue(token, "q")
+        destroy_before_parking(engine, token)
+        with pytest.raises(errors.QueueNotFound):
+            await asyncio.wait_for(engine.take(token, "q", 1, 30_000), 5)
+
+    run(tmp_path, scenario)
+
+
+def test_a_subscription_whose_queue_is_destroyed_while_it_claims_ends(tmp_path: Path) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        await engine.new_queue(token, "q")
+        subscription = await engine.subscribe(token, "q", 10)
+        destroy_before_parking(engine, token)
+        try:
+            with pytest.raises(errors.QueueNotFound):
+                await asyncio.wait_for(subscription.next_batch(), 5)
+        finally:
+            await subscription.close()
+
+    run(tmp_path, scenario)

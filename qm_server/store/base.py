@@ -131,10 +131,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def ready_hint(self, name: str) -> int:
-        """A cheap, possibly stale, count of ready messages (0 for an unknown queue).
+        """A cheap, possibly stale, count of ready messages (1 for an unknown queue).
 
         Long polls use it to avoid claiming from a queue known to be empty; a store that
-        cannot tell cheaply returns 1 so that the caller claims.
+        cannot tell cheaply returns 1 so that the caller claims. So does an unknown queue:
+        one destroyed between a waiter's claim and its parking has woken its waiters
+        already, and the waiter must claim again to learn that it is gone.
         """
 
     @abc.abstractmethod

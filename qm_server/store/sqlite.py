@@ -454,7 +454,9 @@ class SqliteStore(Store):
 
     def ready_hint(self, name: str) -> int:
         counts = self._published.get(name)
-        return counts.ready if counts else 0
+        # An unknown queue (destroyed, say, while a waiter claimed): 1, so that a waiter
+        # parking on it claims at once and learns QueueNotFound instead of waiting on.
+        return counts.ready if counts else 1
 
     # Maps -------------------------------------------------------------------------------
 
