@@ -117,10 +117,17 @@ class Engine:
         self._crypto_pool.shutdown(wait=True, cancel_futures=True)
 
     def in_background(self, work: Coroutine[None, None, None]) -> None:
-        """Run work without awaiting it, holding a reference until it is done."""
+        """Run work without awaiting it, holding a reference until it is done; a failure
+        is logged here, since nobody awaits it (a release that a call's end starts after
+        the store closed, at shutdown, fails with Unavailable)."""
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("background work failed: %s", exc, exc_info=exc)
 
     # Login and sessions -----------------------------------------------------------------
 

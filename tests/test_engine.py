@@ -347,3 +347,17 @@ def test_a_subscription_whose_queue_is_destroyed_while_it_claims_ends(tmp_path: 
             await subscription.close()
 
     run(tmp_path, scenario)
+
+
+def test_failed_background_work_is_logged_not_left_unretrieved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        async def fails() -> None:
+            raise errors.Unavailable("the store is closed")
+
+        engine.in_background(fails())
+        await engine.stop()
+        assert "background work failed: the store is closed" in caplog.text
+
+    run(tmp_path, scenario)
