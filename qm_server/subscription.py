@@ -149,18 +149,24 @@ class Subscription:
             return [False] * len(message_ids), []
         self._held.difference_update(mine)
         room = self._room() if not engine.draining else 0
-        results, deliveries = await engine.guarded_claim(
-            self.session,
-            engine.store.ack_and_claim(
-                self.session.id,
-                mine,
-                ack_type == pb.ACK_TYPE_DONE,
-                self.queue,
-                room,
-                engine.limits.max_response_bytes,
-            ),
-            lambda outcome: message_ids_of(outcome[1]),
-        )
+        try:
+            results, deliveries = await engine.guarded_claim(
+                self.session,
+                engine.store.ack_and_claim(
+                    self.session.id,
+                    mine,
+                    ack_type == pb.ACK_TYPE_DONE,
+                    self.queue,
+                    room,
+                    engine.limits.max_response_bytes,
+                ),
+                lambda outcome: message_ids_of(outcome[1]),
+            )
+        except errors.QmError:
+            # Nothing of a failed transaction happened: the stream still holds them, and
+            # its close must release them, or they stay in flight while the session lives.
+            self._held.update(mine)
+            raise
         if deliveries:
             deliveries = await self._took(deliveries)
         # The pusher re-checks its room and parks on the queue if needed; one waiting for

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -359,5 +360,31 @@ def test_failed_background_work_is_logged_not_left_unretrieved(
         engine.in_background(fails())
         await engine.stop()
         assert "background work failed: the store is closed" in caplog.text
+
+    run(tmp_path, scenario)
+
+
+def test_a_failed_ack_on_a_stream_leaves_its_messages_for_the_close_to_release(
+    tmp_path: Path,
+) -> None:
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        token = await log_in(engine)
+        await engine.new_queue(token, "q")
+        await engine.add(token, "q", ["a", "b"])
+        subscription = await engine.subscribe(token, "q", 10)
+        ids = [d.message_id for d in await subscription.next_batch()]
+        store = engine.store
+        ack_and_claim = store.ack_and_claim
+
+        async def fails_once(*args: Any, **kwargs: Any) -> Any:
+            store.ack_and_claim = ack_and_claim  # type: ignore[method-assign]
+            raise errors.Unavailable("the store could not commit")
+
+        store.ack_and_claim = fails_once  # type: ignore[method-assign]
+        with pytest.raises(errors.Unavailable):
+            await subscription.ack(ids, pb.ACK_TYPE_DONE)
+        await subscription.close()  # the transaction was lost: both are still held
+        counts = await store.queue_counts("q")
+        assert (counts.ready, counts.in_flight) == (2, 0)
 
     run(tmp_path, scenario)
