@@ -8,8 +8,10 @@ forced while the server holds its files open for writing, so read-only is made w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.store.sqlite import ADDS, SqliteStore
 
 Stub = pb_grpc.QueueManagerServiceStub
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -198,3 +201,48 @@ def assert_all_present(handle: ServerHandle, ids: list[int]) -> None:
                 break
             found.extend(e.message_id for e in page.element_info)
     assert found == sorted(ids)
+
+
+def test_an_operation_that_fails_by_a_bug_before_any_write_spares_the_others(
+    tmp_path: Path,
+) -> None:
+    """An operation failing with an unexpected error is answered with it, and the others
+    of its transaction run alone, even when only staged work (no transaction yet) came
+    before it: the store stays healthy."""
+
+    async def main() -> None:
+        store = SqliteStore(tmp_path)
+        health: list[bool] = []
+        store.set_health_listener(health.append)
+        await store.open()
+        try:
+            await store.create_queue("q", 10)
+
+            def bug() -> None:
+                raise RuntimeError("a bug")
+
+            # Hold the writer in a transaction of its own, so that the next one holds
+            # only staged work: the add, then the bug.
+            started, release = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                started.set()
+                release.wait(10)
+
+            gate = store._submit(hold)
+            assert started.wait(10)
+            add = asyncio.ensure_future(store.enqueue("q", ["a"]))
+            await asyncio.sleep(0)  # the add is queued
+            buggy = store._submit(bug, ADDS)
+            release.set()
+            await gate
+            assert await add == [1]
+            with pytest.raises(RuntimeError, match="a bug"):
+                await buggy
+            assert health == []
+            counts = await store.queue_counts("q")
+            assert (counts.ready, counts.in_flight) == (1, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -613,8 +613,10 @@ class SqliteStore(Store):
                         raise value
                     # A bug in one operation, which may have written part of its effect
                     # (domain errors are raised before any write, so they need no undo):
-                    # undo the transaction and run each operation alone.
-                    self._db.execute("ROLLBACK")
+                    # undo the transaction and run each operation alone. Staged work alone
+                    # has opened none yet (_write_staged), and ROLLBACK would then fail.
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
                     self._in_flight.rollback()
                     self._load_index()
                     if len(batch) == 1:
