@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server import errors
 from qm_server.store.sqlite import ADDS, SqliteStore
 
 Stub = pb_grpc.QueueManagerServiceStub
@@ -201,6 +204,82 @@ def assert_all_present(handle: ServerHandle, ids: list[int]) -> None:
                 break
             found.extend(e.message_id for e in page.element_info)
     assert found == sorted(ids)
+
+
+class FailingWrites:
+    """The store's connection with writes that fail while `failing` is set (a disk that
+    refuses them), put in place of the real one: reads and rollbacks still work."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.failing = False
+
+    def _check(self, statement: str) -> None:
+        if self.failing and not statement.lstrip().upper().startswith(("SELECT", "ROLLBACK")):
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+
+    def execute(self, statement: str, *args: Any) -> sqlite3.Cursor:
+        self._check(statement)
+        return self.conn.execute(statement, *args)
+
+    def executemany(self, statement: str, *args: Any) -> sqlite3.Cursor:
+        self._check(statement)
+        return self.conn.executemany(statement, *args)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def store_with_failing_writes(data_dir: Path) -> tuple[SqliteStore, FailingWrites]:
+    store = SqliteStore(data_dir)
+    await store.open()
+    assert store._conn is not None
+    writes = FailingWrites(store._conn)
+    await store._submit(lambda: setattr(store, "_conn", writes))  # on the writer thread
+    return store, writes
+
+
+@pytest.mark.parametrize("unhealthy_before", [False, True])
+def test_a_session_ended_while_commits_fail_leaves_nothing_in_flight(
+    tmp_path: Path, unhealthy_before: bool
+) -> None:
+    """A session's release writes nothing to disk, so a transaction that failed around it,
+    or a store that could not commit at all, must not leave its messages held for a
+    session that no longer exists: nobody would ever release them again."""
+
+    async def main() -> None:
+        store, writes = await store_with_failing_writes(tmp_path)
+        woken: list[str] = []
+        store.set_ready_listener(woken.append)
+        try:
+            await store.create_queue("q", 10)
+            await store.enqueue("q", ["a", "b"])
+            [held] = await store.claim("q", 7, 1, 1 << 20)
+            woken.clear()
+            writes.failing = True
+            if unhealthy_before:
+                with pytest.raises(errors.Unavailable):
+                    await store.enqueue("q", ["lost"])
+            # The engine has forgotten the session by now, whatever the store answers.
+            with contextlib.suppress(errors.Unavailable):
+                await store.release_session(7)
+            writes.failing = False
+            counts = await store.queue_counts("q")  # recovers first
+            assert (counts.ready, counts.in_flight) == (2, 0)
+            assert "q" in woken
+            again = await store.claim("q", 8, 2, 1 << 20)
+            assert [(d.message_id, d.delivery_count) for d in again] == [
+                (held.message_id, 2),
+                (held.message_id + 1, 1),
+            ]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
 
 
 def test_an_operation_that_fails_by_a_bug_before_any_write_spares_the_others(

@@ -101,6 +101,8 @@ class _Op:
     # CLAIMS stages claims or changes only what is in flight; any other operation needs
     # the staged rows written and the staged claims resolved first.
     stage: str = ""
+    # The session that release_session ends: done even if the transaction fails (_refuse).
+    ends_session: int | None = None
 
 
 ADDS = "adds"
@@ -431,7 +433,7 @@ class SqliteStore(Store):
             for queue_id, ids in by_queue.items():
                 self._finished(queue_id, ids, back_to_ready=True)
 
-        await self._submit(run)
+        await self._submit(run, ends_session=session_id)
 
     def _finished(self, queue_id: int, message_ids: list[int], back_to_ready: bool) -> None:
         """Messages no longer in flight: acked, or ready again at their place."""
@@ -556,12 +558,14 @@ class SqliteStore(Store):
             raise errors.MapNotFound(f"map {name!r} does not exist")
         return map_id
 
-    def _submit(self, run: Callable[[], T], stage: str = "") -> asyncio.Future[T]:
+    def _submit(
+        self, run: Callable[[], T], stage: str = "", ends_session: int | None = None
+    ) -> asyncio.Future[T]:
         if self._closed:
             raise errors.Unavailable("the store is closed")
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
-        self._inbox.put(_Op(run, future, stage))
+        self._inbox.put(_Op(run, future, stage, ends_session))
         return future
 
     def _writer_loop(self) -> None:
@@ -596,8 +600,7 @@ class SqliteStore(Store):
             self._settle([(op.future, *_call(op.run)) for op in batch])
             return
         if not self._healthy and not self._recover():
-            failure = errors.Unavailable("the store cannot commit; see the server log")
-            self._settle([(op.future, False, failure) for op in batch])
+            self._refuse(batch, errors.Unavailable("the store cannot commit; see the server log"))
             return
         self._batch = _Batch()
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
@@ -632,8 +635,7 @@ class SqliteStore(Store):
             self._in_flight.commit()
         except Exception as exc:  # the whole transaction is lost: nothing answered OK
             self._fail(exc)
-            failure = errors.Unavailable(f"the store could not commit: {exc}")
-            self._settle([(op.future, False, failure) for op in batch])
+            self._refuse(batch, errors.Unavailable(f"the store could not commit: {exc}"))
             return
         self._publish(self._batch.touched)
         self._settle(outcomes, self._batch.now_ready)
@@ -646,6 +648,23 @@ class SqliteStore(Store):
             raise errors.Unavailable(f"database file {self._path} was removed") from None
         if (stat.st_dev, stat.st_ino) != self._file_id:
             raise errors.Unavailable(f"database file {self._path} was replaced")
+
+    def _refuse(self, batch: list[_Op], failure: errors.Unavailable) -> None:
+        """Answer the operations of a transaction that did not commit with `failure`,
+        except a session's release, which is done all the same: it writes nothing to disk,
+        and its caller has forgotten the session, so nobody would ever release those
+        messages again; they stayed in flight, unseen, until a restart. Its in-flight
+        change needs no undo (the journal was rolled back first), and the index, stale
+        until the store recovers, is rebuilt from the in-flight map then (_recover)."""
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        for op in batch:
+            if op.ends_session is None:
+                outcomes.append((op.future, False, failure))
+            else:
+                self._in_flight.drop_session(op.ends_session)
+                self._in_flight.commit()
+                outcomes.append((op.future, True, None))
+        self._settle(outcomes)
 
     def _fail(self, exc: BaseException) -> None:
         self._in_flight.rollback()
@@ -676,6 +695,9 @@ class SqliteStore(Store):
         log.warning("store recovered; serving again")
         self._healthy = True
         self._notify_health(True)
+        # Messages made ready while the store failed (sessions released by _refuse) had
+        # no wake-up: waiters parked on their queues would wait on.
+        self._settle([], {name for name, state in self._index.queues.items() if state.ready})
         return True
 
     def _load_index(self) -> None:
