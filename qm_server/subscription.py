@@ -13,6 +13,7 @@ in the same transaction (one commit for both).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,8 @@ REFILL_DELAY_S = 0.05
 
 if TYPE_CHECKING:
     from qm_server.engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 class Subscription:
@@ -187,4 +190,10 @@ class Subscription:
         self._engine.forget(self)
         held, self._held = sorted(self._held), set()
         if held and not self.session.ended:
-            await self._engine.store.ack(self.session.id, held, done=False)
+            try:
+                await self._engine.store.ack(self.session.id, held, done=False)
+            except errors.QmError as exc:
+                # A store that cannot commit (a drain while the disk fails): raised out of
+                # the stream's handler, it was logged as a servicer error with a traceback.
+                # They stay in flight until the session ends, as engine._release leaves them.
+                log.warning("could not release %d messages of a closed stream: %s", len(held), exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import subprocess
 import threading
@@ -20,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_subscribe import Stream
 
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -325,3 +327,40 @@ def test_an_operation_that_fails_by_a_bug_before_any_write_spares_the_others(
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_drain_while_the_store_fails_closes_streams_without_a_traceback(
+    make_server: Callable[..., ServerHandle], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping the server while commits fail ends each Subscribe stream, whose close
+    cannot release what it holds (the store refuses the write): one warning, not an
+    error with a traceback raised out of the stream's handler."""
+    handle = make_server()
+    server = handle.thread.server
+    assert server is not None and handle.thread._loop is not None
+    store = server.store
+    assert isinstance(store, SqliteStore) and store._conn is not None
+    writes = FailingWrites(store._conn)
+
+    async def swap() -> None:
+        await store._submit(lambda: setattr(store, "_conn", writes))  # on the writer thread
+
+    asyncio.run_coroutine_threadsafe(swap(), handle.thread._loop).result(10)
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = Stub(channel)
+        token = login(stub, "admin", handle.admin_password)
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+        stub.AddAll(pb.AddAllRequest(token=token, queue_name="q", elements=["a", "b"]))
+        stream = Stream(stub, token, "q", max_unacked=2)
+        assert len(stream.next().element_info) == 2  # the stream holds both
+        writes.failing = True
+        failed = stub.Add(pb.AddRequest(token=token, queue_name="q", element="lost"))
+        assert failed.code == pb.CODE_UNAVAILABLE
+        caplog.clear()
+        handle.stop()  # the drain ends the stream; its close meets the failing store
+        assert stream.next().code == pb.CODE_UNAVAILABLE
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert not tracebacks
+    errors_logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors_logged
+    assert any("could not release 2 messages" in r.getMessage() for r in caplog.records)
