@@ -63,12 +63,15 @@ class HealthWatch:
 
 
 def fill(path: Path) -> None:
-    """Write until the file system is full."""
-    with path.open("wb") as filler:
+    """Write until the file system is full.
+
+    Unbuffered: a buffered file could still hold part of a block when the disk filled, and
+    closing it would then raise ENOSPC out of the `with`.
+    """
+    with path.open("wb", buffering=0) as filler:
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
         except OSError:
             pass
 
