@@ -20,7 +20,7 @@ from pathlib import Path
 
 from qm_server.auth import PasswordHasher
 from qm_server.config import AuthSettings, KeepaliveSettings, Limits, ServerConfig, TlsSettings
-from qm_server.fsutil import ensure_dir
+from qm_server.fsutil import DataDirInUse, ensure_dir
 from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite_file
@@ -183,7 +183,7 @@ async def serve(config: ServerConfig, port_file: Path | None) -> int:
     server = QueueManagerServer(config)
     try:
         port = await server.start()
-    except BindError as exc:
+    except (BindError, DataDirInUse) as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()

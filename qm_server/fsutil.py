@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
+
+LOCK_FILE = "qm.lock"
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,3 +39,30 @@ def ensure_dir(path: Path) -> None:
     if not path.is_dir():
         path.mkdir(mode=0o700, parents=True)
         fsync_dir(path.parent.resolve())
+
+
+class DataDirInUse(RuntimeError):
+    """Another qm-server holds the data directory."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold `<data_dir>/qm.lock` while the returned descriptor stays open.
+
+    Two servers on one data directory would each keep their own record of which session
+    holds which message, and deliver the same messages to two sessions at once. The
+    `qm-server user` commands, which edit the database beside a running server, do not
+    take it. The kernel drops the lock with the process, so a killed server leaves none.
+    """
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise DataDirInUse(
+            f"data directory {data_dir} is in use by another qm-server"
+            + (f" (pid {holder})" if holder else "")
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

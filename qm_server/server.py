@@ -16,7 +16,7 @@ from qm_server import handlers
 from qm_server.auth import KeyPair, PasswordHasher, random_password
 from qm_server.config import ServerConfig
 from qm_server.engine import Engine
-from qm_server.fsutil import ensure_dir, write_private_file
+from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
 from qm_server.servicer import QueueManagerServicer
 from qm_server.store.base import Store, UserRecord
 from qm_server.store.sqlite import SqliteStore
@@ -125,11 +125,25 @@ class QueueManagerServer:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._health_update: asyncio.Task[None] | None = None
+        self._data_dir_lock: int | None = None  # the descriptor holding qm.lock
 
     async def start(self) -> int:
-        """Open the store, bind, and serve; returns the bound port."""
+        """Lock the data directory, open the store, bind, and serve; returns the port."""
+        ensure_dir(self.config.data_dir)
+        self._data_dir_lock = lock_data_dir(self.config.data_dir)
+        try:
+            return await self._start_locked()
+        except BaseException:
+            self._unlock_data_dir()
+            raise
+
+    def _unlock_data_dir(self) -> None:
+        if self._data_dir_lock is not None:
+            os.close(self._data_dir_lock)
+            self._data_dir_lock = None
+
+    async def _start_locked(self) -> int:
         config = self.config
-        ensure_dir(config.data_dir)
         self.keys = KeyPair.load_or_create(config.data_dir, config.auth.rsa_bits)
         await self.store.open()
         await self._ensure_admin()
@@ -183,6 +197,7 @@ class QueueManagerServer:
         await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
         await self.engine.stop()
         await self.store.close()
+        self._unlock_data_dir()
         log.info("stopped; store closed")
         self._stopped.set()
 

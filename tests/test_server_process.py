@@ -88,6 +88,28 @@ def test_taken_port_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_data_directory_serves_one_server_at_a_time(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    """Two servers on one data directory would each keep their own record of what is in
+    flight and deliver the same messages to two sessions at once."""
+    first = start(processes, tmp_path / "d")
+    assert first.proc is not None
+    second = qm_server("--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "d"), *FAST)
+    assert second.returncode == 2
+    assert f"data directory {tmp_path / 'd'} is in use by another qm-server" in second.stderr
+    assert f"(pid {first.proc.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    # The user commands edit the database beside a running server, as documented.
+    added = qm_server(
+        "user", "add", "alice", "--password-stdin", "--data-dir", str(tmp_path / "d"), stdin="pw\n"
+    )
+    assert added.returncode == 0, added.stderr
+    # A killed server leaves no stale lock: the kernel drops it with the process.
+    first.kill()
+    start(processes, tmp_path / "d")
+
+
 def test_user_commands(tmp_path: Path, processes: list[ServerProcess]) -> None:
     data = tmp_path / "data"
     proc = start(processes, data, QM_ADMIN_PASSWORD="root-pw")
