@@ -195,7 +195,7 @@ async def serve(config: ServerConfig, port_file: Path | None) -> int:
         tmp.write_text(f"{port}\n")
         tmp.replace(port_file)
     await server.wait_stopped()
-    return 0
+    return 1 if server.failed_to_stop else 0
 
 
 def read_password(args: argparse.Namespace) -> str:

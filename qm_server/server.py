@@ -126,6 +126,7 @@ class QueueManagerServer:
         self._stopped = asyncio.Event()
         self._health_update: asyncio.Task[None] | None = None
         self._data_dir_lock: int | None = None  # the descriptor holding qm.lock
+        self.failed_to_stop = False
 
     async def start(self) -> int:
         """Lock the data directory, open the store, bind, and serve; returns the port."""
@@ -189,17 +190,25 @@ class QueueManagerServer:
         if self._server is None or self._stopping:
             return
         self._stopping = True
-        if self._health_update is not None:
-            await self._health_update
-        await self._set_serving(False)
-        assert self.engine is not None
-        self.engine.begin_drain()
-        await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
-        await self.engine.stop()
-        await self.store.close()
-        self._unlock_data_dir()
-        log.info("stopped; store closed")
-        self._stopped.set()
+        try:
+            if self._health_update is not None:
+                await self._health_update
+            await self._set_serving(False)
+            assert self.engine is not None
+            self.engine.begin_drain()
+            await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
+            await self.engine.stop()
+            await self.store.close()
+            log.info("stopped; store closed")
+        except BaseException:
+            # Whoever waits for the end (qm-server's main, after a SIGTERM) must not wait
+            # for ever: it ends all the same, with a failure to report.
+            log.exception("the shutdown failed")
+            self.failed_to_stop = True
+            raise
+        finally:
+            self._unlock_data_dir()
+            self._stopped.set()
 
     async def wait_stopped(self) -> None:
         """Until stop() has finished: drained, store closed."""

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from server_process import ServerProcess
 
-from conftest import login
+from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
@@ -270,3 +270,28 @@ def test_kill_9_loses_nothing_answered_ok(tmp_path: Path, processes: list[Server
             assert remaining[message_id][1] == count + 1
     ids = sorted(remaining)
     assert len(ids) == len(set(ids))
+
+
+def test_a_shutdown_that_fails_still_ends_the_server(
+    make_server: Callable[..., ServerHandle],
+) -> None:
+    """qm-server waits for stop() to finish before it exits; a stop() that raised used
+    to leave that wait pending for ever, so SIGTERM hung the process."""
+    handle = make_server()
+    server, thread = handle.thread.server, handle.thread._thread
+    assert server is not None and server.engine is not None and thread is not None
+
+    engine_stop = server.engine.stop
+
+    async def broken_stop() -> None:
+        await engine_stop()
+        raise RuntimeError("the session sweeper died")
+
+    server.engine.stop = broken_stop  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="sweeper died"):
+        handle.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert server.failed_to_stop
+    # Its data directory is free again.
+    make_server(data_dir=handle.data_dir)
