@@ -170,7 +170,10 @@ class LoginThrottle:
         failures += 1
         until = 0.0
         if failures >= self._free_failures:
-            backoff = min(self._max_backoff_s, 2.0 ** (failures - self._free_failures))
+            # The exponent is capped: past about 1030 failures 2.0 ** n overflowed, the
+            # login answered CODE_INTERNAL and the key's count was lost (free tries again).
+            exponent = min(failures - self._free_failures, 62)
+            backoff = min(self._max_backoff_s, 2.0**exponent)
             until = self._clock() + backoff
         self._state[key] = (failures, until)
         while len(self._state) > self._capacity:

@@ -153,6 +153,12 @@ class Engine:
         stored = record.password_hash if record is not None and fresh else None
         password = envelope.password if envelope is not None else ""
         ok = await loop.run_in_executor(self._crypto_pool, self._hasher.verify, password, stored)
+        # A burst of parallel logins all passed the check above before any of them failed:
+        # one whose user or peer got throttled meanwhile does not reveal its outcome, so a
+        # burst gets no more answers than the same guesses made one at a time.
+        wait = max(self._throttle.retry_after(key) for key in keys)
+        if wait > 0:
+            raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
         if not ok or record is None:
             for key in keys:
                 self._throttle.failed(key)
@@ -164,6 +170,9 @@ class Engine:
                 f"the server holds {self.limits.max_sessions} sessions (limit)"
             )
         await self.refresh_permissions()
+        if record.name not in self._permissions:
+            # Removed (`qm-server user remove`) after its record was read, during the hash.
+            raise errors.Unauthenticated(LOGIN_FAILED)
         token, session = self._sessions.create(record.name, self._clock())
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
@@ -295,7 +304,10 @@ class Engine:
             await self._wait_for_ready(session, name, remaining)
             try:
                 session = self.session(token)
-            except errors.Unauthenticated:
+                # Grants are reloaded every second: a revocation made while this poll
+                # waited must stop it before it claims, not after its wait_ms (20 s).
+                self._authorize(session, "read", "queue", name)
+            except (errors.Unauthenticated, errors.PermissionDenied):
                 self.signals.wake(name)  # the wake-up we may have taken goes to another
                 raise
 

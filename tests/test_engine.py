@@ -13,8 +13,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from conftest import FAST_AUTH, encrypt_password
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
-from qm_server.auth import KeyPair, PasswordHasher
+from qm_server.auth import KeyPair, LoginThrottle, PasswordHasher
 from qm_server.engine import Engine
+from qm_server.permissions import Grant
+from qm_server.store import sqlite_file
 from qm_server.store.base import Delivery, UserRecord
 from qm_server.store.sqlite import SqliteStore
 
@@ -386,5 +388,99 @@ def test_a_failed_ack_on_a_stream_leaves_its_messages_for_the_close_to_release(
         await subscription.close()  # the transaction was lost: both are still held
         counts = await store.queue_counts("q")
         assert (counts.ready, counts.in_flight) == (2, 0)
+
+    run(tmp_path, scenario)
+
+
+def test_a_throttle_past_a_thousand_failures_still_backs_off() -> None:
+    """The backoff doubled with no bound on its exponent: past about 1030 failures
+    2.0 ** n overflowed, the failed login answered CODE_INTERNAL and the key's count was
+    lost, so its next logins were free again."""
+    clock = FakeClock()
+    throttle = LoginThrottle(5, 60.0, clock)
+    for _ in range(1100):
+        clock.now += 61  # each try waits out the backoff, as a patient guesser does
+        throttle.failed("user:admin")
+    assert throttle.retry_after("user:admin") == pytest.approx(60.0)
+
+
+def test_a_burst_of_concurrent_logins_gets_no_more_answers_than_the_throttle_allows(
+    tmp_path: Path,
+) -> None:
+    """Every login of a burst passed the throttle before any of them failed, so twenty
+    parallel guesses all got their answer where one at a time allows five."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        results = await asyncio.gather(
+            *(log_in(engine, f"guess-{i}") for i in range(20)), return_exceptions=True
+        )
+        answered = [r for r in results if isinstance(r, errors.Unauthenticated)]
+        refused = [r for r in results if isinstance(r, errors.ResourceExhausted)]
+        assert (len(answered), len(refused)) == (FAST_AUTH.failures_before_backoff, 15)
+
+    run(tmp_path, scenario)
+
+
+async def log_in_as(engine: Engine, username: str, password: str) -> str:
+    challenge = engine.get_challenge()
+    reply = pb.GetChallengeResponse(
+        public_key_pem=challenge.public_key_pem, challenge=challenge.challenge
+    )
+    token, _ = await engine.login(username, encrypt_password(reply, password), "peer")
+    return token
+
+
+def test_a_long_poll_parked_before_a_revocation_takes_nothing_after_it(tmp_path: Path) -> None:
+    """Revocations reach a running server within about a second; a long poll that had
+    parked with the grant went on to claim messages for up to its wait_ms (20 s)."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        admin = await log_in(engine)
+        await engine.new_queue(admin, "q")
+        hashed = PasswordHasher.from_settings(FAST_AUTH).hash("bob-pw")
+        await engine.store.put_user(UserRecord("bob", hashed, is_admin=False))
+        grant = Grant("read", "queue", "q")
+        conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
+        try:
+            with sqlite_file.transaction(conn):  # as `qm-server user grant` does
+                sqlite_file.add_grant(conn, "bob", grant)
+            bob = await log_in_as(engine, "bob", "bob-pw")
+            polling = asyncio.ensure_future(engine.take(bob, "q", 1, 20_000))
+            await until(lambda: engine.signals.waiting() == 1)
+            with sqlite_file.transaction(conn):  # `qm-server user revoke`
+                sqlite_file.remove_grant(conn, "bob", grant)
+        finally:
+            conn.close()
+        await engine.refresh_permissions()  # the sweep's reload
+        await engine.add(admin, "q", ["secret"])
+        with pytest.raises(errors.PermissionDenied):
+            await asyncio.wait_for(polling, 5)
+        assert await engine.counts(admin, "q") == (1, 0)
+
+    run(tmp_path, scenario)
+
+
+def test_a_user_removed_while_logging_in_gets_no_session(tmp_path: Path) -> None:
+    """The user record was read before the slow password hash; a `user remove` committed
+    during the hash still got an OK login and a token."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        hasher = engine._hasher
+
+        class RemoveDuringHash:
+            def verify(self, password: str, stored: str | None) -> bool:
+                ok = hasher.verify(password, stored)
+                conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
+                try:
+                    with sqlite_file.transaction(conn):  # `qm-server user remove admin`
+                        sqlite_file.delete_user(conn, "admin")
+                finally:
+                    conn.close()
+                return ok
+
+        engine._hasher = RemoveDuringHash()  # type: ignore[assignment]
+        with pytest.raises(errors.Unauthenticated):
+            await log_in(engine)
+        assert engine.session_count() == 0
 
     run(tmp_path, scenario)
