@@ -233,12 +233,18 @@ class Engine:
 
     async def refresh_permissions(self) -> None:
         """Reload grants; end the sessions of users that were removed."""
-        self._permissions = await self.store.load_permissions()
+        before, self._permissions = self._permissions, await self.store.load_permissions()
         for session in self._sessions.all():
             if session.username not in self._permissions:
                 await self._end_session(session, "ended: the user was removed")
+        if self._permissions != before:
+            # An open stream checks its read grant at each turn of its loop; a parked one
+            # must wake to see a revocation, or it would go on delivering.
+            for subscriptions in self._subscriptions.values():
+                for subscription in subscriptions:
+                    subscription.poke()
 
-    def _authorize(self, session: Session, action: str, kind: str, name: str) -> None:
+    def authorize(self, session: Session, action: str, kind: str, name: str) -> None:
         permissions = self._permissions.get(session.username)
         if permissions is None or not permissions.allows(action, kind, name):
             raise errors.PermissionDenied(
@@ -254,20 +260,20 @@ class Engine:
     async def new_queue(self, token: str, name: str) -> None:
         session = self.session(token)
         check_name("queue_name", name)
-        self._authorize(session, "manage", "queue", name)
+        self.authorize(session, "manage", "queue", name)
         await self.store.create_queue(name, self.limits.max_queues)
 
     async def destroy_queue(self, token: str, name: str, force: bool) -> None:
         session = self.session(token)
         check_name("queue_name", name)
-        self._authorize(session, "manage", "queue", name)
+        self.authorize(session, "manage", "queue", name)
         await self.store.destroy_queue(name, force)
         self.signals.wake(name, everyone=True)
 
     async def add(self, token: str, name: str, elements: Sequence[str]) -> list[int]:
         session = self.session(token)
         check_name("queue_name", name)
-        self._authorize(session, "write", "queue", name)
+        self.authorize(session, "write", "queue", name)
         check_count("elements", len(elements), self.limits.max_batch)
         check_texts_size("element", elements, self.limits.max_element_bytes)
         return await self.store.enqueue(name, elements)
@@ -276,7 +282,7 @@ class Engine:
         """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked."""
         session = self.session(token)
         check_name("queue_name", name)
-        self._authorize(session, "read", "queue", name)
+        self.authorize(session, "read", "queue", name)
         check_count("number", number, self.limits.max_batch)
         if wait_ms < 0:
             raise errors.InvalidArgument("wait_ms must not be negative")
@@ -306,7 +312,7 @@ class Engine:
                 session = self.session(token)
                 # Grants are reloaded every second: a revocation made while this poll
                 # waited must stop it before it claims, not after its wait_ms (20 s).
-                self._authorize(session, "read", "queue", name)
+                self.authorize(session, "read", "queue", name)
             except (errors.Unauthenticated, errors.PermissionDenied):
                 self.signals.wake(name)  # the wake-up we may have taken goes to another
                 raise
@@ -396,7 +402,7 @@ class Engine:
         """A streaming consumer holding at most max_unacked messages at once."""
         session = self.session(token)
         check_name("queue_name", name)
-        self._authorize(session, "read", "queue", name)
+        self.authorize(session, "read", "queue", name)
         check_count("max_unacked", max_unacked, self.limits.max_batch)
         await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
         if self.draining:
@@ -422,7 +428,7 @@ class Engine:
         """(ready, in flight) for Size, IsEmpty and GetUncheckNum."""
         session = self.session(token)
         check_name("queue_name", name)
-        self._authorize(session, "read", "queue", name)
+        self.authorize(session, "read", "queue", name)
         counts = await self.store.queue_counts(name)
         return counts.ready, counts.in_flight
 
@@ -431,7 +437,7 @@ class Engine:
     async def map_put(self, token: str, name: str, pairs: Sequence[tuple[str, str]]) -> None:
         session = self.session(token)
         check_name("map", name)
-        self._authorize(session, "write", "map", name)
+        self.authorize(session, "write", "map", name)
         check_count("list", len(pairs), self.limits.max_batch)
         for key, value in pairs:
             check_text_size("key", key, self.limits.max_element_bytes)
@@ -441,19 +447,19 @@ class Engine:
     async def map_remove(self, token: str, name: str, key: str) -> None:
         session = self.session(token)
         check_name("map", name)
-        self._authorize(session, "write", "map", name)
+        self.authorize(session, "write", "map", name)
         await self.store.map_remove(name, key)
 
     async def map_get(self, token: str, name: str, key: str) -> str:
         session = self.session(token)
         check_name("map", name)
-        self._authorize(session, "read", "map", name)
+        self.authorize(session, "read", "map", name)
         return await self.store.map_get(name, key)
 
     async def map_get_all(self, token: str, name: str) -> dict[str, str]:
         session = self.session(token)
         check_name("map", name)
-        self._authorize(session, "read", "map", name)
+        self.authorize(session, "read", "map", name)
         return await self.store.map_get_all(name, self.limits.max_map_get_all_bytes)
 
     async def map_get_list(
@@ -461,7 +467,7 @@ class Engine:
     ) -> list[tuple[str, str]]:
         session = self.session(token)
         check_name("map", name)
-        self._authorize(session, "read", "map", name)
+        self.authorize(session, "read", "map", name)
         if offset < 0:
             raise errors.InvalidArgument("offset must not be negative")
         check_count("size", size, self.limits.max_page)
@@ -470,5 +476,5 @@ class Engine:
     async def map_destroy(self, token: str, name: str) -> None:
         session = self.session(token)
         check_name("map", name)
-        self._authorize(session, "manage", "map", name)
+        self.authorize(session, "manage", "map", name)
         await self.store.map_destroy(name)

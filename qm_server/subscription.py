@@ -70,6 +70,8 @@ class Subscription:
                 raise errors.Unauthenticated("the session ended; log in again")
             if engine.draining:
                 raise errors.Unavailable("the server is shutting down")
+            # Grants are reloaded every second: a revoked one ends the stream.
+            engine.authorize(self.session, "read", "queue", self.queue)
             room = self.max_unacked - len(self._held) if overdue else self._room()
             overdue = False
             if room:

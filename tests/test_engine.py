@@ -484,3 +484,37 @@ def test_a_user_removed_while_logging_in_gets_no_session(tmp_path: Path) -> None
         assert engine.session_count() == 0
 
     run(tmp_path, scenario)
+
+
+def test_a_subscription_stops_at_a_revocation(tmp_path: Path) -> None:
+    """A stream opened with the read grant went on delivering for as long as it stayed
+    open after the grant was revoked; it now ends with PERMISSION_DENIED at the reload."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        admin = await log_in(engine)
+        await engine.new_queue(admin, "q")
+        hashed = PasswordHasher.from_settings(FAST_AUTH).hash("bob-pw")
+        await engine.store.put_user(UserRecord("bob", hashed, is_admin=False))
+        grant = Grant("read", "queue", "q")
+        conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
+        try:
+            with sqlite_file.transaction(conn):
+                sqlite_file.add_grant(conn, "bob", grant)
+            bob = await log_in_as(engine, "bob", "bob-pw")
+            subscription = await engine.subscribe(bob, "q", 10)
+            pushing = asyncio.ensure_future(subscription.next_batch())
+            await until(lambda: engine.signals.waiting() == 1)
+            with sqlite_file.transaction(conn):
+                sqlite_file.remove_grant(conn, "bob", grant)
+        finally:
+            conn.close()
+        try:
+            await engine.refresh_permissions()  # the sweep's reload
+            await engine.add(admin, "q", ["secret"])
+            with pytest.raises(errors.PermissionDenied):
+                await asyncio.wait_for(pushing, 5)
+            assert await engine.counts(admin, "q") == (1, 0)
+        finally:
+            await subscription.close()
+
+    run(tmp_path, scenario)
