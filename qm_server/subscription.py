@@ -66,12 +66,8 @@ class Subscription:
         engine = self._engine
         overdue = False
         while True:
-            if self.session.ended:
-                raise errors.Unauthenticated("the session ended; log in again")
-            if engine.draining:
-                raise errors.Unavailable("the server is shutting down")
-            # Grants are reloaded every second: a revoked one ends the stream.
-            engine.authorize(self.session, "read", "queue", self.queue)
+            if (stopped := self._stopped_by()) is not None:
+                raise stopped
             room = self.max_unacked - len(self._held) if overdue else self._room()
             overdue = False
             if room:
@@ -97,6 +93,20 @@ class Subscription:
                 finally:
                     self._awaiting_room = False
 
+    def _stopped_by(self) -> errors.QmError | None:
+        """Why the stream cannot go on, or None: its session ended, the server drains, or
+        its read grant was revoked (grants are reloaded every second). Checked at each
+        turn of next_batch and around each wait, whose pokes may come while it claims."""
+        if self.session.ended:
+            return errors.Unauthenticated("the session ended; log in again")
+        if self._engine.draining:
+            return errors.Unavailable("the server is shutting down")
+        try:
+            self._engine.authorize(self.session, "read", "queue", self.queue)
+        except errors.PermissionDenied as exc:
+            return exc
+        return None
+
     def _room(self) -> int:
         """How many to claim now: 0 while the window is more than three quarters full."""
         room = self.max_unacked - len(self._held)
@@ -116,7 +126,7 @@ class Subscription:
         """Wait for a poke (or, if parked, ready messages); False when timeout_s passed."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
-        if self.session.ended or self._engine.draining:
+        if self._stopped_by() is not None:
             waiter.set_result(None)  # its poke came while we claimed, with nobody waiting
         if park:
             self._engine.signals.park(self.queue, waiter)
@@ -124,7 +134,7 @@ class Subscription:
             with self._engine.busy(self.session):
                 async with asyncio.timeout(timeout_s):
                     await waiter
-            if park and self.session.ended:
+            if park and self._stopped_by() is not None:
                 # We leave without claiming; the wake-up we may have taken for a ready
                 # message goes to the next waiter (a drain wakes every waiter anyway).
                 self._engine.signals.wake(self.queue)
