@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -19,7 +19,9 @@ from qm_server.permissions import Grant
 from qm_server.store import sqlite_file
 from qm_server.store.base import Delivery, UserRecord
 from qm_server.store.sqlite import SqliteStore
+from qm_server.subscription import Subscription
 
+T = TypeVar("T")
 KEY = KeyPair(rsa.generate_private_key(public_exponent=65537, key_size=2048))
 
 
@@ -51,12 +53,12 @@ def run(tmp_path: Path, test: EngineTest, session_ttl_s: float = 10.0) -> None:
     asyncio.run(main())
 
 
-async def log_in(engine: Engine, password: str = "pw") -> str:
+async def log_in(engine: Engine, password: str = "pw", username: str = "admin") -> str:
     challenge = engine.get_challenge()
     reply = pb.GetChallengeResponse(
         public_key_pem=challenge.public_key_pem, challenge=challenge.challenge
     )
-    token, _ = await engine.login("admin", encrypt_password(reply, password), "peer")
+    token, _ = await engine.login(username, encrypt_password(reply, password), "peer")
     return token
 
 
@@ -135,23 +137,32 @@ def test_drain_answers_waiters_at_once(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
-def release_before_parking(engine: Engine, holder: str) -> None:
-    """Make the store's next claim come back empty and, before the caller can park, let
-    the holder's messages become ready and their wake-up fire: the lost-wake-up window
-    between a claim that found nothing and the park that follows it."""
+def before_parking(
+    engine: Engine, meanwhile: Callable[[str, list[Delivery]], Awaitable[object]]
+) -> None:
+    """Let the store's next claim run, then `meanwhile(queue, what it found)` before its
+    caller can park: the window between a claim that found nothing and the park that
+    follows it, in which a wake-up finds nobody parked yet."""
     store = engine.store
     claim = store.claim
 
-    async def claim_then_release(
-        name: str, session_id: int, limit: int, max_bytes: int
-    ) -> list[Delivery]:
+    async def claim_then(name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
         store.claim = claim  # type: ignore[method-assign]  # once
         found = await claim(name, session_id, limit, max_bytes)
-        assert found == []
-        await store.release_session(engine.session(holder).id)  # wakes nobody yet
+        await meanwhile(name, found)
         return found
 
-    store.claim = claim_then_release  # type: ignore[method-assign]
+    store.claim = claim_then  # type: ignore[method-assign]
+
+
+def release_before_parking(engine: Engine, holder: str) -> None:
+    """The holder's messages become ready, and their wake-up fires, in that window."""
+
+    async def release(name: str, found: list[Delivery]) -> None:
+        assert found == []
+        await engine.store.release_session(engine.session(holder).id)  # wakes nobody yet
+
+    before_parking(engine, release)
 
 
 def test_a_long_poll_sees_messages_made_ready_while_it_claimed(tmp_path: Path) -> None:
@@ -191,18 +202,9 @@ def test_a_subscription_whose_session_ends_while_it_claims_ends_at_once(
         token = await log_in(engine)
         await engine.new_queue(token, "q")
         subscription = await engine.subscribe(token, "q", 10)
-        store = engine.store
-        claim = store.claim
-
-        async def claim_then_log_out(
-            name: str, session_id: int, limit: int, max_bytes: int
-        ) -> list[Delivery]:
-            store.claim = claim  # type: ignore[method-assign]  # once
-            found = await claim(name, session_id, limit, max_bytes)
-            await engine.logout(token)  # its poke finds nobody waiting yet
-            return found
-
-        store.claim = claim_then_log_out  # type: ignore[method-assign]
+        before_parking(
+            engine, lambda name, found: engine.logout(token)
+        )  # its poke finds nobody waiting yet
         try:
             with pytest.raises(errors.Unauthenticated):
                 await asyncio.wait_for(subscription.next_batch(), 5)
@@ -289,18 +291,7 @@ def test_a_long_poll_whose_session_ends_while_it_claims_answers_at_once(
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         token = await log_in(engine)
         await engine.new_queue(token, "q")
-        store = engine.store
-        claim = store.claim
-
-        async def claim_then_log_out(
-            name: str, session_id: int, limit: int, max_bytes: int
-        ) -> list[Delivery]:
-            store.claim = claim  # type: ignore[method-assign]  # once
-            found = await claim(name, session_id, limit, max_bytes)
-            await engine.logout(token)
-            return found
-
-        store.claim = claim_then_log_out  # type: ignore[method-assign]
+        before_parking(engine, lambda name, found: engine.logout(token))
         with pytest.raises(errors.Unauthenticated):
             await asyncio.wait_for(engine.take(token, "q", 1, 30_000), 5)
 
@@ -308,20 +299,8 @@ def test_a_long_poll_whose_session_ends_while_it_claims_answers_at_once(
 
 
 def destroy_before_parking(engine: Engine, token: str) -> None:
-    """Make the store's next claim come back empty and destroy the queue before the
-    caller can park: the destroy's wake-up finds nobody parked yet."""
-    store = engine.store
-    claim = store.claim
-
-    async def claim_then_destroy(
-        name: str, session_id: int, limit: int, max_bytes: int
-    ) -> list[Delivery]:
-        store.claim = claim  # type: ignore[method-assign]  # once
-        found = await claim(name, session_id, limit, max_bytes)
-        await engine.destroy_queue(token, name, force=True)
-        return found
-
-    store.claim = claim_then_destroy  # type: ignore[method-assign]
+    """The queue is destroyed in that window: the destroy's wake-up finds nobody parked."""
+    before_parking(engine, lambda name, found: engine.destroy_queue(token, name, force=True))
 
 
 def test_a_long_poll_whose_queue_is_destroyed_while_it_claims_answers_at_once(
@@ -421,13 +400,26 @@ def test_a_burst_of_concurrent_logins_gets_no_more_answers_than_the_throttle_all
     run(tmp_path, scenario)
 
 
-async def log_in_as(engine: Engine, username: str, password: str) -> str:
-    challenge = engine.get_challenge()
-    reply = pb.GetChallengeResponse(
-        public_key_pem=challenge.public_key_pem, challenge=challenge.challenge
-    )
-    token, _ = await engine.login(username, encrypt_password(reply, password), "peer")
-    return token
+async def revoked_after_parking(
+    engine: Engine, tmp_path: Path, wait: Callable[[str], Awaitable[T]]
+) -> asyncio.Future[T]:
+    """User bob with the read grant on queue q starts `wait(his token)`; once it parked,
+    the grant is revoked as `qm-server user revoke` does and the sweep reloads grants."""
+    hashed = PasswordHasher.from_settings(FAST_AUTH).hash("bob-pw")
+    await engine.store.put_user(UserRecord("bob", hashed, is_admin=False))
+    grant = Grant("read", "queue", "q")
+    conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
+    try:
+        with sqlite_file.transaction(conn):  # as `qm-server user grant` does
+            sqlite_file.add_grant(conn, "bob", grant)
+        waiting = asyncio.ensure_future(wait(await log_in(engine, "bob-pw", "bob")))
+        await until(lambda: engine.signals.waiting() == 1)
+        with sqlite_file.transaction(conn):  # `qm-server user revoke`
+            sqlite_file.remove_grant(conn, "bob", grant)
+    finally:
+        conn.close()
+    await engine.refresh_permissions()  # the sweep's reload
+    return waiting
 
 
 def test_a_long_poll_parked_before_a_revocation_takes_nothing_after_it(tmp_path: Path) -> None:
@@ -437,21 +429,9 @@ def test_a_long_poll_parked_before_a_revocation_takes_nothing_after_it(tmp_path:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         admin = await log_in(engine)
         await engine.new_queue(admin, "q")
-        hashed = PasswordHasher.from_settings(FAST_AUTH).hash("bob-pw")
-        await engine.store.put_user(UserRecord("bob", hashed, is_admin=False))
-        grant = Grant("read", "queue", "q")
-        conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
-        try:
-            with sqlite_file.transaction(conn):  # as `qm-server user grant` does
-                sqlite_file.add_grant(conn, "bob", grant)
-            bob = await log_in_as(engine, "bob", "bob-pw")
-            polling = asyncio.ensure_future(engine.take(bob, "q", 1, 20_000))
-            await until(lambda: engine.signals.waiting() == 1)
-            with sqlite_file.transaction(conn):  # `qm-server user revoke`
-                sqlite_file.remove_grant(conn, "bob", grant)
-        finally:
-            conn.close()
-        await engine.refresh_permissions()  # the sweep's reload
+        polling = await revoked_after_parking(
+            engine, tmp_path, lambda bob: engine.take(bob, "q", 1, 20_000)
+        )
         await engine.add(admin, "q", ["secret"])
         with pytest.raises(errors.PermissionDenied):
             await asyncio.wait_for(polling, 5)
@@ -493,28 +473,19 @@ def test_a_subscription_stops_at_a_revocation(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         admin = await log_in(engine)
         await engine.new_queue(admin, "q")
-        hashed = PasswordHasher.from_settings(FAST_AUTH).hash("bob-pw")
-        await engine.store.put_user(UserRecord("bob", hashed, is_admin=False))
-        grant = Grant("read", "queue", "q")
-        conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
+        subscriptions: list[Subscription] = []
+
+        async def push(bob: str) -> list[Delivery]:
+            subscriptions.append(await engine.subscribe(bob, "q", 10))
+            return await subscriptions[0].next_batch()
+
+        pushing = await revoked_after_parking(engine, tmp_path, push)
         try:
-            with sqlite_file.transaction(conn):
-                sqlite_file.add_grant(conn, "bob", grant)
-            bob = await log_in_as(engine, "bob", "bob-pw")
-            subscription = await engine.subscribe(bob, "q", 10)
-            pushing = asyncio.ensure_future(subscription.next_batch())
-            await until(lambda: engine.signals.waiting() == 1)
-            with sqlite_file.transaction(conn):
-                sqlite_file.remove_grant(conn, "bob", grant)
-        finally:
-            conn.close()
-        try:
-            await engine.refresh_permissions()  # the sweep's reload
             await engine.add(admin, "q", ["secret"])
             with pytest.raises(errors.PermissionDenied):
                 await asyncio.wait_for(pushing, 5)
             assert await engine.counts(admin, "q") == (1, 0)
         finally:
-            await subscription.close()
+            await subscriptions[0].close()
 
     run(tmp_path, scenario)
