@@ -283,8 +283,9 @@ class SqliteStore(Store):
             others = batch.claims or batch.deletes or batch.marks or batch.deleted_newest
             if not (batch.appends or others):
                 return  # nothing to write (negative acks, say)
-            lone = _one_insert(batch.appends[0]) if len(batch.appends) == 1 else None
-            if lone and not others:
+            # Only when nothing else is staged: _write_appends would build the JSON again.
+            lone = _one_insert(batch.appends[0]) if len(batch.appends) == 1 and not others else None
+            if lone:
                 # Adds to one queue only (unary Adds under load share one run of ids) are
                 # one INSERT, which commits by itself: no BEGIN and no COMMIT, two
                 # statements fewer, each a round trip through the GIL.
