@@ -143,8 +143,10 @@ def start_server(
     log_path: Path,
     env: Mapping[str, str] | None = None,
     timeout_s: float = 60.0,
+    cwd: Path = REPO_ROOT,
 ) -> ServerProcess:
-    """Starts cmd and waits, bounded by timeout_s, for it to write its port to port_file."""
+    """Starts cmd in cwd and waits, bounded by timeout_s, for it to write its port to
+    port_file."""
     port_file.unlink(missing_ok=True)
     started = time.monotonic()
     with log_path.open("ab") as log:
@@ -153,7 +155,7 @@ def start_server(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
+            cwd=cwd,
             env=child_env(env),
         )
     deadline = started + timeout_s

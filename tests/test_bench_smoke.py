@@ -79,3 +79,52 @@ def test_the_harness_imports_no_peer_client_until_a_peer_runs() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert (proc.returncode, proc.stdout.strip()) == (0, "[]"), proc.stderr
+
+
+def test_bench_ab_runs_each_checkout_s_own_code(tmp_path: Path) -> None:
+    # Regression: started from this repo, `python -m qm_server` imported this repo's
+    # server whatever PYTHONPATH named, so an A/B of two versions measured one twice.
+    from benchmarks.ab import start_checkout
+
+    checkout = tmp_path / "other"
+    (checkout / "qm_server").mkdir(parents=True)
+    (checkout / "qm_server" / "__init__.py").write_text("")
+    (checkout / "qm_server" / "__main__.py").write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "port_file = Path(sys.argv[sys.argv.index('--port-file') + 1])\n"
+        "(port_file.parent / 'ran').write_text(str(Path(__file__).resolve()))\n"
+        "port_file.write_text('1\\n')\n"
+        "time.sleep(60)\n"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    server = start_checkout("other", checkout, work)
+    try:
+        ran = (work / "other" / "ran").read_text()
+    finally:
+        server.stop()
+    assert ran == str((checkout / "qm_server" / "__main__.py").resolve())
+
+
+def test_bench_ab_reports_each_checkout_against_the_floor() -> None:
+    proc = subprocess.run(
+        [
+            str(ROOT / "scripts" / "bench-ab"),
+            "here=" + str(ROOT),
+            *("--rounds", "2", "--duration", "1", "--scale", "0.01"),
+            *("--concurrency", "2", "--client-procs", "1"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "QM_PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[:2]] == ["round 1/2", "round 2/2"]
+    table = {line.split()[0]: line.split() for line in lines[3:]}
+    assert set(table) == {"floor", "here"}
+    assert table["floor"][3] == "1.00"  # the floor against itself, every round
