@@ -170,10 +170,11 @@ class Engine:
                 f"the server holds {self.limits.max_sessions} sessions (limit)"
             )
         await self.refresh_permissions()
-        if record.name not in self._permissions:
-            # Removed (`qm-server user remove`) after its record was read, during the hash.
+        now = self._permissions.get(record.name)
+        if now is None or now.credential != record.password_hash:
+            # Removed, or given a new password, after its record was read, during the hash.
             raise errors.Unauthenticated(LOGIN_FAILED)
-        token, session = self._sessions.create(record.name, self._clock())
+        token, session = self._sessions.create(record.name, record.password_hash, self._clock())
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
 
@@ -232,11 +233,15 @@ class Engine:
                 log.warning("could not sweep sessions yet: %s", exc)
 
     async def refresh_permissions(self) -> None:
-        """Reload grants; end the sessions of users that were removed."""
+        """Reload grants; end the sessions of users that were removed or whose password
+        changed (a user removed and added again within a reload has a new password hash)."""
         before, self._permissions = self._permissions, await self.store.load_permissions()
         for session in self._sessions.all():
-            if session.username not in self._permissions:
+            user = self._permissions.get(session.username)
+            if user is None:
                 await self._end_session(session, "ended: the user was removed")
+            elif user.credential != session.credential:
+                await self._end_session(session, "ended: the user's password changed")
         if self._permissions != before:
             # An open stream checks its read grant at each turn of its loop; a parked one
             # must wake to see a revocation, or it would go on delivering.

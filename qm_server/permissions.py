@@ -40,6 +40,10 @@ class Grant:
 class Permissions:
     is_admin: bool = False
     grants: tuple[Grant, ...] = field(default_factory=tuple)
+    credential: str = ""
+    """The user's password hash, salted afresh by every `user passwd` and `user add`: a
+    session opened with another credential was opened before a password change or by a
+    user of the same name since removed, and must end."""
 
     def allows(self, action: str, kind: str, name: str) -> bool:
         return self.is_admin or any(

@@ -25,13 +25,14 @@ class Session:
     id: int
     username: str
     last_active: float
+    credential: str = field(default="")  # Permissions.credential at login
     ended: bool = field(default=False)
     waiting: int = field(default=0)
 
 
 class SessionRegistry(abc.ABC):
     @abc.abstractmethod
-    def create(self, username: str, now: float) -> tuple[str, Session]:
+    def create(self, username: str, credential: str, now: float) -> tuple[str, Session]:
         """A new session and its token; only the token's digest is kept."""
 
     @abc.abstractmethod
@@ -60,12 +61,12 @@ class MemorySessions(SessionRegistry):
         self._by_digest: dict[bytes, Session] = {}
         self._digest_by_id: dict[int, bytes] = {}
 
-    def create(self, username: str, now: float) -> tuple[str, Session]:
+    def create(self, username: str, credential: str, now: float) -> tuple[str, Session]:
         token = new_token()
         session_id = secrets.randbits(62)
         while session_id in self._digest_by_id:
             session_id = secrets.randbits(62)
-        session = Session(session_id, username, now)
+        session = Session(session_id, username, now, credential)
         digest = token_digest(token)
         self._by_digest[digest] = session
         self._digest_by_id[session_id] = digest

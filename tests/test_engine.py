@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -440,6 +441,20 @@ def test_a_long_poll_parked_before_a_revocation_takes_nothing_after_it(tmp_path:
     run(tmp_path, scenario)
 
 
+def as_user_command(tmp_path: Path, change: Callable[[sqlite3.Connection], object]) -> None:
+    """A change made as the `qm-server user` commands make it, beside the running server."""
+    conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
+    try:
+        with sqlite_file.transaction(conn):
+            change(conn)
+    finally:
+        conn.close()
+
+
+def user_bob(password: str) -> UserRecord:
+    return UserRecord("bob", PasswordHasher.from_settings(FAST_AUTH).hash(password), False)
+
+
 def test_a_user_removed_while_logging_in_gets_no_session(tmp_path: Path) -> None:
     """The user record was read before the slow password hash; a `user remove` committed
     during the hash still got an OK login and a token."""
@@ -450,17 +465,86 @@ def test_a_user_removed_while_logging_in_gets_no_session(tmp_path: Path) -> None
         class RemoveDuringHash:
             def verify(self, password: str, stored: str | None) -> bool:
                 ok = hasher.verify(password, stored)
-                conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
-                try:
-                    with sqlite_file.transaction(conn):  # `qm-server user remove admin`
-                        sqlite_file.delete_user(conn, "admin")
-                finally:
-                    conn.close()
+                as_user_command(tmp_path, lambda conn: sqlite_file.delete_user(conn, "admin"))
                 return ok
 
         engine._hasher = RemoveDuringHash()  # type: ignore[assignment]
         with pytest.raises(errors.Unauthenticated):
             await log_in(engine)
+        assert engine.session_count() == 0
+
+    run(tmp_path, scenario)
+
+
+def test_a_password_change_ends_the_user_s_sessions(tmp_path: Path) -> None:
+    """`user passwd` left every session opened with the old password working, so changing
+    a password that had leaked did not shut out whoever had used it."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        admin = await log_in(engine)
+        await engine.new_queue(admin, "q")
+        await engine.add(admin, "q", ["held"])
+        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("old-pw")))
+        as_user_command(
+            tmp_path, lambda conn: sqlite_file.add_grant(conn, "bob", Grant("read", "queue", "q"))
+        )
+        bob = await log_in(engine, "old-pw", "bob")
+        assert len(await engine.take(bob, "q", 1, 0)) == 1
+        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("new-pw")))
+        await engine.refresh_permissions()  # the sweep's reload
+        with pytest.raises(errors.Unauthenticated):
+            await engine.heartbeat(bob)
+        assert await engine.counts(admin, "q") == (1, 0)  # what bob held is ready again
+        await engine.heartbeat(admin)  # other users' sessions go on
+        with pytest.raises(errors.Unauthenticated):
+            await log_in(engine, "old-pw", "bob")
+        await engine.heartbeat(await log_in(engine, "new-pw", "bob"))
+
+    run(tmp_path, scenario)
+
+
+def test_a_user_removed_and_added_again_between_reloads_loses_its_sessions(
+    tmp_path: Path,
+) -> None:
+    """Removed and added again (same name, same password) within one reload, the user
+    kept the sessions of the removed account: the reload only looked for missing names."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("pw")))
+        bob = await log_in(engine, "pw", "bob")
+
+        def remove_and_add_again(conn: sqlite3.Connection) -> None:
+            sqlite_file.delete_user(conn, "bob")
+            sqlite_file.put_user(conn, user_bob("pw"))
+
+        as_user_command(tmp_path, remove_and_add_again)
+        await engine.refresh_permissions()
+        with pytest.raises(errors.Unauthenticated):
+            await engine.heartbeat(bob)
+        await engine.heartbeat(await log_in(engine, "pw", "bob"))
+
+    run(tmp_path, scenario)
+
+
+def test_a_password_changed_while_logging_in_gets_no_session(tmp_path: Path) -> None:
+    """The old password was checked against the record read before the hash; a `user
+    passwd` committed meanwhile must not let that login through."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("old-pw")))
+        hasher = engine._hasher
+
+        class ChangeDuringHash:
+            def verify(self, password: str, stored: str | None) -> bool:
+                ok = hasher.verify(password, stored)
+                as_user_command(
+                    tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("new-pw"))
+                )
+                return ok
+
+        engine._hasher = ChangeDuringHash()  # type: ignore[assignment]
+        with pytest.raises(errors.Unauthenticated):
+            await log_in(engine, "old-pw", "bob")
         assert engine.session_count() == 0
 
     run(tmp_path, scenario)

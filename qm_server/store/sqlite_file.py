@@ -103,7 +103,7 @@ def load_permissions(conn: sqlite3.Connection) -> dict[str, Permissions]:
     for username, action, kind, pattern in conn.execute(sql.ALL_GRANTS):
         grants.setdefault(username, []).append(Grant(action, kind, pattern))
     return {
-        user.name: Permissions(user.is_admin, tuple(grants.get(user.name, ())))
+        user.name: Permissions(user.is_admin, tuple(grants.get(user.name, ())), user.password_hash)
         for user in list_users(conn)
     }
 
