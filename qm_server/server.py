@@ -9,10 +9,10 @@ import threading
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from qm_server import handlers
+from qm_server import handlers, health
 from qm_server.auth import KeyPair, PasswordHasher, random_password
 from qm_server.config import ServerConfig
 from qm_server.engine import Engine
@@ -121,7 +121,8 @@ class QueueManagerServer:
         self.keys: KeyPair | None = None
         self.engine: Engine | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = health.HealthService()
+        self._store_healthy = True  # as the store last reported
         self._stopping = False
         self._stopped = asyncio.Event()
         self._health_update: asyncio.Task[None] | None = None
@@ -146,6 +147,9 @@ class QueueManagerServer:
     async def _start_locked(self) -> int:
         config = self.config
         self.keys = KeyPair.load_or_create(config.data_dir, config.auth.rsa_bits)
+        # From the first moment the store can fail: a failure reported before the server
+        # serves must still turn it NOT_SERVING once it does.
+        self.store.set_health_listener(self._on_store_health)
         await self.store.open()
         await self._ensure_admin()
         self.engine = Engine(
@@ -160,7 +164,7 @@ class QueueManagerServer:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         handlers.register(QueueManagerServicer(self.engine), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self._health.add_to(server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
@@ -173,8 +177,7 @@ class QueueManagerServer:
         self._server = server
         await self.engine.start()
         await server.start()
-        self.store.set_health_listener(self._on_store_health)
-        await self._set_serving(True)
+        await self._set_serving(self._store_healthy)
         log.info(
             "serving %s on %s (port %d), data directory %s, key fingerprint %s",
             "TLS" if config.tls.enabled else "plaintext",
@@ -193,7 +196,7 @@ class QueueManagerServer:
         try:
             if self._health_update is not None:
                 await self._health_update
-            await self._set_serving(False)
+            await self._health.drain()  # NOT_SERVING; Watch streams end, not at the grace
             assert self.engine is not None
             self.engine.begin_drain()
             await self._server.stop(self.config.grace_s if grace_s is None else grace_s)
@@ -215,7 +218,8 @@ class QueueManagerServer:
         await self._stopped.wait()
 
     def _on_store_health(self, healthy: bool) -> None:
-        if not self._stopping:
+        self._store_healthy = healthy
+        if self._server is not None and not self._stopping:
             # Keep a reference: the loop holds tasks only weakly.
             self._health_update = asyncio.get_running_loop().create_task(self._set_serving(healthy))
 

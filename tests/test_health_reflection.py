@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+from collections.abc import Callable
+from pathlib import Path
+
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from qm_server.server import SERVICE_NAME
+from conftest import ServerHandle, make_config
+from qm_server.server import SERVICE_NAME, QueueManagerServer
+from qm_server.store.sqlite import SqliteStore
 
 
 def test_health_serves_both_names(channel: grpc.Channel) -> None:
@@ -27,3 +35,66 @@ def test_reflection_lists_and_describes_the_service(channel: grpc.Channel) -> No
     assert descriptor.package == "qm.v1"
     methods = {m.name for s in descriptor.service for m in s.method}
     assert {"GetChallenge", "Auth", "Add", "Poll", "MapBatchPut", "DestroyQueue"} <= methods
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_check_of_an_unknown_service_is_not_found(channel: grpc.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_list_names_both_services(channel: grpc.Channel) -> None:
+    reply = health_pb2_grpc.HealthStub(channel).List(health_pb2.HealthListRequest())
+    assert {name: s.status for name, s in reply.statuses.items()} == {
+        "": SERVING,
+        SERVICE_NAME: SERVING,
+    }
+
+
+def test_a_health_watch_ends_at_the_drain_instead_of_holding_it(
+    make_server: Callable[..., ServerHandle],
+) -> None:
+    """grpc's health servicer kept Watch streams open until the drain's grace ran out, so a
+    client watching health (grpc's client-side health checking) made every shutdown last
+    the whole --grace. The stream now says NOT_SERVING and ends."""
+    handle = make_server()
+    with grpc.insecure_channel(handle.target) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=110
+        )
+        assert next(stream).status == SERVING
+        stopping = concurrent.futures.ThreadPoolExecutor(1)
+        # A grace far beyond the test's timeout: the stop must not need it.
+        stopped = stopping.submit(handle.thread.stop, 600.0)
+        assert [reply.status for reply in stream] == [NOT_SERVING]
+        assert stream.code() == grpc.StatusCode.OK
+        stopped.result(timeout=60)
+        stopping.shutdown()
+
+
+def test_a_store_failure_during_start_is_not_reported_serving(tmp_path: Path) -> None:
+    """The health listener was attached only once the server served: a failure the store
+    reported while the server started was missed, and health said SERVING."""
+
+    class FailsWhileStarting(SqliteStore):
+        async def open(self) -> None:
+            await super().open()
+            self._notify_health(False)  # as a failed commit reports it
+
+    async def scenario() -> None:
+        server = QueueManagerServer(make_config(tmp_path), FailsWhileStarting(tmp_path))
+        port = await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""))
+                assert reply.status == NOT_SERVING
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())

@@ -1,0 +1,101 @@
+"""The standard `grpc.health.v1.Health` service (Check, List, Watch), with Watch streams
+that end at the drain.
+
+grpcio-health-checking's servicer was used before. Two of its ways hurt a server that
+drains: a Watch stream never ends by itself, so every shutdown with a watching client
+(grpc's client-side health checking, a proxy) lasted the whole `--grace`; and it writes to
+a watcher while holding the lock that setting a status needs, so a watcher that stopped
+reading could hold up the drain's NOT_SERVING. Here a watcher is written to outside the
+lock, and told NOT_SERVING once more at the drain, after which its stream ends with OK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = int(health_pb2.HealthCheckResponse.SERVING)
+NOT_SERVING = int(health_pb2.HealthCheckResponse.NOT_SERVING)
+SERVICE_UNKNOWN = int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+
+
+class HealthService:
+    """Check and Watch over a status per service name, set by the server. Registered with
+    `add_to`: grpcio-health-checking ships no type hints to subclass its base with."""
+
+    def __init__(self) -> None:
+        self._statuses: dict[str, int] = {}
+        self._draining = False
+        # Guards _statuses and _draining; notified whenever either changes.
+        self._changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        """Made on first use, inside the server's event loop."""
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def set(self, service: str, status: int) -> None:
+        """Ignored once draining: a recovered store must not turn a stopping server SERVING."""
+        changed = self._condition()
+        async with changed:
+            if not self._draining:
+                self._statuses[service] = status
+                changed.notify_all()
+
+    async def drain(self) -> None:
+        """NOT_SERVING for every service from now on, and every Watch stream ends."""
+        changed = self._condition()
+        async with changed:
+            self._draining = True
+            for service in self._statuses:
+                self._statuses[service] = NOT_SERVING
+            changed.notify_all()
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._statuses.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        response = health_pb2.HealthListResponse()
+        for service, status in self._statuses.items():
+            response.statuses[service].status = status
+        return response
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """The status now, then each change; at the drain NOT_SERVING, then the end."""
+        changed = self._condition()
+        sent: int | None = None
+        while True:
+            async with changed:
+                await changed.wait_for(functools.partial(self._news, request.service, sent))
+                status = self._status_of(request.service)
+                draining = self._draining
+            if status != sent:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                sent = status
+            if draining:
+                return
+
+    def _status_of(self, service: str) -> int:
+        return self._statuses.get(service, SERVICE_UNKNOWN)
+
+    def _news(self, service: str, sent: int | None) -> bool:
+        """Whether a watcher that last sent `sent` has something to do."""
+        return self._draining or self._status_of(service) != sent
+
+    def add_to(self, server: grpc.aio.Server) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self, server)
