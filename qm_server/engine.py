@@ -274,6 +274,11 @@ class Engine:
         self.authorize(session, "manage", "queue", name)
         await self.store.destroy_queue(name, force)
         self.signals.wake(name, everyone=True)
+        # Streams with a full window wait for acks, not on the queue: end them too.
+        for subscriptions in self._subscriptions.values():
+            for subscription in subscriptions:
+                if subscription.queue == name:
+                    subscription.queue_destroyed()
 
     async def add(self, token: str, name: str, elements: Sequence[str]) -> list[int]:
         session = self.session(token)

@@ -47,6 +47,7 @@ class Subscription:
         self._closed = False
         # The pusher waits for nothing but acks to free room (its window is full).
         self._awaiting_room = False
+        self._queue_destroyed = False
 
     @property
     def held(self) -> int:
@@ -56,6 +57,11 @@ class Subscription:
         """Re-check now: room was freed, the session ended, or the server drains."""
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def queue_destroyed(self) -> None:
+        """End the stream: what it holds is gone with its queue, so no ack will come."""
+        self._queue_destroyed = True
+        self.poke()
 
     async def next_batch(self) -> list[Delivery]:
         """Wait until messages are ready and there is room, then claim them.
@@ -94,9 +100,12 @@ class Subscription:
                     self._awaiting_room = False
 
     def _stopped_by(self) -> errors.QmError | None:
-        """Why the stream cannot go on, or None: its session ended, the server drains, or
-        its read grant was revoked (grants are reloaded every second). Checked at each
-        turn of next_batch and around each wait, whose pokes may come while it claims."""
+        """Why the stream cannot go on, or None: its session ended, the server drains, its
+        queue was destroyed, or its read grant was revoked (grants are reloaded every
+        second). Checked at each turn of next_batch and around each wait, whose pokes may
+        come while it claims."""
+        if self._queue_destroyed:
+            return errors.QueueNotFound(f"queue {self.queue!r} was destroyed")
         if self.session.ended:
             return errors.Unauthenticated("the session ended; log in again")
         if self._engine.draining:

@@ -550,6 +550,29 @@ def test_a_password_changed_while_logging_in_gets_no_session(tmp_path: Path) -> 
     run(tmp_path, scenario)
 
 
+def test_a_full_subscription_ends_when_its_queue_is_destroyed(tmp_path: Path) -> None:
+    """A stream with a full window waited only for acks, so destroying its queue left it
+    open, holding ids that no longer existed, until the client acked something; it now
+    ends with QUEUE_NOT_FOUND at the destruction."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        admin = await log_in(engine)
+        await engine.new_queue(admin, "q")
+        await engine.add(admin, "q", ["a", "b"])
+        subscription = await engine.subscribe(admin, "q", 2)
+        try:
+            assert len(await subscription.next_batch()) == 2  # the window is full
+            waiting = asyncio.ensure_future(subscription.next_batch())
+            await until(lambda: subscription.session.waiting == 1)
+            await engine.destroy_queue(admin, "q", force=True)
+            with pytest.raises(errors.QueueNotFound):
+                await asyncio.wait_for(waiting, 5)
+        finally:
+            await subscription.close()
+
+    run(tmp_path, scenario)
+
+
 def test_a_subscription_stops_at_a_revocation(tmp_path: Path) -> None:
     """A stream opened with the read grant went on delivering for as long as it stayed
     open after the grant was revoked; it now ends with PERMISSION_DENIED at the reload."""
