@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -28,8 +29,10 @@ class HealthService:
     """Check and Watch over a status per service name, set by the server. Registered with
     `add_to`: grpcio-health-checking ships no type hints to subclass its base with."""
 
-    def __init__(self) -> None:
-        self._statuses: dict[str, int] = {}
+    def __init__(self, services: Iterable[str] = ()) -> None:
+        """`services` are known from the start, NOT_SERVING until set: a Check made while
+        the server is still starting is told so, not NOT_FOUND."""
+        self._statuses: dict[str, int] = dict.fromkeys(services, NOT_SERVING)
         self._draining = False
         # Guards _statuses and _draining; notified whenever either changes.
         self._changed: asyncio.Condition | None = None

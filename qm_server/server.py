@@ -24,6 +24,8 @@ from qm_server.store.sqlite import SqliteStore
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = handlers.SERVICE.full_name
+HEALTH_NAMES = ("", SERVICE_NAME)
+"""What the health service answers for: the server as a whole, and the one service."""
 INITIAL_PASSWORD_FILE = "initial-admin-password"
 
 
@@ -121,7 +123,7 @@ class QueueManagerServer:
         self.keys: KeyPair | None = None
         self.engine: Engine | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.HealthService()
+        self._health = health.HealthService(HEALTH_NAMES)
         self._store_healthy = True  # as the store last reported
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -229,7 +231,7 @@ class QueueManagerServer:
             if serving
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for service in ("", SERVICE_NAME):
+        for service in HEALTH_NAMES:
             await self._health.set(service, status)
 
     async def _ensure_admin(self) -> None:

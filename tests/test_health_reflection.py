@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from conftest import ServerHandle, make_config
+from qm_server.health import HealthService
 from qm_server.server import SERVICE_NAME, QueueManagerServer
 from qm_server.store.sqlite import SqliteStore
 
@@ -98,3 +100,16 @@ def test_a_store_failure_during_start_is_not_reported_serving(tmp_path: Path) ->
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_health_is_not_serving_until_the_server_says_so() -> None:
+    """Its names are known from the start: a Check while the server still starts is
+    NOT_SERVING, not NOT_FOUND."""
+
+    async def check() -> int:
+        service = HealthService(("", SERVICE_NAME))
+        no_context: Any = None  # not needed for a known service
+        reply = await service.Check(health_pb2.HealthCheckRequest(service=""), no_context)
+        return int(reply.status)
+
+    assert asyncio.run(check()) == NOT_SERVING
