@@ -272,7 +272,21 @@ class Engine:
         session = self.session(token)
         check_name("queue_name", name)
         self.authorize(session, "manage", "queue", name)
-        await self.store.destroy_queue(name, force)
+        # The store destroys it even if this call is cancelled meanwhile (a client's
+        # deadline): its waiters and streams must hear of it all the same.
+        destroy = asyncio.ensure_future(self.store.destroy_queue(name, force))
+        try:
+            await asyncio.shield(destroy)
+        except asyncio.CancelledError:
+            destroy.add_done_callback(lambda done: self._queue_gone(name, done))
+            raise
+        self._queue_gone(name)
+
+    def _queue_gone(self, name: str, destroyed: asyncio.Future[None] | None = None) -> None:
+        """Wake whoever waits on a destroyed queue, and end its streams; `destroyed`, the
+        store's destruction that a cancelled call left running, if it did not fail."""
+        if destroyed is not None and (destroyed.cancelled() or destroyed.exception()):
+            return  # not destroyed after all (QUEUE_NOT_EMPTY, say)
         self.signals.wake(name, everyone=True)
         # Streams with a full window wait for acks, not on the queue: end them too.
         for subscriptions in self._subscriptions.values():

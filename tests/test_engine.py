@@ -573,6 +573,36 @@ def test_a_full_subscription_ends_when_its_queue_is_destroyed(tmp_path: Path) ->
     run(tmp_path, scenario)
 
 
+def test_a_destroy_whose_caller_gives_up_still_ends_the_queues_streams(tmp_path: Path) -> None:
+    """The store destroys a queue even when the DestroyQueue call is cancelled (a client
+    deadline) while it commits; the engine then skipped waking and ending the queue's
+    streams, so one with a full window stayed open on a queue that no longer existed."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        admin = await log_in(engine)
+        await engine.new_queue(admin, "q")
+        await engine.add(admin, "q", ["a", "b"])
+        subscription = await engine.subscribe(admin, "q", 2)
+        try:
+            assert len(await subscription.next_batch()) == 2  # the window is full
+            waiting = asyncio.ensure_future(subscription.next_batch())
+            await until(lambda: subscription.session.waiting == 1)
+            destroy = asyncio.ensure_future(engine.destroy_queue(admin, "q", force=True))
+            await asyncio.sleep(0)  # it runs up to the store's answer, then its caller leaves
+            destroy.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await destroy
+            await engine.store.load_permissions()  # after the destruction, in the writer
+            with pytest.raises(errors.QueueNotFound):
+                await engine.counts(admin, "q")  # it was destroyed all the same
+            with pytest.raises(errors.QueueNotFound):
+                await asyncio.wait_for(waiting, 5)
+        finally:
+            await subscription.close()
+
+    run(tmp_path, scenario)
+
+
 def test_a_subscription_stops_at_a_revocation(tmp_path: Path) -> None:
     """A stream opened with the read grant went on delivering for as long as it stayed
     open after the grant was revoked; it now ends with PERMISSION_DENIED at the reload."""
