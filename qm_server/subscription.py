@@ -172,7 +172,9 @@ class Subscription:
         if not mine:
             return [False] * len(message_ids), []
         self._held.difference_update(mine)
-        room = self._room() if not engine.draining else 0
+        # No refill for a stream that is ending: draining, its grant revoked, or its queue
+        # destroyed (a queue created again under its name is not the one it opened).
+        room = self._room() if self._stopped_by() is None else 0
         try:
             results, deliveries = await engine.guarded_claim(
                 self.session,

@@ -603,6 +603,34 @@ def test_a_destroy_whose_caller_gives_up_still_ends_the_queues_streams(tmp_path:
     run(tmp_path, scenario)
 
 
+def test_an_ack_on_a_destroyed_queues_stream_claims_nothing_from_its_successor(
+    tmp_path: Path,
+) -> None:
+    """A stream whose queue was destroyed still refilled its window when the client acked
+    before the stream ended: from a queue created again under the same name, handing out
+    (and then, at the stream's end, giving back) messages of a queue it never opened."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        admin = await log_in(engine)
+        await engine.new_queue(admin, "q")
+        await engine.add(admin, "q", ["a", "b"])
+        subscription = await engine.subscribe(admin, "q", 2)
+        try:
+            held = [d.message_id for d in await subscription.next_batch()]
+            await engine.destroy_queue(admin, "q", force=True)
+            await engine.new_queue(admin, "q")
+            await engine.add(admin, "q", ["c"])
+            found, refill = await subscription.ack(held[:1], pb.ACK_TYPE_DONE)
+            assert (found, refill) == ([False], [])
+            assert await engine.counts(admin, "q") == (1, 0)
+        finally:
+            await subscription.close()
+        poll = await engine.take(admin, "q", 1, 0)
+        assert [(d.element, d.delivery_count) for d in poll] == [("c", 1)]
+
+    run(tmp_path, scenario)
+
+
 def test_a_subscription_stops_at_a_revocation(tmp_path: Path) -> None:
     """A stream opened with the read grant went on delivering for as long as it stayed
     open after the grant was revoked; it now ends with PERMISSION_DENIED at the reload."""
