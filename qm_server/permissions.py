@@ -40,7 +40,7 @@ class Grant:
 class Permissions:
     is_admin: bool = False
     grants: tuple[Grant, ...] = field(default_factory=tuple)
-    credential: str = ""
+    credential: str = field(default="", repr=False)
     """The user's password hash, salted afresh by every `user passwd` and `user add`: a
     session opened with another credential was opened before a password change or by a
     user of the same name since removed, and must end."""

@@ -25,7 +25,7 @@ class Session:
     id: int
     username: str
     last_active: float
-    credential: str = field(default="")  # Permissions.credential at login
+    credential: str = field(default="", repr=False)  # Permissions.credential at login
     ended: bool = field(default=False)
     waiting: int = field(default=0)
 

@@ -16,7 +16,8 @@ from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.auth import KeyPair, LoginThrottle, PasswordHasher
 from qm_server.engine import Engine
-from qm_server.permissions import Grant
+from qm_server.permissions import Grant, Permissions
+from qm_server.sessions import Session
 from qm_server.store import sqlite_file
 from qm_server.store.base import Delivery, UserRecord
 from qm_server.store.sqlite import SqliteStore
@@ -654,3 +655,11 @@ def test_a_subscription_stops_at_a_revocation(tmp_path: Path) -> None:
             await subscriptions[0].close()
 
     run(tmp_path, scenario)
+
+
+def test_no_password_hash_in_the_repr_of_permissions_or_sessions() -> None:
+    """Both carry the user's password hash (to end sessions when it changes); a log line
+    or a traceback showing either must not show the hash."""
+    hashed = PasswordHasher.from_settings(FAST_AUTH).hash("pw")
+    assert hashed not in repr(Permissions(credential=hashed))
+    assert hashed not in repr(Session(1, "bob", 0.0, hashed))
