@@ -236,18 +236,20 @@ class Engine:
         """Reload grants; end the sessions of users that were removed or whose password
         changed (a user removed and added again within a reload has a new password hash)."""
         before, self._permissions = self._permissions, await self.store.load_permissions()
+        if self._permissions != before:
+            # An open stream checks its read grant at each turn of its loop; a parked one
+            # must wake to see a revocation, or it would go on delivering. Woken before
+            # the awaits below: a reload cancelled during them would wake none, and the
+            # next one would see no change.
+            for subscriptions in self._subscriptions.values():
+                for subscription in subscriptions:
+                    subscription.poke()
         for session in self._sessions.all():
             user = self._permissions.get(session.username)
             if user is None:
                 await self._end_session(session, "ended: the user was removed")
             elif user.credential != session.credential:
                 await self._end_session(session, "ended: the user's password changed")
-        if self._permissions != before:
-            # An open stream checks its read grant at each turn of its loop; a parked one
-            # must wake to see a revocation, or it would go on delivering.
-            for subscriptions in self._subscriptions.values():
-                for subscription in subscriptions:
-                    subscription.poke()
 
     def authorize(self, session: Session, action: str, kind: str, name: str) -> None:
         permissions = self._permissions.get(session.username)

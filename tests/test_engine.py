@@ -632,6 +632,47 @@ def test_an_ack_on_a_destroyed_queues_stream_claims_nothing_from_its_successor(
     run(tmp_path, scenario)
 
 
+def test_a_reload_cut_short_while_ending_a_session_still_stops_revoked_streams(
+    tmp_path: Path,
+) -> None:
+    """A reload woke the streams only after ending the sessions it had to end; cancelled
+    meanwhile (a login's reload whose caller gave up), it woke none, and the next reload
+    saw no change: a stream whose grant was revoked stayed open until something else
+    woke it (found by review)."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        admin = await log_in(engine)
+        await engine.new_queue(admin, "q")
+        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("pw")))
+        grant = Grant("read", "queue", "q")
+        as_user_command(tmp_path, lambda conn: sqlite_file.add_grant(conn, "bob", grant))
+        bob = await log_in(engine, "pw", "bob")
+        subscription = await engine.subscribe(bob, "q", 10)
+        pushing = asyncio.ensure_future(subscription.next_batch())
+        await until(lambda: engine.signals.waiting() == 1)
+        as_user_command(tmp_path, lambda conn: sqlite_file.remove_grant(conn, "bob", grant))
+        as_user_command(tmp_path, lambda conn: sqlite_file.delete_user(conn, "admin"))
+        ending = asyncio.Event()
+        original = engine._end_session
+
+        async def hangs(session: Session, why: str) -> None:
+            ending.set()
+            await asyncio.Event().wait()  # a release that never finishes
+
+        engine._end_session = hangs  # type: ignore[method-assign]
+        try:
+            reload = asyncio.ensure_future(engine.refresh_permissions())
+            await ending.wait()  # it is ending admin's session
+            reload.cancel()
+            with pytest.raises(errors.PermissionDenied):
+                await asyncio.wait_for(pushing, 5)
+        finally:
+            engine._end_session = original  # type: ignore[method-assign]
+            await subscription.close()
+
+    run(tmp_path, scenario)
+
+
 def test_a_subscription_stops_at_a_revocation(tmp_path: Path) -> None:
     """A stream opened with the read grant went on delivering for as long as it stayed
     open after the grant was revoked; it now ends with PERMISSION_DENIED at the reload."""
