@@ -99,9 +99,12 @@ class Engine:
         """Answer waiting long polls now (QUEUE_EMPTY) and refuse to start new waits."""
         self.draining = True
         self.signals.wake_everyone()
-        for subscriptions in self._subscriptions.values():
-            for subscription in subscriptions:
-                subscription.poke()
+        for subscription in self._streams():
+            subscription.poke()
+
+    def _streams(self) -> list[Subscription]:
+        """Every open Subscribe stream, of every session."""
+        return [s for subscriptions in self._subscriptions.values() for s in subscriptions]
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -241,9 +244,8 @@ class Engine:
             # must wake to see a revocation, or it would go on delivering. Woken before
             # the awaits below: a reload cancelled during them would wake none, and the
             # next one would see no change.
-            for subscriptions in self._subscriptions.values():
-                for subscription in subscriptions:
-                    subscription.poke()
+            for subscription in self._streams():
+                subscription.poke()
         for session in self._sessions.all():
             user = self._permissions.get(session.username)
             if user is None:
@@ -291,10 +293,9 @@ class Engine:
             return  # not destroyed after all (QUEUE_NOT_EMPTY, say)
         self.signals.wake(name, everyone=True)
         # Streams with a full window wait for acks, not on the queue: end them too.
-        for subscriptions in self._subscriptions.values():
-            for subscription in subscriptions:
-                if subscription.queue == name:
-                    subscription.queue_destroyed()
+        for subscription in self._streams():
+            if subscription.queue == name:
+                subscription.queue_destroyed()
 
     async def add(self, token: str, name: str, elements: Sequence[str]) -> list[int]:
         session = self.session(token)

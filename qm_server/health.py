@@ -34,31 +34,24 @@ class HealthService:
         the server is still starting is told so, not NOT_FOUND."""
         self._statuses: dict[str, int] = dict.fromkeys(services, NOT_SERVING)
         self._draining = False
-        # Guards _statuses and _draining; notified whenever either changes.
-        self._changed: asyncio.Condition | None = None
-
-    def _condition(self) -> asyncio.Condition:
-        """Made on first use, inside the server's event loop."""
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        return self._changed
+        # Guards _statuses and _draining; notified whenever either changes. (It binds to
+        # the event loop that first uses it, so it may be made before the loop runs.)
+        self._changed = asyncio.Condition()
 
     async def set(self, service: str, status: int) -> None:
         """Ignored once draining: a recovered store must not turn a stopping server SERVING."""
-        changed = self._condition()
-        async with changed:
+        async with self._changed:
             if not self._draining:
                 self._statuses[service] = status
-                changed.notify_all()
+                self._changed.notify_all()
 
     async def drain(self) -> None:
         """NOT_SERVING for every service from now on, and every Watch stream ends."""
-        changed = self._condition()
-        async with changed:
+        async with self._changed:
             self._draining = True
             for service in self._statuses:
                 self._statuses[service] = NOT_SERVING
-            changed.notify_all()
+            self._changed.notify_all()
 
     async def Check(
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -80,11 +73,10 @@ class HealthService:
         self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         """The status now, then each change; at the drain NOT_SERVING, then the end."""
-        changed = self._condition()
         sent: int | None = None
         while True:
-            async with changed:
-                await changed.wait_for(functools.partial(self._news, request.service, sent))
+            async with self._changed:
+                await self._changed.wait_for(functools.partial(self._news, request.service, sent))
                 status = self._status_of(request.service)
                 draining = self._draining
             if status != sent:

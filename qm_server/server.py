@@ -9,7 +9,6 @@ import threading
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from qm_server import handlers, health
@@ -226,11 +225,7 @@ class QueueManagerServer:
             self._health_update = asyncio.get_running_loop().create_task(self._set_serving(healthy))
 
     async def _set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if serving
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        status = health.SERVING if serving else health.NOT_SERVING
         for service in HEALTH_NAMES:
             await self._health.set(service, status)
 
