@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.procs import ServerProcess, start_server
+from benchmarks.procs import ServerProcess
 from benchmarks.runner import RunOptions, Target, measure
 from benchmarks.scenarios import SCENARIOS
-from benchmarks.servers import ADMIN_PASSWORD, ADMIN_USER, start_floor
+from benchmarks.servers import ADMIN_PASSWORD, ADMIN_USER, start_floor, start_ours
 
 
 @dataclass
@@ -51,10 +51,7 @@ def start_checkout(name: str, checkout: Path, work: Path) -> ServerProcess:
     """Our server as that checkout has it, importing only that checkout's code."""
     run_dir = work / name
     run_dir.mkdir()
-    cmd = [sys.executable, "-m", "qm_server", "--listen", "127.0.0.1:0"]
-    cmd += ["--data-dir", str(run_dir / "data"), "--port-file", str(run_dir / "port")]
-    env = {"QM_ADMIN_PASSWORD": ADMIN_PASSWORD, "PYTHONPATH": str(checkout)}
-    return start_server(name, cmd, run_dir / "port", run_dir / "log", env=env, cwd=checkout)
+    return start_ours(run_dir / "data", run_dir, name=name, checkout=checkout)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.procs import ServerProcess, start_server
+from benchmarks.procs import REPO_ROOT, ServerProcess, start_server
 
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = "bench-admin-password"
@@ -28,11 +28,24 @@ def qm_server_command() -> list[str]:
     return [sys.executable, "-m", "qm_server"]
 
 
-def start_ours(data_dir: Path, work_dir: Path, timeout_s: float = 60.0) -> ServerProcess:
+def start_ours(
+    data_dir: Path,
+    work_dir: Path,
+    timeout_s: float = 60.0,
+    name: str = "ours",
+    checkout: Path | None = None,
+) -> ServerProcess:
+    """This checkout's server, or another checkout's (scripts/bench-ab). That one runs
+    with its checkout as working directory: `python -m` puts the working directory first
+    on sys.path, so run from here it would import this checkout whatever PYTHONPATH says."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port_file = work_dir / "ours.port"
+    port_file = work_dir / f"{name}.port"
+    env = {"QM_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
+    command = qm_server_command() if checkout is None else [sys.executable, "-m", "qm_server"]
     cmd = [
-        *qm_server_command(),
+        *command,
         "--listen",
         "127.0.0.1:0",
         "--data-dir",
@@ -41,12 +54,13 @@ def start_ours(data_dir: Path, work_dir: Path, timeout_s: float = 60.0) -> Serve
         str(port_file),
     ]
     return start_server(
-        "ours",
+        name,
         cmd,
         port_file,
-        work_dir / "ours.log",
-        env={"QM_ADMIN_PASSWORD": ADMIN_PASSWORD},
+        work_dir / f"{name}.log",
+        env=env,
         timeout_s=timeout_s,
+        cwd=checkout or REPO_ROOT,
     )
 
 

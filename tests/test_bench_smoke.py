@@ -13,18 +13,24 @@ from benchmarks.report import check_targets
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_quick_runs_and_prints_the_table() -> None:
-    # Timeout well above the few seconds it takes, below pytest's own, so a hang fails clearly.
+def run_script(script: str, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """scripts/<script> with this interpreter; it must exit 0. The timeout sits well above
+    the seconds it takes and below pytest's own, so a hang fails clearly."""
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "bench"), "--quick"],
+        [str(ROOT / "scripts" / script), *args],
         cwd=ROOT,
         env={**os.environ, "QM_PYTHON": sys.executable},
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=timeout_s,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_quick_runs_and_prints_the_table() -> None:
+    proc = run_script("bench", "--quick", timeout_s=90)
     header = next((line for line in proc.stdout.splitlines() if line.startswith("scenario")), "")
     for column in ("conc", "ours ops/s", "floor ops/s", "ratio", "p50 ms", "p99 ms", "RSS MB"):
         assert column in header
@@ -108,21 +114,13 @@ def test_bench_ab_runs_each_checkout_s_own_code(tmp_path: Path) -> None:
 
 
 def test_bench_ab_reports_each_checkout_against_the_floor() -> None:
-    proc = subprocess.run(
-        [
-            str(ROOT / "scripts" / "bench-ab"),
-            "here=" + str(ROOT),
-            *("--rounds", "2", "--duration", "1", "--scale", "0.01"),
-            *("--concurrency", "2", "--client-procs", "1"),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "QM_PYTHON": sys.executable},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    proc = run_script(
+        "bench-ab",
+        "here=" + str(ROOT),
+        *("--rounds", "2", "--duration", "1", "--scale", "0.01"),
+        *("--concurrency", "2", "--client-procs", "1"),
+        timeout_s=120,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert [line.split(":")[0] for line in lines[:2]] == ["round 1/2", "round 2/2"]
     table = {line.split()[0]: line.split() for line in lines[3:]}
