@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,6 +65,31 @@ async def log_in(engine: Engine, password: str = "pw", username: str = "admin") 
     return token
 
 
+async def with_queue_q(engine: Engine) -> str:
+    """Admin's token, queue q created."""
+    token = await log_in(engine)
+    await engine.new_queue(token, "q")
+    return token
+
+
+@contextlib.asynccontextmanager
+async def stream(engine: Engine, token: str, window: int = 10) -> AsyncIterator[Subscription]:
+    """A Subscribe stream on q, closed (releasing what it holds) however the test ends."""
+    subscription = await engine.subscribe(token, "q", window)
+    try:
+        yield subscription
+    finally:
+        await subscription.close()
+
+
+async def held_by_another(engine: Engine) -> tuple[str, str]:
+    """Admin's token and a second session's, which holds q's one message "a"."""
+    token, holder = await with_queue_q(engine), await log_in(engine)
+    await engine.add(token, "q", ["a"])
+    assert len(await engine.take(holder, "q", 1, 0)) == 1
+    return token, holder
+
+
 def test_session_expires_after_ttl_of_inactivity(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         token = await log_in(engine)
@@ -112,8 +138,7 @@ def test_throttle_backs_off_and_recovers(tmp_path: Path) -> None:
 
 def test_waiter_wakes_when_message_is_nacked(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token = await log_in(engine)
-        await engine.new_queue(token, "q")
+        token = await with_queue_q(engine)
         (message_id,) = await engine.add(token, "q", ["x"])
         await engine.take(token, "q", 1, 0)
         waiting = asyncio.ensure_future(engine.take(token, "q", 1, 5000))
@@ -128,8 +153,7 @@ def test_waiter_wakes_when_message_is_nacked(tmp_path: Path) -> None:
 
 def test_drain_answers_waiters_at_once(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token = await log_in(engine)
-        await engine.new_queue(token, "q")
+        token = await with_queue_q(engine)
         waiting = asyncio.ensure_future(engine.take(token, "q", 1, 20_000))
         await asyncio.sleep(0)
         engine.begin_drain()
@@ -169,10 +193,7 @@ def release_before_parking(engine: Engine, holder: str) -> None:
 
 def test_a_long_poll_sees_messages_made_ready_while_it_claimed(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token, holder = await log_in(engine), await log_in(engine)
-        await engine.new_queue(token, "q")
-        await engine.add(token, "q", ["a"])
-        assert len(await engine.take(holder, "q", 1, 0)) == 1
+        token, holder = await held_by_another(engine)
         release_before_parking(engine, holder)
         (delivery,) = await asyncio.wait_for(engine.take(token, "q", 1, 30_000), 5)
         assert (delivery.element, delivery.delivery_count) == ("a", 2)
@@ -182,17 +203,11 @@ def test_a_long_poll_sees_messages_made_ready_while_it_claimed(tmp_path: Path) -
 
 def test_a_subscription_sees_messages_made_ready_while_it_claimed(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token, holder = await log_in(engine), await log_in(engine)
-        await engine.new_queue(token, "q")
-        await engine.add(token, "q", ["a"])
-        assert len(await engine.take(holder, "q", 1, 0)) == 1
-        subscription = await engine.subscribe(token, "q", 10)
-        try:
+        token, holder = await held_by_another(engine)
+        async with stream(engine, token) as subscription:
             release_before_parking(engine, holder)
             (delivery,) = await asyncio.wait_for(subscription.next_batch(), 5)
             assert (delivery.element, delivery.delivery_count) == ("a", 2)
-        finally:
-            await subscription.close()
 
     run(tmp_path, scenario)
 
@@ -201,17 +216,12 @@ def test_a_subscription_whose_session_ends_while_it_claims_ends_at_once(
     tmp_path: Path,
 ) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token = await log_in(engine)
-        await engine.new_queue(token, "q")
-        subscription = await engine.subscribe(token, "q", 10)
-        before_parking(
-            engine, lambda name, found: engine.logout(token)
-        )  # its poke finds nobody waiting yet
-        try:
+        token = await with_queue_q(engine)
+        async with stream(engine, token) as subscription:
+            # Its poke finds nobody waiting yet.
+            before_parking(engine, lambda name, found: engine.logout(token))
             with pytest.raises(errors.Unauthenticated):
                 await asyncio.wait_for(subscription.next_batch(), 5)
-        finally:
-            await subscription.close()
 
     run(tmp_path, scenario)
 
@@ -276,8 +286,7 @@ def test_a_subscription_that_ends_after_its_wake_up_passes_it_on(tmp_path: Path)
 
 def test_a_long_poll_whose_session_ends_answers_at_once(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token = await log_in(engine)
-        await engine.new_queue(token, "q")
+        token = await with_queue_q(engine)
         polling = asyncio.ensure_future(engine.take(token, "q", 1, 30_000))
         await until(lambda: engine.signals.waiting() == 1)
         await engine.logout(token)
@@ -291,8 +300,7 @@ def test_a_long_poll_whose_session_ends_while_it_claims_answers_at_once(
     tmp_path: Path,
 ) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token = await log_in(engine)
-        await engine.new_queue(token, "q")
+        token = await with_queue_q(engine)
         before_parking(engine, lambda name, found: engine.logout(token))
         with pytest.raises(errors.Unauthenticated):
             await asyncio.wait_for(engine.take(token, "q", 1, 30_000), 5)
@@ -309,8 +317,7 @@ def test_a_long_poll_whose_queue_is_destroyed_while_it_claims_answers_at_once(
     tmp_path: Path,
 ) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token = await log_in(engine)
-        await engine.new_queue(token, "q")
+        token = await with_queue_q(engine)
         destroy_before_parking(engine, token)
         with pytest.raises(errors.QueueNotFound):
             await asyncio.wait_for(engine.take(token, "q", 1, 30_000), 5)
@@ -320,15 +327,11 @@ def test_a_long_poll_whose_queue_is_destroyed_while_it_claims_answers_at_once(
 
 def test_a_subscription_whose_queue_is_destroyed_while_it_claims_ends(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token = await log_in(engine)
-        await engine.new_queue(token, "q")
-        subscription = await engine.subscribe(token, "q", 10)
-        destroy_before_parking(engine, token)
-        try:
+        token = await with_queue_q(engine)
+        async with stream(engine, token) as subscription:
+            destroy_before_parking(engine, token)
             with pytest.raises(errors.QueueNotFound):
                 await asyncio.wait_for(subscription.next_batch(), 5)
-        finally:
-            await subscription.close()
 
     run(tmp_path, scenario)
 
@@ -351,8 +354,7 @@ def test_a_failed_ack_on_a_stream_leaves_its_messages_for_the_close_to_release(
     tmp_path: Path,
 ) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        token = await log_in(engine)
-        await engine.new_queue(token, "q")
+        token = await with_queue_q(engine)
         await engine.add(token, "q", ["a", "b"])
         subscription = await engine.subscribe(token, "q", 10)
         ids = [d.message_id for d in await subscription.next_batch()]
@@ -402,46 +404,6 @@ def test_a_burst_of_concurrent_logins_gets_no_more_answers_than_the_throttle_all
     run(tmp_path, scenario)
 
 
-async def revoked_after_parking(
-    engine: Engine, tmp_path: Path, wait: Callable[[str], Awaitable[T]]
-) -> asyncio.Future[T]:
-    """User bob with the read grant on queue q starts `wait(his token)`; once it parked,
-    the grant is revoked as `qm-server user revoke` does and the sweep reloads grants."""
-    hashed = PasswordHasher.from_settings(FAST_AUTH).hash("bob-pw")
-    await engine.store.put_user(UserRecord("bob", hashed, is_admin=False))
-    grant = Grant("read", "queue", "q")
-    conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
-    try:
-        with sqlite_file.transaction(conn):  # as `qm-server user grant` does
-            sqlite_file.add_grant(conn, "bob", grant)
-        waiting = asyncio.ensure_future(wait(await log_in(engine, "bob-pw", "bob")))
-        await until(lambda: engine.signals.waiting() == 1)
-        with sqlite_file.transaction(conn):  # `qm-server user revoke`
-            sqlite_file.remove_grant(conn, "bob", grant)
-    finally:
-        conn.close()
-    await engine.refresh_permissions()  # the sweep's reload
-    return waiting
-
-
-def test_a_long_poll_parked_before_a_revocation_takes_nothing_after_it(tmp_path: Path) -> None:
-    """Revocations reach a running server within about a second; a long poll that had
-    parked with the grant went on to claim messages for up to its wait_ms (20 s)."""
-
-    async def scenario(engine: Engine, clock: FakeClock) -> None:
-        admin = await log_in(engine)
-        await engine.new_queue(admin, "q")
-        polling = await revoked_after_parking(
-            engine, tmp_path, lambda bob: engine.take(bob, "q", 1, 20_000)
-        )
-        await engine.add(admin, "q", ["secret"])
-        with pytest.raises(errors.PermissionDenied):
-            await asyncio.wait_for(polling, 5)
-        assert await engine.counts(admin, "q") == (1, 0)
-
-    run(tmp_path, scenario)
-
-
 def as_user_command(tmp_path: Path, change: Callable[[sqlite3.Connection], object]) -> None:
     """A change made as the `qm-server user` commands make it, beside the running server."""
     conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
@@ -454,6 +416,45 @@ def as_user_command(tmp_path: Path, change: Callable[[sqlite3.Connection], objec
 
 def user_bob(password: str) -> UserRecord:
     return UserRecord("bob", PasswordHasher.from_settings(FAST_AUTH).hash(password), False)
+
+
+READ_Q = Grant("read", "queue", "q")
+
+
+def bob_reads_q(tmp_path: Path, password: str) -> None:
+    """User bob, who may read queue q, as `user add` and `user grant` make him."""
+    as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob(password)))
+    as_user_command(tmp_path, lambda conn: sqlite_file.add_grant(conn, "bob", READ_Q))
+
+
+async def revoked_after_parking(
+    engine: Engine, tmp_path: Path, wait: Callable[[str], Awaitable[T]]
+) -> asyncio.Future[T]:
+    """User bob with the read grant on queue q starts `wait(his token)`; once it parked,
+    the grant is revoked as `qm-server user revoke` does and the sweep reloads grants."""
+    bob_reads_q(tmp_path, "bob-pw")
+    waiting = asyncio.ensure_future(wait(await log_in(engine, "bob-pw", "bob")))
+    await until(lambda: engine.signals.waiting() == 1)
+    as_user_command(tmp_path, lambda conn: sqlite_file.remove_grant(conn, "bob", READ_Q))
+    await engine.refresh_permissions()  # the sweep's reload
+    return waiting
+
+
+def test_a_long_poll_parked_before_a_revocation_takes_nothing_after_it(tmp_path: Path) -> None:
+    """Revocations reach a running server within about a second; a long poll that had
+    parked with the grant went on to claim messages for up to its wait_ms (20 s)."""
+
+    async def scenario(engine: Engine, clock: FakeClock) -> None:
+        admin = await with_queue_q(engine)
+        polling = await revoked_after_parking(
+            engine, tmp_path, lambda bob: engine.take(bob, "q", 1, 20_000)
+        )
+        await engine.add(admin, "q", ["secret"])
+        with pytest.raises(errors.PermissionDenied):
+            await asyncio.wait_for(polling, 5)
+        assert await engine.counts(admin, "q") == (1, 0)
+
+    run(tmp_path, scenario)
 
 
 def test_a_user_removed_while_logging_in_gets_no_session(tmp_path: Path) -> None:
@@ -482,13 +483,9 @@ def test_a_password_change_ends_the_user_s_sessions(tmp_path: Path) -> None:
     a password that had leaked did not shut out whoever had used it."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        admin = await log_in(engine)
-        await engine.new_queue(admin, "q")
+        admin = await with_queue_q(engine)
         await engine.add(admin, "q", ["held"])
-        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("old-pw")))
-        as_user_command(
-            tmp_path, lambda conn: sqlite_file.add_grant(conn, "bob", Grant("read", "queue", "q"))
-        )
+        bob_reads_q(tmp_path, "old-pw")
         bob = await log_in(engine, "old-pw", "bob")
         assert len(await engine.take(bob, "q", 1, 0)) == 1
         as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("new-pw")))
@@ -551,25 +548,35 @@ def test_a_password_changed_while_logging_in_gets_no_session(tmp_path: Path) -> 
     run(tmp_path, scenario)
 
 
+@contextlib.asynccontextmanager
+async def full_stream_on_q(engine: Engine) -> AsyncIterator[tuple[str, Subscription, list[int]]]:
+    """Admin's token and stream on q, whose window of 2 holds q's two messages (ids)."""
+    admin = await with_queue_q(engine)
+    await engine.add(admin, "q", ["a", "b"])
+    async with stream(engine, admin, window=2) as subscription:
+        held = [d.message_id for d in await subscription.next_batch()]
+        yield admin, subscription, held
+
+
+async def waiting_for_room(subscription: Subscription) -> asyncio.Future[list[Delivery]]:
+    """Its next batch, once it waits for acks to free room."""
+    waiting = asyncio.ensure_future(subscription.next_batch())
+    await until(lambda: subscription.session.waiting == 1)
+    return waiting
+
+
 def test_a_full_subscription_ends_when_its_queue_is_destroyed(tmp_path: Path) -> None:
     """A stream with a full window waited only for acks, so destroying its queue left it
     open, holding ids that no longer existed, until the client acked something; it now
     ends with QUEUE_NOT_FOUND at the destruction."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        admin = await log_in(engine)
-        await engine.new_queue(admin, "q")
-        await engine.add(admin, "q", ["a", "b"])
-        subscription = await engine.subscribe(admin, "q", 2)
-        try:
-            assert len(await subscription.next_batch()) == 2  # the window is full
-            waiting = asyncio.ensure_future(subscription.next_batch())
-            await until(lambda: subscription.session.waiting == 1)
+        async with full_stream_on_q(engine) as (admin, subscription, held):
+            assert len(held) == 2  # the window is full
+            waiting = await waiting_for_room(subscription)
             await engine.destroy_queue(admin, "q", force=True)
             with pytest.raises(errors.QueueNotFound):
                 await asyncio.wait_for(waiting, 5)
-        finally:
-            await subscription.close()
 
     run(tmp_path, scenario)
 
@@ -580,14 +587,9 @@ def test_a_destroy_whose_caller_gives_up_still_ends_the_queues_streams(tmp_path:
     streams, so one with a full window stayed open on a queue that no longer existed."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        admin = await log_in(engine)
-        await engine.new_queue(admin, "q")
-        await engine.add(admin, "q", ["a", "b"])
-        subscription = await engine.subscribe(admin, "q", 2)
-        try:
-            assert len(await subscription.next_batch()) == 2  # the window is full
-            waiting = asyncio.ensure_future(subscription.next_batch())
-            await until(lambda: subscription.session.waiting == 1)
+        async with full_stream_on_q(engine) as (admin, subscription, held):
+            assert len(held) == 2  # the window is full
+            waiting = await waiting_for_room(subscription)
             destroy = asyncio.ensure_future(engine.destroy_queue(admin, "q", force=True))
             await asyncio.sleep(0)  # it runs up to the store's answer, then its caller leaves
             destroy.cancel()
@@ -598,8 +600,6 @@ def test_a_destroy_whose_caller_gives_up_still_ends_the_queues_streams(tmp_path:
                 await engine.counts(admin, "q")  # it was destroyed all the same
             with pytest.raises(errors.QueueNotFound):
                 await asyncio.wait_for(waiting, 5)
-        finally:
-            await subscription.close()
 
     run(tmp_path, scenario)
 
@@ -612,20 +612,13 @@ def test_an_ack_on_a_destroyed_queues_stream_claims_nothing_from_its_successor(
     (and then, at the stream's end, giving back) messages of a queue it never opened."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        admin = await log_in(engine)
-        await engine.new_queue(admin, "q")
-        await engine.add(admin, "q", ["a", "b"])
-        subscription = await engine.subscribe(admin, "q", 2)
-        try:
-            held = [d.message_id for d in await subscription.next_batch()]
+        async with full_stream_on_q(engine) as (admin, subscription, held):
             await engine.destroy_queue(admin, "q", force=True)
             await engine.new_queue(admin, "q")
             await engine.add(admin, "q", ["c"])
             found, refill = await subscription.ack(held[:1], pb.ACK_TYPE_DONE)
             assert (found, refill) == ([False], [])
             assert await engine.counts(admin, "q") == (1, 0)
-        finally:
-            await subscription.close()
         poll = await engine.take(admin, "q", 1, 0)
         assert [(d.element, d.delivery_count) for d in poll] == [("c", 1)]
 
@@ -641,17 +634,9 @@ def test_a_reload_cut_short_while_ending_a_session_still_stops_revoked_streams(
     woke it (found by review)."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        admin = await log_in(engine)
-        await engine.new_queue(admin, "q")
-        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("pw")))
-        grant = Grant("read", "queue", "q")
-        as_user_command(tmp_path, lambda conn: sqlite_file.add_grant(conn, "bob", grant))
+        await with_queue_q(engine)
+        bob_reads_q(tmp_path, "pw")
         bob = await log_in(engine, "pw", "bob")
-        subscription = await engine.subscribe(bob, "q", 10)
-        pushing = asyncio.ensure_future(subscription.next_batch())
-        await until(lambda: engine.signals.waiting() == 1)
-        as_user_command(tmp_path, lambda conn: sqlite_file.remove_grant(conn, "bob", grant))
-        as_user_command(tmp_path, lambda conn: sqlite_file.delete_user(conn, "admin"))
         ending = asyncio.Event()
         original = engine._end_session
 
@@ -659,16 +644,20 @@ def test_a_reload_cut_short_while_ending_a_session_still_stops_revoked_streams(
             ending.set()
             await asyncio.Event().wait()  # a release that never finishes
 
-        engine._end_session = hangs  # type: ignore[method-assign]
-        try:
-            reload = asyncio.ensure_future(engine.refresh_permissions())
-            await ending.wait()  # it is ending admin's session
-            reload.cancel()
-            with pytest.raises(errors.PermissionDenied):
-                await asyncio.wait_for(pushing, 5)
-        finally:
-            engine._end_session = original  # type: ignore[method-assign]
-            await subscription.close()
+        async with stream(engine, bob) as subscription:
+            pushing = asyncio.ensure_future(subscription.next_batch())
+            await until(lambda: engine.signals.waiting() == 1)
+            as_user_command(tmp_path, lambda conn: sqlite_file.remove_grant(conn, "bob", READ_Q))
+            as_user_command(tmp_path, lambda conn: sqlite_file.delete_user(conn, "admin"))
+            engine._end_session = hangs  # type: ignore[method-assign]
+            try:
+                reload = asyncio.ensure_future(engine.refresh_permissions())
+                await ending.wait()  # it is ending admin's session
+                reload.cancel()
+                with pytest.raises(errors.PermissionDenied):
+                    await asyncio.wait_for(pushing, 5)
+            finally:
+                engine._end_session = original  # type: ignore[method-assign]
 
     run(tmp_path, scenario)
 
@@ -678,8 +667,7 @@ def test_a_subscription_stops_at_a_revocation(tmp_path: Path) -> None:
     open after the grant was revoked; it now ends with PERMISSION_DENIED at the reload."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        admin = await log_in(engine)
-        await engine.new_queue(admin, "q")
+        admin = await with_queue_q(engine)
         subscriptions: list[Subscription] = []
 
         async def push(bob: str) -> list[Delivery]:
