@@ -278,19 +278,13 @@ class Engine:
         self.authorize(session, "manage", "queue", name)
         # The store destroys it even if this call is cancelled meanwhile (a client's
         # deadline): its waiters and streams must hear of it all the same.
-        destroy = asyncio.ensure_future(self.store.destroy_queue(name, force))
-        try:
-            await asyncio.shield(destroy)
-        except asyncio.CancelledError:
-            destroy.add_done_callback(lambda done: self._queue_gone(name, done))
-            raise
+        await outliving_caller(
+            self.store.destroy_queue(name, force), lambda _: self._queue_gone(name)
+        )
         self._queue_gone(name)
 
-    def _queue_gone(self, name: str, destroyed: asyncio.Future[None] | None = None) -> None:
-        """Wake whoever waits on a destroyed queue, and end its streams; `destroyed`, the
-        store's destruction that a cancelled call left running, if it did not fail."""
-        if destroyed is not None and (destroyed.cancelled() or destroyed.exception()):
-            return  # not destroyed after all (QUEUE_NOT_EMPTY, say)
+    def _queue_gone(self, name: str) -> None:
+        """Wake whoever waits on a destroyed queue, and end its streams."""
         self.signals.wake(name, everyone=True)
         # Streams with a full window wait for acks, not on the queue: end them too.
         for subscription in self._streams():
@@ -376,19 +370,11 @@ class Engine:
         closed stream): what it took is then made ready again at once instead of sitting
         in flight, unseen, until the session ends.
         """
-        task = asyncio.ensure_future(claim)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(lambda done: self._give_back(session, done, claimed))
-            raise
+        return await outliving_caller(
+            claim, lambda result: self._give_back(session, claimed(result))
+        )
 
-    def _give_back(
-        self, session: Session, done: asyncio.Future[T], claimed: Callable[[T], list[int]]
-    ) -> None:
-        if done.cancelled() or done.exception() is not None:
-            return
-        ids = claimed(done.result())
+    def _give_back(self, session: Session, ids: list[int]) -> None:
         if ids:
             self.in_background(self._release(session, ids))
 
@@ -505,3 +491,20 @@ class Engine:
         check_name("map", name)
         self.authorize(session, "manage", "map", name)
         await self.store.map_destroy(name)
+
+
+async def outliving_caller(work: Awaitable[T], orphaned: Callable[[T], None]) -> T:
+    """Await store work that commits even if this caller is cancelled (a client's deadline,
+    a closed stream); then, once it has succeeded, `orphaned(result)` does what the caller
+    would have done after it. Work that failed needs nothing."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def finished(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                orphaned(done.result())
+
+        task.add_done_callback(finished)
+        raise
