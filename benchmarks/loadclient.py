@@ -21,6 +21,7 @@ import grpc
 
 from benchmarks.login import login, new_stub
 from benchmarks.scenarios import LoadResult, LoadSpec
+from benchmarks.stream import AckingStream, StreamFailure
 from qm.v1 import queue_manager_pb2 as pb
 
 OK = pb.CODE_OK
@@ -151,47 +152,23 @@ async def run_pull_ack(stub: Any, token: str, spec: LoadSpec, budget: Budget) ->
 
 async def run_stream(stub: Any, token: str, spec: LoadSpec, budget: Budget) -> None:
     """One Subscribe stream per task; latency is the gap between two pushed batches."""
-    call = stub.Subscribe()
     try:
-        await call.write(
-            pb.SubscribeRequest(
-                open=pb.SubscribeOpen(
-                    token=token, queue_name=spec.queue_name, max_unacked=spec.batch
-                )
-            )
-        )
-        t0 = time.perf_counter_ns()
-        while budget.remaining > 0 and not budget.exhausted:
-            left = budget.deadline - time.monotonic()
-            if left <= 0:
-                return
-            try:
-                r = await asyncio.wait_for(call.read(), timeout=left)
-            except TimeoutError:
-                return
-            if r is grpc.aio.EOF:
-                return
-            if r.code != OK:
-                budget.fail("Subscribe", r.code, r.message)
-                return
-            ids = [e.message_id for e in r.element_info]
-            if ids:
-                await call.write(
-                    pb.SubscribeRequest(
-                        ack=pb.SubscribeAck(message_ids=ids, ack_type=pb.ACK_TYPE_DONE)
-                    )
-                )
-                budget.remaining -= len(ids)
-                budget.done(t0, len(ids))
-                t0 = time.perf_counter_ns()
-            for failed in r.ack_results:
-                budget.fail("SubscribeAck", failed.code)
+        async with AckingStream(stub, token, spec.queue_name, spec.batch) as stream:
+            t0 = time.perf_counter_ns()
+            while budget.remaining > 0 and not budget.exhausted:
+                n = await stream.next_batch(budget.deadline)
+                if n is None:
+                    return
+                if n:
+                    budget.remaining -= n
+                    budget.done(t0, n)
+                    t0 = time.perf_counter_ns()
+    except StreamFailure as failure:
+        budget.fail(failure.what, failure.code, failure.message)
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.UNIMPLEMENTED:
             raise Unimplemented(e.details() or "Subscribe") from e
         raise
-    finally:
-        call.cancel()
 
 
 LOOPS: dict[str, Loop] = {

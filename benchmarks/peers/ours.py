@@ -19,6 +19,7 @@ import grpc
 
 from benchmarks.login import login, new_stub
 from benchmarks.peers.common import CALL_SIZE, E2EResult, E2ESpec
+from benchmarks.stream import AckingStream, StreamFailure
 from qm.v1 import queue_manager_pb2 as pb
 
 CALL_TIMEOUT_S = 30.0
@@ -81,36 +82,14 @@ async def _produce(
 
 
 async def _consume(stub: Any, token: str, spec: E2ESpec, res: E2EResult, deadline: float) -> None:
-    call = stub.Subscribe()
     try:
-        await call.write(
-            pb.SubscribeRequest(
-                open=pb.SubscribeOpen(token=token, queue_name=spec.name, max_unacked=spec.in_flight)
-            )
-        )
-        while res.consumed < res.produced:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                res.note = "Subscribe: out of time"
-                return
-            reply = await asyncio.wait_for(call.read(), timeout=left)
-            if reply is grpc.aio.EOF:
-                res.note = "Subscribe: stream ended"
-                return
-            if reply.code != pb.CODE_OK or reply.ack_results:
-                res.note = f"Subscribe: {pb.Code.Name(reply.code)} {reply.message}"
-                return
-            ids = [e.message_id for e in reply.element_info]
-            if ids:
-                await call.write(
-                    pb.SubscribeRequest(
-                        ack=pb.SubscribeAck(message_ids=ids, ack_type=pb.ACK_TYPE_DONE)
-                    )
-                )
-                res.consumed += len(ids)
-        await call.done_writing()
-        # Acks sent on the stream are applied before the server ends it.
-        while await asyncio.wait_for(call.read(), timeout=CALL_TIMEOUT_S) is not grpc.aio.EOF:
-            pass
-    finally:
-        call.cancel()
+        async with AckingStream(stub, token, spec.name, spec.in_flight) as stream:
+            while res.consumed < res.produced:
+                n = await stream.next_batch(deadline)
+                if n is None:
+                    res.note = "Subscribe: " + ("stream ended" if stream.ended else "out of time")
+                    return
+                res.consumed += n
+            await stream.finish(CALL_TIMEOUT_S)
+    except StreamFailure as failure:
+        res.note = str(failure)
