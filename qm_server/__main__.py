@@ -19,106 +19,21 @@ import sys
 from pathlib import Path
 
 from qm_server.auth import PasswordHasher
-from qm_server.config import AuthSettings, KeepaliveSettings, Limits, ServerConfig, TlsSettings
+from qm_server.config import AuthSettings, ServerConfig
+from qm_server.flags import add_setting_flags, settings_from_args
 from qm_server.fsutil import DataDirInUse, ensure_dir
 from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite_file
 from qm_server.store.base import UserRecord
-from qm_server.store.sqlite_file import SYNCHRONOUS
-
-DEFAULTS = ServerConfig()
-LIMIT_DEFAULTS = Limits()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qm-server", description="queue manager: durable work queues and maps over gRPC"
     )
-    parser.add_argument("--listen", default=DEFAULTS.listen, help="HOST:PORT (port 0: any free)")
-    parser.add_argument("--data-dir", type=Path, default=DEFAULTS.data_dir)
-    parser.add_argument(
-        "--session-ttl",
-        type=float,
-        default=DEFAULTS.session_ttl_s,
-        metavar="SECONDS",
-        help="idle time after which a session expires and its messages are released",
-    )
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=DEFAULTS.grace_s,
-        metavar="SECONDS",
-        help="how long calls in progress may finish at shutdown",
-    )
+    add_setting_flags(parser)
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    parser.add_argument(
-        "--durability",
-        choices=sorted(SYNCHRONOUS),
-        default=DEFAULTS.durability,
-        help="full: fsync before every answer (survives power loss); process-crash: "
-        "faster, survives kill -9 but may lose the last answers on power loss",
-    )
-    parser.add_argument("--max-element-bytes", type=int, default=LIMIT_DEFAULTS.max_element_bytes)
-    parser.add_argument("--max-batch", type=int, default=LIMIT_DEFAULTS.max_batch)
-    parser.add_argument("--max-page", type=int, default=LIMIT_DEFAULTS.max_page)
-    parser.add_argument("--max-queues", type=int, default=LIMIT_DEFAULTS.max_queues)
-    parser.add_argument("--max-maps", type=int, default=LIMIT_DEFAULTS.max_maps)
-    parser.add_argument("--max-wait-ms", type=int, default=LIMIT_DEFAULTS.max_wait_ms)
-    parser.add_argument("--max-request-bytes", type=int, default=DEFAULTS.max_request_bytes)
-    parser.add_argument("--max-concurrent-rpcs", type=int, default=None)
-    parser.add_argument(
-        "--max-streams-per-connection",
-        type=int,
-        default=DEFAULTS.max_streams_per_connection,
-        help="HTTP/2 streams per connection (default: unlimited)",
-    )
-    parser.add_argument(
-        "--max-map-get-all-bytes", type=int, default=LIMIT_DEFAULTS.max_map_get_all_bytes
-    )
-    parser.add_argument(
-        "--max-response-bytes",
-        type=int,
-        default=LIMIT_DEFAULTS.max_response_bytes,
-        help="PullElements, Subscribe pushes and MapGetList pages stop adding entries here",
-    )
-    parser.add_argument("--max-sessions", type=int, default=LIMIT_DEFAULTS.max_sessions)
-    parser.add_argument("--max-waiting-polls", type=int, default=LIMIT_DEFAULTS.max_waiting_polls)
-    parser.add_argument("--max-subscriptions", type=int, default=LIMIT_DEFAULTS.max_subscriptions)
-    parser.add_argument(
-        "--min-ping-interval-ms",
-        type=int,
-        default=KeepaliveSettings().min_client_ping_interval_ms,
-        help="clients pinging more often than this get GOAWAY (too_many_pings)",
-    )
-    parser.add_argument(
-        "--login-failures",
-        type=int,
-        default=AuthSettings().failures_before_backoff,
-        help="failed logins per user or host before backoff starts",
-    )
-    parser.add_argument(
-        "--max-concurrent-hashes",
-        type=int,
-        default=AuthSettings().max_concurrent_hashes,
-        help="password hashes computed at once",
-    )
-    parser.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
-    parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
-    parser.add_argument(
-        "--tls-client-ca", type=Path, help="require client certificates signed by this CA"
-    )
-    parser.add_argument(
-        "--allow-plaintext",
-        action="store_true",
-        help="allow plaintext on a non-loopback address (tokens cross the network in clear)",
-    )
-    parser.add_argument(
-        "--rsa-bits",
-        type=int,
-        default=AuthSettings().rsa_bits,
-        help="size of the key created on first start",
-    )
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command")
     user = commands.add_parser("user", help="manage users in --data-dir").add_subparsers(
@@ -146,37 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(
-        data_dir=args.data_dir,
-        listen=args.listen,
-        session_ttl_s=args.session_ttl,
-        durability=args.durability,
-        grace_s=args.grace,
-        max_request_bytes=args.max_request_bytes,
-        max_concurrent_rpcs=args.max_concurrent_rpcs,
-        max_streams_per_connection=args.max_streams_per_connection,
-        tls=TlsSettings(args.tls_cert, args.tls_key, args.tls_client_ca),
-        allow_plaintext=args.allow_plaintext,
-        keepalive=KeepaliveSettings(min_client_ping_interval_ms=args.min_ping_interval_ms),
-        limits=Limits(
-            max_element_bytes=args.max_element_bytes,
-            max_batch=args.max_batch,
-            max_page=args.max_page,
-            max_queues=args.max_queues,
-            max_maps=args.max_maps,
-            max_wait_ms=args.max_wait_ms,
-            max_sessions=args.max_sessions,
-            max_map_get_all_bytes=args.max_map_get_all_bytes,
-            max_response_bytes=args.max_response_bytes,
-            max_waiting_polls=args.max_waiting_polls,
-            max_subscriptions=args.max_subscriptions,
-        ),
-        auth=AuthSettings(
-            rsa_bits=args.rsa_bits,
-            failures_before_backoff=args.login_failures,
-            max_concurrent_hashes=args.max_concurrent_hashes,
-        ),
-    )
+    return settings_from_args(args, ServerConfig)
 
 
 async def serve(config: ServerConfig, port_file: Path | None) -> int:

@@ -1,53 +1,79 @@
-"""Server configuration: every limit in one place, each with the default the contract names."""
+"""Server configuration: every setting declared once, with its default and its flag.
+
+Each field that an operator may set carries its command-line flag and help text in its
+metadata (`setting(...)`); `qm_server.flags` builds the parser from these declarations and
+reads the parsed values back, so a limit is named, defaulted and documented in one place.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 MIB = 1024 * 1024
+
+
+DURABILITY_MODES = ("full", "process-crash")
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str = "",
+    metavar: str = "",
+    choices: tuple[str, ...] = (),
+) -> Any:
+    """A field that `qm-server` exposes as `flag` (default: --the-field-name)."""
+    metadata = {"flag": flag, "help": help, "metavar": metavar, "choices": choices}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Limits:
     """Limits the engine enforces; each answered with a clear code, nothing half-done."""
 
-    max_element_bytes: int = MIB
-    max_batch: int = 1000
-    max_page: int = 1000
-    max_queues: int = 10_000
-    max_maps: int = 10_000
-    max_wait_ms: int = 20_000
-    # Long polls parked at once, and open Subscribe streams: each costs a little memory,
-    # so a flood of idle consumers is refused (RESOURCE_EXHAUSTED) rather than absorbed.
-    max_waiting_polls: int = 10_000
-    max_subscriptions: int = 10_000
-    # Live sessions: each login costs memory until it expires.
-    max_sessions: int = 100_000
-    # PullElements stops adding messages once a response holds this many payload bytes,
-    # so that a batch of large elements never exceeds what a client can receive.
-    max_response_bytes: int = 4 * MIB
-    # MapGetAll answers the whole map or, past this many bytes, RESOURCE_EXHAUSTED (page
-    # with MapGetList instead): an answer must not grow without bound.
-    max_map_get_all_bytes: int = 64 * MIB
+    max_element_bytes: int = setting(MIB, "largest element, map key or map value (UTF-8 bytes)")
+    max_batch: int = setting(1000, "most elements, ids or pairs in one call")
+    max_page: int = setting(1000, "most entries in one MapGetList page")
+    max_queues: int = setting(10_000, "queues that may exist at once")
+    max_maps: int = setting(10_000, "maps that may exist at once")
+    max_wait_ms: int = setting(20_000, "longest wait_ms a long poll is granted")
+    # Each parked long poll or open stream costs a little memory, so a flood of idle
+    # consumers is refused (RESOURCE_EXHAUSTED) rather than absorbed.
+    max_waiting_polls: int = setting(10_000, "long polls parked at once")
+    max_subscriptions: int = setting(10_000, "Subscribe streams open at once")
+    # Each login costs memory until it expires.
+    max_sessions: int = setting(100_000, "live sessions")
+    # So that a batch of large elements never exceeds what a client can receive.
+    max_response_bytes: int = setting(
+        4 * MIB, "PullElements, Subscribe pushes and MapGetList pages stop adding entries here"
+    )
+    # An answer must not grow without bound: past this, page with MapGetList instead.
+    max_map_get_all_bytes: int = setting(
+        64 * MIB, "MapGetAll of a larger map answers RESOURCE_EXHAUSTED"
+    )
 
 
 @dataclass(frozen=True)
 class AuthSettings:
     """Login parameters: key size, challenge lifetime, scrypt cost and throttling."""
 
-    rsa_bits: int = 3072
+    rsa_bits: int = setting(3072, "size of the key created on first start")
     challenge_ttl_s: float = 60.0
     max_pending_challenges: int = 100_000
     # scrypt cost: n=2**14, r=8 takes tens of milliseconds and 16 MiB per hash.
     scrypt_n: int = 2**14
     scrypt_r: int = 8
     scrypt_p: int = 1
-    # How many password hashes may run at once (each costs CPU and 16 MiB).
-    max_concurrent_hashes: int = 2
-    # After this many consecutive failures for one user or one peer, logins from it are
+    # Each hash costs CPU and 16 MiB.
+    max_concurrent_hashes: int = setting(2, "password hashes computed at once")
+    # Past this many consecutive failures for one user or one peer, logins from it are
     # refused (RESOURCE_EXHAUSTED) for a backoff that doubles with each further failure.
-    failures_before_backoff: int = 5
+    failures_before_backoff: int = setting(
+        5, "failed logins per user or host before backoff starts", flag="--login-failures"
+    )
     max_backoff_s: float = 60.0
 
 
@@ -55,9 +81,11 @@ class AuthSettings:
 class TlsSettings:
     """Server certificate and key (PEM files); a client CA turns on mutual TLS."""
 
-    cert: Path | None = None
-    key: Path | None = None
-    client_ca: Path | None = None
+    cert: Path | None = setting(None, "server certificate chain (PEM)", flag="--tls-cert")
+    key: Path | None = setting(None, "server private key (PEM)", flag="--tls-key")
+    client_ca: Path | None = setting(
+        None, "require client certificates signed by this CA", flag="--tls-client-ca"
+    )
 
     @property
     def enabled(self) -> bool:
@@ -71,7 +99,11 @@ class KeepaliveSettings:
 
     time_ms: int = 60_000
     timeout_ms: int = 20_000
-    min_client_ping_interval_ms: int = 10_000
+    min_client_ping_interval_ms: int = setting(
+        10_000,
+        "clients pinging more often than this get GOAWAY (too_many_pings)",
+        flag="--min-ping-interval-ms",
+    )
     max_ping_strikes: int = 2
 
 
@@ -79,26 +111,42 @@ class KeepaliveSettings:
 class ServerConfig:
     """What `qm-server` runs with; the command line fills it."""
 
-    data_dir: Path = Path("qm-data")
-    listen: str = "127.0.0.1:50051"
-    session_ttl_s: float = 30.0
-    grace_s: float = 5.0
-    # Largest request the transport accepts; larger ones fail with gRPC RESOURCE_EXHAUSTED
-    # before the service sees them.
-    max_request_bytes: int = 8 * MIB
-    max_concurrent_rpcs: int | None = None
-    # HTTP/2 streams (calls in progress) per connection. Bounds what one client that
-    # never reads its answers can make the server hold (about 5 answers' worth each).
-    # Off by default: measured with grpcio 1.85, a limit of 100 already refused a
-    # grpc.aio client's calls (REFUSED_STREAM, seen as UNAVAILABLE) at 64 in flight.
-    max_streams_per_connection: int | None = None
+    data_dir: Path = setting(Path("qm-data"), "where the database and the key live")
+    listen: str = setting(
+        "127.0.0.1:50051", "address to serve on (port 0: any free)", metavar="HOST:PORT"
+    )
+    session_ttl_s: float = setting(
+        30.0,
+        "idle time after which a session expires and its messages are released",
+        flag="--session-ttl",
+        metavar="SECONDS",
+    )
+    grace_s: float = setting(
+        5.0, "how long calls in progress may finish at shutdown", flag="--grace", metavar="SECONDS"
+    )
+    # Larger requests fail with gRPC RESOURCE_EXHAUSTED before the service sees them.
+    max_request_bytes: int = setting(8 * MIB, "largest request the transport accepts")
+    max_concurrent_rpcs: int | None = setting(None, "calls in progress at once (default: any)")
+    # Bounds what one client that never reads its answers can make the server hold (about
+    # 5 answers' worth each). Off by default: measured with grpcio 1.85, a limit of 100
+    # already refused a grpc.aio client's calls (REFUSED_STREAM, seen as UNAVAILABLE) at
+    # 64 in flight.
+    max_streams_per_connection: int | None = setting(
+        None, "HTTP/2 streams per connection (default: unlimited)"
+    )
     admin_password: str | None = None
-    # "full" (fsync before every OK) or "process-crash" (see store/sqlite.py); never
-    # weaker by default.
-    durability: str = "full"
+    # Never weaker by default; store/sqlite_file.py's SYNCHRONOUS maps each mode.
+    durability: str = setting(
+        "full",
+        "full: fsync before every answer (survives power loss); process-crash: "
+        "faster, survives kill -9 but may lose the last answers on power loss",
+        choices=DURABILITY_MODES,
+    )
     tls: TlsSettings = field(default_factory=TlsSettings)
     # Plaintext is allowed on loopback addresses only, unless this is set.
-    allow_plaintext: bool = False
+    allow_plaintext: bool = setting(
+        False, "allow plaintext on a non-loopback address (tokens cross the network in clear)"
+    )
     keepalive: KeepaliveSettings = field(default_factory=KeepaliveSettings)
     limits: Limits = field(default_factory=Limits)
     auth: AuthSettings = field(default_factory=AuthSettings)
