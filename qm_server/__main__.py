@@ -74,13 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP/2 streams per connection (default: unlimited)",
     )
     parser.add_argument(
-        "--max-map-get-all-bytes", type=int, default=LIMIT_DEFAULTS.max_map_get_all_bytes
-    )
-    parser.add_argument(
         "--max-response-bytes",
         type=int,
         default=LIMIT_DEFAULTS.max_response_bytes,
-        help="PullElements, Subscribe pushes and MapGetList pages stop adding entries here",
+        help="largest answer, encoded and framed (gRPC's default receive limit); "
+        "MapGetAll past it answers RESOURCE_EXHAUSTED",
+    )
+    parser.add_argument(
+        "--max-reads-in-progress-bytes",
+        type=int,
+        default=LIMIT_DEFAULTS.max_reads_in_progress_bytes,
+        help="map reads being read and built at once, each counted at its largest answer",
     )
     parser.add_argument("--max-sessions", type=int, default=LIMIT_DEFAULTS.max_sessions)
     parser.add_argument("--max-waiting-polls", type=int, default=LIMIT_DEFAULTS.max_waiting_polls)
@@ -166,8 +170,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_maps=args.max_maps,
             max_wait_ms=args.max_wait_ms,
             max_sessions=args.max_sessions,
-            max_map_get_all_bytes=args.max_map_get_all_bytes,
             max_response_bytes=args.max_response_bytes,
+            max_reads_in_progress_bytes=args.max_reads_in_progress_bytes,
             max_waiting_polls=args.max_waiting_polls,
             max_subscriptions=args.max_subscriptions,
         ),
@@ -275,14 +279,19 @@ def change_grants(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "user":
         return manage_users(args)
-    return asyncio.run(serve(config_from_args(args), args.port_file))
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # limits that contradict each other
+        parser.error(str(exc))
+    return asyncio.run(serve(config, args.port_file))
 
 
 if __name__ == "__main__":

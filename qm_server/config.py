@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qm_server.answer_size import entries_room, key_value_size
+
 MIB = 1024 * 1024
 
 
@@ -24,12 +26,30 @@ class Limits:
     max_subscriptions: int = 10_000
     # Live sessions: each login costs memory until it expires.
     max_sessions: int = 100_000
-    # PullElements stops adding messages once a response holds this many payload bytes,
-    # so that a batch of large elements never exceeds what a client can receive.
+    # The largest answer the server sends, encoded and framed: gRPC's default receive
+    # limit, so that a client with default settings receives every answer. PullElements,
+    # Subscribe pushes and MapGetList pages stop adding entries before it (the first entry
+    # always comes, and always fits: see __post_init__); MapGetAll answers
+    # RESOURCE_EXHAUSTED past it (page with MapGetList instead). Raising it needs every
+    # client to raise its receive limit as well.
     max_response_bytes: int = 4 * MIB
-    # MapGetAll answers the whole map or, past this many bytes, RESOURCE_EXHAUSTED (page
-    # with MapGetList instead): an answer must not grow without bound.
-    max_map_get_all_bytes: int = 64 * MIB
+    # Map reads (MapGet, MapGetList, MapGetAll) being read and built at once may hold
+    # this many bytes of answers, each counted at its largest possible size; further
+    # reads wait their turn, so that many concurrent big reads cannot grow the server
+    # without bound.
+    max_reads_in_progress_bytes: int = 32 * MIB
+
+    def __post_init__(self) -> None:
+        # One entry of the largest size (a map key and value, each max_element_bytes)
+        # must fit in an answer alone, or it could be neither delivered nor skipped.
+        largest = key_value_size(self.max_element_bytes, self.max_element_bytes)
+        if largest > entries_room(self.max_response_bytes):
+            raise ValueError(
+                f"max_response_bytes {self.max_response_bytes} cannot hold one entry of "
+                f"max_element_bytes {self.max_element_bytes} (a key and a value)"
+            )
+        if self.max_reads_in_progress_bytes < self.max_response_bytes:
+            raise ValueError("max_reads_in_progress_bytes must hold one largest answer")
 
 
 @dataclass(frozen=True)
