@@ -103,8 +103,8 @@ def test_reads_in_progress_are_bounded_by_bytes(
         stub.MapPut(pb.MapPutRequest(token=token, map="m", key="k", value="v"))
         reads = [stub.MapGetList.future(page_request(token), timeout=STUCK_S) for _ in range(3)]
         held_reads.wait_entered()
-        held_reads.wait_entered()
-        # The third waits for room, not for a thread: it holds no answer meanwhile.
+        # Two hold the budget (one reading, the other reading or waiting for a reader
+        # thread); the third waits for room: it holds no answer meanwhile.
         assert budget.queued.wait(STUCK_S)
         assert (budget.reserved, budget.waiting) == (8 * MIB, 1)
         held_reads.release.set()
