@@ -5,7 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qm_server.answer_size import entries_room, key_value_size
+from qm_server.answer_size import (
+    ACK_RESULT_BYTES,
+    element_info_size,
+    entries_room,
+    key_value_size,
+)
 
 MIB = 1024 * 1024
 
@@ -40,9 +45,14 @@ class Limits:
     max_reads_in_progress_bytes: int = 32 * MIB
 
     def __post_init__(self) -> None:
-        # One entry of the largest size (a map key and value, each max_element_bytes)
-        # must fit in an answer alone, or it could be neither delivered nor skipped.
-        largest = key_value_size(self.max_element_bytes, self.max_element_bytes)
+        # One entry of the largest size must fit in an answer alone, or it could be
+        # neither delivered nor skipped: a map key and value, each max_element_bytes, or
+        # an element beside an AckResult for each id of a full batch (a Subscribe refill).
+        largest = max(
+            key_value_size(self.max_element_bytes, self.max_element_bytes),
+            element_info_size(self.max_element_bytes, 2**63 - 1, 2**63 - 1)
+            + ACK_RESULT_BYTES * self.max_batch,
+        )
         if largest > entries_room(self.max_response_bytes):
             raise ValueError(
                 f"max_response_bytes {self.max_response_bytes} cannot hold one entry of "

@@ -141,7 +141,9 @@ def test_answers_stay_within_byte_limits(make_server: Callable[..., ServerHandle
     entry = key_value_size(2, 99)  # key "k0", a value of 99 bytes, encoded
     room = 2 * entry + entry // 2  # two entries fit, three do not
     handle = make_server(
-        max_element_bytes=100, max_response_bytes=FRAME_BYTES + ENVELOPE_BYTES + room
+        max_element_bytes=100,
+        max_batch=8,
+        max_response_bytes=FRAME_BYTES + ENVELOPE_BYTES + room,
     )
     with grpc.insecure_channel(handle.target) as channel:
         stub = Stub(channel)

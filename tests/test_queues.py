@@ -332,7 +332,9 @@ def test_pull_stops_at_response_byte_budget(make_server: Callable[..., ServerHan
     entry = element_info_size(100, 1, 1)  # ids below 128, first delivery
     room = 2 * entry + entry // 2  # two elements fit, three do not
     handle = make_server(
-        max_element_bytes=100, max_response_bytes=FRAME_BYTES + ENVELOPE_BYTES + room
+        max_element_bytes=100,
+        max_batch=8,
+        max_response_bytes=FRAME_BYTES + ENVELOPE_BYTES + room,
     )
     with grpc.insecure_channel(handle.target) as channel:
         stub = Stub(channel)
