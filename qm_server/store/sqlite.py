@@ -12,9 +12,12 @@ no query and payloads stay on disk. Being in flight is not written to disk at al
 (inflight.py says why): a claim reads rows and advances one per-queue mark, an ack
 deletes rows, a negative ack or a session's end writes nothing. Each queue's messages
 have a table of their own (sqlite_sql.MessageStatements says why).
-After each commit it publishes the counts of the queues it touched; `queue_counts` and
-`ready_hint` read that published copy without a thread hop, and it only ever shows
-committed state.
+Map and user reads do not go through the writer: they run in reader threads, each with
+a read-only connection of its own, and see only committed state (WAL gives each read
+transaction a snapshot), so a read of many MiB neither waits behind writes nor delays a
+commit. After each commit the writer publishes the counts of the queues it touched;
+`queue_counts` and `ready_hint` read that published copy without a thread hop, and it
+only ever shows committed state.
 
 Why operations are staged (_Batch): the sqlite3 module releases the GIL around every
 step of every statement, and under load the writer then waits for the event loop to give
@@ -580,7 +583,11 @@ class SqliteStore(Store):
         if not self._healthy:
             await self._submit(lambda: None)  # raises Unavailable unless it recovered
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._read_in_reader, run)
+        try:
+            pending = loop.run_in_executor(self._readers, self._read_in_reader, run)
+        except RuntimeError:  # the readers shut down (close) since the check above
+            raise errors.Unavailable("the store is closed") from None
+        return await pending
 
     def _read_in_reader(self, run: Callable[[sqlite3.Connection], T]) -> T:
         """One read transaction: a snapshot of what was committed when it began."""
