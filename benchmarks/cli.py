@@ -21,12 +21,14 @@ from typing import Any
 import grpc
 
 from benchmarks.backlog import BacklogResult, run_backlog
+from benchmarks.big_reads import BigReadsResult, run_big_reads
 from benchmarks.peers.e2e import E2EOptions, E2ERow, run_e2e
 from benchmarks.procs import ServerProcess, ServerStartError
 from benchmarks.report import (
     build_rows,
     check_targets,
     print_backlog,
+    print_big_reads,
     print_e2e,
     print_rows,
     print_targets,
@@ -36,7 +38,9 @@ from benchmarks.runner import Measurement, RunOptions, Target, measure
 from benchmarks.scenarios import DEFAULT_CONCURRENCY, SCENARIOS
 from benchmarks.servers import ADMIN_PASSWORD, ADMIN_USER, start_floor, start_ours
 
-ALL_SCENARIOS = [*SCENARIOS, "e2e"]
+BIG_READS = "add_beside_big_reads"
+
+ALL_SCENARIOS = [*SCENARIOS, "e2e", BIG_READS]
 
 
 def _csv(text: str) -> list[str]:
@@ -82,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backlog", type=int, default=0, metavar="N", help="run the backlog scenario with N msgs"
     )
+    p.add_argument(
+        "--big-reads-mb",
+        type=int,
+        default=None,
+        metavar="MB",
+        help=f"map size for {BIG_READS} (default 32, 8 with --quick)",
+    )
+    p.add_argument(
+        "--big-readers", type=int, default=None, help=f"reader tasks for {BIG_READS} (default 4)"
+    )
     p.add_argument("--json", type=Path, help="write every figure, raw runs included, here")
     p.add_argument("--keep", action="store_true", help="keep the work dir (data, logs)")
     return p
@@ -120,6 +134,7 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
     raw: list[list[tuple[Measurement, Measurement]]] = []
     e2e: list[E2ERow] = []
     backlog: BacklogResult | None = None
+    big_reads: BigReadsResult | None = None
     try:
         floor = start_floor(work, args.element_size)
         ours = start_ours(work / "data", work)
@@ -173,15 +188,23 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
     if args.backlog:
         backlog = await run_backlog(args.backlog, args.element_size, work)
         failed = failed or bool(backlog.error)
+    if BIG_READS in args.scenarios:
+        big_reads = await run_big_reads(
+            args.big_reads_mb * 2**20, args.big_readers, args.duration, work
+        )
+        failed = failed or bool(big_reads.error)
     rows = build_rows(raw)
     print()
     print_rows(rows, sys.stdout)
     print_e2e(e2e, sys.stdout)
     print_backlog(backlog, sys.stdout)
+    print_big_reads(big_reads, sys.stdout)
     targets = check_targets(rows, e2e, backlog)
     print_targets(targets, sys.stdout)
     if args.json:
-        write_json(args.json, _meta(args, sys.argv[1:]), rows, raw, e2e, backlog, targets)
+        write_json(
+            args.json, _meta(args, sys.argv[1:]), rows, raw, e2e, backlog, targets, big_reads
+        )
         print(f"\nJSON written to {args.json}")
     return 1 if failed else 0
 
@@ -198,12 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         args.duration = args.duration or 0.5
         args.scale = args.scale or 0.005
         args.e2e_n = args.e2e_n or 500
+        args.big_reads_mb = args.big_reads_mb or 8
+        args.big_readers = args.big_readers or 2
         args.peers = bool(args.peers)
     else:
         args.runs = args.runs or 3
         args.duration = args.duration or 4.0
         args.scale = args.scale or 1.0
         args.e2e_n = args.e2e_n or 50_000
+        args.big_reads_mb = args.big_reads_mb or 32
+        args.big_readers = args.big_readers or 4
         args.peers = True if args.peers is None else args.peers
     work = Path(tempfile.mkdtemp(prefix="qm-bench-"))
     code = 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from benchmarks.backlog import BacklogResult
+from benchmarks.big_reads import BigReadsResult
 from benchmarks.peers.e2e import AT_LEAST_AS_DURABLE_AS_OURS, CONTEXT_ONLY, E2ERow
 from benchmarks.runner import Measurement
 from benchmarks.scenarios import SCENARIOS
@@ -175,6 +176,14 @@ def print_backlog(b: BacklogResult | None, out: TextIO) -> None:
         print(f"  {line}", file=out)
 
 
+def print_big_reads(b: BigReadsResult | None, out: TextIO) -> None:
+    if b is None:
+        return
+    print(f"\nadd_beside_big_reads: a map of {b.map_mb:.0f} MiB, {b.readers} readers", file=out)
+    for line in b.lines():
+        print(f"  {line}", file=out)
+
+
 def _row(rows: Sequence[Row], scenario: str, c: int) -> Row | None:
     return next((r for r in rows if r.scenario == scenario and r.concurrency == c), None)
 
@@ -245,6 +254,7 @@ def write_json(
     e2e: Sequence[E2ERow],
     backlog: BacklogResult | None,
     targets: Sequence[Target],
+    big_reads: BigReadsResult | None = None,
 ) -> None:
     """Everything, raw runs included, so a later reader can recompute any figure."""
 
@@ -263,6 +273,7 @@ def write_json(
         "runs": [[[dataclasses.asdict(o), dataclasses.asdict(f)] for o, f in run] for run in raw],
         "e2e": [dataclasses.asdict(r) for r in e2e],
         "backlog": dataclasses.asdict(backlog) if backlog else None,
+        "big_reads": dataclasses.asdict(big_reads) if big_reads else None,
         "targets": [dataclasses.asdict(t) for t in targets],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

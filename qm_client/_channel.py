@@ -30,6 +30,11 @@ IDEMPOTENT_METHODS = (
     "MapBatchPut",
 )
 
+# The largest answer the server sends, framed (its --max-response-bytes, by default
+# gRPC's own default receive limit): set explicitly so that the client receives exactly
+# what the server may send, whatever gRPC's default becomes.
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
 RETRY_POLICY: dict[str, Any] = {
     "maxAttempts": 5,
     "initialBackoff": "0.1s",
@@ -63,6 +68,7 @@ def open_channel(
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config()),
         ("grpc.primary_user_agent", "qm-python-client"),
+        ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
     ]
     if (certificate_chain is None) != (private_key is None):
         raise ValueError("certificate_chain and private_key go together")

@@ -24,7 +24,7 @@ from typing import Any, TextIO, TypedDict
 from qm.v1 import queue_manager_pb2 as pb
 
 from .client import DEFAULT_TIMEOUT, Message, QueueManagerClient, health
-from .errors import QMError, QueueEmpty
+from .errors import QMError, QueueEmpty, ResourceExhausted
 
 __all__ = ["main"]
 
@@ -266,7 +266,12 @@ def cmd_map_remove(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_map_all(ctx: Context, args: argparse.Namespace) -> int:
-    entries = ctx.connect().map(args.map).to_dict()
+    view = ctx.connect().map(args.map)
+    try:
+        entries = view.to_dict()
+    except ResourceExhausted:  # more than one answer carries (4 MiB): page it instead
+        ctx.note(f"qm: {args.map} is too large for one snapshot; reading it page by page")
+        entries = dict(view.items())
     # The JSON form is the bare object, so `qm --json map all A | qm map load B` copies.
     ctx.emit("\n".join(f"{k}\t{v}" for k, v in sorted(entries.items())) or None, entries)
     return EXIT_OK
@@ -500,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub = leaf(map_commands, name, handler, help_text)
         sub.add_argument("map", metavar="MAP")
         sub.add_argument("key", metavar="KEY")
-    sub = leaf(map_commands, "all", cmd_map_all, "print every entry (one snapshot)")
+    sub = leaf(
+        map_commands, "all", cmd_map_all, "print every entry (one snapshot up to 4 MiB, else paged)"
+    )
     sub.add_argument("map", metavar="MAP")
     sub = leaf(map_commands, "list", cmd_map_list, "print one page of entries in key order")
     sub.add_argument("map", metavar="MAP")

@@ -98,7 +98,7 @@ class QMap(MutableMapping[str, str]):
 
     def clear(self) -> None:
         """Remove every key, one call each; the map itself remains. Not atomic."""
-        for key in list(self.to_dict()):
+        for key in list(self):  # paged: a map too big for one MapGetAll is cleared too
             try:
                 del self[key]
             except KeyNotFound:
@@ -134,12 +134,11 @@ class QMap(MutableMapping[str, str]):
         self._client._call(self._client._stub.MapDestroy, pb.MapDestroyRequest(map=self.name))
 
     def _entries(self) -> Iterator[tuple[str, str]]:
+        # Only an empty page ends the map: the server returns fewer entries than asked
+        # whenever they would not fit in one answer (large values), not only at the end.
         offset = 0
-        while True:
-            page = self.page(offset)
+        while page := self.page(offset):
             yield from page
-            if len(page) < self.page_size:
-                return
             offset += len(page)
 
 

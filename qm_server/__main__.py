@@ -160,14 +160,19 @@ def change_grants(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "user":
         return manage_users(args)
-    return asyncio.run(serve(config_from_args(args), args.port_file))
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:  # limits that contradict each other
+        parser.error(str(exc))
+    return asyncio.run(serve(config, args.port_file))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qm_server.answer_size import (
+    ACK_RESULT_BYTES,
+    element_info_size,
+    entries_room,
+    key_value_size,
+)
+
 MIB = 1024 * 1024
 
 
@@ -46,14 +53,37 @@ class Limits:
     max_subscriptions: int = setting(10_000, "Subscribe streams open at once")
     # Each login costs memory until it expires.
     max_sessions: int = setting(100_000, "live sessions")
-    # So that a batch of large elements never exceeds what a client can receive.
+    # gRPC's default receive limit, so that a client with default settings receives every
+    # answer. PullElements, Subscribe pushes and MapGetList pages stop adding entries
+    # before it (the first entry always comes, and always fits: see __post_init__).
+    # Raising it needs every client to raise its receive limit as well.
     max_response_bytes: int = setting(
-        4 * MIB, "PullElements, Subscribe pushes and MapGetList pages stop adding entries here"
+        4 * MIB,
+        "largest answer, encoded and framed (gRPC's default receive limit); "
+        "MapGetAll past it answers RESOURCE_EXHAUSTED (page with MapGetList)",
     )
-    # An answer must not grow without bound: past this, page with MapGetList instead.
-    max_map_get_all_bytes: int = setting(
-        64 * MIB, "MapGetAll of a larger map answers RESOURCE_EXHAUSTED"
+    # Each read is counted at its largest possible answer; further reads wait their turn,
+    # so that many concurrent big reads cannot grow the server without bound.
+    max_reads_in_progress_bytes: int = setting(
+        32 * MIB, "map reads being read and built at once, each counted at its largest answer"
     )
+
+    def __post_init__(self) -> None:
+        # One entry of the largest size must fit in an answer alone, or it could be
+        # neither delivered nor skipped: a map key and value, each max_element_bytes, or
+        # an element beside an AckResult for each id of a full batch (a Subscribe refill).
+        largest = max(
+            key_value_size(self.max_element_bytes, self.max_element_bytes),
+            element_info_size(self.max_element_bytes, 2**63 - 1, 2**63 - 1)
+            + ACK_RESULT_BYTES * self.max_batch,
+        )
+        if largest > entries_room(self.max_response_bytes):
+            raise ValueError(
+                f"max_response_bytes {self.max_response_bytes} cannot hold one entry of "
+                f"max_element_bytes {self.max_element_bytes} (a key and a value)"
+            )
+        if self.max_reads_in_progress_bytes < self.max_response_bytes:
+            raise ValueError("max_reads_in_progress_bytes must hold one largest answer")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ from typing import TypeVar
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
+from qm_server.answer_size import entries_room
 from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, LoginThrottle, PasswordHasher
+from qm_server.byte_budget import ByteBudget
 from qm_server.config import AuthSettings, Limits
 from qm_server.permissions import Permissions
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
@@ -87,6 +89,10 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         store.set_ready_listener(self.signals.wake)
+        # The bytes an answer's entries may take: what fits a default client, framed.
+        self.answer_room = entries_room(self.limits.max_response_bytes)
+        # Map reads in progress hold at most this many bytes of answers (byte_budget.py).
+        self._reads = ByteBudget(self.limits.max_reads_in_progress_bytes)
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -311,7 +317,7 @@ class Engine:
         while True:
             deliveries = await self.guarded_claim(
                 session,
-                self.store.claim(name, session.id, number, self.limits.max_response_bytes),
+                self.store.claim(name, session.id, number, self.answer_room),
                 message_ids_of,
             )
             if deliveries:
@@ -467,13 +473,15 @@ class Engine:
         session = self.session(token)
         check_name("map", name)
         self.authorize(session, "read", "map", name)
-        return await self.store.map_get(name, key)
+        async with self._reads.hold(self.limits.max_element_bytes):
+            return await self.store.map_get(name, key)
 
     async def map_get_all(self, token: str, name: str) -> dict[str, str]:
         session = self.session(token)
         check_name("map", name)
         self.authorize(session, "read", "map", name)
-        return await self.store.map_get_all(name, self.limits.max_map_get_all_bytes)
+        async with self._reads.hold(self.limits.max_response_bytes):
+            return await self.store.map_get_all(name, self.answer_room)
 
     async def map_get_list(
         self, token: str, name: str, offset: int, size: int
@@ -484,7 +492,8 @@ class Engine:
         if offset < 0:
             raise errors.InvalidArgument("offset must not be negative")
         check_count("size", size, self.limits.max_page)
-        return await self.store.map_get_list(name, offset, size, self.limits.max_response_bytes)
+        async with self._reads.hold(self.limits.max_response_bytes):
+            return await self.store.map_get_list(name, offset, size, self.answer_room)
 
     async def map_destroy(self, token: str, name: str) -> None:
         session = self.session(token)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
+from qm_server.answer_size import ACK_RESULT_BYTES
 from qm_server.sessions import Session
 from qm_server.store.base import Delivery, message_ids_of
 
@@ -79,9 +80,7 @@ class Subscription:
             if room:
                 deliveries = await engine.guarded_claim(
                     self.session,
-                    engine.store.claim(
-                        self.queue, self.session.id, room, engine.limits.max_response_bytes
-                    ),
+                    engine.store.claim(self.queue, self.session.id, room, engine.answer_room),
                     message_ids_of,
                 )
                 if deliveries:
@@ -184,7 +183,8 @@ class Subscription:
                     ack_type == pb.ACK_TYPE_DONE,
                     self.queue,
                     room,
-                    engine.limits.max_response_bytes,
+                    # The answer carries the refill and an AckResult per id not found.
+                    engine.answer_room - ACK_RESULT_BYTES * len(message_ids),
                 ),
                 lambda outcome: message_ids_of(outcome[1]),
             )

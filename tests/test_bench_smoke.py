@@ -38,6 +38,8 @@ def test_bench_quick_runs_and_prints_the_table() -> None:
         assert scenario in proc.stdout
     for depth in (100, 400):
         assert f"1 client, {depth} in flight" in proc.stdout
+    assert "add_beside_big_reads: a map of 8 MiB, 2 readers" in proc.stdout
+    assert "Add beside 2 readers: p50" in proc.stdout
 
 
 def _e2e(system: str, depth: int, rate: float) -> E2ERow:

@@ -15,6 +15,7 @@ from conftest import ServerHandle
 from qm.v1 import queue_manager_pb2 as pb
 from qm_client import QueueManagerClient
 from qm_client.cli import main
+from qm_server.config import MIB
 
 
 @pytest.fixture
@@ -177,6 +178,18 @@ def test_map_commands(server: ServerHandle, qm: QueueManagerClient, tmp_path: Pa
     failed(run_qm(server, "map", "remove", "cfg", "color"), 1, "KEY_NOT_FOUND")
     assert ok(run_qm(server, "map", "destroy", "cfg")) == "destroyed map cfg\n"
     failed(run_qm(server, "map", "all", "cfg"), 1, "MAP_NOT_FOUND")
+
+
+def test_map_all_reads_a_map_too_large_for_one_answer(
+    server: ServerHandle, qm: QueueManagerClient
+) -> None:
+    big = {f"k{i}": str(i) * MIB for i in range(5)}  # 5 MiB: MapGetAll refuses it
+    for key, value in big.items():
+        qm.map("big")[key] = value
+    assert ok_json(run_qm(server, "--json", "map", "all", "big")) == big
+    result = run_qm(server, "map", "all", "big")
+    assert (result.returncode, len(result.stdout.splitlines())) == (0, 5)
+    assert "page by page" in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.answer_size import ENVELOPE_BYTES, FRAME_BYTES, key_value_size
 
 Stub = pb_grpc.QueueManagerServiceStub
 
@@ -137,17 +138,23 @@ def test_map_limit(make_server: Callable[..., ServerHandle]) -> None:
 
 
 def test_answers_stay_within_byte_limits(make_server: Callable[..., ServerHandle]) -> None:
-    handle = make_server(max_map_get_all_bytes=1000, max_response_bytes=250)
+    entry = key_value_size(2, 99)  # key "k0", a value of 99 bytes, encoded
+    room = 2 * entry + entry // 2  # two entries fit, three do not
+    handle = make_server(
+        max_element_bytes=100,
+        max_batch=8,
+        max_response_bytes=FRAME_BYTES + ENVELOPE_BYTES + room,
+    )
     with grpc.insecure_channel(handle.target) as channel:
         stub = Stub(channel)
         token = login(stub, "admin", handle.admin_password)
-        pairs = [kv(f"k{i}", "v" * 99) for i in range(9)]  # 100 bytes per entry
-        stub.MapBatchPut(pb.MapBatchPutRequest(token=token, map="m", size=9, list=pairs))
-        assert len(stub.MapGetAll(pb.MapGetAllRequest(token=token, map="m")).map) == 9
+        pairs = [kv(f"k{i}", "v" * 99) for i in range(2)]
+        stub.MapBatchPut(pb.MapBatchPutRequest(token=token, map="m", size=2, list=pairs))
+        assert len(stub.MapGetAll(pb.MapGetAllRequest(token=token, map="m")).map) == 2
+        pairs = [kv(f"k{i}", "v" * 99) for i in range(2, 9)]
+        stub.MapBatchPut(pb.MapBatchPutRequest(token=token, map="m", size=7, list=pairs))
         page = stub.MapGetList(pb.MapGetListRequest(token=token, map="m", offset=0, size=9))
         assert (page.code, page.size, [e.key for e in page.list]) == (pb.CODE_OK, 2, ["k0", "k1"])
-        stub.MapPut(pb.MapPutRequest(token=token, map="m", key="k9", value="v" * 99))
-        stub.MapPut(pb.MapPutRequest(token=token, map="m", key="kA", value="v" * 99))
         too_big = stub.MapGetAll(pb.MapGetAllRequest(token=token, map="m"))
         assert too_big.code == pb.CODE_RESOURCE_EXHAUSTED
         assert "MapGetList" in too_big.message

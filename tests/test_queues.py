@@ -13,6 +13,7 @@ import pytest
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.answer_size import ENVELOPE_BYTES, FRAME_BYTES, element_info_size
 from qm_server.store.sqlite import SqliteStore
 
 Stub = pb_grpc.QueueManagerServiceStub
@@ -328,7 +329,13 @@ def test_transport_size_limit_is_grpc_status(make_server: Callable[..., ServerHa
 
 
 def test_pull_stops_at_response_byte_budget(make_server: Callable[..., ServerHandle]) -> None:
-    handle = make_server(max_response_bytes=250)
+    entry = element_info_size(100, 1, 1)  # ids below 128, first delivery
+    room = 2 * entry + entry // 2  # two elements fit, three do not
+    handle = make_server(
+        max_element_bytes=100,
+        max_batch=8,
+        max_response_bytes=FRAME_BYTES + ENVELOPE_BYTES + room,
+    )
     with grpc.insecure_channel(handle.target) as channel:
         stub = Stub(channel)
         token = login(stub, "admin", handle.admin_password)

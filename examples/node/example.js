@@ -94,6 +94,19 @@ async function login(client, username, password, pin) {
   return { token: auth.token, sessionTtlMs: Number(auth.session_ttl_ms), fingerprint };
 }
 
+// Every entry of a map, page by page in key order. A page may hold fewer entries than
+// asked when large values would not fit in one answer, so only an empty page ends it.
+async function readMap(client, token, map) {
+  const entries = [];
+  for (;;) {
+    const page = await call(client, 'MapGetList', { token, map, offset: entries.length, size: 100 });
+    if (page.list.length === 0) {
+      return entries;
+    }
+    entries.push(...page.list);
+  }
+}
+
 async function main() {
   const target = process.env.QM_SERVER || 'localhost:50051';
   const queue = process.env.QM_QUEUE || 'node-example';
@@ -129,8 +142,8 @@ async function main() {
     const pairs = [{ key: 'runtime', value: `node ${process.versions.node}` }];
     await call(client, 'MapBatchPut', { token, map, size: pairs.length, list: pairs });
     const one = await call(client, 'MapGet', { token, map, key: 'language' });
-    const page = await call(client, 'MapGetList', { token, map, offset: 0, size: 100 });
-    console.error(`map ${map}: ${page.list.map((kv) => `${kv.key}=${kv.value}`).join(', ')}`);
+    const entries = await readMap(client, token, map);
+    console.error(`map ${map}: ${entries.map((kv) => `${kv.key}=${kv.value}`).join(', ')}`);
 
     await call(client, 'Logout', { token });
     console.log(JSON.stringify({
@@ -143,7 +156,7 @@ async function main() {
         delivery_count: Number(polled.delivery_count),
       },
       language: one.value,
-      map: Object.fromEntries(page.list.map((kv) => [kv.key, kv.value])),
+      map: Object.fromEntries(entries.map((kv) => [kv.key, kv.value])),
     }));
   } finally {
     client.close();

@@ -237,7 +237,10 @@ class QueueManagerServiceServicer:
     def PullElements(self, request, context):
         """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
         CODE_QUEUE_EMPTY (with number 0) when none is ready within wait_ms;
-        CODE_INVALID_ARGUMENT when number is outside 1..batch limit.
+        CODE_INVALID_ARGUMENT when number is outside 1..batch limit. Fewer come back when
+        more would not fit in one answer of 4 MiB (gRPC's default receive limit, framing
+        included; the server's --max-response-bytes): only the messages in the answer are put
+        in flight, and one message of the largest size always comes alone.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -315,8 +318,9 @@ class QueueManagerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def MapGetAll(self, request, context):
-        """qm.map_get_all: reads the whole map. CODE_MAP_NOT_FOUND. For large maps use
-        MapGetList, which pages.
+        """qm.map_get_all: reads the whole map. CODE_MAP_NOT_FOUND. A map whose answer would
+        exceed 4 MiB (gRPC's default receive limit, framing included; the server's
+        --max-response-bytes) answers CODE_RESOURCE_EXHAUSTED: page it with MapGetList.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -332,6 +336,9 @@ class QueueManagerServiceServicer:
     def MapGetList(self, request, context):
         """qm.map_get_list: one page of entries in key order. CODE_MAP_NOT_FOUND;
         CODE_INVALID_ARGUMENT for offset < 0 or size outside 1..page limit. Read-only.
+        A page holds fewer than `size` entries when more would not fit in one answer of
+        4 MiB (as PullElements; one entry always comes), so only an empty page marks the
+        end of the map: page on from offset + the returned size until `list` is empty.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -105,7 +105,10 @@ class QueueManagerServiceStub:
     PullElements: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.PullElementsRequest, _queue_manager_pb2.PullElementsResponse]
     """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
     CODE_QUEUE_EMPTY (with number 0) when none is ready within wait_ms;
-    CODE_INVALID_ARGUMENT when number is outside 1..batch limit.
+    CODE_INVALID_ARGUMENT when number is outside 1..batch limit. Fewer come back when
+    more would not fit in one answer of 4 MiB (gRPC's default receive limit, framing
+    included; the server's --max-response-bytes): only the messages in the answer are put
+    in flight, and one message of the largest size always comes alone.
     """
     Ack: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.AckRequest, _queue_manager_pb2.AckResponse]
     """qm.ack: finishes a delivered message (done removes it, error makes it ready again).
@@ -140,14 +143,18 @@ class QueueManagerServiceStub:
     MapGet: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.MapGetRequest, _queue_manager_pb2.MapGetResponse]
     """qm.map_get: reads a key. CODE_MAP_NOT_FOUND, CODE_KEY_NOT_FOUND (value unset)."""
     MapGetAll: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.MapGetAllRequest, _queue_manager_pb2.MapGetAllResponse]
-    """qm.map_get_all: reads the whole map. CODE_MAP_NOT_FOUND. For large maps use
-    MapGetList, which pages.
+    """qm.map_get_all: reads the whole map. CODE_MAP_NOT_FOUND. A map whose answer would
+    exceed 4 MiB (gRPC's default receive limit, framing included; the server's
+    --max-response-bytes) answers CODE_RESOURCE_EXHAUSTED: page it with MapGetList.
     """
     MapDestroy: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.MapDestroyRequest, _queue_manager_pb2.MapDestroyResponse]
     """qm.map_destroy: deletes a map and its entries. CODE_MAP_NOT_FOUND."""
     MapGetList: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.MapGetListRequest, _queue_manager_pb2.MapGetListResponse]
     """qm.map_get_list: one page of entries in key order. CODE_MAP_NOT_FOUND;
     CODE_INVALID_ARGUMENT for offset < 0 or size outside 1..page limit. Read-only.
+    A page holds fewer than `size` entries when more would not fit in one answer of
+    4 MiB (as PullElements; one entry always comes), so only an empty page marks the
+    end of the map: page on from offset + the returned size until `list` is empty.
     """
     MapBatchPut: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.MapBatchPutRequest, _queue_manager_pb2.MapBatchPutResponse]
     """qm.map_batch_put: sets many keys atomically (all or none), creating the map when
@@ -213,7 +220,10 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     PullElements: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.PullElementsRequest, _queue_manager_pb2.PullElementsResponse]  # type: ignore[assignment]
     """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
     CODE_QUEUE_EMPTY (with number 0) when none is ready within wait_ms;
-    CODE_INVALID_ARGUMENT when number is outside 1..batch limit.
+    CODE_INVALID_ARGUMENT when number is outside 1..batch limit. Fewer come back when
+    more would not fit in one answer of 4 MiB (gRPC's default receive limit, framing
+    included; the server's --max-response-bytes): only the messages in the answer are put
+    in flight, and one message of the largest size always comes alone.
     """
     Ack: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.AckRequest, _queue_manager_pb2.AckResponse]  # type: ignore[assignment]
     """qm.ack: finishes a delivered message (done removes it, error makes it ready again).
@@ -248,14 +258,18 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     MapGet: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.MapGetRequest, _queue_manager_pb2.MapGetResponse]  # type: ignore[assignment]
     """qm.map_get: reads a key. CODE_MAP_NOT_FOUND, CODE_KEY_NOT_FOUND (value unset)."""
     MapGetAll: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.MapGetAllRequest, _queue_manager_pb2.MapGetAllResponse]  # type: ignore[assignment]
-    """qm.map_get_all: reads the whole map. CODE_MAP_NOT_FOUND. For large maps use
-    MapGetList, which pages.
+    """qm.map_get_all: reads the whole map. CODE_MAP_NOT_FOUND. A map whose answer would
+    exceed 4 MiB (gRPC's default receive limit, framing included; the server's
+    --max-response-bytes) answers CODE_RESOURCE_EXHAUSTED: page it with MapGetList.
     """
     MapDestroy: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.MapDestroyRequest, _queue_manager_pb2.MapDestroyResponse]  # type: ignore[assignment]
     """qm.map_destroy: deletes a map and its entries. CODE_MAP_NOT_FOUND."""
     MapGetList: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.MapGetListRequest, _queue_manager_pb2.MapGetListResponse]  # type: ignore[assignment]
     """qm.map_get_list: one page of entries in key order. CODE_MAP_NOT_FOUND;
     CODE_INVALID_ARGUMENT for offset < 0 or size outside 1..page limit. Read-only.
+    A page holds fewer than `size` entries when more would not fit in one answer of
+    4 MiB (as PullElements; one entry always comes), so only an empty page marks the
+    end of the map: page on from offset + the returned size until `list` is empty.
     """
     MapBatchPut: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.MapBatchPutRequest, _queue_manager_pb2.MapBatchPutResponse]  # type: ignore[assignment]
     """qm.map_batch_put: sets many keys atomically (all or none), creating the map when
@@ -372,7 +386,10 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_manager_pb2.PullElementsResponse, _abc.Awaitable[_queue_manager_pb2.PullElementsResponse]]:
         """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
         CODE_QUEUE_EMPTY (with number 0) when none is ready within wait_ms;
-        CODE_INVALID_ARGUMENT when number is outside 1..batch limit.
+        CODE_INVALID_ARGUMENT when number is outside 1..batch limit. Fewer come back when
+        more would not fit in one answer of 4 MiB (gRPC's default receive limit, framing
+        included; the server's --max-response-bytes): only the messages in the answer are put
+        in flight, and one message of the largest size always comes alone.
         """
 
     @_abc_1.abstractmethod
@@ -467,8 +484,9 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_manager_pb2.MapGetAllRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_manager_pb2.MapGetAllResponse, _abc.Awaitable[_queue_manager_pb2.MapGetAllResponse]]:
-        """qm.map_get_all: reads the whole map. CODE_MAP_NOT_FOUND. For large maps use
-        MapGetList, which pages.
+        """qm.map_get_all: reads the whole map. CODE_MAP_NOT_FOUND. A map whose answer would
+        exceed 4 MiB (gRPC's default receive limit, framing included; the server's
+        --max-response-bytes) answers CODE_RESOURCE_EXHAUSTED: page it with MapGetList.
         """
 
     @_abc_1.abstractmethod
@@ -487,6 +505,9 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_manager_pb2.MapGetListResponse, _abc.Awaitable[_queue_manager_pb2.MapGetListResponse]]:
         """qm.map_get_list: one page of entries in key order. CODE_MAP_NOT_FOUND;
         CODE_INVALID_ARGUMENT for offset < 0 or size outside 1..page limit. Read-only.
+        A page holds fewer than `size` entries when more would not fit in one answer of
+        4 MiB (as PullElements; one entry always comes), so only an empty page marks the
+        end of the map: page on from offset + the returned size until `list` is empty.
         """
 
     @_abc_1.abstractmethod

@@ -90,9 +90,9 @@ class Store(abc.ABC):
     async def claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
         """Atomically move up to `limit` oldest ready messages in flight for the session.
 
-        Stops early once the payloads exceed `max_bytes` (the first message is always
-        taken). Raises delivery counts by one. Returns [] when none is ready.
-        QueueNotFound.
+        Stops early once the entries, encoded as ElementInfo (answer_size.py), would
+        exceed `max_bytes` (the first message is always taken). Raises delivery counts
+        by one. Returns [] when none is ready. QueueNotFound.
         """
 
     @abc.abstractmethod
@@ -160,14 +160,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def map_get_all(self, name: str, max_bytes: int) -> dict[str, str]:
-        """MapNotFound; ResourceExhausted when the entries exceed max_bytes."""
+        """MapNotFound; ResourceExhausted when the entries, encoded (answer_size.py),
+        exceed max_bytes."""
 
     @abc.abstractmethod
     async def map_get_list(
         self, name: str, offset: int, size: int, max_bytes: int
     ) -> list[tuple[str, str]]:
         """One page in key order (UTF-8 byte order), at most `size` entries, and fewer
-        once they exceed max_bytes (the first entry always comes). MapNotFound."""
+        once they would exceed max_bytes encoded (answer_size.py; the first entry always
+        comes). MapNotFound."""
 
     @abc.abstractmethod
     async def map_destroy(self, name: str) -> None:

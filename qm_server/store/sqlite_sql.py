@@ -80,6 +80,7 @@ TOUCH_PROBE = (
 # Loading the in-memory index ------------------------------------------------------------
 ALL_QUEUES = "SELECT id, name, delivered_upto FROM queues"
 ALL_MAPS = "SELECT id, name FROM maps"
+MAP_ID = "SELECT id FROM maps WHERE name = ?"
 # The id counter saved when the newest message was deleted (see SqliteStore): the next id
 # is after it and after the largest id present.
 SAVED_NEXT_MESSAGE_ID = "SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'next_message_id'"
