@@ -95,7 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--login-failures",
         type=int,
         default=AuthSettings().failures_before_backoff,
-        help="failed logins per user or host before backoff starts",
+        help="failed logins of one user from one host before backoff starts",
+    )
+    parser.add_argument(
+        "--host-login-failures",
+        type=int,
+        default=AuthSettings().host_failures_before_backoff,
+        help="failed logins from one host, whatever the user, before backoff starts",
+    )
+    parser.add_argument(
+        "--user-login-failures",
+        type=int,
+        default=AuthSettings().user_failures_ceiling,
+        help="failed logins of one user from all hosts past which each host gets one",
     )
     parser.add_argument(
         "--max-concurrent-hashes",
@@ -174,6 +186,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         auth=AuthSettings(
             rsa_bits=args.rsa_bits,
             failures_before_backoff=args.login_failures,
+            host_failures_before_backoff=args.host_login_failures,
+            user_failures_ceiling=args.user_login_failures,
             max_concurrent_hashes=args.max_concurrent_hashes,
         ),
     )

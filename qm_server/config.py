@@ -45,10 +45,26 @@ class AuthSettings:
     scrypt_p: int = 1
     # How many password hashes may run at once (each costs CPU and 16 MiB).
     max_concurrent_hashes: int = 2
-    # After this many consecutive failures for one user or one peer, logins from it are
-    # refused (RESOURCE_EXHAUSTED) for a backoff that doubles with each further failure.
+    # Failed logins are counted per (user, host) pair and per host, never per user alone:
+    # otherwise anyone could keep a user out by failing as that user (see login_guard.py).
+    # After this many failures of one user from one host, that user's logins from that
+    # host are refused (RESOURCE_EXHAUSTED) for a backoff that doubles with each further
+    # failure, up to max_backoff_s.
     failures_before_backoff: int = 5
     max_backoff_s: float = 60.0
+    # The same for one host whatever the user names (guessing many users' passwords).
+    host_failures_before_backoff: int = 20
+    # Past this many recent failures of one user from all hosts together, each host gets
+    # one failure for that user before its backoff starts, instead of
+    # failures_before_backoff: a guess spread over many hosts is slowed, and a host with
+    # no failure for the user is still never refused.
+    user_failures_ceiling: int = 100
+    # A count with no new failure for this long is forgotten.
+    forget_failures_after_s: float = 900.0
+    # Logins from one host are judged one at a time, so that a flood from one host holds
+    # at most one of the max_concurrent_hashes workers; at most this many more wait their
+    # turn, and further ones are refused at once.
+    logins_waiting_per_host: int = 32
 
 
 @dataclass(frozen=True)

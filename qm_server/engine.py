@@ -19,8 +19,9 @@ from typing import TypeVar
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
-from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, LoginThrottle, PasswordHasher
+from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, PasswordHasher
 from qm_server.config import AuthSettings, Limits
+from qm_server.login_guard import LoginGuard
 from qm_server.permissions import Permissions
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Store, message_ids_of
@@ -68,9 +69,7 @@ class Engine:
             self._auth.challenge_ttl_s, self._auth.max_pending_challenges, clock
         )
         self._hasher = PasswordHasher.from_settings(self._auth)
-        self._throttle = LoginThrottle(
-            self._auth.failures_before_backoff, self._auth.max_backoff_s, clock
-        )
+        self._login_guard = LoginGuard(self._auth, clock)
         # Password hashing and RSA decryption are slow and CPU-bound: a small pool caps
         # how many run at once, so a login flood cannot starve the event loop's callers.
         self._crypto_pool = ThreadPoolExecutor(
@@ -145,29 +144,26 @@ class Engine:
 
     async def login(self, username: str, ciphertext: bytes, peer: str) -> tuple[str, int]:
         """Return (token, session ttl in ms). Every failure looks the same to the caller."""
-        keys = (f"user:{username}", f"peer:{peer}")
-        wait = max(self._throttle.retry_after(key) for key in keys)
-        if wait > 0:
-            raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
-        loop = asyncio.get_running_loop()
-        envelope = await loop.run_in_executor(self._crypto_pool, self._open_envelope, ciphertext)
-        fresh = envelope is not None and self._challenges.burn(envelope.challenge)
-        record = await self.store.get_user(username) if username else None
-        stored = record.password_hash if record is not None and fresh else None
-        password = envelope.password if envelope is not None else ""
-        ok = await loop.run_in_executor(self._crypto_pool, self._hasher.verify, password, stored)
-        # A burst of parallel logins all passed the check above before any of them failed:
-        # one whose user or peer got throttled meanwhile does not reveal its outcome, so a
-        # burst gets no more answers than the same guesses made one at a time.
-        wait = max(self._throttle.retry_after(key) for key in keys)
-        if wait > 0:
-            raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
-        if not ok or record is None:
-            for key in keys:
-                self._throttle.failed(key)
-            raise errors.Unauthenticated(LOGIN_FAILED)
-        for key in keys:
-            self._throttle.succeeded(key)
+        # Throttled or crowded: refused before any expensive work (login_guard.py).
+        async with self._login_guard.admit(username, peer):
+            loop = asyncio.get_running_loop()
+            envelope = await loop.run_in_executor(
+                self._crypto_pool, self._open_envelope, ciphertext
+            )
+            fresh = envelope is not None and self._challenges.burn(envelope.challenge)
+            record = await self.store.get_user(username) if username else None
+            stored = record.password_hash if record is not None and fresh else None
+            password = envelope.password if envelope is not None else ""
+            ok = await loop.run_in_executor(
+                self._crypto_pool, self._hasher.verify, password, stored
+            )
+            # A login whose user or host got throttled while it hashed does not reveal its
+            # outcome, so a burst gets no more answers than the same guesses one at a time.
+            self._login_guard.check(username, peer)
+            if not ok or record is None:
+                self._login_guard.failed(username, peer, _failure(envelope, fresh, record))
+                raise errors.Unauthenticated(LOGIN_FAILED)
+            self._login_guard.succeeded(username, peer)
         if self._sessions.count() >= self.limits.max_sessions:
             raise errors.ResourceExhausted(
                 f"the server holds {self.limits.max_sessions} sessions (limit)"
@@ -256,6 +252,14 @@ class Engine:
     def authorize(self, session: Session, action: str, kind: str, name: str) -> None:
         permissions = self._permissions.get(session.username)
         if permissions is None or not permissions.allows(action, kind, name):
+            log.warning(
+                "permission denied: user %s (session %x) may not %s %s %r",
+                session.username,
+                session.id,
+                action,
+                kind,
+                name,
+            )
             raise errors.PermissionDenied(
                 f"user {session.username!r} may not {action} {kind} {name!r}"
             )
@@ -491,6 +495,17 @@ class Engine:
         check_name("map", name)
         self.authorize(session, "manage", "map", name)
         await self.store.map_destroy(name)
+
+
+def _failure(envelope: pb.PasswordEnvelope | None, fresh: bool, record: object) -> str:
+    """Why a login failed, for the log only: the caller always gets LOGIN_FAILED."""
+    if envelope is None:
+        return "the password does not decrypt (garbage, or another server's key)"
+    if not fresh:
+        return "unknown, expired or used challenge"
+    if record is None:
+        return "no such user"
+    return "wrong password"
 
 
 async def outliving_caller(work: Awaitable[T], orphaned: Callable[[T], None]) -> T:

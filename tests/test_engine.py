@@ -56,12 +56,14 @@ def run(tmp_path: Path, test: EngineTest, session_ttl_s: float = 10.0) -> None:
     asyncio.run(main())
 
 
-async def log_in(engine: Engine, password: str = "pw", username: str = "admin") -> str:
+async def log_in(
+    engine: Engine, password: str = "pw", username: str = "admin", peer: str = "peer"
+) -> str:
     challenge = engine.get_challenge()
     reply = pb.GetChallengeResponse(
         public_key_pem=challenge.public_key_pem, challenge=challenge.challenge
     )
-    token, _ = await engine.login(username, encrypt_password(reply, password), "peer")
+    token, _ = await engine.login(username, encrypt_password(reply, password), peer)
     return token
 
 
