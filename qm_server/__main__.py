@@ -85,6 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-sessions", type=int, default=LIMIT_DEFAULTS.max_sessions)
     parser.add_argument("--max-waiting-polls", type=int, default=LIMIT_DEFAULTS.max_waiting_polls)
     parser.add_argument("--max-subscriptions", type=int, default=LIMIT_DEFAULTS.max_subscriptions)
+    quotas = {
+        "sessions": "live sessions",
+        "waiting_polls": "long polls parked at once",
+        "subscriptions": "open Subscribe streams",
+        "queues": "queues created (kept across restarts)",
+        "maps": "maps created (kept across restarts)",
+    }
+    for quota, what in quotas.items():
+        field = f"max_{quota}_per_user"
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            type=int,
+            default=getattr(LIMIT_DEFAULTS, field),
+            help=f"{what} of one user other than an admin",
+        )
+    parser.add_argument(
+        "--admin-reserve-percent",
+        type=int,
+        default=LIMIT_DEFAULTS.admin_reserve_percent,
+        help="share of the limits on sessions, waiting polls, subscriptions, queues and "
+        "maps that only admins may use",
+    )
     parser.add_argument(
         "--min-ping-interval-ms",
         type=int,
@@ -182,6 +204,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             max_response_bytes=args.max_response_bytes,
             max_waiting_polls=args.max_waiting_polls,
             max_subscriptions=args.max_subscriptions,
+            max_sessions_per_user=args.max_sessions_per_user,
+            max_waiting_polls_per_user=args.max_waiting_polls_per_user,
+            max_subscriptions_per_user=args.max_subscriptions_per_user,
+            max_queues_per_user=args.max_queues_per_user,
+            max_maps_per_user=args.max_maps_per_user,
+            admin_reserve_percent=args.admin_reserve_percent,
         ),
         auth=AuthSettings(
             rsa_bits=args.rsa_bits,

@@ -24,6 +24,18 @@ class Limits:
     max_subscriptions: int = 10_000
     # Live sessions: each login costs memory until it expires.
     max_sessions: int = 100_000
+    # What one user other than an admin may hold (quotas.py): sessions, parked long
+    # polls, open Subscribe streams, and queues and maps created by them (kept across
+    # restarts). Past it: RESOURCE_EXHAUSTED.
+    max_sessions_per_user: int = 1000
+    max_waiting_polls_per_user: int = 1000
+    max_subscriptions_per_user: int = 1000
+    max_queues_per_user: int = 1000
+    max_maps_per_user: int = 1000
+    # Of each server-wide limit on sessions, waiting polls, subscriptions, queues and
+    # maps, this share (rounded down) is kept for admins: one or many users filling a
+    # limit cannot lock the admins out too.
+    admin_reserve_percent: int = 5
     # PullElements stops adding messages once a response holds this many payload bytes,
     # so that a batch of large elements never exceeds what a client can receive.
     max_response_bytes: int = 4 * MIB

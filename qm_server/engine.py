@@ -23,6 +23,7 @@ from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, PasswordHasher
 from qm_server.config import AuthSettings, Limits
 from qm_server.login_guard import LoginGuard
 from qm_server.permissions import Permissions
+from qm_server.quotas import Room, Usage
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Store, message_ids_of
 from qm_server.subscription import Subscription
@@ -78,7 +79,11 @@ class Engine:
         self.signals = ReadySignals(store.ready_hint)
         self._subscriptions: dict[int, set[Subscription]] = {}  # by session id
         self._polls: dict[int, set[asyncio.Future[None]]] = {}  # parked long polls, likewise
-        self._subscription_count = 0
+        # What each user holds, for the quotas (quotas.py); queues and maps are counted
+        # by the store, which records their creators.
+        self._session_usage = Usage()
+        self._poll_usage = Usage()
+        self._subscription_usage = Usage()
         # user name -> grants; reloaded at each login and every sweep, so that grants,
         # revocations and removed users take effect within a second.
         self._permissions: dict[str, Permissions] = {}
@@ -164,16 +169,17 @@ class Engine:
                 self._login_guard.failed(username, peer, _failure(envelope, fresh, record))
                 raise errors.Unauthenticated(LOGIN_FAILED)
             self._login_guard.succeeded(username, peer)
-        if self._sessions.count() >= self.limits.max_sessions:
-            raise errors.ResourceExhausted(
-                f"the server holds {self.limits.max_sessions} sessions (limit)"
-            )
         await self.refresh_permissions()
         now = self._permissions.get(record.name)
         if now is None or now.credential != record.password_hash:
             # Removed, or given a new password, after its record was read, during the hash.
             raise errors.Unauthenticated(LOGIN_FAILED)
+        room = self._room(
+            record.name, "sessions", self.limits.max_sessions, self.limits.max_sessions_per_user
+        )
+        self._make_room(room, self._sessions.count(), self._session_usage.of(record.name))
         token, session = self._sessions.create(record.name, record.password_hash, self._clock())
+        self._session_usage.add(record.name)
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
 
@@ -212,6 +218,7 @@ class Engine:
             return
         session.ended = True
         self._sessions.remove(session)
+        self._session_usage.remove(session.username)
         log.info("session %x of %s %s", session.id, session.username, why)
         for subscription in self._subscriptions.get(session.id, set()).copy():
             subscription.poke()
@@ -249,6 +256,23 @@ class Engine:
             elif user.credential != session.credential:
                 await self._end_session(session, "ended: the user's password changed")
 
+    def _room(self, username: str, noun: str, limit: int, per_user: int) -> Room:
+        """What the user may hold of a resource: all of `limit` for an admin; for anyone
+        else, `per_user` and the limit short of the admins' reserve."""
+        permissions = self._permissions.get(username)
+        is_admin = permissions is not None and permissions.is_admin
+        reserve = self.limits.admin_reserve_percent
+        return Room.of(noun, limit, per_user, reserve, username, is_admin)
+
+    @staticmethod
+    def _make_room(room: Room, in_all: int, of_user: int) -> None:
+        """Room.check, logged when it refuses, so that an operator sees who hits limits."""
+        try:
+            room.check(in_all, of_user)
+        except errors.ResourceExhausted as exc:
+            log.warning("refused user %s one more of its %s: %s", room.user, room.noun, exc)
+            raise
+
     def authorize(self, session: Session, action: str, kind: str, name: str) -> None:
         permissions = self._permissions.get(session.username)
         if permissions is None or not permissions.allows(action, kind, name):
@@ -274,7 +298,14 @@ class Engine:
         session = self.session(token)
         check_name("queue_name", name)
         self.authorize(session, "manage", "queue", name)
-        await self.store.create_queue(name, self.limits.max_queues)
+        room = self._room(
+            session.username, "queues", self.limits.max_queues, self.limits.max_queues_per_user
+        )
+        try:
+            await self.store.create_queue(name, room)
+        except errors.ResourceExhausted as exc:
+            log.warning("refused user %s a new queue: %s", session.username, exc)
+            raise
 
     async def destroy_queue(self, token: str, name: str, force: bool) -> None:
         session = self.session(token)
@@ -328,10 +359,13 @@ class Engine:
             remaining = deadline - self._clock()
             if remaining <= 0 or self.draining:
                 raise errors.QueueEmpty(f"queue {name!r} has no ready message")
-            if self.signals.waiting() >= self.limits.max_waiting_polls:
-                raise errors.ResourceExhausted(
-                    f"{self.limits.max_waiting_polls} long polls are waiting (limit)"
-                )
+            room = self._room(
+                session.username,
+                "waiting long polls",
+                self.limits.max_waiting_polls,
+                self.limits.max_waiting_polls_per_user,
+            )
+            self._make_room(room, self.signals.waiting(), self._poll_usage.of(session.username))
             await self._wait_for_ready(session, name, remaining)
             try:
                 session = self.session(token)
@@ -349,6 +383,7 @@ class Engine:
         self.signals.park(name, waiter)
         polls = self._polls.setdefault(session.id, set())
         polls.add(waiter)
+        self._poll_usage.add(session.username)
         with self.busy(session):
             try:
                 async with asyncio.timeout(timeout_s):
@@ -361,6 +396,7 @@ class Engine:
                 raise
             finally:
                 self.signals.unpark(name, waiter)
+                self._poll_usage.remove(session.username)
                 polls.discard(waiter)
                 if not polls and self._polls.get(session.id) is polls:
                     del self._polls[session.id]
@@ -424,20 +460,24 @@ class Engine:
         await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
         if self.draining:
             raise errors.Unavailable("the server is shutting down")
-        if self._subscription_count >= self.limits.max_subscriptions:
-            raise errors.ResourceExhausted(
-                f"{self.limits.max_subscriptions} subscriptions are open (limit)"
-            )
+        usage = self._subscription_usage
+        room = self._room(
+            session.username,
+            "subscriptions",
+            self.limits.max_subscriptions,
+            self.limits.max_subscriptions_per_user,
+        )
+        self._make_room(room, usage.total, usage.of(session.username))
         subscription = Subscription(self, session, token, name, max_unacked)
         self._subscriptions.setdefault(session.id, set()).add(subscription)
-        self._subscription_count += 1
+        usage.add(session.username)
         return subscription
 
     def forget(self, subscription: Subscription) -> None:
         subscriptions = self._subscriptions.get(subscription.session.id)
         if subscriptions is not None and subscription in subscriptions:
             subscriptions.remove(subscription)
-            self._subscription_count -= 1
+            self._subscription_usage.remove(subscription.session.username)
             if not subscriptions:
                 del self._subscriptions[subscription.session.id]
 
@@ -459,7 +499,14 @@ class Engine:
         for key, value in pairs:
             check_text_size("key", key, self.limits.max_element_bytes)
             check_text_size("value", value, self.limits.max_element_bytes)
-        await self.store.map_put(name, pairs, self.limits.max_maps)
+        room = self._room(
+            session.username, "maps", self.limits.max_maps, self.limits.max_maps_per_user
+        )
+        try:
+            await self.store.map_put(name, pairs, room)
+        except errors.ResourceExhausted as exc:
+            log.warning("refused user %s a new map: %s", session.username, exc)
+            raise
 
     async def map_remove(self, token: str, name: str, key: str) -> None:
         session = self.session(token)

@@ -135,7 +135,7 @@ def test_waiting_poll_limit(make_server: Callable[..., ServerHandle]) -> None:
         assert stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_OK  # parked
         second = stub.Poll(pb.PollRequest(token=token, queue_name="q", wait_ms=10_000))
         assert second.code == pb.CODE_RESOURCE_EXHAUSTED
-        assert "long polls are waiting" in second.message
+        assert "waiting long polls (limit)" in second.message
         assert stub.Poll(pb.PollRequest(token=token, queue_name="q")).code == (
             pb.CODE_QUEUE_EMPTY  # a poll that does not wait is not limited
         )
