@@ -151,17 +151,12 @@ class Engine:
         """Return (token, session ttl in ms). Every failure looks the same to the caller."""
         # Throttled or crowded: refused before any expensive work (login_guard.py).
         async with self._login_guard.admit(username, peer):
-            loop = asyncio.get_running_loop()
-            envelope = await loop.run_in_executor(
-                self._crypto_pool, self._open_envelope, ciphertext
-            )
+            envelope = await self._crypto(self._open_envelope, ciphertext)
             fresh = envelope is not None and self._challenges.burn(envelope.challenge)
             record = await self.store.get_user(username) if username else None
             stored = record.password_hash if record is not None and fresh else None
             password = envelope.password if envelope is not None else ""
-            ok = await loop.run_in_executor(
-                self._crypto_pool, self._hasher.verify, password, stored
-            )
+            ok = await self._crypto(self._hasher.verify, password, stored)
             # A login whose user or host got throttled while it hashed does not reveal its
             # outcome, so a burst gets no more answers than the same guesses one at a time.
             self._login_guard.check(username, peer)
@@ -182,6 +177,20 @@ class Engine:
         self._session_usage.add(record.name)
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
+
+    async def _crypto(self, work: Callable[..., T], *args: object) -> T:
+        """Run work on the crypto pool. A caller cancelled meanwhile (a client's deadline)
+        still waits for the work to finish before it ends: the host's turn at logging in
+        (login_guard.py) lasts as long as its work does, or calls that give up early,
+        never judged and so never throttled, could pile up work in the pool."""
+        future = asyncio.get_running_loop().run_in_executor(self._crypto_pool, work, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            raise
 
     def _open_envelope(self, ciphertext: bytes) -> pb.PasswordEnvelope | None:
         try:

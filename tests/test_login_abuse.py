@@ -6,15 +6,21 @@ each is a distinct client host (`ipv4:127.0.0.1` and `ipv6:[::1]`) to the thrott
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from test_engine import FakeClock as EngineClock
+from test_engine import log_in, run
 
 from conftest import FAST_AUTH, ServerHandle, encrypt_password, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -22,6 +28,7 @@ from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server import errors
 from qm_server.auth import PasswordHasher
 from qm_server.config import AuthSettings
+from qm_server.engine import Engine
 from qm_server.login_guard import LoginGuard
 from qm_server.store import sqlite_file
 from qm_server.store.base import UserRecord
@@ -180,3 +187,48 @@ def test_a_host_s_count_survives_its_successes_and_fades_when_quiet() -> None:
     clock.now += settings.forget_failures_after_s + 1
     guard.failed("u4", "h", "no such user")  # counted from one again: no backoff
     assert not refused(guard, "u5", "h")
+
+
+def test_a_login_abandoned_while_it_hashes_keeps_its_host_s_turn_until_the_hash_ends(
+    tmp_path: Path,
+) -> None:
+    """A call whose deadline ends while its hash runs leaves the hash running. Had its
+    host's turn ended with the call, the host's next call would start more work at once,
+    and calls with short deadlines (never judged, so never throttled) could pile up work
+    in the pool in front of everyone else's logins."""
+
+    async def scenario(engine: Engine, clock: EngineClock) -> None:
+        release = threading.Event()
+        entered = threading.Event()
+        submitted: list[str] = []
+        pool = engine._crypto_pool
+        original_submit = pool.submit
+
+        def counting_submit(work: Callable[..., Any], /, *args: Any) -> Any:
+            submitted.append(getattr(work, "__name__", "?"))
+            return original_submit(work, *args)
+
+        class HeldHasher:
+            def verify(self, password: str, stored: str | None) -> bool:
+                entered.set()
+                release.wait(10)
+                return False
+
+        pool.submit = counting_submit  # type: ignore[method-assign,assignment]
+        engine._hasher = HeldHasher()  # type: ignore[assignment]
+        first = asyncio.ensure_future(log_in(engine, "x", peer="h"))
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 10)
+        first.cancel()  # the client's deadline, while the hash runs
+        second = asyncio.ensure_future(log_in(engine, "x", peer="h"))
+        for _ in range(50):  # ample turns of the loop for the second to start its work
+            await asyncio.sleep(0)
+        assert submitted == ["_open_envelope", "verify"]  # the second has not started
+        assert not first.done()  # the first waits for its hash
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        with pytest.raises(errors.Unauthenticated):
+            await second
+        assert len(submitted) == 4
+
+    run(tmp_path, scenario)
