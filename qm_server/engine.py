@@ -157,8 +157,10 @@ class Engine:
             stored = record.password_hash if record is not None and fresh else None
             password = envelope.password if envelope is not None else ""
             ok = await self._crypto(self._hasher.verify, password, stored)
-            # A login whose user or host got throttled while it hashed does not reveal its
-            # outcome, so a burst gets no more answers than the same guesses one at a time.
+            # A login whose (user, host) or host got throttled while it hashed does not
+            # reveal its outcome: a burst gets no more answers than the same guesses one
+            # at a time. (With one login per host judged at a time this cannot happen;
+            # checked again all the same, so that it holds if that ever changes.)
             self._login_guard.check(username, peer)
             if not ok or record is None:
                 self._login_guard.failed(username, peer, _failure(envelope, fresh, record))
