@@ -139,11 +139,21 @@ class PasswordHasher:
         )
 
 
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    refused_until: float
+    last_failure: float
+    refusal_logged: bool = False
+
+
 class LoginThrottle:
-    """Counts consecutive failed logins per key (a user name or a peer) and backs off.
+    """Counts recent failed logins per key and backs off.
 
     After `free_failures` failures the key is refused for 1 s, then 2 s, 4 s ... up to
-    `max_backoff_s`; a success clears it. Bounded: the oldest entries are forgotten.
+    `max_backoff_s`; a success clears it, and so does a quiet `forget_after_s` with no
+    failure (a host that mistyped long ago starts afresh). Bounded: the oldest entries
+    are forgotten.
     """
 
     def __init__(
@@ -152,35 +162,64 @@ class LoginThrottle:
         max_backoff_s: float,
         clock: Callable[[], float],
         capacity: int = 100_000,
+        forget_after_s: float = 900.0,
     ) -> None:
         self._free_failures = free_failures
         self._max_backoff_s = max_backoff_s
         self._clock = clock
         self._capacity = capacity
-        # key -> (consecutive failures, refused until)
-        self._state: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._forget_after_s = forget_after_s
+        self._state: OrderedDict[str, _Failures] = OrderedDict()
 
     def retry_after(self, key: str) -> float:
         """Seconds until the key may try again; 0 when it may try now."""
-        _, until = self._state.get(key, (0, 0.0))
-        return max(0.0, until - self._clock())
+        state = self._recent(key)
+        return 0.0 if state is None else max(0.0, state.refused_until - self._clock())
 
-    def failed(self, key: str) -> None:
-        failures, _ = self._state.pop(key, (0, 0.0))
-        failures += 1
-        until = 0.0
-        if failures >= self._free_failures:
+    def failures(self, key: str) -> int:
+        """Recent failures of the key (0 once forgotten)."""
+        state = self._recent(key)
+        return 0 if state is None else state.count
+
+    def failed(self, key: str, free_failures: int | None = None) -> float:
+        """Count a failure; returns the backoff it starts, in seconds (0: none).
+
+        `free_failures` overrides the allowance for this failure (a user under attack
+        from many hosts gives each host fewer).
+        """
+        free = self._free_failures if free_failures is None else free_failures
+        previous = self._recent(key)
+        self._state.pop(key, None)
+        now = self._clock()
+        failures = 1 if previous is None else previous.count + 1
+        backoff = 0.0
+        if failures >= free:
             # The exponent is capped: past about 1030 failures 2.0 ** n overflowed, the
             # login answered CODE_INTERNAL and the key's count was lost (free tries again).
-            exponent = min(failures - self._free_failures, 62)
+            exponent = min(failures - free, 62)
             backoff = min(self._max_backoff_s, 2.0**exponent)
-            until = self._clock() + backoff
-        self._state[key] = (failures, until)
+        self._state[key] = _Failures(failures, now + backoff, now)
         while len(self._state) > self._capacity:
             self._state.popitem(last=False)
+        return backoff
 
     def succeeded(self, key: str) -> None:
         self._state.pop(key, None)
+
+    def first_refusal(self, key: str) -> bool:
+        """True once per backoff: the refusals that follow are not worth a log line each."""
+        state = self._recent(key)
+        if state is None or state.refusal_logged:
+            return False
+        state.refusal_logged = True
+        return True
+
+    def _recent(self, key: str) -> _Failures | None:
+        state = self._state.get(key)
+        if state is not None and self._clock() - state.last_failure > self._forget_after_s:
+            del self._state[key]
+            return None
+        return state
 
 
 def new_token() -> str:

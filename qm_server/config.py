@@ -53,6 +53,28 @@ class Limits:
     max_subscriptions: int = setting(10_000, "Subscribe streams open at once")
     # Each login costs memory until it expires.
     max_sessions: int = setting(100_000, "live sessions")
+    # What one user other than an admin may hold (quotas.py): sessions, parked long
+    # polls, open Subscribe streams, and queues and maps created by them (kept across
+    # restarts). Past it: RESOURCE_EXHAUSTED.
+    max_sessions_per_user: int = setting(1000, "live sessions of one user other than an admin")
+    max_waiting_polls_per_user: int = setting(
+        1000, "long polls parked at once by one user other than an admin"
+    )
+    max_subscriptions_per_user: int = setting(
+        1000, "open Subscribe streams of one user other than an admin"
+    )
+    max_queues_per_user: int = setting(
+        1000, "queues created by one user other than an admin (kept across restarts)"
+    )
+    max_maps_per_user: int = setting(
+        1000, "maps created by one user other than an admin (kept across restarts)"
+    )
+    # One or many users filling a limit cannot lock the admins out too.
+    admin_reserve_percent: int = setting(
+        5,
+        "share of the limits on sessions, waiting polls, subscriptions, queues and maps "
+        "that only admins may use (rounded down)",
+    )
     # gRPC's default receive limit, so that a client with default settings receives every
     # answer. PullElements, Subscribe pushes and MapGetList pages stop adding entries
     # before it (the first entry always comes, and always fits: see __post_init__).
@@ -99,12 +121,38 @@ class AuthSettings:
     scrypt_p: int = 1
     # Each hash costs CPU and 16 MiB.
     max_concurrent_hashes: int = setting(2, "password hashes computed at once")
-    # Past this many consecutive failures for one user or one peer, logins from it are
-    # refused (RESOURCE_EXHAUSTED) for a backoff that doubles with each further failure.
+    # Failed logins are counted per (user, host) pair and per host, never per user alone:
+    # otherwise anyone could keep a user out by failing as that user (see login_guard.py).
+    # Past this many failures of one user from one host, that user's logins from that
+    # host are refused (RESOURCE_EXHAUSTED) for a backoff that doubles with each further
+    # failure, up to max_backoff_s.
     failures_before_backoff: int = setting(
-        5, "failed logins per user or host before backoff starts", flag="--login-failures"
+        5,
+        "failed logins of one user from one host before backoff starts",
+        flag="--login-failures",
     )
     max_backoff_s: float = 60.0
+    # The same for one host whatever the user names (guessing many users' passwords).
+    host_failures_before_backoff: int = setting(
+        20,
+        "failed logins from one host, whatever the user, before backoff starts",
+        flag="--host-login-failures",
+    )
+    # Past this many recent failures of one user from all hosts together, each host gets
+    # one failure for that user before its backoff starts, instead of
+    # failures_before_backoff: a guess spread over many hosts is slowed, and a host with
+    # no failure for the user is still never refused.
+    user_failures_ceiling: int = setting(
+        100,
+        "failed logins of one user from all hosts past which each host gets one",
+        flag="--user-login-failures",
+    )
+    # A count with no new failure for this long is forgotten.
+    forget_failures_after_s: float = 900.0
+    # Logins from one host are judged one at a time, so that a flood from one host holds
+    # at most one of the max_concurrent_hashes workers; at most this many more wait their
+    # turn, and further ones are refused at once.
+    logins_waiting_per_host: int = 32
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,12 @@ from typing import TypeVar
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.answer_size import entries_room
-from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, LoginThrottle, PasswordHasher
+from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, PasswordHasher
 from qm_server.byte_budget import ByteBudget
 from qm_server.config import AuthSettings, Limits
+from qm_server.login_guard import LoginGuard
 from qm_server.permissions import Permissions
+from qm_server.quotas import Room, Usage
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Store, message_ids_of
 from qm_server.subscription import Subscription
@@ -70,9 +72,7 @@ class Engine:
             self._auth.challenge_ttl_s, self._auth.max_pending_challenges, clock
         )
         self._hasher = PasswordHasher.from_settings(self._auth)
-        self._throttle = LoginThrottle(
-            self._auth.failures_before_backoff, self._auth.max_backoff_s, clock
-        )
+        self._login_guard = LoginGuard(self._auth, clock)
         # Password hashing and RSA decryption are slow and CPU-bound: a small pool caps
         # how many run at once, so a login flood cannot starve the event loop's callers.
         self._crypto_pool = ThreadPoolExecutor(
@@ -81,7 +81,11 @@ class Engine:
         self.signals = ReadySignals(store.ready_hint)
         self._subscriptions: dict[int, set[Subscription]] = {}  # by session id
         self._polls: dict[int, set[asyncio.Future[None]]] = {}  # parked long polls, likewise
-        self._subscription_count = 0
+        # What each user holds, for the quotas (quotas.py); queues and maps are counted
+        # by the store, which records their creators.
+        self._session_usage = Usage()
+        self._poll_usage = Usage()
+        self._subscription_usage = Usage()
         # user name -> grants; reloaded at each login and every sweep, so that grants,
         # revocations and removed users take effect within a second.
         self._permissions: dict[str, Permissions] = {}
@@ -151,41 +155,50 @@ class Engine:
 
     async def login(self, username: str, ciphertext: bytes, peer: str) -> tuple[str, int]:
         """Return (token, session ttl in ms). Every failure looks the same to the caller."""
-        keys = (f"user:{username}", f"peer:{peer}")
-        wait = max(self._throttle.retry_after(key) for key in keys)
-        if wait > 0:
-            raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
-        loop = asyncio.get_running_loop()
-        envelope = await loop.run_in_executor(self._crypto_pool, self._open_envelope, ciphertext)
-        fresh = envelope is not None and self._challenges.burn(envelope.challenge)
-        record = await self.store.get_user(username) if username else None
-        stored = record.password_hash if record is not None and fresh else None
-        password = envelope.password if envelope is not None else ""
-        ok = await loop.run_in_executor(self._crypto_pool, self._hasher.verify, password, stored)
-        # A burst of parallel logins all passed the check above before any of them failed:
-        # one whose user or peer got throttled meanwhile does not reveal its outcome, so a
-        # burst gets no more answers than the same guesses made one at a time.
-        wait = max(self._throttle.retry_after(key) for key in keys)
-        if wait > 0:
-            raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
-        if not ok or record is None:
-            for key in keys:
-                self._throttle.failed(key)
-            raise errors.Unauthenticated(LOGIN_FAILED)
-        for key in keys:
-            self._throttle.succeeded(key)
-        if self._sessions.count() >= self.limits.max_sessions:
-            raise errors.ResourceExhausted(
-                f"the server holds {self.limits.max_sessions} sessions (limit)"
-            )
+        # Throttled or crowded: refused before any expensive work (login_guard.py).
+        async with self._login_guard.admit(username, peer):
+            envelope = await self._crypto(self._open_envelope, ciphertext)
+            fresh = envelope is not None and self._challenges.burn(envelope.challenge)
+            record = await self.store.get_user(username) if username else None
+            stored = record.password_hash if record is not None and fresh else None
+            password = envelope.password if envelope is not None else ""
+            ok = await self._crypto(self._hasher.verify, password, stored)
+            # A login whose (user, host) or host got throttled while it hashed does not
+            # reveal its outcome: a burst gets no more answers than the same guesses one
+            # at a time. (With one login per host judged at a time this cannot happen;
+            # checked again all the same, so that it holds if that ever changes.)
+            self._login_guard.check(username, peer)
+            if not ok or record is None:
+                self._login_guard.failed(username, peer, _failure(envelope, fresh, record))
+                raise errors.Unauthenticated(LOGIN_FAILED)
+            self._login_guard.succeeded(username, peer)
         await self.refresh_permissions()
         now = self._permissions.get(record.name)
         if now is None or now.credential != record.password_hash:
             # Removed, or given a new password, after its record was read, during the hash.
             raise errors.Unauthenticated(LOGIN_FAILED)
+        room = self._room(
+            record.name, "sessions", self.limits.max_sessions, self.limits.max_sessions_per_user
+        )
+        self._make_room(room, self._sessions.count(), self._session_usage.of(record.name))
         token, session = self._sessions.create(record.name, record.password_hash, self._clock())
+        self._session_usage.add(record.name)
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
+
+    async def _crypto(self, work: Callable[..., T], *args: object) -> T:
+        """Run work on the crypto pool. A caller cancelled meanwhile (a client's deadline)
+        still waits for the work to finish before it ends: the host's turn at logging in
+        (login_guard.py) lasts as long as its work does, or calls that give up early,
+        never judged and so never throttled, could pile up work in the pool."""
+        future = asyncio.get_running_loop().run_in_executor(self._crypto_pool, work, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([future])
+            raise
 
     def _open_envelope(self, ciphertext: bytes) -> pb.PasswordEnvelope | None:
         try:
@@ -222,6 +235,7 @@ class Engine:
             return
         session.ended = True
         self._sessions.remove(session)
+        self._session_usage.remove(session.username)
         log.info("session %x of %s %s", session.id, session.username, why)
         for subscription in self._subscriptions.get(session.id, set()).copy():
             subscription.poke()
@@ -259,9 +273,34 @@ class Engine:
             elif user.credential != session.credential:
                 await self._end_session(session, "ended: the user's password changed")
 
+    def _room(self, username: str, noun: str, limit: int, per_user: int) -> Room:
+        """What the user may hold of a resource: all of `limit` for an admin; for anyone
+        else, `per_user` and the limit short of the admins' reserve."""
+        permissions = self._permissions.get(username)
+        is_admin = permissions is not None and permissions.is_admin
+        reserve = self.limits.admin_reserve_percent
+        return Room.of(noun, limit, per_user, reserve, username, is_admin)
+
+    @staticmethod
+    def _make_room(room: Room, in_all: int, of_user: int) -> None:
+        """Room.check, logged when it refuses, so that an operator sees who hits limits."""
+        try:
+            room.check(in_all, of_user)
+        except errors.ResourceExhausted as exc:
+            log.warning("refused user %s one more of its %s: %s", room.user, room.noun, exc)
+            raise
+
     def authorize(self, session: Session, action: str, kind: str, name: str) -> None:
         permissions = self._permissions.get(session.username)
         if permissions is None or not permissions.allows(action, kind, name):
+            log.warning(
+                "permission denied: user %s (session %x) may not %s %s %r",
+                session.username,
+                session.id,
+                action,
+                kind,
+                name,
+            )
             raise errors.PermissionDenied(
                 f"user {session.username!r} may not {action} {kind} {name!r}"
             )
@@ -276,7 +315,14 @@ class Engine:
         session = self.session(token)
         check_name("queue_name", name)
         self.authorize(session, "manage", "queue", name)
-        await self.store.create_queue(name, self.limits.max_queues)
+        room = self._room(
+            session.username, "queues", self.limits.max_queues, self.limits.max_queues_per_user
+        )
+        try:
+            await self.store.create_queue(name, room)
+        except errors.ResourceExhausted as exc:
+            log.warning("refused user %s a new queue: %s", session.username, exc)
+            raise
 
     async def destroy_queue(self, token: str, name: str, force: bool) -> None:
         session = self.session(token)
@@ -330,10 +376,13 @@ class Engine:
             remaining = deadline - self._clock()
             if remaining <= 0 or self.draining:
                 raise errors.QueueEmpty(f"queue {name!r} has no ready message")
-            if self.signals.waiting() >= self.limits.max_waiting_polls:
-                raise errors.ResourceExhausted(
-                    f"{self.limits.max_waiting_polls} long polls are waiting (limit)"
-                )
+            room = self._room(
+                session.username,
+                "waiting long polls",
+                self.limits.max_waiting_polls,
+                self.limits.max_waiting_polls_per_user,
+            )
+            self._make_room(room, self.signals.waiting(), self._poll_usage.of(session.username))
             await self._wait_for_ready(session, name, remaining)
             try:
                 session = self.session(token)
@@ -351,6 +400,7 @@ class Engine:
         self.signals.park(name, waiter)
         polls = self._polls.setdefault(session.id, set())
         polls.add(waiter)
+        self._poll_usage.add(session.username)
         with self.busy(session):
             try:
                 async with asyncio.timeout(timeout_s):
@@ -363,6 +413,7 @@ class Engine:
                 raise
             finally:
                 self.signals.unpark(name, waiter)
+                self._poll_usage.remove(session.username)
                 polls.discard(waiter)
                 if not polls and self._polls.get(session.id) is polls:
                     del self._polls[session.id]
@@ -426,20 +477,24 @@ class Engine:
         await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
         if self.draining:
             raise errors.Unavailable("the server is shutting down")
-        if self._subscription_count >= self.limits.max_subscriptions:
-            raise errors.ResourceExhausted(
-                f"{self.limits.max_subscriptions} subscriptions are open (limit)"
-            )
+        usage = self._subscription_usage
+        room = self._room(
+            session.username,
+            "subscriptions",
+            self.limits.max_subscriptions,
+            self.limits.max_subscriptions_per_user,
+        )
+        self._make_room(room, usage.total, usage.of(session.username))
         subscription = Subscription(self, session, token, name, max_unacked)
         self._subscriptions.setdefault(session.id, set()).add(subscription)
-        self._subscription_count += 1
+        usage.add(session.username)
         return subscription
 
     def forget(self, subscription: Subscription) -> None:
         subscriptions = self._subscriptions.get(subscription.session.id)
         if subscriptions is not None and subscription in subscriptions:
             subscriptions.remove(subscription)
-            self._subscription_count -= 1
+            self._subscription_usage.remove(subscription.session.username)
             if not subscriptions:
                 del self._subscriptions[subscription.session.id]
 
@@ -461,7 +516,14 @@ class Engine:
         for key, value in pairs:
             check_text_size("key", key, self.limits.max_element_bytes)
             check_text_size("value", value, self.limits.max_element_bytes)
-        await self.store.map_put(name, pairs, self.limits.max_maps)
+        room = self._room(
+            session.username, "maps", self.limits.max_maps, self.limits.max_maps_per_user
+        )
+        try:
+            await self.store.map_put(name, pairs, room)
+        except errors.ResourceExhausted as exc:
+            log.warning("refused user %s a new map: %s", session.username, exc)
+            raise
 
     async def map_remove(self, token: str, name: str, key: str) -> None:
         session = self.session(token)
@@ -500,6 +562,17 @@ class Engine:
         check_name("map", name)
         self.authorize(session, "manage", "map", name)
         await self.store.map_destroy(name)
+
+
+def _failure(envelope: pb.PasswordEnvelope | None, fresh: bool, record: object) -> str:
+    """Why a login failed, for the log only: the caller always gets LOGIN_FAILED."""
+    if envelope is None:
+        return "the password does not decrypt (garbage, or another server's key)"
+    if not fresh:
+        return "unknown, expired or used challenge"
+    if record is None:
+        return "no such user"
+    return "wrong password"
 
 
 async def outliving_caller(work: Awaitable[T], orphaned: Callable[[T], None]) -> T:

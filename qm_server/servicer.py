@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, cast
+from urllib.parse import unquote
 
 import grpc
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
@@ -42,8 +43,10 @@ async def _answer(response_type: type[R], call: Callable[[], Awaitable[R]]) -> R
 
 
 def peer_host(context: Context) -> str:
-    """The caller's address without its port: login throttling counts per host."""
-    peer = context.peer() or "unknown"
+    """The caller's address without its port: login throttling counts per host.
+
+    grpc percent-encodes an IPv6 peer (`ipv6:%5B::1%5D:port`); decoded for the log."""
+    peer = unquote(context.peer() or "unknown")
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 

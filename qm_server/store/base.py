@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from qm_server.permissions import Permissions
+from qm_server.quotas import Room
 
 
 class Delivery(NamedTuple):
@@ -75,8 +76,10 @@ class Store(abc.ABC):
     # Queues -----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_queue(self, name: str, max_queues: int) -> None:
-        """QueueAlreadyExists, or ResourceExhausted when max_queues already exist."""
+    async def create_queue(self, name: str, room: Room | int) -> None:
+        """QueueAlreadyExists, or ResourceExhausted when `room` (the creator's quota and
+        limit, quotas.py; a bare int is a server-wide limit) has no room for one more.
+        The creator (room.user) is recorded, so that their quota holds after a restart."""
 
     @abc.abstractmethod
     async def destroy_queue(self, name: str, force: bool) -> None:
@@ -147,8 +150,9 @@ class Store(abc.ABC):
     # Maps -------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], max_maps: int) -> None:
-        """Set all pairs or none, creating the map. ResourceExhausted past max_maps."""
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room | int) -> None:
+        """Set all pairs or none, creating the map (and recording its creator, as
+        create_queue does). ResourceExhausted when a new map does not fit `room`."""
 
     @abc.abstractmethod
     async def map_remove(self, name: str, key: str) -> None:

@@ -38,6 +38,7 @@ import os
 import queue
 import sqlite3
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from qm_server import errors
 from qm_server.answer_size import MAX_ENTRY_OVERHEAD, element_info_size, key_value_size
 from qm_server.fsutil import fsync_dir
 from qm_server.permissions import Permissions
+from qm_server.quotas import Room
 from qm_server.store import sqlite_sql as sql
 from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, UserRecord
 from qm_server.store.inflight import InFlight
@@ -93,6 +95,7 @@ class _QueueState:
     # session's end, or in flight when the last process stopped. Older than every id
     # above the mark, so claims take these first.
     given_back: list[int] = field(default_factory=list)
+    owner: str | None = None  # who created it; None for queues made before owners were kept
 
 
 @dataclass(slots=True)
@@ -102,6 +105,10 @@ class _Index:
     queues: dict[str, _QueueState] = field(default_factory=dict)
     queue_names: dict[int, str] = field(default_factory=dict)
     maps: dict[str, int] = field(default_factory=dict)
+    map_owners: dict[str, str | None] = field(default_factory=dict)
+    # Queues and maps per creator, for the per-user quotas.
+    owned_queues: Counter[str] = field(default_factory=Counter)
+    owned_maps: Counter[str] = field(default_factory=Counter)
     next_message_id: int = 1
 
 
@@ -239,18 +246,22 @@ class SqliteStore(Store):
 
     # Queues -----------------------------------------------------------------------------
 
-    async def create_queue(self, name: str, max_queues: int) -> None:
+    async def create_queue(self, name: str, room: Room | int) -> None:
+        quota = room if isinstance(room, Room) else Room.server_wide("queues", room)
+
         def run() -> None:
             index = self._index
             if name in index.queues:
                 raise errors.QueueAlreadyExists(f"queue {name!r} already exists")
-            if len(index.queues) >= max_queues:
-                raise errors.ResourceExhausted(f"the server holds {max_queues} queues (limit)")
-            queue_id = self._db.execute(sql.INSERT_QUEUE, (name,)).lastrowid
+            owner = quota.user
+            quota.check(len(index.queues), index.owned_queues[owner] if owner else 0)
+            queue_id = self._db.execute(sql.INSERT_QUEUE, (name, owner)).lastrowid
             assert queue_id is not None
             statements = sql.MessageStatements.of(queue_id)
             self._db.execute(statements.create)
-            index.queues[name] = _QueueState(queue_id, statements)
+            index.queues[name] = _QueueState(queue_id, statements, owner=owner)
+            if owner:
+                index.owned_queues[owner] += 1
             index.queue_names[queue_id] = name
             self._batch.touched.add(name)
 
@@ -272,6 +283,7 @@ class SqliteStore(Store):
             self._db.execute(sql.DELETE_QUEUE, (state.id,))
             del self._index.queues[name]
             del self._index.queue_names[state.id]
+            _disown(self._index.owned_queues, state.owner)
             self._batch.touched.add(name)
 
         await self._submit(run)
@@ -488,16 +500,22 @@ class SqliteStore(Store):
 
     # Maps -------------------------------------------------------------------------------
 
-    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], max_maps: int) -> None:
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room | int) -> None:
+        quota = room if isinstance(room, Room) else Room.server_wide("maps", room)
+
         def run() -> None:
-            map_id = self._index.maps.get(name)
+            index = self._index
+            map_id = index.maps.get(name)
             if map_id is None:
-                if len(self._index.maps) >= max_maps:
-                    raise errors.ResourceExhausted(f"the server holds {max_maps} maps (limit)")
-                map_id = self._db.execute(sql.INSERT_MAP, (name,)).lastrowid
+                owner = quota.user
+                quota.check(len(index.maps), index.owned_maps[owner] if owner else 0)
+                map_id = self._db.execute(sql.INSERT_MAP, (name, owner)).lastrowid
                 assert map_id is not None
+                index.map_owners[name] = owner
+                if owner:
+                    index.owned_maps[owner] += 1
             self._db.executemany(sql.PUT_ENTRY, [(map_id, k, v) for k, v in pairs])
-            self._index.maps[name] = map_id
+            index.maps[name] = map_id
 
         await self._submit(run)
 
@@ -557,6 +575,7 @@ class SqliteStore(Store):
             self._db.execute(sql.DELETE_MAP_ENTRIES, (map_id,))
             self._db.execute(sql.DELETE_MAP, (map_id,))
             del self._index.maps[name]
+            _disown(self._index.owned_maps, self._index.map_owners.pop(name, None))
 
         await self._submit(run)
 
@@ -774,19 +793,25 @@ class SqliteStore(Store):
         # The next id: after the largest ever handed out, even if that row is gone.
         (saved_next_id,) = self._db.execute(sql.SAVED_NEXT_MESSAGE_ID).fetchone() or (1,)
         index.next_message_id = int(saved_next_id)
-        for queue_id, name, delivered_upto in self._db.execute(sql.ALL_QUEUES).fetchall():
+        for queue_id, name, delivered_upto, owner in self._db.execute(sql.ALL_QUEUES).fetchall():
             statements = sql.MessageStatements.of(queue_id)
             held = self._in_flight.held_in(queue_id)
             delivered = self._db.execute(statements.delivered_ids, (delivered_upto,))
             given_back = [m for (m,) in delivered if m not in held]  # ascending: a heap
             (count,) = self._db.execute(statements.count).fetchone()
             ready = count - self._in_flight.count(queue_id)
-            state = _QueueState(queue_id, statements, ready, delivered_upto, given_back)
+            state = _QueueState(queue_id, statements, ready, delivered_upto, given_back, owner)
+            if owner:
+                index.owned_queues[owner] += 1
             index.queues[name] = state
             index.queue_names[queue_id] = name
             (newest,) = self._db.execute(statements.max_id).fetchone()
             index.next_message_id = max(index.next_message_id, (newest or 0) + 1)
-        index.maps = {name: map_id for map_id, name in self._db.execute(sql.ALL_MAPS)}
+        for map_id, name, owner in self._db.execute(sql.ALL_MAPS):
+            index.maps[name] = map_id
+            index.map_owners[name] = owner
+            if owner:
+                index.owned_maps[owner] += 1
         self._index = index
         self._published = {}
         self._publish(index.queues.keys())
@@ -844,6 +869,14 @@ def _one_insert(append: _Append) -> tuple[str, tuple[Any, ...]] | None:
     if "\\u0000" in payloads:
         return None
     return statements.insert_many, (append.first_id, payloads)
+
+
+def _disown(owned: Counter[str], owner: str | None) -> None:
+    """One queue or map fewer for its creator."""
+    if owner:
+        owned[owner] -= 1
+        if owned[owner] <= 0:
+            del owned[owner]
 
 
 def _runs(numbers: list[int]) -> list[tuple[int, int]]:

@@ -64,6 +64,13 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
     # 3: see migrate_3 below.
     lambda conn: migrate_3(conn),
+    # 4: who created each queue and map, for the per-user quotas (quotas.py). Rows made
+    # before have no owner (NULL): their creator is unknown, so they count against no
+    # user's quota, only against the server-wide limits.
+    """
+    ALTER TABLE queues ADD COLUMN owner TEXT;
+    ALTER TABLE maps ADD COLUMN owner TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
@@ -78,8 +85,8 @@ TOUCH_PROBE = (
 )
 
 # Loading the in-memory index ------------------------------------------------------------
-ALL_QUEUES = "SELECT id, name, delivered_upto FROM queues"
-ALL_MAPS = "SELECT id, name FROM maps"
+ALL_QUEUES = "SELECT id, name, delivered_upto, owner FROM queues"
+ALL_MAPS = "SELECT id, name, owner FROM maps"
 MAP_ID = "SELECT id FROM maps WHERE name = ?"
 # The id counter saved when the newest message was deleted (see SqliteStore): the next id
 # is after it and after the largest id present.
@@ -90,7 +97,7 @@ SAVE_NEXT_MESSAGE_ID = (
 )
 
 # Queues ---------------------------------------------------------------------------------
-INSERT_QUEUE = "INSERT INTO queues (name) VALUES (?)"
+INSERT_QUEUE = "INSERT INTO queues (name, owner) VALUES (?, ?)"
 DELETE_QUEUE = "DELETE FROM queues WHERE id = ?"
 # First deliveries: one row per queue and transaction, however many messages it took.
 SET_DELIVERED_UPTO = "UPDATE queues SET delivered_upto = ? WHERE id = ?"
@@ -197,7 +204,7 @@ def migrate_3(conn: sqlite3.Connection) -> None:
 
 
 # Maps -----------------------------------------------------------------------------------
-INSERT_MAP = "INSERT INTO maps (name) VALUES (?)"
+INSERT_MAP = "INSERT INTO maps (name, owner) VALUES (?, ?)"
 DELETE_MAP = "DELETE FROM maps WHERE id = ?"
 DELETE_MAP_ENTRIES = "DELETE FROM map_entries WHERE map_id = ?"
 PUT_ENTRY = (

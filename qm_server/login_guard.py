@@ -1,0 +1,150 @@
+"""Who may attempt a login now: throttles against guessing, and a line per host.
+
+Why not per user: a throttle keyed by the user name alone lets anyone keep that user out
+by failing logins as them. Failures are counted as established systems count them
+(fail2ban and nginx's limit_req per address; django-axes' lockout by user and address;
+Entra's smart lockout, which locks out unfamiliar places, not the account):
+
+- per (user, host) pair: `failures_before_backoff` free failures, then a backoff that
+  doubles up to `max_backoff_s`. Guessing one user's password from one host stays slow;
+  the same user logging in from another host is not affected.
+- per host, whatever the user: `host_failures_before_backoff`, likewise, so one host
+  cannot guess many users' passwords quickly. A success does not clear it (a valid
+  account would otherwise reset it between guesses); it is forgotten after a quiet
+  `forget_failures_after_s`.
+- per user, over all hosts: only a ceiling. Past `user_failures_ceiling` recent failures
+  each host gets one failure for that user before its pair backoff starts: a guess spread
+  over many hosts is slowed, and a host that has not failed for the user is never refused.
+
+Why a line per host: RSA decryption and the password hash are the expensive part of a
+login, and a burst of parallel calls passes any throttle check before the first of them
+fails. Logins from one host are therefore judged one at a time, with a bounded line
+behind; a call checks the throttle when its turn comes, before any expensive work. A
+flood from one host then holds at most one crypto worker, and its refused calls cost
+almost nothing.
+
+Every refusal and failure is logged with the user and host (never a password or token),
+so that an operator can see an attack; a refusal once per backoff, not once per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from qm_server import errors
+from qm_server.auth import LoginThrottle
+from qm_server.config import AuthSettings
+
+log = logging.getLogger(__name__)
+
+# User names reach the throttle and the log before anything has checked them; a longer
+# name is cut to this (names sharing a prefix this long share their counts).
+MAX_NAME_CHARS = 256
+
+
+@dataclass
+class _Line:
+    """Logins of one host: one judged at a time, the others waiting their turn."""
+
+    turn: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    calls: int = 0  # judged or waiting
+    refusal_logged: bool = False
+
+
+class LoginGuard:
+    def __init__(self, settings: AuthSettings, clock: Callable[[], float]) -> None:
+        self._settings = settings
+        forget = settings.forget_failures_after_s
+        backoff = settings.max_backoff_s
+        self._pairs = LoginThrottle(
+            settings.failures_before_backoff, backoff, clock, forget_after_s=forget
+        )
+        self._hosts = LoginThrottle(
+            settings.host_failures_before_backoff, backoff, clock, forget_after_s=forget
+        )
+        # Only counted, never refused on: see the module docstring.
+        self._users = LoginThrottle(
+            settings.user_failures_ceiling, backoff, clock, forget_after_s=forget
+        )
+        self._lines: dict[str, _Line] = {}
+
+    @contextlib.asynccontextmanager
+    async def admit(self, username: str, host: str) -> AsyncIterator[None]:
+        """Wait for this host's turn, then refuse at once if throttled; else let the
+        login do its expensive work inside the block."""
+        line = self._lines.setdefault(host, _Line())
+        if line.calls > self._settings.logins_waiting_per_host:
+            if not line.refusal_logged:  # once while the line stays full or busy
+                line.refusal_logged = True
+                log.warning(
+                    "login refused for user %r from %s: %d logins from this host in "
+                    "progress (further refusals while they last are not logged)",
+                    _shown(username),
+                    host,
+                    line.calls,
+                )
+            raise errors.ResourceExhausted(
+                "too many logins in progress from this address; retry shortly"
+            )
+        line.calls += 1
+        try:
+            async with line.turn:
+                self.check(username, host)
+                yield
+        finally:
+            line.calls -= 1
+            self._forget_if_idle(host, line)
+
+    def check(self, username: str, host: str) -> None:
+        """ResourceExhausted while the (user, host) pair or the host is backing off."""
+        for throttle, key in ((self._pairs, _pair(username, host)), (self._hosts, host)):
+            wait = throttle.retry_after(key)
+            if wait > 0:
+                if throttle.first_refusal(key):
+                    log.warning(
+                        "login refused for user %r from %s: throttled for %.1f s after %d "
+                        "failures (%s)",
+                        _shown(username),
+                        host,
+                        wait,
+                        throttle.failures(key),
+                        "this user from this host" if throttle is self._pairs else "this host",
+                    )
+                raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
+
+    def failed(self, username: str, host: str, reason: str) -> None:
+        user = _shown(username)
+        log.warning("login failed for user %r from %s: %s", user, host, reason)
+        user_failures = self._users.failures(user) + 1
+        self._users.failed(user)
+        if user_failures == self._settings.user_failures_ceiling + 1:
+            log.warning(
+                "user %r had %d failed logins from all hosts within %.0f s: each host now "
+                "gets one failure for this user before backing off",
+                user,
+                user_failures,
+                self._settings.forget_failures_after_s,
+            )
+        under_attack = user_failures > self._settings.user_failures_ceiling
+        self._pairs.failed(_pair(username, host), 1 if under_attack else None)
+        self._hosts.failed(host)
+
+    def succeeded(self, username: str, host: str) -> None:
+        """Clears the pair only: see the module docstring for the host and the user."""
+        self._pairs.succeeded(_pair(username, host))
+
+    def _forget_if_idle(self, host: str, line: _Line) -> None:
+        if line.calls == 0 and self._lines.get(host) is line:
+            del self._lines[host]
+
+
+def _shown(username: str) -> str:
+    return username[:MAX_NAME_CHARS]
+
+
+def _pair(username: str, host: str) -> str:
+    return f"{host} {_shown(username)}"
