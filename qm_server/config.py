@@ -96,6 +96,15 @@ class ServerConfig:
     # "full" (fsync before every OK) or "process-crash" (see store/sqlite.py); never
     # weaker by default.
     durability: str = "full"
+    # How long the integrity check at start (PRAGMA quick_check) may take before it is
+    # abandoned with a warning; 0 skips it. `qm-server check` runs the full check.
+    start_check_s: float = 10.0
+    # Start with a new, empty database in a directory whose key shows that it held one
+    # (datadir.py): without it, such a directory is refused.
+    new_database: bool = False
+    # Disk space set aside so that a full disk can still be drained (store/reserve.py);
+    # as large as the write-ahead log the store keeps at most. 0: none.
+    disk_reserve_bytes: int = 64 * MIB
     tls: TlsSettings = field(default_factory=TlsSettings)
     # Plaintext is allowed on loopback addresses only, unless this is set.
     allow_plaintext: bool = False
