@@ -6,7 +6,7 @@ An operator who wants to make room by draining queues and deleting maps would be
 too. So the store keeps a file of `size` bytes in the data directory; when a commit fails
 for lack of space it deletes the file, and the space it frees lets acks and deletions
 commit (they free pages SQLite reuses) while adds stay refused. Once the file can be made
-again, there is room again.
+again with as much room left beside it, the disk has room again.
 """
 
 from __future__ import annotations
@@ -33,12 +33,20 @@ class DiskReserve:
 
     def make(self) -> bool:
         """Allocate the reserve unless it is there already; False if the disk is too full
-        (nothing of it is left behind then)."""
+        (nothing of it is left behind then).
+
+        Too full means less free than the reserve and as much again: right after the
+        reserve was released, exactly its size is free, and making it again at once
+        would leave the disk as full as before.
+        """
         if self.size <= 0:
             return True
         with contextlib.suppress(FileNotFoundError):
             if self.path.stat().st_size >= self.size:
                 return True
+        disk = os.statvfs(self.path.parent)
+        if disk.f_bavail * disk.f_frsize < 2 * self.size:
+            return False
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE)
         try:
             _allocate(fd, self.size)
