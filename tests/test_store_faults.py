@@ -126,7 +126,7 @@ def not_serving_reason(channel: grpc.Channel) -> str:
         health_pb2.HealthCheckRequest(service=""), timeout=10
     )
     assert reply.status == NOT_SERVING
-    return dict(call.trailing_metadata() or ()).get("qm-not-serving-reason", "")
+    return str(dict(call.trailing_metadata() or ()).get("qm-not-serving-reason", ""))
 
 
 def test_a_full_disk_can_still_be_drained(
