@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -225,3 +226,33 @@ def test_a_file_that_is_no_database_is_refused(
     listed = qm_server("user", "list", "--data-dir", str(data))
     assert listed.returncode == 2 and "is damaged" in listed.stderr
     assert "Traceback" not in listed.stderr
+
+
+def test_damage_found_while_serving_keeps_the_server_not_serving(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """A read that meets a corrupt page (the start-up check skipped) turns the server
+    NOT_SERVING with the reason, and it stays so: the next call's probe write would
+    succeed, and the server used to serve again, until the next read of that page."""
+    data = tmp_path / "data"
+    database_with_a_map(make_server, data)
+    database = bytearray((data / "qm.db").read_bytes())
+    page_size = int.from_bytes(database[16:18], "big")
+    start = database.index(b"key01500") // page_size * page_size
+    database[start : start + page_size] = bytes(page_size)
+    (data / "qm.db").write_bytes(database)
+    handle = make_server(data_dir=data, start_check_s=0)
+    channel, stub, token = call(handle)
+    with channel:
+        read = stub.MapGetAll(pb.MapGetAllRequest(token=token, map="m"))
+        assert read.code == pb.CODE_UNAVAILABLE
+        assert "malformed" in read.message
+        size = stub.Size(pb.SizeRequest(token=token, queue_name="q"))
+        assert size.code == pb.CODE_UNAVAILABLE
+        assert "is damaged" in size.message and "qm-server check" in size.message
+        reply, check = health_pb2_grpc.HealthStub(channel).Check.with_call(
+            health_pb2.HealthCheckRequest(service=""), timeout=10
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        reason = dict(check.trailing_metadata() or ()).get("qm-not-serving-reason", "")
+        assert f"the database {data / 'qm.db'} is damaged" in str(reason)
