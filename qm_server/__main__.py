@@ -250,7 +250,7 @@ def existing_database(args: argparse.Namespace) -> Path | None:
     if why is None:
         return data_dir / sqlite_file.DB_FILE
     print(
-        f"qm-server: no database in {data_dir} ({sqlite_file.DB_FILE} is {why}); "
+        f"qm-server: no database in {data_dir} ({sqlite_file.DB_FILE} {why}); "
         "check --data-dir, or start qm-server there once to create one",
         file=sys.stderr,
     )

@@ -9,6 +9,7 @@ expect (and re-create `admin`): the operator has to say that this is what they w
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from qm_server.auth import KEY_FILE
@@ -21,16 +22,30 @@ INITIAL_PASSWORD_FILE = "initial-admin-password"
 # anything shorter is a file that never became a database.
 MIN_DATABASE_BYTES = 512
 NEW_DATABASE_FLAG = "--new-database"
+# Every database the server made has this table (migration 1).
+HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
 
 
 def missing_database(data_dir: Path) -> str | None:
-    """Why `<data_dir>/qm.db` holds no database ("missing", "empty"), or None if it does."""
+    """Why `<data_dir>/qm.db` holds no database of ours ("is missing", "is empty", "holds
+    no tables"), or None if it does (or is too damaged to tell: the integrity check
+    reports that)."""
     path = data_dir / DB_FILE
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        return "missing"
-    return "empty" if size < MIN_DATABASE_BYTES else None
+        return "is missing"
+    if size < MIN_DATABASE_BYTES:
+        return "is empty"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+        try:
+            ours = conn.execute(HAS_META).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
+    return None if ours else "holds no tables"
 
 
 def check_database_belongs(data_dir: Path, new_database: bool) -> None:
@@ -40,7 +55,7 @@ def check_database_belongs(data_dir: Path, new_database: bool) -> None:
     why = missing_database(data_dir)
     if why is not None:
         raise DataDirRefused(
-            f"the database {data_dir / DB_FILE} is {why}, but the server key "
+            f"the database {data_dir / DB_FILE} {why}, but the server key "
             f"{data_dir / KEY_FILE} is there: this directory held a database that is gone. "
             f"Restore {DB_FILE} from a backup, check --data-dir, or give {NEW_DATABASE_FLAG} "
             "to start with an empty database (no queues, maps or users but a new admin)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -61,6 +62,10 @@ def test_a_key_without_its_database_is_refused(
     assert not (data / "qm.db").exists()  # refused before anything was created
     (data / "qm.db").write_bytes(b"")
     with pytest.raises(DataDirRefused, match=r"qm\.db is empty.*--new-database"):
+        make_server(data_dir=data)
+    (data / "qm.db").unlink()
+    sqlite3.connect(data / "qm.db").execute("PRAGMA user_version = 1").connection.close()
+    with pytest.raises(DataDirRefused, match=r"qm\.db holds no tables.*--new-database"):
         make_server(data_dir=data)
     fresh = make_server(data_dir=data, new_database=True)
     channel, stub, token = call(fresh)
