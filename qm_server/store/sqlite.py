@@ -723,10 +723,12 @@ class SqliteStore(Store):
                 log.warning("rollback after a failed commit failed too", exc_info=True)
         # The index holds the failed transaction's effects until it is rebuilt.
         self._index_stale = True
+        if self._damaged:
+            return  # refused until a restart, whatever fails next
         if _is_disk_full(exc):
             self._enter_disk_full(str(exc))
             return
-        if is_corruption(exc) and not self._damaged:
+        if is_corruption(exc):
             self._damaged = True
             reason = (
                 f"the database {self._path} is damaged ({exc}): stop the server and run "
