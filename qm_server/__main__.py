@@ -273,10 +273,11 @@ def manage_users(args: argparse.Namespace) -> int:
     except DatabaseDamaged as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return 2
-    except sqlite3.DatabaseError as exc:
-        if not sqlite_file.is_corruption(exc):
-            raise
-        print(f"qm-server: {sqlite_file.damaged(path, [str(exc)])}", file=sys.stderr)
+    except sqlite3.Error as exc:  # a full disk, a read-only file, a corrupt page
+        if sqlite_file.is_corruption(exc):
+            print(f"qm-server: {sqlite_file.damaged(path, [str(exc)])}", file=sys.stderr)
+        else:
+            print(f"qm-server: nothing changed, {path}: {exc}", file=sys.stderr)
         return 2
 
 

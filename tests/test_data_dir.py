@@ -261,3 +261,22 @@ def test_damage_found_while_serving_keeps_the_server_not_serving(
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         reason = dict(check.trailing_metadata() or ()).get("qm-not-serving-reason", "")
         assert f"the database {data / 'qm.db'} is damaged" in str(reason)
+
+
+def test_a_user_command_that_cannot_write_says_so(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """A database that refuses writes (immutable here, a full disk alike) used to end the
+    command with a traceback."""
+    data = tmp_path / "data"
+    make_server(data_dir=data).stop()
+    subprocess.run(["chattr", "+i", str(data / "qm.db")], check=True)
+    try:
+        added = qm_server(
+            "user", "add", "alice", "--password-stdin", "--data-dir", str(data), stdin="pw\n"
+        )
+    finally:
+        subprocess.run(["chattr", "-i", str(data / "qm.db")], check=True)
+    assert added.returncode == 2
+    assert f"qm-server: nothing changed, {data / 'qm.db'}: " in added.stderr
+    assert "Traceback" not in added.stderr
