@@ -5,6 +5,7 @@ qm-server user add|passwd NAME --password-stdin [--data-dir DIR]
 qm-server user remove NAME [--data-dir DIR]
 qm-server user list [--data-dir DIR]
 qm-server user grant|revoke NAME ACTIONS KIND PATTERN [--data-dir DIR]
+qm-server check [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -18,14 +19,20 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from qm_server import errors
 from qm_server.auth import PasswordHasher
 from qm_server.config import AuthSettings, ServerConfig
+from qm_server.datadir import missing_database
 from qm_server.flags import add_setting_flags, settings_from_args
-from qm_server.fsutil import DataDirInUse, ensure_dir
+from qm_server.fsutil import DataDirInUse, DataDirRefused
 from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite_file
 from qm_server.store.base import UserRecord
+from qm_server.store.sqlite_file import DatabaseDamaged
+
+# Exit statuses of `qm-server check`.
+CHECK_OK, CHECK_DAMAGED, CHECK_FAILED = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("kind", choices=KINDS)
         sub.add_argument("pattern", help="a glob: a name, 'jobs.*', or '*' for all")
         sub.add_argument("--data-dir", type=Path, dest="user_data_dir")
+    check = commands.add_parser(
+        "check", help="check the whole database for damage (PRAGMA integrity_check)"
+    )
+    check.add_argument("--data-dir", type=Path, dest="user_data_dir")
     return parser
 
 
@@ -68,7 +79,7 @@ async def serve(config: ServerConfig, port_file: Path | None) -> int:
     server = QueueManagerServer(config)
     try:
         port = await server.start()
-    except (BindError, DataDirInUse) as exc:
+    except (BindError, DataDirInUse, DataDirRefused, errors.Unavailable) as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
         return 2
     loop = asyncio.get_running_loop()
@@ -95,17 +106,71 @@ def read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def manage_users(args: argparse.Namespace) -> int:
+def existing_database(args: argparse.Namespace) -> Path | None:
+    """The database of --data-dir, or None (said on stderr) if there is none: a command
+    that made one would report success on a mistyped directory."""
     data_dir: Path = args.user_data_dir or args.data_dir
-    ensure_dir(data_dir)
+    why = missing_database(data_dir)
+    if why is None:
+        return data_dir / sqlite_file.DB_FILE
+    print(
+        f"qm-server: no database in {data_dir} ({sqlite_file.DB_FILE} {why}); "
+        "check --data-dir, or start qm-server there once to create one",
+        file=sys.stderr,
+    )
+    return None
+
+
+def manage_users(args: argparse.Namespace) -> int:
+    path = existing_database(args)
+    if path is None:
+        return 2
     # Ask for the password before taking the database's write lock.
     password = read_password(args) if args.action in ("add", "passwd") else ""
-    conn = sqlite_file.connect(data_dir / sqlite_file.DB_FILE)
     try:
-        with sqlite_file.transaction(conn):
-            return change_users(conn, args, password)
+        conn = sqlite_file.connect(path, create=False)
+        try:
+            with sqlite_file.transaction(conn):
+                return change_users(conn, args, password)
+        finally:
+            conn.close()
+    except DatabaseDamaged as exc:
+        print(f"qm-server: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:  # a full disk, a read-only file, a corrupt page
+        if sqlite_file.is_corruption(exc):
+            print(f"qm-server: {sqlite_file.damaged(path, [str(exc)])}", file=sys.stderr)
+        else:
+            print(f"qm-server: nothing changed, {path}: {exc}", file=sys.stderr)
+        return 2
+
+
+def check_database(args: argparse.Namespace) -> int:
+    """`qm-server check`: the full integrity check, read-only; best with the server stopped
+    (a running server's writes are not seen past the check's start)."""
+    path = existing_database(args)
+    if path is None:
+        return CHECK_FAILED
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        print(f"qm-server: cannot open {path}: {exc}", file=sys.stderr)
+        return CHECK_FAILED
+    try:
+        problems = sqlite_file.check_integrity(conn)
+    except sqlite3.Error as exc:
+        print(f"qm-server: cannot check {path}: {exc}", file=sys.stderr)
+        return CHECK_FAILED
     finally:
         conn.close()
+    assert problems is not None  # no deadline: the check ran to its end
+    if not problems:
+        print(f"{path}: ok")
+        return CHECK_OK
+    for problem in problems:
+        print(f"{path}: {problem}")
+    print(f"qm-server: {sqlite_file.damaged(path, problems)}", file=sys.stderr)
+    return CHECK_DAMAGED
 
 
 def change_users(conn: sqlite3.Connection, args: argparse.Namespace, password: str) -> int:
@@ -168,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "user":
         return manage_users(args)
+    if args.command == "check":
+        return check_database(args)
     try:
         config = config_from_args(args)
     except ValueError as exc:  # limits that contradict each other

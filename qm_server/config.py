@@ -220,6 +220,25 @@ class ServerConfig:
         "faster, survives kill -9 but may lose the last answers on power loss",
         choices=DURABILITY_MODES,
     )
+    # The integrity check at start (PRAGMA quick_check) is abandoned with a warning past
+    # this; `qm-server check` runs the full check.
+    start_check_s: float = setting(
+        10.0,
+        "check the database's integrity at start for this long at most (0: skip)",
+        flag="--start-check-seconds",
+        metavar="SECONDS",
+    )
+    # Without it, a directory whose key shows that it held a database which is gone is
+    # refused (datadir.py).
+    new_database: bool = setting(
+        False,
+        "start with a new, empty database although the data directory's key shows that it "
+        "held one (which is gone)",
+    )
+    # As large as the write-ahead log the store keeps at most (store/reserve.py).
+    disk_reserve_bytes: int = setting(
+        64 * MIB, "disk space set aside so that a full disk can still be drained (0: none)"
+    )
     tls: TlsSettings = field(default_factory=TlsSettings)
     # Plaintext is allowed on loopback addresses only, unless this is set.
     allow_plaintext: bool = setting(

@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 LOCK_FILE = "qm.lock"
+# Every file the server keeps is its owner's alone: the database holds password hashes,
+# the key file the server's identity.
+PRIVATE_MODE = 0o600
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,14 +27,27 @@ def write_private_file(path: Path, data: bytes) -> None:
     A crash leaves either no file or the whole file, never a truncated key.
     """
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
     try:
+        os.fchmod(fd, PRIVATE_MODE)  # a temp file left by a crash keeps its old mode
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def create_private_file(path: Path) -> bool:
+    """Create an empty file with mode 0600 (whatever the umask) and make its directory
+    entry durable; False if it already existed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_MODE)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    fsync_dir(path.parent)
+    return True
 
 
 def ensure_dir(path: Path) -> None:
@@ -45,6 +61,10 @@ class DataDirInUse(RuntimeError):
     """Another qm-server holds the data directory."""
 
 
+class DataDirRefused(RuntimeError):
+    """The data directory is not fit to serve from; the message says what to do."""
+
+
 def lock_data_dir(data_dir: Path) -> int:
     """Hold `<data_dir>/qm.lock` while the returned descriptor stays open.
 
@@ -53,7 +73,7 @@ def lock_data_dir(data_dir: Path) -> int:
     `qm-server user` commands, which edit the database beside a running server, do not
     take it. The kernel drops the lock with the process, so a killed server leaves none.
     """
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_MODE)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

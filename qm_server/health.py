@@ -23,6 +23,10 @@ SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = int(health_pb2.HealthCheckResponse.SERVING)
 NOT_SERVING = int(health_pb2.HealthCheckResponse.NOT_SERVING)
 SERVICE_UNKNOWN = int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+# Trailing metadata of a Check answered NOT_SERVING: why, for people (the health protocol
+# has no field for it). `grpcurl -v` shows it.
+REASON_KEY = "qm-not-serving-reason"
+DRAINING = "the server is shutting down"
 
 
 class HealthService:
@@ -33,16 +37,19 @@ class HealthService:
         """`services` are known from the start, NOT_SERVING until set: a Check made while
         the server is still starting is told so, not NOT_FOUND."""
         self._statuses: dict[str, int] = dict.fromkeys(services, NOT_SERVING)
+        self._reasons: dict[str, str] = {}
         self._draining = False
         # Guards _statuses and _draining; notified whenever either changes. (It binds to
         # the event loop that first uses it, so it may be made before the loop runs.)
         self._changed = asyncio.Condition()
 
-    async def set(self, service: str, status: int) -> None:
-        """Ignored once draining: a recovered store must not turn a stopping server SERVING."""
+    async def set(self, service: str, status: int, reason: str = "") -> None:
+        """Ignored once draining: a recovered store must not turn a stopping server SERVING.
+        `reason` says why a status other than SERVING (Check's trailing metadata)."""
         async with self._changed:
             if not self._draining:
                 self._statuses[service] = status
+                self._reasons[service] = reason
                 self._changed.notify_all()
 
     async def drain(self) -> None:
@@ -51,6 +58,7 @@ class HealthService:
             self._draining = True
             for service in self._statuses:
                 self._statuses[service] = NOT_SERVING
+                self._reasons[service] = DRAINING
             self._changed.notify_all()
 
     async def Check(
@@ -59,6 +67,9 @@ class HealthService:
         status = self._statuses.get(request.service)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        reason = self._reasons.get(request.service, "")
+        if status != SERVING and reason:
+            context.set_trailing_metadata(((REASON_KEY, _header_value(reason)),))
         return health_pb2.HealthCheckResponse(status=status)
 
     async def List(
@@ -94,3 +105,9 @@ class HealthService:
 
     def add_to(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self, server)
+
+
+def _header_value(text: str) -> str:
+    """Metadata values are printable ASCII on one line."""
+    one_line = " ".join(text.split())
+    return one_line.encode("ascii", "backslashreplace").decode()

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from qm_server import handlers, health
 from qm_server.auth import KeyPair, PasswordHasher, random_password
 from qm_server.config import ServerConfig
+from qm_server.datadir import INITIAL_PASSWORD_FILE, check_database_belongs, make_files_private
 from qm_server.engine import Engine
 from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
 from qm_server.servicer import QueueManagerServicer
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = handlers.SERVICE.full_name
 HEALTH_NAMES = ("", SERVICE_NAME)
 """What the health service answers for: the server as a whole, and the one service."""
-INITIAL_PASSWORD_FILE = "initial-admin-password"
 
 
 class _ClientGoneFilter(logging.Filter):
@@ -117,7 +117,12 @@ class QueueManagerServer:
 
     def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
         self.config = config
-        self.store = store or SqliteStore(config.data_dir, config.durability)
+        self.store = store or SqliteStore(
+            config.data_dir,
+            config.durability,
+            check_s=config.start_check_s,
+            reserve_bytes=config.disk_reserve_bytes,
+        )
         self.port = 0
         self.keys: KeyPair | None = None
         self.engine: Engine | None = None
@@ -147,15 +152,27 @@ class QueueManagerServer:
 
     async def _start_locked(self) -> int:
         config = self.config
-        self.keys = KeyPair.load_or_create(config.data_dir, config.auth.rsa_bits)
+        check_database_belongs(config.data_dir, config.new_database)
+        make_files_private(config.data_dir)
         # From the first moment the store can fail: a failure reported before the server
         # serves must still turn it NOT_SERVING once it does.
         self.store.set_health_listener(self._on_store_health)
-        await self.store.open()
-        await self._ensure_admin()
+        try:
+            await self.store.open()
+            # Only once the database exists: a key without one means it was lost.
+            self.keys = KeyPair.load_or_create(config.data_dir, config.auth.rsa_bits)
+            await self._ensure_admin()
+            return await self._serve(self.keys)
+        except BaseException:
+            await self.store.close()
+            raise
+
+    async def _serve(self, keys: KeyPair) -> int:
+        """Engine, gRPC server and health, over an open store."""
+        config = self.config
         self.engine = Engine(
             self.store,
-            self.keys,
+            keys,
             session_ttl_s=config.session_ttl_s,
             limits=config.limits,
             auth=config.auth,
@@ -169,11 +186,7 @@ class QueueManagerServer:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        try:
-            port = bind(server, config)
-        except BindError:
-            await self.store.close()
-            raise
+        port = bind(server, config)
         self.port = port
         self._server = server
         await self.engine.start()
@@ -185,7 +198,7 @@ class QueueManagerServer:
             f"{config.listen.rsplit(':', 1)[0]}:{port}",
             port,
             config.data_dir.resolve(),
-            self.keys.fingerprint,
+            keys.fingerprint,
         )
         return port
 
@@ -226,8 +239,9 @@ class QueueManagerServer:
 
     async def _set_serving(self, serving: bool) -> None:
         status = health.SERVING if serving else health.NOT_SERVING
+        reason = "" if serving else self.store.unhealthy_reason()
         for service in HEALTH_NAMES:
-            await self._health.set(service, status)
+            await self._health.set(service, status, reason)
 
     async def _ensure_admin(self) -> None:
         """First start: user admin, with QM_ADMIN_PASSWORD or a random password kept 0600."""

@@ -22,6 +22,7 @@ ADMIN_PASSWORD = "admin-secret"
 # 2048-bit keys and cheap scrypt keep the many test servers fast; the defaults are tested
 # by the subprocess tests.
 FAST_AUTH = AuthSettings(rsa_bits=2048, scrypt_n=2**10)
+TEST_DISK_RESERVE_BYTES = 1 << 20
 
 
 @dataclasses.dataclass
@@ -70,6 +71,8 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
     overrides.setdefault("listen", "127.0.0.1:0")
     overrides.setdefault("admin_password", ADMIN_PASSWORD)
     overrides.setdefault("grace_s", 1.0)
+    # The 64 MiB default, allocated by each of hundreds of test servers, adds up.
+    overrides.setdefault("disk_reserve_bytes", TEST_DISK_RESERVE_BYTES)
     return ServerConfig(data_dir=data_dir, limits=Limits(**limits), **overrides)
 
 

@@ -23,7 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_subscribe import Stream
 
-from conftest import ServerHandle, login
+from conftest import TEST_DISK_RESERVE_BYTES, ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server import errors
@@ -118,6 +118,83 @@ def test_full_disk(make_server: Callable[..., ServerHandle], small_disk: Path) -
         committed.append(after.message_id)
     handle.stop()
     assert_all_present(make_server(data_dir=small_disk / "data"), committed)
+
+
+def not_serving_reason(channel: grpc.Channel) -> str:
+    """Health's Check, which must say NOT_SERVING, and the reason it gives."""
+    reply, call = health_pb2_grpc.HealthStub(channel).Check.with_call(
+        health_pb2.HealthCheckRequest(service=""), timeout=10
+    )
+    assert reply.status == NOT_SERVING
+    return str(dict(call.trailing_metadata() or ()).get("qm-not-serving-reason", ""))
+
+
+def test_a_full_disk_can_still_be_drained(
+    make_server: Callable[..., ServerHandle], small_disk: Path
+) -> None:
+    """Acks, DestroyQueue, MapRemove and MapDestroy commit on a full disk, reads answer,
+    and health says why it is NOT_SERVING. Every call used to answer UNAVAILABLE until
+    space was freed by hand."""
+    data = small_disk / "data"
+    handle = make_server(data_dir=data)
+    with queue_q(handle) as (stub, watch, token):
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="gone"))
+        stub.AddAll(pb.AddAllRequest(token=token, queue_name="gone", elements=["a", "b"]))
+        pairs = [pb.KeyValue(key=f"k{i}", value="v") for i in range(3)]
+        for name in ("m", "gone"):
+            stub.MapBatchPut(pb.MapBatchPutRequest(token=token, map=name, size=3, list=pairs))
+        before = stub.AddAll(pb.AddAllRequest(token=token, queue_name="q", elements=["x"] * 10))
+        committed = list(before.message_ids)
+        fill(small_disk / "filler")
+        failed = add_until_unavailable(stub, token, committed)
+        assert failed.code == pb.CODE_UNAVAILABLE
+        watch.wait_for(NOT_SERVING)
+        with grpc.insecure_channel(handle.target) as channel:
+            assert "the disk is full" in not_serving_reason(channel)
+        # Adds and puts are refused, saying why.
+        add = stub.Add(pb.AddRequest(token=token, queue_name="q", element="more"))
+        assert add.code == pb.CODE_UNAVAILABLE and "the disk is full" in add.message
+        put = stub.MapPut(pb.MapPutRequest(token=token, map="m", key="new", value="v"))
+        assert put.code == pb.CODE_UNAVAILABLE
+        # Reads answer; consumers drain.
+        assert stub.Size(pb.SizeRequest(token=token, queue_name="q")).size == len(committed)
+        got = stub.MapGet(pb.MapGetRequest(token=token, map="m", key="k0"))
+        assert (got.code, got.value) == (pb.CODE_OK, "v")
+        pulled = stub.PullElements(pb.PullElementsRequest(token=token, queue_name="q", number=5))
+        assert [e.message_id for e in pulled.element_info] == committed[:5]
+        acks = [
+            stub.Ack(pb.AckRequest(token=token, message_id=e.message_id)).code
+            for e in pulled.element_info
+        ]
+        assert acks == [pb.CODE_OK] * 5
+        # Deletions commit.
+        destroyed = stub.DestroyQueue(
+            pb.DestroyQueueRequest(token=token, queue_name="gone", force=True)
+        )
+        assert destroyed.code == pb.CODE_OK
+        removed = stub.MapRemove(pb.MapRemoveRequest(token=token, map="m", key="k0"))
+        assert removed.code == pb.CODE_OK
+        assert stub.MapDestroy(pb.MapDestroyRequest(token=token, map="gone")).code == pb.CODE_OK
+        # Space is back: the reserve is made again and everything is served.
+        (small_disk / "filler").unlink()
+        watch.wait_for(SERVING)
+        after = stub.Add(pb.AddRequest(token=token, queue_name="q", element="after"))
+        assert after.code == pb.CODE_OK
+        assert (data / "qm.reserve").stat().st_size == TEST_DISK_RESERVE_BYTES
+    handle.stop()
+    restarted = make_server(data_dir=data)
+    assert_all_present(restarted, [*committed[5:], after.message_id])
+    with grpc.insecure_channel(restarted.target) as channel:
+        stub = Stub(channel)
+        token = login(stub, "admin", restarted.admin_password)
+        gone = stub.Size(pb.SizeRequest(token=token, queue_name="gone"))
+        assert gone.code == pb.CODE_QUEUE_NOT_FOUND
+        assert stub.MapGetAll(pb.MapGetAllRequest(token=token, map="m")).map == {
+            "k1": "v",
+            "k2": "v",
+        }
+        gone_map = stub.MapGetAll(pb.MapGetAllRequest(token=token, map="gone"))
+        assert gone_map.code == pb.CODE_MAP_NOT_FOUND
 
 
 @contextlib.contextmanager

@@ -73,6 +73,10 @@ class Store(abc.ABC):
     def set_health_listener(self, listener: HealthListener) -> None:
         """`listener(False)` when commits start failing, `listener(True)` once they work."""
 
+    def unhealthy_reason(self) -> str:
+        """Why the store last reported itself unhealthy, for people ("" if it gave none)."""
+        return ""
+
     # Queues -----------------------------------------------------------------------------
 
     @abc.abstractmethod

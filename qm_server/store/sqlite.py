@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import heapq
 import json
@@ -38,6 +39,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,11 +55,13 @@ from qm_server.quotas import Room
 from qm_server.store import sqlite_sql as sql
 from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, UserRecord
 from qm_server.store.inflight import InFlight
+from qm_server.store.reserve import RESERVE_FILE, DiskReserve
 from qm_server.store.sqlite_file import (
     DB_FILE,
     SYNCHRONOUS,
     connect,
     get_user,
+    is_corruption,
     load_permissions,
     put_user,
 )
@@ -82,6 +86,11 @@ READER_THREADS = max(1, min(2, (os.cpu_count() or 1) - 1))
 # A checkpoint running on another thread cannot reset the WAL under continuous writes
 # (it never catches up), so the writer checkpoints itself.
 WAL_AUTOCHECKPOINT_PAGES = 200
+# On a full disk (reserve.py), what operations that need more room are told.
+DISK_FULL = (
+    "the disk is full: adds, puts and new queues are refused until space is freed "
+    "(acks, DestroyQueue, MapRemove and MapDestroy still work)"
+)
 
 
 @dataclass(slots=True)
@@ -122,6 +131,9 @@ class _Op:
     stage: str = ""
     # The session that release_session ends: done even if the transaction fails (_refuse).
     ends_session: int | None = None
+    # Needs more disk space (adds, puts, new queues, users): refused on a full disk, where
+    # everything else still runs (reserve.py).
+    grows: bool = False
 
 
 ADDS = "adds"
@@ -174,11 +186,21 @@ class _Batch:
 class SqliteStore(Store):
     """The default store: `<data_dir>/qm.db`, no other process needed."""
 
-    def __init__(self, data_dir: Path, durability: str = "full") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        durability: str = "full",
+        check_s: float = 0.0,
+        reserve_bytes: int = 0,
+    ) -> None:
+        """`check_s`: how long the integrity check at open may take (0: none);
+        `reserve_bytes`: the disk space set aside for draining a full disk (reserve.py)."""
         if durability not in SYNCHRONOUS:
             raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}")
         self._synchronous = SYNCHRONOUS[durability]
         self._path = data_dir / DB_FILE
+        self._check_s = check_s
+        self._reserve = DiskReserve(data_dir / RESERVE_FILE, reserve_bytes)
         self._inbox: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,6 +211,14 @@ class SqliteStore(Store):
         self._batch = _Batch()
         self._published: dict[str, QueueCounts] = {}
         self._healthy = True
+        # While unhealthy: the disk is full (growing operations refused, others run), and
+        # the index must be rebuilt before the others run (a transaction failed).
+        self._disk_full = False
+        self._index_stale = False
+        # SQLite found the file corrupt: unhealthy until a restart (which checks it).
+        self._damaged = False
+        self._unhealthy_reason = ""
+        self._next_probe = 0.0
         self._closed = False
         self._health_listener: HealthListener = lambda healthy: None
         self._ready_listener: Callable[[str], None] = lambda name: None
@@ -211,7 +241,7 @@ class SqliteStore(Store):
             fsync_dir(self._path.parent)
 
     def _open_in_writer(self) -> None:
-        self._conn = connect(self._path)
+        self._conn = connect(self._path, check_s=self._check_s)
         self._conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         self._conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
         self._conn.execute("PRAGMA journal_size_limit = 67108864")
@@ -222,24 +252,31 @@ class SqliteStore(Store):
         given_back = sum(len(state.given_back) for state in self._index.queues.values())
         if given_back:
             log.info("%d messages delivered before the restart are ready again", given_back)
+        if not self._reserve.make():
+            self._enter_disk_full("no room for the disk reserve at start")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        self._inbox.put(None)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self._readers.shutdown)  # reads under way finish
         with self._reader_lock:
             for conn in self._reader_conns:
                 conn.close()
             self._reader_conns.clear()
+        # The writer's connection closes last: the last close checkpoints the write-ahead
+        # log into the database and removes it, which a query-only reader does not.
+        self._inbox.put(None)
         thread = self._thread
         if thread is not None:
             await loop.run_in_executor(None, thread.join)
 
     def set_health_listener(self, listener: HealthListener) -> None:
         self._health_listener = listener
+
+    def unhealthy_reason(self) -> str:
+        return self._unhealthy_reason
 
     def set_ready_listener(self, listener: Callable[[str], None]) -> None:
         self._ready_listener = listener
@@ -265,7 +302,7 @@ class SqliteStore(Store):
             index.queue_names[queue_id] = name
             self._batch.touched.add(name)
 
-        await self._submit(run)
+        await self._submit(run, grows=True)
 
     async def destroy_queue(self, name: str, force: bool) -> None:
         def run() -> None:
@@ -517,7 +554,7 @@ class SqliteStore(Store):
             self._db.executemany(sql.PUT_ENTRY, [(map_id, k, v) for k, v in pairs])
             index.maps[name] = map_id
 
-        await self._submit(run)
+        await self._submit(run, grows=True)
 
     async def map_remove(self, name: str, key: str) -> None:
         def run() -> None:
@@ -588,7 +625,7 @@ class SqliteStore(Store):
         return await self._read(lambda conn: int(conn.execute(sql.COUNT_USERS).fetchone()[0]))
 
     async def put_user(self, record: UserRecord) -> None:
-        await self._submit(lambda: put_user(self._db, record))
+        await self._submit(lambda: put_user(self._db, record), grows=True)
 
     async def load_permissions(self) -> dict[str, Permissions]:
         return await self._read(load_permissions)
@@ -606,7 +643,22 @@ class SqliteStore(Store):
             pending = loop.run_in_executor(self._readers, self._read_in_reader, run)
         except RuntimeError:  # the readers shut down (close) since the check above
             raise errors.Unavailable("the store is closed") from None
-        return await pending
+        try:
+            return await pending
+        except errors.Unavailable as exc:
+            if exc.__cause__ is not None and is_corruption(exc.__cause__):
+                await self._report_damage(cast(sqlite3.Error, exc.__cause__))
+            raise
+
+    async def _report_damage(self, found: sqlite3.Error) -> None:
+        """Damage a reader met is the writer's to act on (unhealthy until a restart): an
+        operation that raises it goes through the writer's own failure path."""
+
+        def fail() -> None:
+            raise found
+
+        with contextlib.suppress(errors.Unavailable):
+            await self._submit(fail)
 
     def _read_in_reader(self, run: Callable[[sqlite3.Connection], T]) -> T:
         """One read transaction: a snapshot of what was committed when it began."""
@@ -645,13 +697,17 @@ class SqliteStore(Store):
         return map_id
 
     def _submit(
-        self, run: Callable[[], T], stage: str = "", ends_session: int | None = None
+        self,
+        run: Callable[[], T],
+        stage: str = "",
+        ends_session: int | None = None,
+        grows: bool = False,
     ) -> asyncio.Future[T]:
         if self._closed:
             raise errors.Unavailable("the store is closed")
         assert self._loop is not None
         future: asyncio.Future[T] = self._loop.create_future()
-        self._inbox.put(_Op(run, future, stage, ends_session))
+        self._inbox.put(_Op(run, future, stage, ends_session, grows or stage == ADDS))
         return future
 
     def _writer_loop(self) -> None:
@@ -686,12 +742,20 @@ class SqliteStore(Store):
             self._settle([(op.future, *_call(op.run)) for op in batch])
             return
         if not self._healthy and not self._recover():
-            self._refuse(batch, errors.Unavailable("the store cannot commit; see the server log"))
-            return
+            if not self._disk_full:
+                failure = f"the store cannot commit ({self._unhealthy_reason}); see the server log"
+                self._refuse(batch, errors.Unavailable(failure))
+                return
+            batch = self._refuse_growth(batch)
+            if not batch:
+                return
         self._batch = _Batch()
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         try:
             self._check_file()
+            if self._index_stale:  # a transaction failed since the disk filled
+                self._load_index()
+                self._index_stale = False
             for op in batch:
                 if not op.stage:
                     self._begin()
@@ -759,14 +823,70 @@ class SqliteStore(Store):
                 self._db.execute("ROLLBACK")
             except sqlite3.Error:
                 log.warning("rollback after a failed commit failed too", exc_info=True)
-        if self._healthy:
+        # The index holds the failed transaction's effects until it is rebuilt.
+        self._index_stale = True
+        if self._damaged:
+            return  # refused until a restart, whatever fails next
+        if _is_disk_full(exc):
+            self._enter_disk_full(str(exc))
+            return
+        if is_corruption(exc):
+            self._damaged = True
+            reason = (
+                f"the database {self._path} is damaged ({exc}): stop the server and run "
+                f"`qm-server check --data-dir {self._path.parent}`"
+            )
+            log.error("%s; answering UNAVAILABLE until then", reason)
+            self._set_unhealthy(reason)
+        elif self._healthy or self._disk_full:
             log.error("store failure, answering UNAVAILABLE until it recovers: %s", exc)
-            self._healthy = False
-            self._notify_health(False)
+            self._set_unhealthy(f"the store cannot commit: {exc}")
+
+    def _enter_disk_full(self, cause: str) -> None:
+        """Give up the reserve so that what frees space can still commit; refuse the rest."""
+        if self._disk_full:
+            self._reserve.release()  # if it was made again meanwhile
+            return
+        released = self._reserve.release()
+        log.error(
+            "the disk holding %s is full (%s)%s: adds, puts and new queues answer "
+            "UNAVAILABLE until %d bytes are free again; acks, DestroyQueue, MapRemove and "
+            "MapDestroy still commit",
+            self._path.parent,
+            cause,
+            f"; released the reserve {self._reserve.path}" if released else "",
+            self._reserve.size,
+        )
+        self._set_unhealthy(f"{DISK_FULL} on {self._path.parent}")
+        self._disk_full = True
+
+    def _set_unhealthy(self, reason: str) -> None:
+        self._healthy = False
+        self._disk_full = False
+        self._unhealthy_reason = reason
+        self._notify_health(False)  # a new reason, even if it was unhealthy already
+
+    def _refuse_growth(self, batch: list[_Op]) -> list[_Op]:
+        """On a full disk: answer the operations that need more space, return the others."""
+        refused = errors.Unavailable(DISK_FULL)
+        self._settle([(op.future, False, refused) for op in batch if op.grows])
+        return [op for op in batch if not op.grows]
 
     def _recover(self) -> bool:
-        """Probe with a real write; on success reload the index and turn healthy."""
+        """Probe with a real write; on success reload the index and turn healthy.
+
+        Never while the file is known damaged; on a full disk only once the reserve could
+        be made again, at most every PROBE_INTERVAL_S."""
+        if self._damaged:
+            return False
+        if self._disk_full:
+            now = time.monotonic()
+            if now < self._next_probe:
+                return False
+            self._next_probe = now + PROBE_INTERVAL_S
         try:
+            if not self._reserve.make():
+                return False
             self._check_file()
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(sql.TOUCH_PROBE)
@@ -780,6 +900,9 @@ class SqliteStore(Store):
             return False
         log.warning("store recovered; serving again")
         self._healthy = True
+        self._disk_full = False
+        self._index_stale = False
+        self._unhealthy_reason = ""
         self._notify_health(True)
         # Messages made ready while the store failed (sessions released by _refuse) had
         # no wake-up: waiters parked on their queues would wait on.
@@ -850,6 +973,13 @@ class SqliteStore(Store):
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._health_listener, healthy)
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
 
 
 def _call(run: Callable[[], Any]) -> tuple[bool, Any]:

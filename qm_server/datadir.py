@@ -1,0 +1,79 @@
+"""What the server checks about its data directory before it serves from it: that the
+database belongs with the key beside it, and that every file in it is its owner's alone.
+
+Why the key matters: it is created together with the first database and never rotated,
+so a directory that holds the key but no database once held one. Starting there with a
+new, empty database would silently serve none of the queues, maps and users the clients
+expect (and re-create `admin`): the operator has to say that this is what they want.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from qm_server.auth import KEY_FILE
+from qm_server.fsutil import LOCK_FILE, PRIVATE_MODE, DataDirRefused
+from qm_server.store.reserve import RESERVE_FILE
+from qm_server.store.sqlite_file import DB_FILE, SQLITE_FILES
+
+INITIAL_PASSWORD_FILE = "initial-admin-password"
+# A database holds at least its first page, which SQLite writes whole (512 bytes at least);
+# anything shorter is a file that never became a database.
+MIN_DATABASE_BYTES = 512
+NEW_DATABASE_FLAG = "--new-database"
+# Every database the server made has this table (migration 1).
+HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+
+
+def missing_database(data_dir: Path) -> str | None:
+    """Why `<data_dir>/qm.db` holds no database of ours ("is missing", "is empty", "holds
+    no tables"), or None if it does (or is too damaged to tell: the integrity check
+    reports that)."""
+    path = data_dir / DB_FILE
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    if size < MIN_DATABASE_BYTES:
+        return "is empty"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+        try:
+            ours = conn.execute(HAS_META).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
+    return None if ours else "holds no tables"
+
+
+def check_database_belongs(data_dir: Path, new_database: bool) -> None:
+    """Refuse a directory whose key survived its database, unless told to start afresh."""
+    if new_database or not (data_dir / KEY_FILE).exists():
+        return
+    why = missing_database(data_dir)
+    if why is not None:
+        raise DataDirRefused(
+            f"the database {data_dir / DB_FILE} {why}, but the server key "
+            f"{data_dir / KEY_FILE} is there: this directory held a database that is gone. "
+            f"Restore {DB_FILE} from a backup, check --data-dir, or give {NEW_DATABASE_FLAG} "
+            "to start with an empty database (no queues, maps or users but a new admin)"
+        )
+
+
+def make_files_private(data_dir: Path) -> None:
+    """Mode 0600 for every file the server keeps in `data_dir`, whatever the umask.
+
+    New files are created so (sqlite_file.connect, fsutil); this narrows those left wider
+    by an earlier version, a restore or a copy. SQLite gives a new write-ahead log and
+    shared-memory file the database's own mode.
+    """
+    names = (*SQLITE_FILES, KEY_FILE, INITIAL_PASSWORD_FILE, LOCK_FILE, RESERVE_FILE)
+    for name in names:
+        path = data_dir / name
+        try:
+            if path.stat().st_mode & 0o777 != PRIVATE_MODE:
+                path.chmod(PRIVATE_MODE)
+        except FileNotFoundError:
+            continue
