@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from server_process import ServerProcess
+from test_subscribe import Stream
 
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -145,19 +146,29 @@ def test_user_commands(tmp_path: Path, processes: list[ServerProcess]) -> None:
 
 
 def test_sigterm_drains(tmp_path: Path, processes: list[ServerProcess]) -> None:
+    """Long polls and streams cut short by the drain answer UNAVAILABLE, never
+    QUEUE_EMPTY: a consumer that stops at an empty queue must not stop because the server
+    restarts."""
     proc = start(processes, tmp_path / "data", "--grace", "5", QM_ADMIN_PASSWORD="pw")
     with grpc.insecure_channel(proc.target) as channel:
         stub = Stub(channel)
         token = login(stub, "admin", "pw")
         stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
-        waiting = stub.Poll.future(pb.PollRequest(token=token, queue_name="q", wait_ms=20_000))
+        polling = stub.Poll.future(pb.PollRequest(token=token, queue_name="q", wait_ms=20_000))
+        pulling = stub.PullElements.future(
+            pb.PullElementsRequest(token=token, queue_name="q", number=5, wait_ms=20_000)
+        )
+        stream = Stream(stub, token, "q", max_unacked=5)
         # Calls on one connection are dispatched in arrival order: once this answers, the
-        # long poll is parked on the server.
+        # long polls and the stream are in progress on the server.
         assert stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_OK
         started = time.monotonic()
         assert proc.terminate() == 0
-        # The long poll in progress was answered, not cut off, and well before its wait.
-        assert waiting.result(timeout=10).code == pb.CODE_QUEUE_EMPTY
+        # The calls in progress were answered, not cut off, and well before their wait.
+        assert polling.result(timeout=10).code == pb.CODE_UNAVAILABLE
+        pulled = pulling.result(timeout=10)
+        assert (pulled.code, pulled.number) == (pb.CODE_UNAVAILABLE, 0)
+        assert stream.next().code == pb.CODE_UNAVAILABLE
         assert time.monotonic() - started < 10
         with pytest.raises(grpc.RpcError) as refused:
             stub.HeartBeat(pb.HeartBeatRequest(token=token), timeout=5)
