@@ -145,6 +145,47 @@ def test_user_commands(tmp_path: Path, processes: list[ServerProcess]) -> None:
     assert missing.returncode == 1 and "no user" in missing.stderr
 
 
+def test_grants_survive_kill_9(tmp_path: Path, processes: list[ServerProcess]) -> None:
+    """Grants and revocations made with `qm-server user` beside a running server, which
+    writes to the same database meanwhile, hold after that server is SIGKILLed."""
+    data = tmp_path / "data"
+    proc = start(processes, data, QM_ADMIN_PASSWORD="pw")
+
+    def user(*args: str, stdin: str = "") -> None:
+        result = qm_server("user", *args, "--data-dir", str(data), stdin=stdin)
+        assert result.returncode == 0, result.stderr
+
+    def bobs_codes(stub: Stub) -> list[int]:
+        bob = login(stub, "bob", "bob-pw")
+        return [
+            stub.Size(pb.SizeRequest(token=bob, queue_name="jobs.a")).code,
+            stub.Add(pb.AddRequest(token=bob, queue_name="jobs.a", element="b")).code,
+            stub.Size(pb.SizeRequest(token=bob, queue_name="other")).code,
+            stub.MapGet(pb.MapGetRequest(token=bob, map="cfg", key="k")).code,
+        ]
+
+    # Read on jobs.*, write revoked again, read on map cfg; nothing on queue "other".
+    held = [pb.CODE_OK, pb.CODE_PERMISSION_DENIED, pb.CODE_PERMISSION_DENIED, pb.CODE_OK]
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = Stub(channel)
+        admin = login(stub, "admin", "pw")
+        for name in ("jobs.a", "other"):
+            stub.NewQueue(pb.NewQueueRequest(token=admin, queue_name=name))
+        user("add", "bob", "--password-stdin", stdin="bob-pw\n")
+        user("grant", "bob", "read,write", "queue", "jobs.*")
+        stub.MapPut(pb.MapPutRequest(token=admin, map="cfg", key="k", value="v"))
+        user("grant", "bob", "read", "map", "cfg")
+        user("revoke", "bob", "write", "queue", "jobs.*")
+        stub.Add(pb.AddRequest(token=admin, queue_name="jobs.a", element="a"))
+        assert bobs_codes(stub) == held  # a login reloads grants at once
+    proc.kill()
+    again = start(processes, data, QM_ADMIN_PASSWORD="pw")
+    with grpc.insecure_channel(again.target) as channel:
+        assert bobs_codes(Stub(channel)) == held
+    listed = qm_server("user", "list", "--data-dir", str(data))
+    assert listed.stdout.splitlines() == ["admin (admin)", "bob: read map cfg; read queue jobs.*"]
+
+
 def test_sigterm_drains(tmp_path: Path, processes: list[ServerProcess]) -> None:
     """Long polls and streams cut short by the drain answer UNAVAILABLE, never
     QUEUE_EMPTY: a consumer that stops at an empty queue must not stop because the server
