@@ -250,8 +250,7 @@ def test_stop_waits_for_background_work_started_while_it_waits(tmp_path: Path) -
             await asyncio.sleep(0.05)  # a release's round trip through the store, say
             finished.append("started later")
 
-        async def first() -> None:
-            await asyncio.sleep(0)
+        async def first() -> None:  # runs once stop() waits for it
             engine.in_background(started_later())
             finished.append("first")
 
@@ -632,8 +631,16 @@ def test_a_destroy_whose_caller_gives_up_still_ends_the_queues_streams(tmp_path:
         async with full_stream_on_q(engine) as (admin, subscription, held):
             assert len(held) == 2  # the window is full
             waiting = await waiting_for_room(subscription)
+            destroying = asyncio.Event()
+            destroy_queue = engine.store.destroy_queue
+
+            async def destroy_and_tell(name: str, force: bool) -> None:
+                destroying.set()
+                await destroy_queue(name, force)
+
+            engine.store.destroy_queue = destroy_and_tell  # type: ignore[method-assign]
             destroy = asyncio.ensure_future(engine.destroy_queue(admin, "q", force=True))
-            await asyncio.sleep(0)  # it runs up to the store's answer, then its caller leaves
+            await destroying.wait()  # the store has it; now its caller leaves
             destroy.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await destroy
