@@ -14,7 +14,9 @@ session ends, so a job must tolerate running twice. Writing ``results[element]``
 job: doing it again writes the same value.
 
 Stops on Ctrl-C or SIGTERM once the message in hand (or the long poll under way) is
-finished, or, with --idle-exit, when no message came within that many seconds.
+finished, or, with --idle-exit, when no message came within that many seconds (a server
+that restarts meanwhile is waited for: a long poll it cuts short raises Unavailable, never
+looks like an empty queue).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import sys
 import threading
 from types import FrameType
 
-from qm_client import Message, QMap, QueueManagerClient, SessionLoss
+from qm_client import Message, QMap, QueueManagerClient, SessionLoss, Unavailable
 
 log = logging.getLogger("worker")
 
@@ -106,7 +108,14 @@ def main() -> int:
     ) as qm:
         results = qm.map(args.results)
         while not stop.is_set():
-            message = qm.poll(args.queue, wait=wait)
+            try:
+                message = qm.poll(args.queue, wait=wait)
+            except Unavailable as error:
+                # The server is restarting or its store failing (the client has already
+                # tried again): not an empty queue, so not a reason to exit.
+                log.warning("server unavailable, polling again in a second: %s", error)
+                stop.wait(1.0)
+                continue
             if message is None:
                 if args.idle_exit is not None:
                     log.info("no message in %s within %g s, exiting", args.queue, wait)

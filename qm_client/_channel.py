@@ -15,8 +15,9 @@ import grpc
 SERVICE = "qm.v1.QueueManagerService"
 
 # Calls whose repetition cannot change the outcome. Everything else (Add, Poll, Ack,
-# NewQueue, DestroyQueue, Logout, Auth...) is never retried: a retry after a lost answer
-# could add twice, deliver twice, or report a first success as a failure.
+# NewQueue, DestroyQueue, Logout, Auth...) is never retried on a gRPC status: a retry
+# after a lost answer could add twice, deliver twice, or report a first success as a
+# failure. (A CODE_UNAVAILABLE answer applied nothing, which allows more: _retry.py.)
 IDEMPOTENT_METHODS = (
     "GetChallenge",
     "HeartBeat",

@@ -8,6 +8,9 @@ outcome it was, so scripts need not parse text:
     1  the service or the transport reported a failure (its code name is printed)
     2  usage error: bad flags, unreadable input, missing credentials
     3  ``poll`` found nothing ready (QUEUE_EMPTY)
+    4  UNAVAILABLE: the server is unreachable or shutting down, or its store is failing
+       (after the client's own retries); nothing was done, or for ``add`` maybe not:
+       try again later. A long poll cut short by a shutdown ends here, never with 3.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, TextIO, TypedDict
 from qm.v1 import queue_manager_pb2 as pb
 
 from .client import DEFAULT_TIMEOUT, Message, QueueManagerClient, health
-from .errors import QMError, QueueEmpty, ResourceExhausted
+from .errors import QMError, QueueEmpty, ResourceExhausted, Unavailable
 
 __all__ = ["main"]
 
@@ -34,6 +37,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_EMPTY = 3
+EXIT_UNAVAILABLE = 4
 
 Handler = Callable[["Context", argparse.Namespace], int]
 
@@ -418,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Command line for the queue manager service.",
         parents=[_common_options(suppress=False)],
         epilog="exit status: 0 ok, 1 failure (code name on stderr), 2 usage error, "
-        "3 poll found nothing ready",
+        "3 poll found nothing ready, 4 UNAVAILABLE: server unreachable, shutting down or "
+        "its store failing (a long poll cut short by a shutdown too); try again later",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -581,6 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QueueEmpty as error:
         _report(ctx, error.code_name, error.message)
         return EXIT_EMPTY
+    except Unavailable as error:
+        _report(ctx, error.code_name, error.message)
+        return EXIT_UNAVAILABLE
     except QMError as error:
         _report(ctx, error.code_name, error.message)
         return EXIT_FAILURE

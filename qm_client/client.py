@@ -24,6 +24,7 @@ from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
 from ._channel import open_channel
 from ._login import check_server_key, encrypt_password
+from ._retry import answer_retry_delays, retried_on_unavailable_answer
 from .errors import (
     ClientClosed,
     MessageNotFound,
@@ -431,25 +432,39 @@ class QueueManagerClient:
         accept: tuple[int, ...] = (),
         bound_to: _Session | None = None,
     ) -> tuple[_Resp, _Session]:
-        """Make a token call, logging in again once if the session is gone.
+        """Make a token call, logging in again once if the session is gone, and making it
+        again after a CODE_UNAVAILABLE answer if its method allows (``_retry.py``).
 
         A call answered UNAUTHENTICATED was not applied, so repeating it under a new
         session is safe for every method, except one that only makes sense in the session
         it names (``bound_to``: acks), which raises :class:`MessageReleased` instead.
+        A call answered UNAVAILABLE was not applied either; it is repeated after a pause,
+        up to the retry policy's attempts, each with the full deadline.
         Returns the response with the session that answered it.
         """
         deadline = self._timeout if timeout is None else timeout
         session = self._current()
         if bound_to is not None and bound_to is not session:
             raise MessageReleased("the session this message was delivered to has ended")
-        request.token = session.token
-        response = self._send(method, request, deadline)
-        if response.code == pb.CODE_UNAUTHENTICATED:
-            session = self._renew(session)
-            if bound_to is not None:
-                raise MessageReleased("the session this message was delivered to has ended")
+        rpc = type(request).__name__.removesuffix("Request")
+        pauses = answer_retry_delays() if retried_on_unavailable_answer(rpc) else iter(())
+        renewed = False
+        while True:
             request.token = session.token
             response = self._send(method, request, deadline)
+            if response.code == pb.CODE_UNAUTHENTICATED and not renewed:
+                session = self._renew(session)
+                renewed = True
+                if bound_to is not None:
+                    raise MessageReleased("the session this message was delivered to has ended")
+                continue
+            if response.code != pb.CODE_UNAVAILABLE or (pause := next(pauses, None)) is None:
+                break
+            logger.debug(
+                "%s answered UNAVAILABLE (%s); again in %.2f s", rpc, response.message, pause
+            )
+            if self._stop.wait(pause):  # closed meanwhile: report the last answer
+                break
         if response.code != pb.CODE_OK and response.code not in accept:
             raise error_for_code(response.code, response.message)
         return response, session

@@ -161,9 +161,13 @@ class ResourceExhausted(QMError):
 
 
 class Unavailable(QMError):
-    """The store failed or the server is draining or unreachable; nothing was applied.
+    """The store failed, or the server is draining or unreachable; try again later.
 
-    Idempotent calls were already retried with backoff before this surfaced.
+    A ``CODE_UNAVAILABLE`` answer (``code`` set) means nothing was applied: the client
+    already made the call again with backoff before raising this, for every call but
+    ``add`` and ``add_all``. A gRPC ``UNAVAILABLE`` status (``grpc_status`` set) means the
+    call may not have reached the server or its answer was lost: gRPC retried it only for
+    calls whose repetition cannot change the outcome (docs/client.md, "Retries").
     """
 
     code_name = "UNAVAILABLE"

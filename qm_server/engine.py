@@ -106,7 +106,9 @@ class Engine:
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     def begin_drain(self) -> None:
-        """Answer waiting long polls now (QUEUE_EMPTY) and refuse to start new waits."""
+        """Answer waiting long polls now (UNAVAILABLE, never QUEUE_EMPTY: a consumer that
+        stops at an empty queue must not stop because the server restarts), end the
+        Subscribe streams likewise, and refuse to start new waits."""
         self.draining = True
         self.signals.wake_everyone()
         for subscription in self._streams():
@@ -374,8 +376,12 @@ class Engine:
                     self.signals.wake(name)  # more is ready: pass the wake-up on
                 return deliveries
             remaining = deadline - self._clock()
-            if remaining <= 0 or self.draining:
+            if remaining <= 0:  # a poll with wait_ms 0 too, draining or not: it is true
                 raise errors.QueueEmpty(f"queue {name!r} has no ready message")
+            if self.draining:
+                # The wait is cut short, not over: QUEUE_EMPTY would tell a consumer that
+                # the queue ran dry. Nothing was claimed, so polling again is safe.
+                raise errors.Unavailable("the server is shutting down; poll again later")
             room = self._room(
                 session.username,
                 "waiting long polls",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from client_fixtures import add_user, connect, raw_stub, run_qm
+from client_fixtures import SUBPROCESS_TIMEOUT, add_user, connect, raw_stub, run_qm
+from test_client_unavailable import parked
 
 from conftest import ServerHandle
 from qm.v1 import queue_manager_pb2 as pb
@@ -282,9 +284,27 @@ def test_flags_override_the_environment(server: ServerHandle) -> None:
 def test_unreachable_server_is_unavailable(server: ServerHandle) -> None:
     failed(
         run_qm(server, "--timeout", "3", "queue", "size", "x", QM_SERVER="127.0.0.1:1"),
-        1,
+        4,
         "UNAVAILABLE",
     )
+
+
+def test_a_long_poll_cut_short_by_a_shutdown_exits_4_not_3(
+    server: ServerHandle, qm: QueueManagerClient
+) -> None:
+    """A script that stops at exit status 3 (nothing ready) must not stop because the
+    server restarts: the poll the shutdown cut short exits 4 (UNAVAILABLE)."""
+    qm.new_queue("jobs")
+    waiting = parked(server)
+    result: list[subprocess.CompletedProcess[str]] = []
+    polling = threading.Thread(
+        target=lambda: result.append(run_qm(server, "poll", "jobs", "--wait", "20"))
+    )
+    polling.start()
+    assert waiting.wait(SUBPROCESS_TIMEOUT)
+    server.stop()
+    polling.join(SUBPROCESS_TIMEOUT)
+    failed(result[0], 4, "UNAVAILABLE")
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -144,7 +145,7 @@ def test_waiter_wakes_when_message_is_nacked(tmp_path: Path) -> None:
         (message_id,) = await engine.add(token, "q", ["x"])
         await engine.take(token, "q", 1, 0)
         waiting = asyncio.ensure_future(engine.take(token, "q", 1, 5000))
-        await asyncio.sleep(0)  # let the waiter register
+        await until(engine, lambda: engine.signals.waiting() == 1)
         assert not waiting.done()
         assert await engine.ack(token, [message_id], pb.ACK_TYPE_ERROR) == [True]
         (delivery,) = await asyncio.wait_for(waiting, 5)
@@ -153,14 +154,26 @@ def test_waiter_wakes_when_message_is_nacked(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
-def test_drain_answers_waiters_at_once(tmp_path: Path) -> None:
+def test_a_drain_cuts_long_polls_short_with_unavailable_not_queue_empty(tmp_path: Path) -> None:
+    """A long poll cut short by the drain answered QUEUE_EMPTY, so a consumer loop that
+    stops at an empty queue stopped whenever the server restarted. It answers UNAVAILABLE,
+    having claimed nothing; a poll that did not ask to wait is answered as always."""
+
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         token = await with_queue_q(engine)
         waiting = asyncio.ensure_future(engine.take(token, "q", 1, 20_000))
-        await asyncio.sleep(0)
+        await until(engine, lambda: engine.signals.waiting() == 1)
         engine.begin_drain()
-        with pytest.raises(errors.QueueEmpty):
+        with pytest.raises(errors.Unavailable):
             await asyncio.wait_for(waiting, 5)
+        with pytest.raises(errors.Unavailable):  # nor does a new one start to wait
+            await asyncio.wait_for(engine.take(token, "q", 5, 20_000), 5)
+        with pytest.raises(errors.QueueEmpty):
+            await engine.take(token, "q", 1, 0)
+        assert await engine.counts(token, "q") == (0, 0)  # nothing was claimed
+        await engine.add(token, "q", ["a"])
+        (delivery,) = await asyncio.wait_for(engine.take(token, "q", 1, 20_000), 5)
+        assert (delivery.element, delivery.delivery_count) == ("a", 1)
 
     run(tmp_path, scenario)
 
@@ -239,8 +252,7 @@ def test_stop_waits_for_background_work_started_while_it_waits(tmp_path: Path) -
             await asyncio.sleep(0.05)  # a release's round trip through the store, say
             finished.append("started later")
 
-        async def first() -> None:
-            await asyncio.sleep(0)
+        async def first() -> None:  # runs once stop() waits for it
             engine.in_background(started_later())
             finished.append("first")
 
@@ -251,13 +263,42 @@ def test_stop_waits_for_background_work_started_while_it_waits(tmp_path: Path) -
     run(tmp_path, scenario)
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the loop run until condition holds (each step is one pass of the loop)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the condition never held")
+_STARTED_WAITING: weakref.WeakKeyDictionary[Engine, asyncio.Event] = weakref.WeakKeyDictionary()
+
+
+def started_waiting(engine: Engine) -> asyncio.Event:
+    """An event set each time a call of the engine parks on a queue or starts a wait
+    (`signals.park`, `busy`): the only moments at which what `until` waits for changes."""
+    event = _STARTED_WAITING.get(engine)
+    if event is not None:
+        return event
+    event = _STARTED_WAITING[engine] = asyncio.Event()
+    park, busy = engine.signals.park, engine.busy
+
+    def park_and_tell(name: str, waiter: asyncio.Future[None]) -> None:
+        park(name, waiter)
+        event.set()
+
+    @contextlib.contextmanager
+    def busy_and_tell(session: Session) -> Iterator[None]:
+        with busy(session):
+            event.set()
+            yield
+
+    engine.signals.park = park_and_tell  # type: ignore[method-assign]
+    engine.busy = busy_and_tell  # type: ignore[method-assign]
+    return event
+
+
+async def until(engine: Engine, condition: Callable[[], bool]) -> None:
+    """Wait until condition (about parked or waiting calls) holds, re-checking it each
+    time a call starts to wait: an awaited event, not a count of loop passes, which a
+    claim running on the store's writer thread could outlast."""
+    changed = started_waiting(engine)
+    async with asyncio.timeout(5):
+        while not condition():
+            changed.clear()
+            await changed.wait()
 
 
 def test_a_subscription_that_ends_after_its_wake_up_passes_it_on(tmp_path: Path) -> None:
@@ -269,9 +310,9 @@ def test_a_subscription_that_ends_after_its_wake_up_passes_it_on(tmp_path: Path)
         await engine.new_queue(token, "q")
         subscription = await engine.subscribe(subscriber, "q", 10)
         pushing = asyncio.ensure_future(subscription.next_batch())
-        await until(lambda: engine.signals.waiting() == 1)
+        await until(engine, lambda: engine.signals.waiting() == 1)
         polling = asyncio.ensure_future(engine.take(poller, "q", 1, 30_000))
-        await until(lambda: engine.signals.waiting() == 2)
+        await until(engine, lambda: engine.signals.waiting() == 2)
 
         # The add's answer runs before the subscription it woke: the session ends in
         # between, so the subscription wakes into an ended session.
@@ -290,7 +331,7 @@ def test_a_long_poll_whose_session_ends_answers_at_once(tmp_path: Path) -> None:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         token = await with_queue_q(engine)
         polling = asyncio.ensure_future(engine.take(token, "q", 1, 30_000))
-        await until(lambda: engine.signals.waiting() == 1)
+        await until(engine, lambda: engine.signals.waiting() == 1)
         await engine.logout(token)
         with pytest.raises(errors.Unauthenticated):
             await asyncio.wait_for(polling, 5)
@@ -436,7 +477,7 @@ async def revoked_after_parking(
     the grant is revoked as `qm-server user revoke` does and the sweep reloads grants."""
     bob_reads_q(tmp_path, "bob-pw")
     waiting = asyncio.ensure_future(wait(await log_in(engine, "bob-pw", "bob")))
-    await until(lambda: engine.signals.waiting() == 1)
+    await until(engine, lambda: engine.signals.waiting() == 1)
     as_user_command(tmp_path, lambda conn: sqlite_file.remove_grant(conn, "bob", READ_Q))
     await engine.refresh_permissions()  # the sweep's reload
     return waiting
@@ -563,7 +604,7 @@ async def full_stream_on_q(engine: Engine) -> AsyncIterator[tuple[str, Subscript
 async def waiting_for_room(subscription: Subscription) -> asyncio.Future[list[Delivery]]:
     """Its next batch, once it waits for acks to free room."""
     waiting = asyncio.ensure_future(subscription.next_batch())
-    await until(lambda: subscription.session.waiting == 1)
+    await until(subscription._engine, lambda: subscription.session.waiting == 1)
     return waiting
 
 
@@ -592,8 +633,16 @@ def test_a_destroy_whose_caller_gives_up_still_ends_the_queues_streams(tmp_path:
         async with full_stream_on_q(engine) as (admin, subscription, held):
             assert len(held) == 2  # the window is full
             waiting = await waiting_for_room(subscription)
+            destroying = asyncio.Event()
+            destroy_queue = engine.store.destroy_queue
+
+            async def destroy_and_tell(name: str, force: bool) -> None:
+                destroying.set()
+                await destroy_queue(name, force)
+
+            engine.store.destroy_queue = destroy_and_tell  # type: ignore[method-assign]
             destroy = asyncio.ensure_future(engine.destroy_queue(admin, "q", force=True))
-            await asyncio.sleep(0)  # it runs up to the store's answer, then its caller leaves
+            await destroying.wait()  # the store has it; now its caller leaves
             destroy.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await destroy
@@ -649,7 +698,7 @@ def test_a_reload_cut_short_while_ending_a_session_still_stops_revoked_streams(
 
         async with stream(engine, bob) as subscription:
             pushing = asyncio.ensure_future(subscription.next_batch())
-            await until(lambda: engine.signals.waiting() == 1)
+            await until(engine, lambda: engine.signals.waiting() == 1)
             as_user_command(tmp_path, lambda conn: sqlite_file.remove_grant(conn, "bob", READ_Q))
             as_user_command(tmp_path, lambda conn: sqlite_file.delete_user(conn, "admin"))
             engine._end_session = hangs  # type: ignore[method-assign]

@@ -13,6 +13,7 @@ from typing import Any, cast
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from test_engine import until
 
 from conftest import FAST_AUTH, encrypt_password
 from qm.v1 import queue_manager_pb2 as pb
@@ -237,12 +238,14 @@ def test_a_full_window_refilled_by_its_ack_keeps_pushing_later(tmp_path: Path) -
         responses = s.Subscribe(stream(), cast(Any, StreamContext()))
         first = await anext(responses)
         assert [e.message_id for e in first.element_info] == ids[:2]
-        await asyncio.sleep(0.01)  # the pusher now waits for room
+        session = engine.session(token)
+        await until(engine, lambda: session.waiting == 1)  # the pusher waits for room
         requests.put_nowait(pb.SubscribeRequest(ack=pb.SubscribeAck(message_ids=ids[:2])))
         refill = await anext(responses)
         assert [e.message_id for e in refill.element_info] == ids[2:]
         requests.put_nowait(pb.SubscribeRequest(ack=pb.SubscribeAck(message_ids=ids[2:])))
-        await asyncio.sleep(0.01)  # nothing to refill with: the pusher parks on the queue
+        # Nothing to refill with: the pusher parks on the queue.
+        await until(engine, lambda: engine.signals.waiting() == 1)
         later = await s.Add(pb.AddRequest(token=token, queue_name="q", element="m4"), NO_CONTEXT)
         pushed = await asyncio.wait_for(anext(responses), 5)
         assert [(e.message_id, e.element) for e in pushed.element_info] == [

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
+from test_subscribe import Stream
 
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -46,46 +46,130 @@ def setup(make_server: Callable[..., ServerHandle]) -> Iterator[tuple[ServerHand
     channel.close()
 
 
-def every_call(stub: Stub, token: str, queue: str, map_name: str) -> dict[str, Any]:
-    return {
-        "NewQueue": stub.NewQueue(pb.NewQueueRequest(token=token, queue_name=queue + ".new")),
-        "Add": stub.Add(pb.AddRequest(token=token, queue_name=queue, element="e")),
-        "AddAll": stub.AddAll(pb.AddAllRequest(token=token, queue_name=queue, elements=["e"])),
-        "Size": stub.Size(pb.SizeRequest(token=token, queue_name=queue)),
-        "IsEmpty": stub.IsEmpty(pb.IsEmptyRequest(token=token, queue_name=queue)),
-        "GetUncheckNum": stub.GetUncheckNum(pb.GetUncheckNumRequest(token=token, queue_name=queue)),
-        "Poll": stub.Poll(pb.PollRequest(token=token, queue_name=queue)),
-        "PullElements": stub.PullElements(
-            pb.PullElementsRequest(token=token, queue_name=queue, number=1)
+GRANT_NEEDED = (
+    "NewQueue",
+    "DestroyQueue",
+    "Add",
+    "AddAll",
+    "Poll",
+    "PullElements",
+    "Subscribe",
+    "Size",
+    "IsEmpty",
+    "GetUncheckNum",
+    "MapPut",
+    "MapBatchPut",
+    "MapRemove",
+    "MapGet",
+    "MapGetAll",
+    "MapGetList",
+    "MapDestroy",
+)
+"""The calls a user without grants is refused (the README's table of actions)."""
+
+NO_GRANT_NEEDED = {
+    "GetChallenge": pb.CODE_OK,
+    "Auth": pb.CODE_OK,
+    "HeartBeat": pb.CODE_OK,
+    # Only the session a message was delivered to can ack it: another's is not found.
+    "Ack": pb.CODE_MESSAGE_NOT_FOUND,
+    "BatchAck": pb.CODE_OK,  # with CODE_MESSAGE_NOT_FOUND for each id
+    "Logout": pb.CODE_OK,
+}
+
+
+def every_call(
+    stub: Stub, token: str, queue: str, map_name: str, held: int, password: str
+) -> dict[str, int]:
+    """Each RPC once, as the session of `token`, with the code it answered. `held` is a
+    message in flight for another session; Logout comes last."""
+
+    def subscribe() -> int:
+        stream = Stream(stub, token, queue, max_unacked=1)
+        try:
+            return stream.next().code
+        finally:
+            stream.close()
+
+    def batch_ack() -> int:
+        reply = stub.BatchAck(pb.BatchAckRequest(token=token, message_ids=[held]))
+        assert [r.code for r in reply.results] == [pb.CODE_MESSAGE_NOT_FOUND]
+        return reply.code
+
+    pair = [pb.KeyValue(key="k", value="w")]
+    calls: dict[str, Callable[[], int]] = {
+        "GetChallenge": lambda: stub.GetChallenge(pb.GetChallengeRequest()).code,
+        "Auth": lambda: pb.CODE_OK if login(stub, "bob", password) else pb.CODE_INTERNAL,
+        "HeartBeat": lambda: stub.HeartBeat(pb.HeartBeatRequest(token=token)).code,
+        "NewQueue": lambda: (
+            stub.NewQueue(pb.NewQueueRequest(token=token, queue_name=queue + ".new")).code
         ),
-        "MapGet": stub.MapGet(pb.MapGetRequest(token=token, map=map_name, key="k")),
-        "MapGetAll": stub.MapGetAll(pb.MapGetAllRequest(token=token, map=map_name)),
-        "MapGetList": stub.MapGetList(
-            pb.MapGetListRequest(token=token, map=map_name, offset=0, size=1)
+        "Add": lambda: stub.Add(pb.AddRequest(token=token, queue_name=queue, element="e")).code,
+        "AddAll": lambda: (
+            stub.AddAll(pb.AddAllRequest(token=token, queue_name=queue, elements=["e"])).code
         ),
-        "MapPut": stub.MapPut(pb.MapPutRequest(token=token, map=map_name, key="k", value="w")),
-        "MapRemove": stub.MapRemove(pb.MapRemoveRequest(token=token, map=map_name, key="k")),
-        "DestroyQueue": stub.DestroyQueue(
-            pb.DestroyQueueRequest(token=token, queue_name=queue, force=True)
+        "Poll": lambda: stub.Poll(pb.PollRequest(token=token, queue_name=queue)).code,
+        "PullElements": lambda: (
+            stub.PullElements(pb.PullElementsRequest(token=token, queue_name=queue, number=1)).code
         ),
-        "MapDestroy": stub.MapDestroy(pb.MapDestroyRequest(token=token, map=map_name)),
+        "Subscribe": subscribe,
+        "Ack": lambda: stub.Ack(pb.AckRequest(token=token, message_id=held)).code,
+        "BatchAck": batch_ack,
+        "Size": lambda: stub.Size(pb.SizeRequest(token=token, queue_name=queue)).code,
+        "IsEmpty": lambda: stub.IsEmpty(pb.IsEmptyRequest(token=token, queue_name=queue)).code,
+        "GetUncheckNum": lambda: (
+            stub.GetUncheckNum(pb.GetUncheckNumRequest(token=token, queue_name=queue)).code
+        ),
+        "MapGet": lambda: stub.MapGet(pb.MapGetRequest(token=token, map=map_name, key="k")).code,
+        "MapGetAll": lambda: stub.MapGetAll(pb.MapGetAllRequest(token=token, map=map_name)).code,
+        "MapGetList": lambda: (
+            stub.MapGetList(pb.MapGetListRequest(token=token, map=map_name, offset=0, size=1)).code
+        ),
+        "MapPut": lambda: (
+            stub.MapPut(pb.MapPutRequest(token=token, map=map_name, key="k", value="w")).code
+        ),
+        "MapBatchPut": lambda: (
+            stub.MapBatchPut(
+                pb.MapBatchPutRequest(token=token, map=map_name, size=1, list=pair)
+            ).code
+        ),
+        "MapRemove": lambda: (
+            stub.MapRemove(pb.MapRemoveRequest(token=token, map=map_name, key="k")).code
+        ),
+        "DestroyQueue": lambda: (
+            stub.DestroyQueue(
+                pb.DestroyQueueRequest(token=token, queue_name=queue, force=True)
+            ).code
+        ),
+        "MapDestroy": lambda: stub.MapDestroy(pb.MapDestroyRequest(token=token, map=map_name)).code,
+        "Logout": lambda: stub.Logout(pb.LogoutRequest(token=token)).code,
     }
+    rpcs = pb.DESCRIPTOR.services_by_name["QueueManagerService"].methods_by_name
+    assert set(calls) == set(rpcs), "every RPC is called here: add the new one"
+    return {name: call() for name, call in calls.items()}
 
 
 def test_new_user_holds_nothing_and_changes_nothing(
     setup: tuple[ServerHandle, Stub, str],
 ) -> None:
     _, stub, admin = setup
+    held = stub.Poll(pb.PollRequest(token=admin, queue_name="jobs.a"))  # "x", admin's now
+    stub.Add(pb.AddRequest(token=admin, queue_name="jobs.a", element="ready"))
     bob = login(stub, "bob", "bob-pw")
-    replies = every_call(stub, bob, "jobs.a", "cfg")
-    assert {name: r.code for name, r in replies.items()} == dict.fromkeys(
-        replies, pb.CODE_PERMISSION_DENIED
-    )
-    assert "may not" in replies["Add"].message
-    # Nothing changed.
+    codes = every_call(stub, bob, "jobs.a", "cfg", held.message_id, "bob-pw")
+    expected = {**dict.fromkeys(GRANT_NEEDED, pb.CODE_PERMISSION_DENIED), **NO_GRANT_NEEDED}
+    assert codes == expected
+    denied = stub.Add(pb.AddRequest(token=login(stub, "bob", "bob-pw"), queue_name="jobs.a"))
+    assert "may not" in denied.message
+    # Nothing changed: the queue, its ready and in-flight messages, the map.
     assert stub.Size(pb.SizeRequest(token=admin, queue_name="jobs.a")).size == 1
+    unacked = stub.GetUncheckNum(pb.GetUncheckNumRequest(token=admin, queue_name="jobs.a"))
+    assert unacked.ack_num == 1
+    assert stub.Ack(pb.AckRequest(token=admin, message_id=held.message_id)).code == pb.CODE_OK
+    new = stub.Size(pb.SizeRequest(token=admin, queue_name="jobs.a.new"))
+    assert new.code == pb.CODE_QUEUE_NOT_FOUND
     assert stub.MapGet(pb.MapGetRequest(token=admin, map="cfg", key="k")).value == "v"
-    assert stub.HeartBeat(pb.HeartBeatRequest(token=bob)).code == pb.CODE_OK
+    assert stub.MapGetAll(pb.MapGetAllRequest(token=admin, map="cfg")).map == {"k": "v"}
 
 
 def test_grants_open_exactly_what_they_name(setup: tuple[ServerHandle, Stub, str]) -> None:
@@ -118,31 +202,54 @@ def test_grants_open_exactly_what_they_name(setup: tuple[ServerHandle, Stub, str
     assert theirs.code == pb.CODE_MESSAGE_NOT_FOUND
 
 
-def wait_for_code(call: Callable[[], int], code: int, timeout_s: float = 10.0) -> None:
-    """Grants are reloaded by the server's sweep (about once a second)."""
-    deadline = time.monotonic() + timeout_s
-    while call() != code:
-        assert time.monotonic() < deadline, f"still not {code}"
-        time.sleep(0.05)
+class Reloads:
+    """The running server's grant reloads (its sweep's, about once a second), counted, so
+    that a test waits for one that began after a change instead of polling its effect."""
+
+    def __init__(self, handle: ServerHandle) -> None:
+        engine = handle.thread.server.engine if handle.thread.server else None
+        assert engine is not None
+        self._changed = threading.Condition()
+        self._started = 0
+        self._finished_upto = 0  # every reload started up to this one has finished
+        reload = engine.refresh_permissions
+
+        async def counted() -> None:
+            with self._changed:
+                self._started += 1
+                mine = self._started
+            try:
+                await reload()
+            finally:
+                with self._changed:
+                    self._finished_upto = max(self._finished_upto, mine)
+                    self._changed.notify_all()
+
+        engine.refresh_permissions = counted  # type: ignore[method-assign]
+
+    def wait_for_next(self, timeout_s: float = 10.0) -> None:
+        """Until a reload that starts after this call has finished."""
+        with self._changed:
+            after = self._started + 1
+            assert self._changed.wait_for(lambda: self._finished_upto >= after, timeout_s)
 
 
 def test_revoke_and_remove_take_effect_without_relogin(
     setup: tuple[ServerHandle, Stub, str],
 ) -> None:
     handle, stub, _ = setup
+    reloads = Reloads(handle)
     user_command(handle.data_dir, "grant", "bob", "read", "map", "*")
     bob = login(stub, "bob", "bob-pw")
     assert stub.MapGet(pb.MapGetRequest(token=bob, map="cfg", key="k")).code == pb.CODE_OK
     out = user_command(handle.data_dir, "revoke", "bob", "read", "map", "*")
     assert out.strip() == "revoked read map * from bob"
-    wait_for_code(
-        lambda: stub.MapGet(pb.MapGetRequest(token=bob, map="cfg", key="k")).code,
-        pb.CODE_PERMISSION_DENIED,
-    )
+    reloads.wait_for_next()
+    denied = stub.MapGet(pb.MapGetRequest(token=bob, map="cfg", key="k"))
+    assert denied.code == pb.CODE_PERMISSION_DENIED
     user_command(handle.data_dir, "remove", "bob")
-    wait_for_code(
-        lambda: stub.HeartBeat(pb.HeartBeatRequest(token=bob)).code, pb.CODE_UNAUTHENTICATED
-    )
+    reloads.wait_for_next()
+    assert stub.HeartBeat(pb.HeartBeatRequest(token=bob)).code == pb.CODE_UNAUTHENTICATED
 
 
 def test_bad_grant_is_refused(setup: tuple[ServerHandle, Stub, str]) -> None:

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 from server_process import ServerProcess
+from test_subscribe import Stream
 
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -144,20 +145,71 @@ def test_user_commands(tmp_path: Path, processes: list[ServerProcess]) -> None:
     assert missing.returncode == 1 and "no user" in missing.stderr
 
 
+def test_grants_survive_kill_9(tmp_path: Path, processes: list[ServerProcess]) -> None:
+    """Grants and revocations made with `qm-server user` beside a running server, which
+    writes to the same database meanwhile, hold after that server is SIGKILLed."""
+    data = tmp_path / "data"
+    proc = start(processes, data, QM_ADMIN_PASSWORD="pw")
+
+    def user(*args: str, stdin: str = "") -> None:
+        result = qm_server("user", *args, "--data-dir", str(data), stdin=stdin)
+        assert result.returncode == 0, result.stderr
+
+    def bobs_codes(stub: Stub) -> list[int]:
+        bob = login(stub, "bob", "bob-pw")
+        return [
+            stub.Size(pb.SizeRequest(token=bob, queue_name="jobs.a")).code,
+            stub.Add(pb.AddRequest(token=bob, queue_name="jobs.a", element="b")).code,
+            stub.Size(pb.SizeRequest(token=bob, queue_name="other")).code,
+            stub.MapGet(pb.MapGetRequest(token=bob, map="cfg", key="k")).code,
+        ]
+
+    # Read on jobs.*, write revoked again, read on map cfg; nothing on queue "other".
+    held = [pb.CODE_OK, pb.CODE_PERMISSION_DENIED, pb.CODE_PERMISSION_DENIED, pb.CODE_OK]
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = Stub(channel)
+        admin = login(stub, "admin", "pw")
+        for name in ("jobs.a", "other"):
+            stub.NewQueue(pb.NewQueueRequest(token=admin, queue_name=name))
+        user("add", "bob", "--password-stdin", stdin="bob-pw\n")
+        user("grant", "bob", "read,write", "queue", "jobs.*")
+        stub.MapPut(pb.MapPutRequest(token=admin, map="cfg", key="k", value="v"))
+        user("grant", "bob", "read", "map", "cfg")
+        user("revoke", "bob", "write", "queue", "jobs.*")
+        stub.Add(pb.AddRequest(token=admin, queue_name="jobs.a", element="a"))
+        assert bobs_codes(stub) == held  # a login reloads grants at once
+    proc.kill()
+    again = start(processes, data, QM_ADMIN_PASSWORD="pw")
+    with grpc.insecure_channel(again.target) as channel:
+        assert bobs_codes(Stub(channel)) == held
+    listed = qm_server("user", "list", "--data-dir", str(data))
+    assert listed.stdout.splitlines() == ["admin (admin)", "bob: read map cfg; read queue jobs.*"]
+
+
 def test_sigterm_drains(tmp_path: Path, processes: list[ServerProcess]) -> None:
+    """Long polls and streams cut short by the drain answer UNAVAILABLE, never
+    QUEUE_EMPTY: a consumer that stops at an empty queue must not stop because the server
+    restarts."""
     proc = start(processes, tmp_path / "data", "--grace", "5", QM_ADMIN_PASSWORD="pw")
     with grpc.insecure_channel(proc.target) as channel:
         stub = Stub(channel)
         token = login(stub, "admin", "pw")
         stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
-        waiting = stub.Poll.future(pb.PollRequest(token=token, queue_name="q", wait_ms=20_000))
+        polling = stub.Poll.future(pb.PollRequest(token=token, queue_name="q", wait_ms=20_000))
+        pulling = stub.PullElements.future(
+            pb.PullElementsRequest(token=token, queue_name="q", number=5, wait_ms=20_000)
+        )
+        stream = Stream(stub, token, "q", max_unacked=5)
         # Calls on one connection are dispatched in arrival order: once this answers, the
-        # long poll is parked on the server.
+        # long polls and the stream are in progress on the server.
         assert stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_OK
         started = time.monotonic()
         assert proc.terminate() == 0
-        # The long poll in progress was answered, not cut off, and well before its wait.
-        assert waiting.result(timeout=10).code == pb.CODE_QUEUE_EMPTY
+        # The calls in progress were answered, not cut off, and well before their wait.
+        assert polling.result(timeout=10).code == pb.CODE_UNAVAILABLE
+        pulled = pulling.result(timeout=10)
+        assert (pulled.code, pulled.number) == (pb.CODE_UNAVAILABLE, 0)
+        assert stream.next().code == pb.CODE_UNAVAILABLE
         assert time.monotonic() - started < 10
         with pytest.raises(grpc.RpcError) as refused:
             stub.HeartBeat(pb.HeartBeatRequest(token=token), timeout=5)

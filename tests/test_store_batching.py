@@ -8,13 +8,19 @@ under test are queued behind it and are sure to land in one transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from conftest import ServerHandle, login
+from qm.v1 import queue_manager_pb2 as pb
+from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server.store.base import Delivery
-from qm_server.store.sqlite import SqliteStore
+from qm_server.store.sqlite import ADDS, SqliteStore
 
 StoreTest = Callable[[SqliteStore], Awaitable[None]]
 
@@ -38,11 +44,38 @@ async def in_one_transaction(store: SqliteStore, *calls: Awaitable[Any]) -> list
     """Queue the calls behind an operation that holds the writer, then let it go."""
     release = threading.Event()
     gate = store._submit(lambda: release.wait(10))  # holds the writer thread
-    tasks = [asyncio.ensure_future(call) for call in calls]
-    await asyncio.sleep(0)  # every call is now queued behind the gate
+    queued = asyncio.Event()
+    with submits_counted(store, len(calls), queued.set):
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        await asyncio.wait_for(queued.wait(), 10)  # every call is queued behind the gate
     release.set()
     await gate
     return list(await asyncio.gather(*tasks))
+
+
+@contextlib.contextmanager
+def submits_counted(
+    store: SqliteStore, count: int, then: Callable[[], None], stage: str | None = None
+) -> Iterator[None]:
+    """Call `then` once `count` operations (of `stage` only, if given) were handed to the
+    store's writer, on the event loop, where operations are submitted."""
+    submit = store._submit
+    submitted = 0
+
+    def counted(run: Any, op_stage: str = "", *args: Any) -> Any:
+        nonlocal submitted
+        future = submit(run, op_stage, *args)
+        if stage is None or op_stage == stage:
+            submitted += 1
+            if submitted == count:
+                then()
+        return future
+
+    store._submit = counted  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        del store._submit  # the class's own again
 
 
 def described(deliveries: list[Delivery]) -> list[tuple[int, str, int]]:
@@ -115,3 +148,41 @@ def test_adds_queued_together_keep_every_row_in_id_order(tmp_path: Path) -> None
         assert described(claimed) == [(i, e, 1) for i, e in enumerate(elements, start=1)]
 
     run(tmp_path, add, after_restart)
+
+
+def test_concurrent_adds_share_one_commit(make_server: Callable[..., ServerHandle]) -> None:
+    """Group commit groups: concurrent Add calls over gRPC that arrive while the writer
+    is busy (with a slow fsync, say) are committed together, in one transaction, not one
+    each."""
+    handle = make_server()
+    running = handle.thread.server
+    loop = handle.thread._loop
+    assert running is not None and loop is not None
+    store = running.store
+    assert isinstance(store, SqliteStore)
+    calls = 50
+    release, queued = threading.Event(), threading.Event()
+    with grpc.insecure_channel(handle.target) as channel:
+        stub = pb_grpc.QueueManagerServiceStub(channel)
+        token = login(stub, "admin", handle.admin_password)
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+
+        async def hold_the_writer() -> None:
+            store._submit(lambda: release.wait(10))
+
+        asyncio.run_coroutine_threadsafe(hold_the_writer(), loop).result(10)
+        commits_before = store.commits
+        with submits_counted(store, calls, queued.set, ADDS):
+            adds = [
+                stub.Add.future(pb.AddRequest(token=token, queue_name="q", element=f"e{i}"))
+                for i in range(calls)
+            ]
+            assert queued.wait(10)
+        release.set()
+        replies = [add.result(timeout=10) for add in adds]
+        assert [r.code for r in replies] == [pb.CODE_OK] * calls
+        assert len({r.message_id for r in replies}) == calls
+        assert stub.Size(pb.SizeRequest(token=token, queue_name="q")).size == calls
+    # The holding operation's transaction and the adds' one; a sweep of the server's
+    # may add one of its own.
+    assert store.commits - commits_before <= 3 < calls

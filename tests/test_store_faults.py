@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_store_batching import submits_counted
 from test_subscribe import Stream
 
 from conftest import TEST_DISK_RESERVE_BYTES, ServerHandle, login
@@ -392,8 +393,10 @@ def test_an_operation_that_fails_by_a_bug_before_any_write_spares_the_others(
 
             gate = store._submit(hold)
             assert started.wait(10)
-            add = asyncio.ensure_future(store.enqueue("q", ["a"]))
-            await asyncio.sleep(0)  # the add is queued
+            queued = asyncio.Event()
+            with submits_counted(store, 1, queued.set):
+                add = asyncio.ensure_future(store.enqueue("q", ["a"]))
+                await asyncio.wait_for(queued.wait(), 10)  # the add is queued
             buggy = store._submit(bug, ADDS)
             release.set()
             await gate

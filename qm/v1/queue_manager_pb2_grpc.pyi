@@ -100,11 +100,17 @@ class QueueManagerServiceStub:
     Poll: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.PollRequest, _queue_manager_pb2.PollResponse]
     """qm.poll: takes the oldest ready message and puts it in flight for this session.
     CODE_QUEUE_EMPTY when none is ready within wait_ms; CODE_QUEUE_NOT_FOUND.
+    CODE_UNAVAILABLE when the server starts to shut down during the wait, or is shutting
+    down when a wait would start: the wait was cut short, not over, so the queue may
+    well hold messages; never CODE_QUEUE_EMPTY then. A poll with wait_ms 0 is answered as
+    usual during the shutdown (CODE_QUEUE_EMPTY means nothing is ready), since it asked
+    for no wait. A CODE_UNAVAILABLE answer claimed nothing: repeating the poll is safe.
     A retry after a lost answer leaves the first message in flight until the session ends.
     """
     PullElements: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.PullElementsRequest, _queue_manager_pb2.PullElementsResponse]
     """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
     CODE_QUEUE_EMPTY (with number 0) when none is ready within wait_ms;
+    CODE_UNAVAILABLE (with number 0) for a wait cut short by the shutdown, as Poll;
     CODE_INVALID_ARGUMENT when number is outside 1..batch limit. Fewer come back when
     more would not fit in one answer of 4 MiB (gRPC's default receive limit, framing
     included; the server's --max-response-bytes): only the messages in the answer are put
@@ -165,8 +171,11 @@ class QueueManagerServiceStub:
     """(new) A streaming consumer. The client sends SubscribeOpen first, then SubscribeAck
     messages; the server pushes ready messages as they arrive while fewer than
     max_unacked are held by the stream. A failed open answers one response with its code
-    and ends the stream. Closing the stream or losing the session releases every message
-    the stream still holds (they become ready again).
+    and ends the stream; so does a stream that cannot go on: CODE_UNAUTHENTICATED when
+    the session ends, CODE_PERMISSION_DENIED when the read grant is revoked,
+    CODE_QUEUE_NOT_FOUND when the queue is destroyed, CODE_UNAVAILABLE when the server
+    shuts down (open a new stream once it is back). Closing the stream or losing the
+    session releases every message the stream still holds (they become ready again).
     """
 
 @_typing.type_check_only
@@ -215,11 +224,17 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     Poll: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.PollRequest, _queue_manager_pb2.PollResponse]  # type: ignore[assignment]
     """qm.poll: takes the oldest ready message and puts it in flight for this session.
     CODE_QUEUE_EMPTY when none is ready within wait_ms; CODE_QUEUE_NOT_FOUND.
+    CODE_UNAVAILABLE when the server starts to shut down during the wait, or is shutting
+    down when a wait would start: the wait was cut short, not over, so the queue may
+    well hold messages; never CODE_QUEUE_EMPTY then. A poll with wait_ms 0 is answered as
+    usual during the shutdown (CODE_QUEUE_EMPTY means nothing is ready), since it asked
+    for no wait. A CODE_UNAVAILABLE answer claimed nothing: repeating the poll is safe.
     A retry after a lost answer leaves the first message in flight until the session ends.
     """
     PullElements: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.PullElementsRequest, _queue_manager_pb2.PullElementsResponse]  # type: ignore[assignment]
     """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
     CODE_QUEUE_EMPTY (with number 0) when none is ready within wait_ms;
+    CODE_UNAVAILABLE (with number 0) for a wait cut short by the shutdown, as Poll;
     CODE_INVALID_ARGUMENT when number is outside 1..batch limit. Fewer come back when
     more would not fit in one answer of 4 MiB (gRPC's default receive limit, framing
     included; the server's --max-response-bytes): only the messages in the answer are put
@@ -280,8 +295,11 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     """(new) A streaming consumer. The client sends SubscribeOpen first, then SubscribeAck
     messages; the server pushes ready messages as they arrive while fewer than
     max_unacked are held by the stream. A failed open answers one response with its code
-    and ends the stream. Closing the stream or losing the session releases every message
-    the stream still holds (they become ready again).
+    and ends the stream; so does a stream that cannot go on: CODE_UNAUTHENTICATED when
+    the session ends, CODE_PERMISSION_DENIED when the read grant is revoked,
+    CODE_QUEUE_NOT_FOUND when the queue is destroyed, CODE_UNAVAILABLE when the server
+    shuts down (open a new stream once it is back). Closing the stream or losing the
+    session releases every message the stream still holds (they become ready again).
     """
 
 class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -375,6 +393,11 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_manager_pb2.PollResponse, _abc.Awaitable[_queue_manager_pb2.PollResponse]]:
         """qm.poll: takes the oldest ready message and puts it in flight for this session.
         CODE_QUEUE_EMPTY when none is ready within wait_ms; CODE_QUEUE_NOT_FOUND.
+        CODE_UNAVAILABLE when the server starts to shut down during the wait, or is shutting
+        down when a wait would start: the wait was cut short, not over, so the queue may
+        well hold messages; never CODE_QUEUE_EMPTY then. A poll with wait_ms 0 is answered as
+        usual during the shutdown (CODE_QUEUE_EMPTY means nothing is ready), since it asked
+        for no wait. A CODE_UNAVAILABLE answer claimed nothing: repeating the poll is safe.
         A retry after a lost answer leaves the first message in flight until the session ends.
         """
 
@@ -386,6 +409,7 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_manager_pb2.PullElementsResponse, _abc.Awaitable[_queue_manager_pb2.PullElementsResponse]]:
         """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
         CODE_QUEUE_EMPTY (with number 0) when none is ready within wait_ms;
+        CODE_UNAVAILABLE (with number 0) for a wait cut short by the shutdown, as Poll;
         CODE_INVALID_ARGUMENT when number is outside 1..batch limit. Fewer come back when
         more would not fit in one answer of 4 MiB (gRPC's default receive limit, framing
         included; the server's --max-response-bytes): only the messages in the answer are put
@@ -530,8 +554,11 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         """(new) A streaming consumer. The client sends SubscribeOpen first, then SubscribeAck
         messages; the server pushes ready messages as they arrive while fewer than
         max_unacked are held by the stream. A failed open answers one response with its code
-        and ends the stream. Closing the stream or losing the session releases every message
-        the stream still holds (they become ready again).
+        and ends the stream; so does a stream that cannot go on: CODE_UNAUTHENTICATED when
+        the session ends, CODE_PERMISSION_DENIED when the read grant is revoked,
+        CODE_QUEUE_NOT_FOUND when the queue is destroyed, CODE_UNAVAILABLE when the server
+        shuts down (open a new stream once it is back). Closing the stream or losing the
+        session releases every message the stream still holds (they become ready again).
         """
 
 def add_QueueManagerServiceServicer_to_server(servicer: QueueManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

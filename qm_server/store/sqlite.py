@@ -220,6 +220,9 @@ class SqliteStore(Store):
         self._unhealthy_reason = ""
         self._next_probe = 0.0
         self._closed = False
+        # Transactions of queued operations committed: with group commit, fewer than the
+        # operations (tests/test_store_batching.py counts them). Written by the writer only.
+        self.commits = 0
         self._health_listener: HealthListener = lambda healthy: None
         self._ready_listener: Callable[[str], None] = lambda name: None
         # Map reads run here, each thread with a read-only connection of its own.
@@ -783,6 +786,7 @@ class SqliteStore(Store):
             if self._db.in_transaction:
                 self._db.execute("COMMIT")
             self._in_flight.commit()
+            self.commits += 1
         except Exception as exc:  # the whole transaction is lost: nothing answered OK
             self._fail(exc)
             self._refuse(batch, errors.Unavailable(f"the store could not commit: {exc}"))
