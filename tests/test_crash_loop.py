@@ -1,6 +1,7 @@
 """SIGKILL qm-server at random moments under mixed load from client processes; prove that
 nothing answered OK was lost, no id repeats, acked messages stay gone and maps hold what
-was written. The logic is in tests/crashloop.py; scripts/crash_loop runs more rounds.
+was written. The runner is tests/crashloop.py, the load tests/crashloop_client.py and the
+proofs tests/crashloop_checker.py; scripts/crash_loop runs more rounds.
 
 The checker's own tests below feed it made-up histories with one fault each, so that a
 clean crash-loop run means something."""
