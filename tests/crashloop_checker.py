@@ -15,10 +15,12 @@ processes (one clock for the machine); a call took effect at some instant betwee
   (id, delivery_count) is flagged too.)
 - FIFO across calls: a claim that handed out id x must not pass over an older id of the
   queue that was certainly ready for the whole call (added with an OK answer before it,
-  delivered to nobody before its answer, and no claim with a lost answer in the round).
+  delivered to nobody before its answer, no claim with a lost answer in the round, and
+  no claim nobody saw running meanwhile: a Subscribe stream's push claimed as the stream
+  ended, a poll whose session expired as it claimed).
 - Each redelivery raises delivery_count by exactly one: between two observed deliveries
   of an id the count grows by one, plus at most one for each claim on its queue whose
-  answer was lost meanwhile.
+  answer was lost, or that nobody saw, meanwhile.
 - A message acked done with an OK answer is never delivered again. A lost-answer done-ack
   excuses its message's absence at the end only while nothing shows it failed: once the
   message is delivered again (a higher delivery_count), that ack no longer excuses it.
@@ -87,6 +89,14 @@ class History:
         self.acks = [r for r in self.records if r["op"] in ("ack", "batch_ack")]
         self.writes = [r for r in self.records if r["op"] in ("map_put", "map_batch_put")]
         self.lost_claims = [r for r in self.records if r["op"] in CLAIMS and r["st"] == "unknown"]
+        # Claims nobody saw that end within their call: a Subscribe stream's push claimed
+        # while the stream ended, a poll whose session expired while it claimed. Each may
+        # raise a message's delivery_count unseen, and hold it while the call lasts.
+        self.unseen_claims = self.lost_claims + [
+            r
+            for r in self.records
+            if r["op"] == "subscribe" or (r["op"] in CLAIMS and r["st"] in ("expired", "failed"))
+        ]
         # The last moment each session was certainly alive: a call it made was answered.
         self.alive_until: dict[tuple[int, int, int], float] = defaultdict(lambda: -math.inf)
         for r in self.records:
@@ -303,6 +313,12 @@ class History:
             if (newest.session[0], newest.queue) in rounds_with_lost_claims:
                 continue  # a claim whose answer was lost may hold any older id
             t0, t1 = newest.t0, max(d.t1 for d in ds)
+            if any(
+                r["q"] == newest.queue and r["t0"] < t1 and r["t1"] > t0 and r["st"] != "unknown"
+                for r in self.unseen_claims
+                if _who(r) != where
+            ):
+                continue  # a claim nobody saw may hold an older id while this one ran
             passed = [
                 older
                 for older, at in added_at.items()
@@ -332,7 +348,7 @@ class History:
                 since = -math.inf if before is None else before.t0
                 lost = sum(
                     1
-                    for r in self.lost_claims
+                    for r in self.unseen_claims
                     if r["q"] == d.queue and r["t0"] < d.t1 and r["t1"] > since
                 )
                 step = d.count - (0 if before is None else before.count)
