@@ -6,6 +6,11 @@ noticed lazily while messages are in flight, a restart between a pull and its ac
 model below is the contract in its simplest form (dicts and lists), so any difference
 between it and the engine after any sequence of calls is a bug in one of the two.
 
+Most rules make one call and wait for its answer; `concurrently` runs several sessions'
+calls at once (producers, consumers with long polls, Subscribe streams), cancels claims
+midway and crashes the store mid-round, and checks that the answers fit some order of
+the calls (see its docstring).
+
 One asyncio loop lives as long as one run of the machine, because the store's writer
 thread resolves its futures on the loop that opened it.
 """
