@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -18,8 +19,16 @@ START_TIMEOUT_S = 30.0
 class ServerProcess:
     """`qm-server` on port 0 in a data directory; `port` is read from --port-file."""
 
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
+        """`prefix` runs the server under another program (strace, in the durability tests)."""
         self.data_dir = data_dir
+        self.prefix = list(prefix)
         self.args = list(args)
         self.env = {**os.environ, **(env or {})}
         self.port = 0
@@ -36,6 +45,7 @@ class ServerProcess:
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "qm_server",
