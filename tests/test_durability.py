@@ -38,7 +38,7 @@ from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server.auth import KEY_FILE
-from qm_server.server import INITIAL_PASSWORD_FILE
+from qm_server.datadir import INITIAL_PASSWORD_FILE
 from qm_server.store.sqlite import SqliteStore
 
 Stub = pb_grpc.QueueManagerServiceStub
