@@ -43,7 +43,9 @@ class ByteBudget:
                 if waiter.done() and not waiter.cancelled():
                     self._release(size)  # granted as it was cancelled: give it back
                 else:
-                    self._waiters.remove(entry)
+                    # Still waiting, unless a release already skipped the cancelled place.
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(entry)
                     self._grant()  # those behind it may fit now
                 raise
         else:
@@ -59,7 +61,14 @@ class ByteBudget:
 
     def _grant(self) -> None:
         """Admit waiters in order while the first of them fits."""
-        while self._waiters and self.reserved + self._waiters[0][0] <= self.capacity:
-            size, waiter = self._waiters.popleft()
+        while self._waiters:
+            size, waiter = self._waiters[0]
+            if waiter.cancelled():
+                # Its caller gave up in this loop turn and has not run yet to leave.
+                self._waiters.popleft()
+                continue
+            if self.reserved + size > self.capacity:
+                break
+            self._waiters.popleft()
             self.reserved += size
             waiter.set_result(None)

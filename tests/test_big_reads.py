@@ -150,3 +150,39 @@ def test_byte_budget_admits_in_order_and_gives_up_cancelled_places() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["a", "c", "d"]
+
+
+def test_a_place_given_up_as_room_is_freed_is_skipped_not_granted() -> None:
+    """A waiter cancelled in the same loop turn as the release that would admit it: the
+    release met its cancelled future (set_result raised InvalidStateError in the
+    releasing call) and the cancelled caller then failed to find its place (ValueError),
+    both ending MapGetAll calls with CODE_INTERNAL under load."""
+
+    async def scenario() -> None:
+        budget = ByteBudget(10)
+        inside, leave = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with budget.hold(10):
+                inside.set()
+                await leave.wait()
+
+        async def second() -> None:
+            async with budget.hold(10):
+                pass
+
+        holder = asyncio.create_task(first())
+        await inside.wait()
+        waiter = asyncio.create_task(second())
+        await asyncio.sleep(0)  # one loop turn: the waiter's first step parks it
+        assert budget.waiting == 1
+        leave.set()  # the holder's release is scheduled first,
+        waiter.cancel()  # the waiter's cancellation right behind it
+        await holder  # no InvalidStateError from the release
+        with pytest.raises(asyncio.CancelledError):
+            await waiter  # no ValueError either
+        assert (budget.reserved, budget.waiting) == (0, 0)
+        async with budget.hold(10):  # the whole budget is free again
+            pass
+
+    asyncio.run(scenario())
