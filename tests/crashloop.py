@@ -244,8 +244,8 @@ def _create_queues(server: ServerProcess) -> None:
         stub.Logout(pb.LogoutRequest(token=token), timeout=CALL_TIMEOUT_S)
 
 
-def _create_users(data: Path) -> None:
-    """The admin and the worker, before the first start (which then creates no admin)."""
+def _create_users(data: Path, server_args: tuple[str, ...]) -> None:
+    """The admin, by a first start (which creates the database), then the worker."""
 
     def user(*args: str, password: str | None = None) -> None:
         subprocess.run(
@@ -257,7 +257,9 @@ def _create_users(data: Path) -> None:
             check=True,
         )
 
-    user("add", "admin", "--admin", "--password-stdin", password=USERS["admin"])
+    first = ServerProcess(data, *server_args, env={"QM_ADMIN_PASSWORD": USERS["admin"]})
+    if first.start().terminate() != 0:
+        raise RuntimeError(f"the first start failed:\n{first.log()}")
     user("add", "worker", "--password-stdin", password=USERS["worker"])
     for actions, kind, pattern in WORKER_GRANTS:
         user("grant", "worker", actions, kind, pattern)
@@ -273,7 +275,7 @@ def run(options: Options) -> Report:
     server_args = ("--rsa-bits", "2048", "--session-ttl", str(SESSION_TTL_S))
     env = {"QM_ADMIN_PASSWORD": ""}
     server = ServerProcess(data, *server_args, env=env)
-    _create_users(data)
+    _create_users(data, server_args)
     try:
         for round_no in range(options.rounds):
             if time.monotonic() - started > options.budget_s:
