@@ -16,139 +16,31 @@ outcome it was, so scripts need not parse text:
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, TextIO, TypedDict
+from typing import Any
 
 from qm.v1 import queue_manager_pb2 as pb
 
-from .client import DEFAULT_TIMEOUT, Message, QueueManagerClient, health
+from ._cli_context import (
+    DEFAULT_SERVER,
+    EXIT_EMPTY,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Context,
+    UsageError,
+    read_text,
+    report,
+)
+from .client import DEFAULT_TIMEOUT, Message, health
 from .errors import QMError, QueueEmpty, ResourceExhausted, Unavailable
 
 __all__ = ["main"]
 
-DEFAULT_SERVER = "localhost:50051"
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_EMPTY = 3
-EXIT_UNAVAILABLE = 4
-
-Handler = Callable[["Context", argparse.Namespace], int]
-
-
-class TlsFiles(TypedDict):
-    """The TLS keyword arguments of the client, read from the files the flags name."""
-
-    root_certificates: bytes | None
-    certificate_chain: bytes | None
-    private_key: bytes | None
-
-
-class UsageError(Exception):
-    """A problem with what the user typed or piped in; exit status 2."""
-
-
-class Context:
-    """What a command needs: where to write, and a client made only when asked for.
-
-    The client is created lazily so that ``qm health`` and usage errors never prompt for
-    a password or log in.
-    """
-
-    def __init__(self, args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> None:
-        self.args = args
-        self.json: bool = getattr(args, "json", False)
-        self.stdout = stdout
-        self.stderr = stderr
-        self.client: QueueManagerClient | None = None
-        self.logout_on_exit = True
-
-    def connect(self) -> QueueManagerClient:
-        if self.client is None:
-            args = self.args
-            user = args.user or os.environ.get("QM_USER") or _prompt_user()
-            password = args.password
-            if password is None:
-                password = os.environ.get("QM_PASSWORD")
-            if password is None:
-                password = _prompt_password(user, self.server)
-            self.client = QueueManagerClient(
-                self.server,
-                user,
-                password,
-                pin_fingerprint=args.pin or os.environ.get("QM_PIN") or None,
-                timeout=args.timeout,
-                **self.tls(),
-            )
-        return self.client
-
-    def tls(self) -> TlsFiles:
-        """The TLS files named by the flags, read; all ``None`` means plaintext."""
-        args = self.args
-        if (args.client_cert is None) != (args.client_key is None):
-            raise UsageError("--cert and --key go together")
-        return TlsFiles(
-            root_certificates=_read_bytes(args.ca_cert) if args.ca_cert else None,
-            certificate_chain=_read_bytes(args.client_cert) if args.client_cert else None,
-            private_key=_read_bytes(args.client_key) if args.client_key else None,
-        )
-
-    @property
-    def server(self) -> str:
-        server: str = self.args.server or os.environ.get("QM_SERVER") or DEFAULT_SERVER
-        return server
-
-    def emit(self, human: str | None, data: Any) -> None:
-        """Print ``human`` for people, or ``data`` as one JSON document for scripts."""
-        if self.json:
-            print(json.dumps(data, ensure_ascii=False), file=self.stdout)
-        elif human is not None:
-            print(human, file=self.stdout)
-
-    def note(self, text: str) -> None:
-        """A remark for people on stderr; silent under ``--json``."""
-        if not self.json:
-            print(text, file=self.stderr)
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close(logout=self.logout_on_exit)
-
-
-def _prompt_user() -> str:
-    if not sys.stdin.isatty():
-        raise UsageError("no user: pass --user or set QM_USER")
-    return input("User: ").strip()
-
-
-def _prompt_password(user: str, server: str) -> str:
-    # getpass falls back to reading stdin with only a warning when there is no terminal;
-    # stdin may be the data being piped in, so refuse instead.
-    try:
-        with open("/dev/tty"):
-            pass
-    except OSError:
-        raise UsageError("no password: set QM_PASSWORD (or pass --password)") from None
-    return getpass.getpass(f"Password for {user}@{server}: ")
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError as error:
-        raise UsageError(f"cannot read {path}: {error.strerror}") from None
-
-
-def _read_text(path: str | None) -> str:
-    if path is None or path == "-":
-        return sys.stdin.read()
-    return _read_bytes(path).decode("utf-8")
+Handler = Callable[[Context, argparse.Namespace], int]
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -302,7 +194,7 @@ def cmd_map_destroy(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_map_load(ctx: Context, args: argparse.Namespace) -> int:
-    text = _read_text(args.file)
+    text = read_text(args.file)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -567,15 +459,6 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _report(ctx: Context, code_name: str, message: str) -> None:
-    if ctx.json:
-        error = {"error": {"code": code_name, "message": message}}
-        print(json.dumps(error, ensure_ascii=False), file=ctx.stderr)
-    else:
-        text = f"{code_name}: {message}" if message else code_name
-        print(f"qm: {text}", file=ctx.stderr)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return the exit status."""
     args = build_parser().parse_args(argv)
@@ -584,16 +467,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(ctx, args)
     except QueueEmpty as error:
-        _report(ctx, error.code_name, error.message)
+        report(ctx, error.code_name, error.message)
         return EXIT_EMPTY
     except Unavailable as error:
-        _report(ctx, error.code_name, error.message)
+        report(ctx, error.code_name, error.message)
         return EXIT_UNAVAILABLE
     except QMError as error:
-        _report(ctx, error.code_name, error.message)
+        report(ctx, error.code_name, error.message)
         return EXIT_FAILURE
     except UsageError as error:
-        _report(ctx, "USAGE", str(error))
+        report(ctx, "USAGE", str(error))
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130

@@ -16,14 +16,12 @@ work as for a dict.
 from __future__ import annotations
 
 from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from qm.v1 import queue_manager_pb2 as pb
 
+from ._session import Session
 from .errors import KeyNotFound, MapNotFound
-
-if TYPE_CHECKING:
-    from .client import QueueManagerClient
 
 __all__ = ["QMap"]
 
@@ -36,8 +34,8 @@ class QMap(MutableMapping[str, str]):
     at all. For one consistent snapshot use :meth:`to_dict`.
     """
 
-    def __init__(self, client: QueueManagerClient, name: str, *, page_size: int = 500) -> None:
-        self._client = client
+    def __init__(self, session: Session, name: str, *, page_size: int = 500) -> None:
+        self._session = session
         self.name = name
         self.page_size = page_size
 
@@ -47,19 +45,19 @@ class QMap(MutableMapping[str, str]):
     # -- the MutableMapping primitives ----------------------------------------------------
 
     def __getitem__(self, key: str) -> str:
-        response, _ = self._client._call(
-            self._client._stub.MapGet, pb.MapGetRequest(map=self.name, key=key)
+        response, _ = self._session.call(
+            self._session.stub.MapGet, pb.MapGetRequest(map=self.name, key=key)
         )
         return response.value
 
     def __setitem__(self, key: str, value: str) -> None:
-        self._client._call(
-            self._client._stub.MapPut, pb.MapPutRequest(map=self.name, key=key, value=value)
+        self._session.call(
+            self._session.stub.MapPut, pb.MapPutRequest(map=self.name, key=key, value=value)
         )
 
     def __delitem__(self, key: str) -> None:
-        self._client._call(
-            self._client._stub.MapRemove, pb.MapRemoveRequest(map=self.name, key=key)
+        self._session.call(
+            self._session.stub.MapRemove, pb.MapRemoveRequest(map=self.name, key=key)
         )
 
     def __iter__(self) -> Iterator[str]:
@@ -91,8 +89,8 @@ class QMap(MutableMapping[str, str]):
         if not pairs:
             return
         entries = [pb.KeyValue(key=k, value=v) for k, v in pairs.items()]
-        self._client._call(
-            self._client._stub.MapBatchPut,
+        self._session.call(
+            self._session.stub.MapBatchPut,
             pb.MapBatchPutRequest(map=self.name, size=len(entries), list=entries),
         )
 
@@ -108,8 +106,8 @@ class QMap(MutableMapping[str, str]):
 
     def to_dict(self) -> dict[str, str]:
         """The whole map in one call (``MapGetAll``): a consistent snapshot."""
-        response, _ = self._client._call(
-            self._client._stub.MapGetAll, pb.MapGetAllRequest(map=self.name)
+        response, _ = self._session.call(
+            self._session.stub.MapGetAll, pb.MapGetAllRequest(map=self.name)
         )
         return dict(response.map)
 
@@ -118,7 +116,7 @@ class QMap(MutableMapping[str, str]):
         request = pb.MapGetListRequest(
             map=self.name, offset=offset, size=self.page_size if size is None else size
         )
-        response, _ = self._client._call(self._client._stub.MapGetList, request)
+        response, _ = self._session.call(self._session.stub.MapGetList, request)
         return [(kv.key, kv.value) for kv in response.list]
 
     def exists(self) -> bool:
@@ -131,7 +129,7 @@ class QMap(MutableMapping[str, str]):
 
     def destroy(self) -> None:
         """Delete the map and its entries (``MapDestroy``); :class:`MapNotFound` if absent."""
-        self._client._call(self._client._stub.MapDestroy, pb.MapDestroyRequest(map=self.name))
+        self._session.call(self._session.stub.MapDestroy, pb.MapDestroyRequest(map=self.name))
 
     def _entries(self) -> Iterator[tuple[str, str]]:
         # Only an empty page ends the map: the server returns fewer entries than asked

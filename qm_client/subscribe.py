@@ -14,12 +14,14 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 import grpc
 
 from qm.v1 import queue_manager_pb2 as pb
 
+from ._message import Login, Message
+from ._session import Session
 from .errors import (
     MessageNotFound,
     MessageReleased,
@@ -28,9 +30,6 @@ from .errors import (
     error_for_code,
     error_for_rpc_error,
 )
-
-if TYPE_CHECKING:
-    from .client import Message, QueueManagerClient, _Session
 
 __all__ = ["Subscription"]
 
@@ -44,17 +43,17 @@ class _Stream:
     opens a new stream, and messages of the old one can no longer be acked.
     """
 
-    def __init__(self, client: QueueManagerClient, queue: str, max_unacked: int) -> None:
-        self.session: _Session = client._current()
+    def __init__(self, session: Session, queue: str, max_unacked: int) -> None:
+        self.login: Login = session.current()
         self.open_ids: set[int] = set()
         self.requests: queue_module.SimpleQueue[pb.SubscribeRequest | None] = (
             queue_module.SimpleQueue()
         )
         opening = pb.SubscribeOpen(
-            token=self.session.token, queue_name=queue, max_unacked=max_unacked
+            token=self.login.token, queue_name=queue, max_unacked=max_unacked
         )
         self.requests.put(pb.SubscribeRequest(open=opening))
-        self.call = client._stub.Subscribe(self._request_iterator())
+        self.call = session.stub.Subscribe(self._request_iterator())
 
     def _request_iterator(self) -> Iterator[pb.SubscribeRequest]:
         while (request := self.requests.get()) is not None:
@@ -108,11 +107,12 @@ class Subscription:
     (from any thread) or the server ends the stream. Ack or nack each message to make room
     for more. The stream has no deadline, by design: it lives as long as the consumer wants
     it, and the client's heartbeat keeps its session alive. When the session is lost, the
-    subscription logs in again (through the client, which reports the loss) and resumes.
+    subscription logs in again (through the shared session, which reports the loss) and
+    resumes.
     """
 
-    def __init__(self, client: QueueManagerClient, queue: str, max_unacked: int) -> None:
-        self._client = client
+    def __init__(self, session: Session, queue: str, max_unacked: int) -> None:
+        self._session = session
         self.queue = queue
         self.max_unacked = max_unacked
         self.failed_acks: list[int] = []
@@ -122,7 +122,7 @@ class Subscription:
         self._lock = threading.Lock()
         self._closed = False
         self._reading = False  # the consumer's thread is reading the stream
-        self._stream = _Stream(client, queue, max_unacked)
+        self._stream = _Stream(session, queue, max_unacked)
 
     def __enter__(self) -> Self:
         return self
@@ -177,7 +177,7 @@ class Subscription:
         shut = self._shut()
         if shut is not None:
             stream, read_elsewhere = shut
-            stream.finish(self._client._timeout, read_elsewhere)
+            stream.finish(self._session.timeout, read_elsewhere)
 
     def _abort(self) -> None:
         """End the stream without waiting (it failed, or the client is closed)."""
@@ -196,7 +196,7 @@ class Subscription:
             reading = self._reading
             released = list(stream.open_ids)
             stream.open_ids.clear()
-        self._client._unhold(stream.session, released)
+        self._session.unhold(stream.login, released)
         return stream, reading
 
     def _take(self, stream: _Stream, response: pb.SubscribeResponse) -> None:
@@ -216,7 +216,7 @@ class Subscription:
             self.failed_acks.append(result.message_id)
         for info in response.element_info:
             # Acks for this message go through the stream, not the Ack RPC.
-            message = self._client._hold(stream.session, self.queue, info, owner=self)
+            message = self._session.hold(stream.login, self.queue, info, owner=self)
             with self._lock:
                 stream.open_ids.add(info.message_id)
             self._buffer.append(message)
@@ -225,8 +225,8 @@ class Subscription:
         """The session ended under the stream: log in again and open a new stream."""
         stream.end()
         try:
-            self._client._renew(stream.session)  # reports what the old session held
-            fresh = _Stream(self._client, self.queue, self.max_unacked)
+            self._session.renew(stream.login)  # reports what the old session held
+            fresh = _Stream(self._session, self.queue, self.max_unacked)
         except QMError:
             self._abort()
             raise
@@ -244,7 +244,7 @@ class Subscription:
             stream = self._stream
             if self._closed:
                 raise MessageReleased("the subscription is closed; its messages were released")
-            if message._session is not stream.session:
+            if message._login is not stream.login:
                 raise MessageReleased("the stream this message was delivered on has ended")
             if message.message_id not in stream.open_ids:
                 raise MessageNotFound(f"message {message.message_id} was already finished")
@@ -253,4 +253,4 @@ class Subscription:
             # half-closes, so an ack that passed the checks goes out ahead of the end.
             ack = pb.SubscribeAck(message_ids=[message.message_id], ack_type=ack_type)
             stream.requests.put(pb.SubscribeRequest(ack=ack))
-        self._client._unhold(stream.session, [message.message_id])
+        self._session.unhold(stream.login, [message.message_id])

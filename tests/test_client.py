@@ -561,7 +561,7 @@ def test_an_unexpected_heartbeat_error_is_logged_and_the_heartbeat_goes_on(
     ValueError from the key parser, say. The thread must log it and keep beating."""
     server = make_server(session_ttl_s=1.0)
     with connect(server) as qm:
-        call = qm._call
+        call = qm._session.call
         beats: list[str] = []
         beat_again = threading.Event()
 
@@ -573,7 +573,7 @@ def test_an_unexpected_heartbeat_error_is_logged_and_the_heartbeat_goes_on(
                 beat_again.set()
             return call(method, request, **kwargs)
 
-        qm._call = failing_once  # type: ignore[method-assign]
+        qm._session.call = failing_once  # type: ignore[method-assign]
         assert beat_again.wait(10)
         (thread,) = heartbeat_threads()
         assert thread.is_alive()

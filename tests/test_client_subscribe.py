@@ -437,7 +437,7 @@ def test_an_ack_racing_close_is_sent_before_the_half_close_or_refused(
         subscription = qm.subscribe("jobs", max_unacked=1)
         message = next(subscription)
         in_ack, go_on = threading.Event(), threading.Event()
-        unhold = qm._unhold
+        unhold = qm._session.unhold
 
         def held_up(session: Any, message_ids: Iterable[int]) -> None:
             if threading.current_thread() is acker:
@@ -445,7 +445,7 @@ def test_an_ack_racing_close_is_sent_before_the_half_close_or_refused(
                 assert go_on.wait(30)
             unhold(session, message_ids)
 
-        monkeypatch.setattr(qm, "_unhold", held_up)
+        monkeypatch.setattr(qm._session, "unhold", held_up)
         outcome: list[str] = []
 
         def ack() -> None:

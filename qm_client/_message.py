@@ -1,0 +1,71 @@
+"""A delivered message, and the login it was delivered to.
+
+These are the records every other client module shares, so they import nothing of the
+client: the session hands messages out, subscriptions finish them on their stream, and the
+client only passes them on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from qm.v1 import queue_manager_pb2 as pb
+
+__all__ = ["Finisher", "Login", "Message"]
+
+
+class Finisher(Protocol):
+    """Whoever finishes a message: the session (an ``Ack`` call) or the subscription it
+    came on (an ack on its stream).
+
+    Underscored because ``Subscription`` is public and this hook is not part of its API.
+    """
+
+    def _finish(self, message: Message, ack_type: pb.AckType) -> None: ...
+
+
+@dataclass(eq=False)
+class Login:
+    """One server session, as one login got it. ``held`` is what the server will release
+    when it ends, so that the client can say which messages a lost session took with it.
+
+    Compared by identity: a message can only be acked under the login it was delivered to.
+    """
+
+    token: str
+    ttl: float
+    generation: int
+    held: dict[int, Message] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A delivered message, in flight for the session that received it until finished.
+
+    Immutable because it is a record of one delivery: a redelivery is a new ``Message``
+    with a higher ``delivery_count``. Call exactly one of :meth:`ack` or :meth:`nack`.
+    """
+
+    element: str
+    message_id: int
+    delivery_count: int
+    queue: str
+    _owner: Finisher = field(repr=False, compare=False)
+    _login: Login = field(repr=False, compare=False)
+
+    def ack(self) -> None:
+        """Done: the server removes the message for good.
+
+        Raises :class:`MessageReleased` if the session it was delivered to has ended (the
+        message is back in the queue, so processing it again elsewhere is expected), and
+        :class:`MessageNotFound` if it was already finished.
+        """
+        self._owner._finish(self, pb.ACK_TYPE_DONE)
+
+    def nack(self) -> None:
+        """Failed: the message goes back to ready at its original place, to be redelivered.
+
+        Raises as :meth:`ack`.
+        """
+        self._owner._finish(self, pb.ACK_TYPE_ERROR)
