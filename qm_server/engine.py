@@ -435,14 +435,15 @@ class Engine:
         rules = StreamRules(
             check_ack=lambda ids, ack_type: self.check_ack(token, ids, ack_type),
             check_grant=lambda: self.authorize(session, "read", "queue", name),
-            closed=self.forget,
+            closed=self._forget,
         )
         subscription = Subscription(self.deliverer, rules, session, name, max_unacked)
         self._subscriptions.setdefault(session.id, set()).add(subscription)
         usage.add(session.username)
         return subscription
 
-    def forget(self, subscription: Subscription) -> None:
+    def _forget(self, subscription: Subscription) -> None:
+        """A closed stream no longer counts, nor is poked."""
         subscriptions = self._subscriptions.get(subscription.session.id)
         if subscriptions is not None and subscription in subscriptions:
             subscriptions.remove(subscription)
