@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -21,14 +21,16 @@ from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.answer_size import entries_room
 from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, PasswordHasher
+from qm_server.background import Background, outliving_caller
 from qm_server.byte_budget import ByteBudget
 from qm_server.config import AuthSettings, Limits
+from qm_server.delivery import Deliverer
 from qm_server.login_guard import LoginGuard
 from qm_server.permissions import Permissions
 from qm_server.quotas import Room, Usage
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
-from qm_server.store.base import Delivery, Store, message_ids_of
-from qm_server.subscription import Subscription
+from qm_server.store.base import Delivery, Store
+from qm_server.subscription import StreamRules, Subscription
 from qm_server.validation import check_count, check_name, check_text_size, check_texts_size
 from qm_server.waiting import ReadySignals
 
@@ -36,6 +38,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LOGIN_FAILED = "login failed: unknown user, wrong password, or a bad or used challenge"
+SESSION_EXPIRED = "the session expired; log in again"
+# The argument that names what a permission is about, by kind, for check_name's message.
+NAME_FIELD = {"queue": "queue_name", "map": "map"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,11 @@ class Engine:
             max_workers=self._auth.max_concurrent_hashes, thread_name_prefix="qm-crypto"
         )
         self.signals = ReadySignals(store.ready_hint)
+        self._background = Background()
+        # The bytes an answer's entries may take: what fits a default client, framed.
+        self.answer_room = entries_room(self.limits.max_response_bytes)
+        # Claims and waits of long polls and streams alike (delivery.py).
+        self.deliverer = Deliverer(store, self.signals, self._background, clock, self.answer_room)
         self._subscriptions: dict[int, set[Subscription]] = {}  # by session id
         self._polls: dict[int, set[asyncio.Future[None]]] = {}  # parked long polls, likewise
         # What each user holds, for the quotas (quotas.py); queues and maps are counted
@@ -89,12 +99,8 @@ class Engine:
         # user name -> grants; reloaded at each login and every sweep, so that grants,
         # revocations and removed users take effect within a second.
         self._permissions: dict[str, Permissions] = {}
-        self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
         store.set_ready_listener(self.signals.wake)
-        # The bytes an answer's entries may take: what fits a default client, framed.
-        self.answer_room = entries_room(self.limits.max_response_bytes)
         # Map reads in progress hold at most this many bytes of answers (byte_budget.py).
         self._reads = ByteBudget(self.limits.max_reads_in_progress_bytes)
 
@@ -109,10 +115,13 @@ class Engine:
         """Answer waiting long polls now (UNAVAILABLE, never QUEUE_EMPTY: a consumer that
         stops at an empty queue must not stop because the server restarts), end the
         Subscribe streams likewise, and refuse to start new waits."""
-        self.draining = True
-        self.signals.wake_everyone()
+        self.deliverer.begin_drain()
         for subscription in self._streams():
             subscription.poke()
+
+    @property
+    def draining(self) -> bool:
+        return self.deliverer.draining
 
     def _streams(self) -> list[Subscription]:
         """Every open Subscribe stream, of every session."""
@@ -124,25 +133,13 @@ class Engine:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        # Releases started in the background still need the store, which closes next; the
-        # end of a cancelled call can start one while others finish, so wait until none is
-        # left rather than for the ones running now.
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        # Releases started in the background still need the store, which closes next.
+        await self._background.finish()
         self._crypto_pool.shutdown(wait=True, cancel_futures=True)
 
     def in_background(self, work: Coroutine[None, None, None]) -> None:
-        """Run work without awaiting it, holding a reference until it is done; a failure
-        is logged here, since nobody awaits it (a release that a call's end starts after
-        the store closed, at shutdown, fails with Unavailable)."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.warning("background work failed: %s", exc, exc_info=exc)
+        """Run work without awaiting it; `stop` waits for it (background.py)."""
+        self._background.start(work)
 
     # Login and sessions -----------------------------------------------------------------
 
@@ -219,8 +216,16 @@ class Engine:
             raise errors.Unauthenticated("unknown or expired token; log in again")
         if not session.waiting and now - session.last_active > self.session_ttl_s:
             self.in_background(self._end_session(session, "expired"))
-            raise errors.Unauthenticated("the session expired; log in again")
+            raise errors.Unauthenticated(SESSION_EXPIRED)
         session.last_active = now
+        return session
+
+    def _caller(self, token: str, action: str, kind: str, name: str) -> Session:
+        """The prologue of every call about one queue or map: the caller's live session
+        (`session`), a valid name, and the grant to do `action` on it (`authorize`)."""
+        session = self.session(token)
+        check_name(NAME_FIELD[kind], name)
+        self.authorize(session, action, kind, name)
         return session
 
     async def heartbeat(self, token: str) -> None:
@@ -314,9 +319,7 @@ class Engine:
     # Queues -----------------------------------------------------------------------------
 
     async def new_queue(self, token: str, name: str) -> None:
-        session = self.session(token)
-        check_name("queue_name", name)
-        self.authorize(session, "manage", "queue", name)
+        session = self._caller(token, "manage", "queue", name)
         room = self._room(
             session.username, "queues", self.limits.max_queues, self.limits.max_queues_per_user
         )
@@ -327,9 +330,7 @@ class Engine:
             raise
 
     async def destroy_queue(self, token: str, name: str, force: bool) -> None:
-        session = self.session(token)
-        check_name("queue_name", name)
-        self.authorize(session, "manage", "queue", name)
+        self._caller(token, "manage", "queue", name)
         # The store destroys it even if this call is cancelled meanwhile (a client's
         # deadline): its waiters and streams must hear of it all the same.
         await outliving_caller(
@@ -346,34 +347,21 @@ class Engine:
                 subscription.queue_destroyed()
 
     async def add(self, token: str, name: str, elements: Sequence[str]) -> list[int]:
-        session = self.session(token)
-        check_name("queue_name", name)
-        self.authorize(session, "write", "queue", name)
+        self._caller(token, "write", "queue", name)
         check_count("elements", len(elements), self.limits.max_batch)
         check_texts_size("element", elements, self.limits.max_element_bytes)
         return await self.store.enqueue(name, elements)
 
     async def take(self, token: str, name: str, number: int, wait_ms: int) -> list[Delivery]:
         """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked."""
-        session = self.session(token)
-        check_name("queue_name", name)
-        self.authorize(session, "read", "queue", name)
+        session = self._caller(token, "read", "queue", name)
         check_count("number", number, self.limits.max_batch)
         if wait_ms < 0:
             raise errors.InvalidArgument("wait_ms must not be negative")
         deadline = self._clock() + min(wait_ms, self.limits.max_wait_ms) / 1000
         while True:
-            deliveries = await self.guarded_claim(
-                session,
-                self.store.claim(name, session.id, number, self.answer_room),
-                message_ids_of,
-            )
+            deliveries = await self.deliverer.claim(session, name, number, ended=SESSION_EXPIRED)
             if deliveries:
-                if session.ended:  # it expired while the claim was committing
-                    await self.store.release_session(session.id)
-                    raise errors.Unauthenticated("the session expired; log in again")
-                if self.store.ready_hint(name) > 0:
-                    self.signals.wake(name)  # more is ready: pass the wake-up on
                 return deliveries
             remaining = deadline - self._clock()
             if remaining <= 0:  # a poll with wait_ms 0 too, draining or not: it is true
@@ -391,74 +379,29 @@ class Engine:
             self._make_room(room, self.signals.waiting(), self._poll_usage.of(session.username))
             await self._wait_for_ready(session, name, remaining)
             try:
-                session = self.session(token)
                 # Grants are reloaded every second: a revocation made while this poll
                 # waited must stop it before it claims, not after its wait_ms (20 s).
-                self.authorize(session, "read", "queue", name)
+                session = self._caller(token, "read", "queue", name)
             except (errors.Unauthenticated, errors.PermissionDenied):
-                self.signals.wake(name)  # the wake-up we may have taken goes to another
+                self.deliverer.pass_on(name)
                 raise
 
     async def _wait_for_ready(self, session: Session, name: str, timeout_s: float) -> None:
+        """A long poll's wait, counted against its user's quota and answered at once when
+        its session ends (`_end_session` resolves the waiters it finds in `_polls`)."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if session.ended:
             waiter.set_result(None)  # it ended while we claimed, with nobody to wake
-        self.signals.park(name, waiter)
         polls = self._polls.setdefault(session.id, set())
         polls.add(waiter)
         self._poll_usage.add(session.username)
-        with self.busy(session):
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await waiter
-            except TimeoutError:
-                pass
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self.signals.wake(name)  # we were woken but leave: wake someone else
-                raise
-            finally:
-                self.signals.unpark(name, waiter)
-                self._poll_usage.remove(session.username)
-                polls.discard(waiter)
-                if not polls and self._polls.get(session.id) is polls:
-                    del self._polls[session.id]
-
-    async def guarded_claim(
-        self, session: Session, claim: Awaitable[T], claimed: Callable[[T], list[int]]
-    ) -> T:
-        """Await a claim so that cancelling the caller cannot strand what it claims.
-
-        The store commits a claim even when its caller gives up (a client deadline, a
-        closed stream): what it took is then made ready again at once instead of sitting
-        in flight, unseen, until the session ends.
-        """
-        return await outliving_caller(
-            claim, lambda result: self._give_back(session, claimed(result))
-        )
-
-    def _give_back(self, session: Session, ids: list[int]) -> None:
-        if ids:
-            self.in_background(self._release(session, ids))
-
-    async def _release(self, session: Session, message_ids: list[int]) -> None:
         try:
-            if session.ended:  # its release may have run before this claim committed
-                await self.store.release_session(session.id)
-            else:
-                await self.store.ack(session.id, message_ids, done=False)
-        except errors.QmError as exc:
-            log.warning("could not release %d abandoned messages: %s", len(message_ids), exc)
-
-    @contextlib.contextmanager
-    def busy(self, session: Session) -> Iterator[None]:
-        """A call in progress keeps its session alive; its end counts as activity."""
-        session.waiting += 1
-        try:
-            yield
+            await self.deliverer.wait(session, waiter, timeout_s, queue=name)
         finally:
-            session.waiting -= 1
-            session.last_active = max(session.last_active, self._clock())
+            self._poll_usage.remove(session.username)
+            polls.discard(waiter)
+            if not polls and self._polls.get(session.id) is polls:
+                del self._polls[session.id]
 
     async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[bool]:
         session = self.check_ack(token, message_ids, ack_type)
@@ -476,9 +419,7 @@ class Engine:
 
     async def subscribe(self, token: str, name: str, max_unacked: int) -> Subscription:
         """A streaming consumer holding at most max_unacked messages at once."""
-        session = self.session(token)
-        check_name("queue_name", name)
-        self.authorize(session, "read", "queue", name)
+        session = self._caller(token, "read", "queue", name)
         check_count("max_unacked", max_unacked, self.limits.max_batch)
         await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
         if self.draining:
@@ -491,12 +432,18 @@ class Engine:
             self.limits.max_subscriptions_per_user,
         )
         self._make_room(room, usage.total, usage.of(session.username))
-        subscription = Subscription(self, session, token, name, max_unacked)
+        rules = StreamRules(
+            check_ack=lambda ids, ack_type: self.check_ack(token, ids, ack_type),
+            check_grant=lambda: self.authorize(session, "read", "queue", name),
+            closed=self._forget,
+        )
+        subscription = Subscription(self.deliverer, rules, session, name, max_unacked)
         self._subscriptions.setdefault(session.id, set()).add(subscription)
         usage.add(session.username)
         return subscription
 
-    def forget(self, subscription: Subscription) -> None:
+    def _forget(self, subscription: Subscription) -> None:
+        """A closed stream no longer counts, nor is poked."""
         subscriptions = self._subscriptions.get(subscription.session.id)
         if subscriptions is not None and subscription in subscriptions:
             subscriptions.remove(subscription)
@@ -506,18 +453,14 @@ class Engine:
 
     async def counts(self, token: str, name: str) -> tuple[int, int]:
         """(ready, in flight) for Size, IsEmpty and GetUncheckNum."""
-        session = self.session(token)
-        check_name("queue_name", name)
-        self.authorize(session, "read", "queue", name)
+        self._caller(token, "read", "queue", name)
         counts = await self.store.queue_counts(name)
         return counts.ready, counts.in_flight
 
     # Maps -------------------------------------------------------------------------------
 
     async def map_put(self, token: str, name: str, pairs: Sequence[tuple[str, str]]) -> None:
-        session = self.session(token)
-        check_name("map", name)
-        self.authorize(session, "write", "map", name)
+        session = self._caller(token, "write", "map", name)
         check_count("list", len(pairs), self.limits.max_batch)
         for key, value in pairs:
             check_text_size("key", key, self.limits.max_element_bytes)
@@ -532,31 +475,23 @@ class Engine:
             raise
 
     async def map_remove(self, token: str, name: str, key: str) -> None:
-        session = self.session(token)
-        check_name("map", name)
-        self.authorize(session, "write", "map", name)
+        self._caller(token, "write", "map", name)
         await self.store.map_remove(name, key)
 
     async def map_get(self, token: str, name: str, key: str) -> str:
-        session = self.session(token)
-        check_name("map", name)
-        self.authorize(session, "read", "map", name)
+        self._caller(token, "read", "map", name)
         async with self._reads.hold(self.limits.max_element_bytes):
             return await self.store.map_get(name, key)
 
     async def map_get_all(self, token: str, name: str) -> dict[str, str]:
-        session = self.session(token)
-        check_name("map", name)
-        self.authorize(session, "read", "map", name)
+        self._caller(token, "read", "map", name)
         async with self._reads.hold(self.limits.max_response_bytes):
             return await self.store.map_get_all(name, self.answer_room)
 
     async def map_get_list(
         self, token: str, name: str, offset: int, size: int
     ) -> list[tuple[str, str]]:
-        session = self.session(token)
-        check_name("map", name)
-        self.authorize(session, "read", "map", name)
+        self._caller(token, "read", "map", name)
         if offset < 0:
             raise errors.InvalidArgument("offset must not be negative")
         check_count("size", size, self.limits.max_page)
@@ -564,9 +499,7 @@ class Engine:
             return await self.store.map_get_list(name, offset, size, self.answer_room)
 
     async def map_destroy(self, token: str, name: str) -> None:
-        session = self.session(token)
-        check_name("map", name)
-        self.authorize(session, "manage", "map", name)
+        self._caller(token, "manage", "map", name)
         await self.store.map_destroy(name)
 
 
@@ -579,20 +512,3 @@ def _failure(envelope: pb.PasswordEnvelope | None, fresh: bool, record: object) 
     if record is None:
         return "no such user"
     return "wrong password"
-
-
-async def outliving_caller(work: Awaitable[T], orphaned: Callable[[T], None]) -> T:
-    """Await store work that commits even if this caller is cancelled (a client's deadline,
-    a closed stream); then, once it has succeeded, `orphaned(result)` does what the caller
-    would have done after it. Work that failed needs nothing."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-
-        def finished(done: asyncio.Future[T]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                orphaned(done.result())
-
-        task.add_done_callback(finished)
-        raise

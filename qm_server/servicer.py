@@ -3,12 +3,12 @@
 Every domain outcome travels in the response's `code` with gRPC status OK (the contract);
 `_answer` is the one place that maps engine errors to codes, and the one place where an
 unexpected exception becomes CODE_INTERNAL with a logged id instead of a traceback sent to
-the client.
+the client. Subscribe, a stream with two activities, hands its work to subscribe_stream.py.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,14 +16,14 @@ from typing import Any, TypeVar, cast
 from urllib.parse import unquote
 
 import grpc
-from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from google.protobuf.message import Message
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server import errors, handlers
 from qm_server.engine import Engine
-from qm_server.store.base import Delivery
+from qm_server.subscribe_stream import SubscribeStream
+from qm_server.wire import add_element_info
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 request.token, request.queue_name, request.number, request.wait_ms
             )
             response = pb.PullElementsResponse(number=len(deliveries))
-            _add_element_info(response.element_info, deliveries)
+            add_element_info(response.element_info, deliveries)
             return response
 
         return await _answer(pb.PullElementsResponse, call)
@@ -271,98 +271,12 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Context
     ) -> AsyncIterator[pb.SubscribeResponse]:
-        """Two activities share the stream: pushing deliveries and applying acks.
-
-        Both feed one outbox that this generator drains, so responses go out in order and
-        one failing side ends the whole stream with its code.
-        """
-        requests = handlers.checked(request_iterator, context)
-        try:
-            first = await anext(requests)
-            if first.WhichOneof("kind") != "open":
-                raise errors.InvalidArgument("the first message must be open")
-            subscription = await self._engine.subscribe(
-                first.open.token, first.open.queue_name, first.open.max_unacked
-            )
-        except StopAsyncIteration:
-            return
-        except errors.QmError as exc:
-            yield pb.SubscribeResponse(code=_wire(exc), message=str(exc))
-            return
-        outbox: asyncio.Queue[pb.SubscribeResponse | None] = asyncio.Queue()
-
-        async def push() -> None:
-            while True:
-                deliveries = await subscription.next_batch()
-                response = pb.SubscribeResponse()
-                _add_element_info(response.element_info, deliveries)
-                await outbox.put(response)
-
-        async def apply_acks() -> None:
-            async for request in requests:
-                if request.WhichOneof("kind") != "ack":
-                    raise errors.InvalidArgument("only ack may follow open")
-                ids = list(request.ack.message_ids)
-                found, refill = await subscription.ack(ids, request.ack.ack_type)
-                missing: list[pb.AckResult] = []
-                if not all(found):  # rare: a consumer acks what its stream holds
-                    missing = [
-                        pb.AckResult(message_id=i, code=pb.CODE_MESSAGE_NOT_FOUND)
-                        for i, ok in zip(ids, found, strict=True)
-                        if not ok
-                    ]
-                if missing or refill:
-                    response = pb.SubscribeResponse(ack_results=missing)
-                    _add_element_info(response.element_info, refill)
-                    await outbox.put(response)
-            await outbox.put(None)  # the client closed its side: end the stream
-
-        async def guarded(work: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await work()
-            except errors.QmError as exc:
-                await outbox.put(pb.SubscribeResponse(code=_wire(exc), message=str(exc)))
-                await outbox.put(None)
-
-        tasks = [asyncio.ensure_future(guarded(push)), asyncio.ensure_future(guarded(apply_acks))]
-
-        async def stop() -> None:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await subscription.close()  # once: a second call returns at once
-
-        # A call cancelled while grpc is sending leaves this generator suspended at its
-        # yield, and its `finally` then runs only when the generator is collected: after a
-        # reference cycle, whenever the cyclic GC next runs, which on an idle server can be
-        # never. The call's own end stops the stream and releases its messages at once.
-        def on_done(_: Context) -> None:
-            self._engine.in_background(stop())
-
+        """The stream's work is SubscribeStream's (subscribe_stream.py); this only ties it
+        to the call: its requests, and its end, which stops the stream."""
+        stream = SubscribeStream(self._engine, handlers.checked(request_iterator, context))
         # The stubs type the callback as a class of their own; any callable is accepted.
-        context.add_done_callback(cast(Any, on_done))
-        try:
-            while (response := await outbox.get()) is not None:
+        context.add_done_callback(cast(Any, lambda _: stream.call_ended()))
+        # Closing this generator closes the stream's at once, which stops the stream.
+        async with contextlib.aclosing(stream.responses()) as responses:
+            async for response in responses:
                 yield response
-        finally:
-            await stop()
-
-
-def _wire(exc: errors.QmError) -> pb.Code:
-    return cast(pb.Code, int(exc.code))
-
-
-def _add_element_info(
-    target: RepeatedCompositeFieldContainer[pb.ElementInfo], deliveries: list[Delivery]
-) -> None:
-    """Append one ElementInfo per delivery to a response's repeated field.
-
-    Built in place with `add()` and attribute stores: a list of ElementInfo passed to a
-    response's constructor is copied element by element, which cost twice as much.
-    """
-    add = target.add
-    for d in deliveries:
-        info = add()
-        info.element = d.element
-        info.message_id = d.message_id
-        info.delivery_count = d.delivery_count

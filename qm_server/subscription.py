@@ -8,18 +8,23 @@ Refills come in batches: once the stream holds anything, it waits until a quarte
 its window is free (or REFILL_DELAY_S has passed), so a consumer acking one message at a
 time does not cost a claim per message. An ack that frees enough room claims the refill
 in the same transaction (one commit for both).
+
+It claims and waits through a Deliverer (delivery.py), as long polls do; what it needs
+of the service's other rules (an ack's checks, its read grant, being forgotten at its
+close) comes as StreamRules from whoever opens it, so it does not depend on the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.answer_size import ACK_RESULT_BYTES
+from qm_server.delivery import Deliverer
 from qm_server.sessions import Session
 from qm_server.store.base import Delivery, message_ids_of
 
@@ -27,21 +32,35 @@ from qm_server.store.base import Delivery, message_ids_of
 # before it refills anyway.
 REFILL_DELAY_S = 0.05
 
-if TYPE_CHECKING:
-    from qm_server.engine import Engine
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamRules:
+    """What a stream asks of the service's rules besides delivery, given by its opener."""
+
+    # The rules every ack obeys, unary or on a stream (raises; counts as activity).
+    check_ack: Callable[[Sequence[int], int], object]
+    # Raises PermissionDenied once the stream's read grant is revoked.
+    check_grant: Callable[[], None]
+    # Called once, at the close: the stream no longer counts against its user's quota.
+    closed: Callable[[Subscription], None]
 
 
 class Subscription:
     def __init__(
-        self, engine: Engine, session: Session, token: str, queue: str, max_unacked: int
+        self,
+        deliverer: Deliverer,
+        rules: StreamRules,
+        session: Session,
+        queue: str,
+        max_unacked: int,
     ) -> None:
         self.session = session
         self.queue = queue
         self.max_unacked = max_unacked
-        self._engine = engine
-        self._token = token
+        self._deliverer = deliverer
+        self._rules = rules
         self._held: set[int] = set()  # ids delivered on this stream, not yet acked
         self._low_water = max(1, max_unacked // 4)
         self._waiter: asyncio.Future[None] | None = None
@@ -70,7 +89,6 @@ class Subscription:
         Raises Unauthenticated when the session ends, Unavailable when the server drains,
         QueueNotFound when the queue is destroyed.
         """
-        engine = self._engine
         overdue = False
         while True:
             if (stopped := self._stopped_by()) is not None:
@@ -78,13 +96,10 @@ class Subscription:
             room = self.max_unacked - len(self._held) if overdue else self._room()
             overdue = False
             if room:
-                deliveries = await engine.guarded_claim(
-                    self.session,
-                    engine.store.claim(self.queue, self.session.id, room, engine.answer_room),
-                    message_ids_of,
-                )
+                deliveries = await self._deliverer.claim(self.session, self.queue, room)
                 if deliveries:
-                    return await self._took(deliveries)
+                    self._held.update(message_ids_of(deliveries))
+                    return deliveries
                 await self._wait(park=True)
             elif len(self._held) < self.max_unacked:
                 # Some room, below the low-water mark: wait a moment for more acks, then
@@ -107,10 +122,10 @@ class Subscription:
             return errors.QueueNotFound(f"queue {self.queue!r} was destroyed")
         if self.session.ended:
             return errors.Unauthenticated("the session ended; log in again")
-        if self._engine.draining:
+        if self._deliverer.draining:
             return errors.Unavailable("the server is shutting down")
         try:
-            self._engine.authorize(self.session, "read", "queue", self.queue)
+            self._rules.check_grant()
         except errors.PermissionDenied as exc:
             return exc
         return None
@@ -120,43 +135,20 @@ class Subscription:
         room = self.max_unacked - len(self._held)
         return room if room >= self._low_water or not self._held else 0
 
-    async def _took(self, deliveries: list[Delivery]) -> list[Delivery]:
-        engine = self._engine
-        if self.session.ended:  # it ended while the claim was committing
-            await engine.store.release_session(self.session.id)
-            raise errors.Unauthenticated("the session ended; log in again")
-        self._held.update(message_ids_of(deliveries))
-        if engine.store.ready_hint(self.queue) > 0:
-            engine.signals.wake(self.queue)
-        return deliveries
-
     async def _wait(self, park: bool, timeout_s: float | None = None) -> bool:
         """Wait for a poke (or, if parked, ready messages); False when timeout_s passed."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
         if self._stopped_by() is not None:
             waiter.set_result(None)  # its poke came while we claimed, with nobody waiting
-        if park:
-            self._engine.signals.park(self.queue, waiter)
+        queue = self.queue if park else None
         try:
-            with self._engine.busy(self.session):
-                async with asyncio.timeout(timeout_s):
-                    await waiter
-            if park and self._stopped_by() is not None:
-                # We leave without claiming; the wake-up we may have taken for a ready
-                # message goes to the next waiter (a drain wakes every waiter anyway).
-                self._engine.signals.wake(self.queue)
-            return True
-        except TimeoutError:
-            return False
-        except asyncio.CancelledError:
-            if park and waiter.done() and not waiter.cancelled():
-                self._engine.signals.wake(self.queue)
-            raise
+            woken = await self._deliverer.wait(self.session, waiter, timeout_s, queue=queue)
         finally:
             self._waiter = None
-            if park:
-                self._engine.signals.unpark(self.queue, waiter)
+        if woken and park and self._stopped_by() is not None:
+            self._deliverer.pass_on(self.queue)  # we leave without claiming
+        return woken
 
     async def ack(
         self, message_ids: Sequence[int], ack_type: int
@@ -165,8 +157,7 @@ class Subscription:
 
         Returns the per-id outcome and the messages claimed to refill the window.
         """
-        engine = self._engine
-        engine.check_ack(self._token, message_ids, ack_type)
+        self._rules.check_ack(message_ids, ack_type)
         mine = [i for i in message_ids if i in self._held]
         if not mine:
             return [False] * len(message_ids), []
@@ -175,18 +166,14 @@ class Subscription:
         # destroyed (a queue created again under its name is not the one it opened).
         room = self._room() if self._stopped_by() is None else 0
         try:
-            results, deliveries = await engine.guarded_claim(
+            results, deliveries = await self._deliverer.ack_and_claim(
                 self.session,
-                engine.store.ack_and_claim(
-                    self.session.id,
-                    mine,
-                    ack_type == pb.ACK_TYPE_DONE,
-                    self.queue,
-                    room,
-                    # The answer carries the refill and an AckResult per id not found.
-                    engine.answer_room - ACK_RESULT_BYTES * len(message_ids),
-                ),
-                lambda outcome: message_ids_of(outcome[1]),
+                mine,
+                ack_type == pb.ACK_TYPE_DONE,
+                self.queue,
+                room,
+                # The answer carries the refill and an AckResult per id not found.
+                self._deliverer.answer_room - ACK_RESULT_BYTES * len(message_ids),
             )
         except errors.QmError:
             # Nothing of a failed transaction happened: the stream still holds them, and
@@ -194,7 +181,8 @@ class Subscription:
             self._held.update(mine)
             raise
         if deliveries:
-            deliveries = await self._took(deliveries)
+            deliveries = await self._deliverer.hand_over(self.session, self.queue, deliveries)
+            self._held.update(message_ids_of(deliveries))
         # The pusher re-checks its room and parks on the queue if needed; one waiting for
         # room in a window that the refill filled again would only wait again.
         if not (self._awaiting_room and len(self._held) >= self.max_unacked):
@@ -210,13 +198,13 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
-        self._engine.forget(self)
+        self._rules.closed(self)
         held, self._held = sorted(self._held), set()
         if held and not self.session.ended:
             try:
-                await self._engine.store.ack(self.session.id, held, done=False)
+                await self._deliverer.release(self.session, held)
             except errors.QmError as exc:
                 # A store that cannot commit (a drain while the disk fails): raised out of
                 # the stream's handler, it was logged as a servicer error with a traceback.
-                # They stay in flight until the session ends, as engine._release leaves them.
+                # They stay in flight until the session ends, as abandoned claims are left.
                 log.warning("could not release %d messages of a closed stream: %s", len(held), exc)

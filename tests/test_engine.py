@@ -273,7 +273,7 @@ def started_waiting(engine: Engine) -> asyncio.Event:
     if event is not None:
         return event
     event = _STARTED_WAITING[engine] = asyncio.Event()
-    park, busy = engine.signals.park, engine.busy
+    park, busy = engine.signals.park, engine.deliverer.busy
 
     def park_and_tell(name: str, waiter: asyncio.Future[None]) -> None:
         park(name, waiter)
@@ -286,7 +286,7 @@ def started_waiting(engine: Engine) -> asyncio.Event:
             yield
 
     engine.signals.park = park_and_tell  # type: ignore[method-assign]
-    engine.busy = busy_and_tell  # type: ignore[method-assign]
+    engine.deliverer.busy = busy_and_tell  # type: ignore[method-assign]
     return event
 
 
@@ -601,10 +601,12 @@ async def full_stream_on_q(engine: Engine) -> AsyncIterator[tuple[str, Subscript
         yield admin, subscription, held
 
 
-async def waiting_for_room(subscription: Subscription) -> asyncio.Future[list[Delivery]]:
+async def waiting_for_room(
+    engine: Engine, subscription: Subscription
+) -> asyncio.Future[list[Delivery]]:
     """Its next batch, once it waits for acks to free room."""
     waiting = asyncio.ensure_future(subscription.next_batch())
-    await until(subscription._engine, lambda: subscription.session.waiting == 1)
+    await until(engine, lambda: subscription.session.waiting == 1)
     return waiting
 
 
@@ -616,7 +618,7 @@ def test_a_full_subscription_ends_when_its_queue_is_destroyed(tmp_path: Path) ->
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         async with full_stream_on_q(engine) as (admin, subscription, held):
             assert len(held) == 2  # the window is full
-            waiting = await waiting_for_room(subscription)
+            waiting = await waiting_for_room(engine, subscription)
             await engine.destroy_queue(admin, "q", force=True)
             with pytest.raises(errors.QueueNotFound):
                 await asyncio.wait_for(waiting, 5)
@@ -632,7 +634,7 @@ def test_a_destroy_whose_caller_gives_up_still_ends_the_queues_streams(tmp_path:
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         async with full_stream_on_q(engine) as (admin, subscription, held):
             assert len(held) == 2  # the window is full
-            waiting = await waiting_for_room(subscription)
+            waiting = await waiting_for_room(engine, subscription)
             destroying = asyncio.Event()
             destroy_queue = engine.store.destroy_queue
 

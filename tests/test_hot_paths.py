@@ -284,3 +284,31 @@ def test_a_stream_whose_call_ends_releases_its_messages_unclosed(tmp_path: Path)
         await cast(AsyncGenerator[Any, None], responses).aclose()
 
     run(tmp_path, scenario)
+
+
+def test_closing_the_subscribe_handler_stops_its_stream_at_once(tmp_path: Path) -> None:
+    """The handler hands the stream's work to a SubscribeStream generator of its own;
+    closing the handler's generator (grpc ending the call, or its collection) must close
+    that one too, releasing what the stream held then, not at the inner one's collection."""
+
+    async def scenario(engine: Engine, s: QueueManagerServicer) -> None:
+        token = await log_in(engine)
+        ids = await fill(s, token, ["a", "b"])
+        other = await log_in(engine)
+
+        async def requests() -> AsyncIterator[pb.SubscribeRequest]:
+            yield pb.SubscribeRequest(
+                open=pb.SubscribeOpen(token=other, queue_name="q", max_unacked=10)
+            )
+            await asyncio.Event().wait()  # the client sends nothing more
+
+        responses = s.Subscribe(requests(), cast(Any, StreamContext()))  # the call never ends
+        first = await anext(responses)
+        assert [e.message_id for e in first.element_info] == ids
+        await cast(AsyncGenerator[Any, None], responses).aclose()
+        assert engine._streams() == []  # closed by the time aclose returned
+        poll = pb.PollRequest(token=token, queue_name="q", wait_ms=0)
+        reply = await s.Poll(poll, NO_CONTEXT)
+        assert (reply.code, reply.element, reply.delivery_count) == (pb.CODE_OK, "a", 2)
+
+    run(tmp_path, scenario)
