@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import logging
 import signal
 import sqlite3
@@ -20,16 +19,12 @@ import sys
 from pathlib import Path
 
 from qm_server import errors
-from qm_server.auth import PasswordHasher
-from qm_server.config import AuthSettings, ServerConfig
-from qm_server.datadir import missing_database
+from qm_server.config import ServerConfig
 from qm_server.flags import add_setting_flags, settings_from_args
 from qm_server.fsutil import DataDirInUse, DataDirRefused
-from qm_server.permissions import KINDS, Grant
 from qm_server.server import BindError, QueueManagerServer
-from qm_server.store import sqlite_file
-from qm_server.store.base import UserRecord
-from qm_server.store.sqlite_file import DatabaseDamaged
+from qm_server.store import sqlite_file, sqlite_users
+from qm_server.user_commands import add_user_commands, manage_users
 
 # Exit statuses of `qm-server check`.
 CHECK_OK, CHECK_DAMAGED, CHECK_FAILED = 0, 1, 2
@@ -43,27 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     parser.add_argument("--log-level", default="INFO")
     commands = parser.add_subparsers(dest="command")
-    user = commands.add_parser("user", help="manage users in --data-dir").add_subparsers(
-        dest="action", required=True
-    )
-    for action in ("add", "passwd"):
-        sub = user.add_parser(action)
-        sub.add_argument("name")
-        sub.add_argument("--password-stdin", action="store_true", help="read it from stdin")
-        sub.add_argument("--admin", action="store_true", help="make the user an admin")
-        sub.add_argument("--data-dir", type=Path, dest="user_data_dir")
-    remove = user.add_parser("remove")
-    remove.add_argument("name")
-    remove.add_argument("--data-dir", type=Path, dest="user_data_dir")
-    listing = user.add_parser("list", help="users, their role and their grants")
-    listing.add_argument("--data-dir", type=Path, dest="user_data_dir")
-    for action in ("grant", "revoke"):
-        sub = user.add_parser(action, help=f"{action} ACTIONS on KIND names matching PATTERN")
-        sub.add_argument("name")
-        sub.add_argument("actions", help="read, write, manage, or a comma-separated list")
-        sub.add_argument("kind", choices=KINDS)
-        sub.add_argument("pattern", help="a glob: a name, 'jobs.*', or '*' for all")
-        sub.add_argument("--data-dir", type=Path, dest="user_data_dir")
+    add_user_commands(commands)
     check = commands.add_parser(
         "check", help="check the whole database for damage (PRAGMA integrity_check)"
     )
@@ -94,55 +69,13 @@ async def serve(config: ServerConfig, port_file: Path | None) -> int:
     return 1 if server.failed_to_stop else 0
 
 
-def read_password(args: argparse.Namespace) -> str:
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    elif sys.stdin.isatty():
-        password = getpass.getpass(f"password for {args.name}: ")
-    else:
-        raise SystemExit("qm-server: give --password-stdin, or run on a terminal to be asked")
-    if not password:
-        raise SystemExit("qm-server: the password is empty")
-    return password
-
-
 def existing_database(args: argparse.Namespace) -> Path | None:
-    """The database of --data-dir, or None (said on stderr) if there is none: a command
-    that made one would report success on a mistyped directory."""
-    data_dir: Path = args.user_data_dir or args.data_dir
-    why = missing_database(data_dir)
-    if why is None:
-        return data_dir / sqlite_file.DB_FILE
-    print(
-        f"qm-server: no database in {data_dir} ({sqlite_file.DB_FILE} {why}); "
-        "check --data-dir, or start qm-server there once to create one",
-        file=sys.stderr,
-    )
-    return None
-
-
-def manage_users(args: argparse.Namespace) -> int:
-    path = existing_database(args)
-    if path is None:
-        return 2
-    # Ask for the password before taking the database's write lock.
-    password = read_password(args) if args.action in ("add", "passwd") else ""
+    """The database of --data-dir, or None (said on stderr) if there is none."""
     try:
-        conn = sqlite_file.connect(path, create=False)
-        try:
-            with sqlite_file.transaction(conn):
-                return change_users(conn, args, password)
-        finally:
-            conn.close()
-    except DatabaseDamaged as exc:
+        return sqlite_users.existing_database(args.user_data_dir or args.data_dir)
+    except DataDirRefused as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
-        return 2
-    except sqlite3.Error as exc:  # a full disk, a read-only file, a corrupt page
-        if sqlite_file.is_corruption(exc):
-            print(f"qm-server: {sqlite_file.damaged(path, [str(exc)])}", file=sys.stderr)
-        else:
-            print(f"qm-server: nothing changed, {path}: {exc}", file=sys.stderr)
-        return 2
+        return None
 
 
 def check_database(args: argparse.Namespace) -> int:
@@ -171,57 +104,6 @@ def check_database(args: argparse.Namespace) -> int:
         print(f"{path}: {problem}")
     print(f"qm-server: {sqlite_file.damaged(path, problems)}", file=sys.stderr)
     return CHECK_DAMAGED
-
-
-def change_users(conn: sqlite3.Connection, args: argparse.Namespace, password: str) -> int:
-    """One user command, inside one transaction."""
-    if args.action == "list":
-        permissions = sqlite_file.load_permissions(conn)
-        for record in sqlite_file.list_users(conn):
-            grants = "; ".join(str(g) for g in permissions[record.name].grants)
-            role = " (admin)" if record.is_admin else ""
-            print(f"{record.name}{role}{': ' + grants if grants else ''}")
-        return 0
-    if args.action in ("grant", "revoke"):
-        return change_grants(conn, args)
-    if args.action == "remove":
-        if not sqlite_file.delete_user(conn, args.name):
-            print(f"qm-server: no user {args.name!r}", file=sys.stderr)
-            return 1
-        print(f"removed user {args.name}")
-        return 0
-    existing = sqlite_file.get_user(conn, args.name)
-    if args.action == "add" and existing is not None:
-        print(f"qm-server: user {args.name!r} already exists", file=sys.stderr)
-        return 1
-    if args.action == "passwd" and existing is None:
-        print(f"qm-server: no user {args.name!r}", file=sys.stderr)
-        return 1
-    hashed = PasswordHasher.from_settings(AuthSettings()).hash(password)
-    is_admin = args.admin or (existing is not None and existing.is_admin)
-    sqlite_file.put_user(conn, UserRecord(args.name, hashed, is_admin))
-    print(f"{'added' if args.action == 'add' else 'changed password of'} user {args.name}")
-    return 0
-
-
-def change_grants(conn: sqlite3.Connection, args: argparse.Namespace) -> int:
-    if sqlite_file.get_user(conn, args.name) is None:
-        print(f"qm-server: no user {args.name!r}", file=sys.stderr)
-        return 1
-    try:
-        grants = [Grant(a.strip(), args.kind, args.pattern) for a in args.actions.split(",")]
-    except ValueError as exc:
-        print(f"qm-server: {exc}", file=sys.stderr)
-        return 1
-    for grant in grants:
-        if args.action == "grant":
-            sqlite_file.add_grant(conn, args.name, grant)
-            print(f"granted {grant} to {args.name}")
-        elif sqlite_file.remove_grant(conn, args.name, grant):
-            print(f"revoked {grant} from {args.name}")
-        else:
-            print(f"{args.name} did not hold {grant}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

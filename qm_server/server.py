@@ -258,7 +258,7 @@ class QueueManagerServer:
             write_private_file(path, (password + "\n").encode())
             print(f"qm-server: created user admin with password {password} (also in {path})")
             log.warning("created user admin; its generated password is in %s", path)
-        await self.store.put_user(UserRecord("admin", hashed, is_admin=True))
+        await self.store.create_user(UserRecord("admin", hashed, is_admin=True))
 
 
 @dataclass

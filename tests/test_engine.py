@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, TypeVar
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from user_directory import as_user_command
 
 from conftest import FAST_AUTH, encrypt_password
 from qm.v1 import queue_manager_pb2 as pb
@@ -20,8 +20,7 @@ from qm_server.auth import KeyPair, LoginThrottle, PasswordHasher
 from qm_server.engine import Engine
 from qm_server.permissions import Grant, Permissions
 from qm_server.sessions import Session
-from qm_server.store import sqlite_file
-from qm_server.store.base import Delivery, UserRecord
+from qm_server.store.base import Delivery, UserDirectory, UserRecord
 from qm_server.store.sqlite import SqliteStore
 from qm_server.subscription import Subscription
 
@@ -45,7 +44,7 @@ def run(tmp_path: Path, test: EngineTest, session_ttl_s: float = 10.0) -> None:
         store = SqliteStore(tmp_path)
         await store.open()
         hashed = PasswordHasher.from_settings(FAST_AUTH).hash("pw")
-        await store.put_user(UserRecord("admin", hashed, is_admin=True))
+        await store.create_user(UserRecord("admin", hashed, is_admin=True))
         clock = FakeClock()
         engine = Engine(store, KEY, session_ttl_s=session_ttl_s, auth=FAST_AUTH, clock=clock)
         try:
@@ -447,18 +446,13 @@ def test_a_burst_of_concurrent_logins_gets_no_more_answers_than_the_throttle_all
     run(tmp_path, scenario)
 
 
-def as_user_command(tmp_path: Path, change: Callable[[sqlite3.Connection], object]) -> None:
-    """A change made as the `qm-server user` commands make it, beside the running server."""
-    conn = sqlite_file.connect(tmp_path / sqlite_file.DB_FILE)
-    try:
-        with sqlite_file.transaction(conn):
-            change(conn)
-    finally:
-        conn.close()
-
-
 def user_bob(password: str) -> UserRecord:
     return UserRecord("bob", PasswordHasher.from_settings(FAST_AUTH).hash(password), False)
+
+
+def bob_password_set_to(password: str) -> Callable[[UserDirectory], Awaitable[bool]]:
+    """What `user passwd bob` does."""
+    return lambda users: users.set_password("bob", user_bob(password).password_hash)
 
 
 READ_Q = Grant("read", "queue", "q")
@@ -466,8 +460,8 @@ READ_Q = Grant("read", "queue", "q")
 
 def bob_reads_q(tmp_path: Path, password: str) -> None:
     """User bob, who may read queue q, as `user add` and `user grant` make him."""
-    as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob(password)))
-    as_user_command(tmp_path, lambda conn: sqlite_file.add_grant(conn, "bob", READ_Q))
+    as_user_command(tmp_path, lambda users: users.create_user(user_bob(password)))
+    as_user_command(tmp_path, lambda users: users.add_grants("bob", [READ_Q]))
 
 
 async def revoked_after_parking(
@@ -478,7 +472,7 @@ async def revoked_after_parking(
     bob_reads_q(tmp_path, "bob-pw")
     waiting = asyncio.ensure_future(wait(await log_in(engine, "bob-pw", "bob")))
     await until(engine, lambda: engine.signals.waiting() == 1)
-    as_user_command(tmp_path, lambda conn: sqlite_file.remove_grant(conn, "bob", READ_Q))
+    as_user_command(tmp_path, lambda users: users.remove_grants("bob", [READ_Q]))
     await engine.refresh_permissions()  # the sweep's reload
     return waiting
 
@@ -510,7 +504,7 @@ def test_a_user_removed_while_logging_in_gets_no_session(tmp_path: Path) -> None
         class RemoveDuringHash:
             def verify(self, password: str, stored: str | None) -> bool:
                 ok = hasher.verify(password, stored)
-                as_user_command(tmp_path, lambda conn: sqlite_file.delete_user(conn, "admin"))
+                as_user_command(tmp_path, lambda users: users.delete_user("admin"))
                 return ok
 
         engine._hasher = RemoveDuringHash()  # type: ignore[assignment]
@@ -531,7 +525,7 @@ def test_a_password_change_ends_the_user_s_sessions(tmp_path: Path) -> None:
         bob_reads_q(tmp_path, "old-pw")
         bob = await log_in(engine, "old-pw", "bob")
         assert len(await engine.take(bob, "q", 1, 0)) == 1
-        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("new-pw")))
+        as_user_command(tmp_path, bob_password_set_to("new-pw"))
         await engine.refresh_permissions()  # the sweep's reload
         with pytest.raises(errors.Unauthenticated):
             await engine.heartbeat(bob)
@@ -551,12 +545,12 @@ def test_a_user_removed_and_added_again_between_reloads_loses_its_sessions(
     kept the sessions of the removed account: the reload only looked for missing names."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("pw")))
+        as_user_command(tmp_path, lambda users: users.create_user(user_bob("pw")))
         bob = await log_in(engine, "pw", "bob")
 
-        def remove_and_add_again(conn: sqlite3.Connection) -> None:
-            sqlite_file.delete_user(conn, "bob")
-            sqlite_file.put_user(conn, user_bob("pw"))
+        async def remove_and_add_again(users: UserDirectory) -> None:
+            await users.delete_user("bob")
+            await users.create_user(user_bob("pw"))
 
         as_user_command(tmp_path, remove_and_add_again)
         await engine.refresh_permissions()
@@ -572,15 +566,13 @@ def test_a_password_changed_while_logging_in_gets_no_session(tmp_path: Path) -> 
     passwd` committed meanwhile must not let that login through."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
-        as_user_command(tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("old-pw")))
+        as_user_command(tmp_path, lambda users: users.create_user(user_bob("old-pw")))
         hasher = engine._hasher
 
         class ChangeDuringHash:
             def verify(self, password: str, stored: str | None) -> bool:
                 ok = hasher.verify(password, stored)
-                as_user_command(
-                    tmp_path, lambda conn: sqlite_file.put_user(conn, user_bob("new-pw"))
-                )
+                as_user_command(tmp_path, bob_password_set_to("new-pw"))
                 return ok
 
         engine._hasher = ChangeDuringHash()  # type: ignore[assignment]
@@ -701,8 +693,8 @@ def test_a_reload_cut_short_while_ending_a_session_still_stops_revoked_streams(
         async with stream(engine, bob) as subscription:
             pushing = asyncio.ensure_future(subscription.next_batch())
             await until(engine, lambda: engine.signals.waiting() == 1)
-            as_user_command(tmp_path, lambda conn: sqlite_file.remove_grant(conn, "bob", READ_Q))
-            as_user_command(tmp_path, lambda conn: sqlite_file.delete_user(conn, "admin"))
+            as_user_command(tmp_path, lambda users: users.remove_grants("bob", [READ_Q]))
+            as_user_command(tmp_path, lambda users: users.delete_user("admin"))
             engine._end_session = hangs  # type: ignore[method-assign]
             try:
                 reload = asyncio.ensure_future(engine.refresh_permissions())

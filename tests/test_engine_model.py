@@ -133,7 +133,7 @@ async def open_engine(data_dir: Path, clock: FakeClock) -> tuple[SqliteStore, En
     store = SqliteStore(data_dir)
     await store.open()
     if await store.get_user("admin") is None:
-        await store.put_user(UserRecord("admin", PASSWORD_HASH, is_admin=True))
+        await store.create_user(UserRecord("admin", PASSWORD_HASH, is_admin=True))
     engine = Engine(store, KEY, session_ttl_s=TTL_S, auth=FAST_AUTH, clock=clock)
     return store, engine
 

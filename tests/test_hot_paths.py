@@ -52,7 +52,7 @@ def run(tmp_path: Path, scenario: Scenario, limits: Limits | None = None) -> Non
         store = SqliteStore(tmp_path)
         await store.open()
         hashed = PasswordHasher.from_settings(FAST_AUTH).hash("pw")
-        await store.put_user(UserRecord("admin", hashed, is_admin=True))
+        await store.create_user(UserRecord("admin", hashed, is_admin=True))
         engine = Engine(store, KEY, auth=FAST_AUTH, limits=limits)
         try:
             await scenario(engine, QueueManagerServicer(engine))

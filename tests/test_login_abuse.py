@@ -21,6 +21,7 @@ import grpc
 import pytest
 from test_engine import FakeClock as EngineClock
 from test_engine import log_in, run
+from user_directory import as_user_command
 
 from conftest import FAST_AUTH, ServerHandle, encrypt_password, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -30,7 +31,6 @@ from qm_server.auth import PasswordHasher
 from qm_server.config import AuthSettings
 from qm_server.engine import Engine
 from qm_server.login_guard import LoginGuard
-from qm_server.store import sqlite_file
 from qm_server.store.base import UserRecord
 
 Stub = pb_grpc.QueueManagerServiceStub
@@ -54,13 +54,9 @@ def auth(stub: Stub, user: str, password: str) -> pb.AuthResponse:
 
 def add_user(handle: ServerHandle, name: str, password: str) -> None:
     """A user with no grants, written as `qm-server user add` writes it."""
-    conn = sqlite_file.connect(handle.data_dir / sqlite_file.DB_FILE)
-    try:
-        with sqlite_file.transaction(conn):
-            hashed = PasswordHasher.from_settings(FAST_AUTH).hash(password)
-            sqlite_file.put_user(conn, UserRecord(name, hashed, is_admin=False))
-    finally:
-        conn.close()
+    hashed = PasswordHasher.from_settings(FAST_AUTH).hash(password)
+    record = UserRecord(name, hashed, is_admin=False)
+    as_user_command(handle.data_dir, lambda users: users.create_user(record))
 
 
 def test_failures_from_one_host_do_not_lock_the_user_out_of_another(

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 from test_engine import KEY, FakeClock, log_in
 from test_store_migration import write_schema_2_file
+from user_directory import as_user_command
 
 from conftest import FAST_AUTH, ServerHandle, encrypt_password, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -28,7 +29,7 @@ from qm_server.config import Limits
 from qm_server.engine import Engine
 from qm_server.permissions import Grant
 from qm_server.store import sqlite_file
-from qm_server.store.base import UserRecord
+from qm_server.store.base import UserDirectory, UserRecord
 from qm_server.store.sqlite import SqliteStore
 
 Stub = pb_grpc.QueueManagerServiceStub
@@ -43,16 +44,14 @@ GRANTS = (
 def add_users(data_dir: Path, *names: str) -> None:
     """Users without admin rights who may read and manage every queue and write maps,
     written as `qm-server user add` and `user grant` write them."""
-    conn = sqlite_file.connect(data_dir / sqlite_file.DB_FILE)
-    try:
-        with sqlite_file.transaction(conn):
-            hashed = PasswordHasher.from_settings(FAST_AUTH).hash("pw")
-            for name in names:
-                sqlite_file.put_user(conn, UserRecord(name, hashed, is_admin=False))
-                for grant in GRANTS:
-                    sqlite_file.add_grant(conn, name, grant)
-    finally:
-        conn.close()
+    hashed = PasswordHasher.from_settings(FAST_AUTH).hash("pw")
+
+    async def add(users: UserDirectory) -> None:
+        for name in names:
+            await users.create_user(UserRecord(name, hashed, is_admin=False))
+            await users.add_grants(name, GRANTS)
+
+    as_user_command(data_dir, add)
 
 
 @contextmanager
@@ -157,7 +156,7 @@ def run_engine(tmp_path: Path, limits: Limits, scenario: Callable[[Engine], obje
     async def main() -> None:
         store = SqliteStore(tmp_path)
         await store.open()
-        await store.put_user(
+        await store.create_user(
             UserRecord("admin", PasswordHasher.from_settings(FAST_AUTH).hash("pw"), True)
         )
         add_users(tmp_path, "bob", "carol")

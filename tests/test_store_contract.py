@@ -1,9 +1,11 @@
 """What every store promises (qm_server/store/base.py), run against each store.
 
-These tests speak only the Store interface, so a new backend joins by adding its factory
-to STORES (or a fixture param that skips with a reason where its server is missing);
-nothing below names a particular store. Behaviour that one store implements its own way
-(SQLite's staging of a transaction, its file faults) is tested beside that store.
+These tests speak only the Store and UserDirectory interfaces, so a new backend joins by
+adding its factory to STORES (or a fixture param that skips with a reason where its server
+is missing); nothing below names a particular store. The user-directory tests run both on
+the store itself and on the lighter directory that `qm-server user ...` opens beside it.
+Behaviour that one store implements its own way (SQLite's staging of a transaction, its
+file faults) is tested beside that store.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from pathlib import Path
 import pytest
 
 from qm_server import errors
-from qm_server.store.base import Delivery, QueueCounts, Store, UserRecord
+from qm_server.config import ServerConfig
+from qm_server.permissions import Grant
+from qm_server.store.backends import open_user_directory
+from qm_server.store.base import Delivery, QueueCounts, Store, UserDirectory, UserRecord
 from qm_server.store.sqlite import SqliteStore
 
 StoreFactory = Callable[[Path], Store]
@@ -338,13 +343,48 @@ def test_maps_outlive_a_restart(run: Callable[[Body], None]) -> None:
 
 
 # Users ----------------------------------------------------------------------------------
+# What every UserDirectory promises, held for each store itself (it serves logins) and for
+# the directory `qm-server user ...` opens beside it (open_user_directory).
+
+DirectoryFactory = Callable[[Harness, Path], UserDirectory]
+DIRECTORIES: dict[str, DirectoryFactory] = {
+    "store": lambda harness, data_dir: harness.store,
+    "beside": lambda harness, data_dir: open_user_directory(ServerConfig(data_dir=data_dir)),
+}
+UsersBody = Callable[[UserDirectory, Harness], Awaitable[None]]
+
+READ_Q = Grant("read", "queue", "q")
+WRITE_M = Grant("write", "map", "m.*")
+MANAGE_ALL = Grant("manage", "queue", "*")
+
+
+@pytest.fixture(params=[(s, d) for s in sorted(STORES) for d in DIRECTORIES], ids="-".join)
+def users_run(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[UsersBody], None]:
+    """Run an async test body against each store's user directory, with the store open."""
+    store_kind, directory_kind = request.param
+
+    def go(body: UsersBody) -> None:
+        async def main() -> None:
+            harness = Harness(STORES[store_kind], tmp_path)
+            await harness.open()
+            users = DIRECTORIES[directory_kind](harness, tmp_path)
+            try:
+                await body(users, harness)
+            finally:
+                if users is not harness.store:
+                    await users.close()
+                await harness.store.close()
+
+        asyncio.run(main())
+
+    return go
 
 
 def test_users_are_kept_and_carry_their_admin_flag(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
         before = await h.store.count_users()
-        await h.store.put_user(UserRecord("carol", "hash-1", is_admin=False))
-        await h.store.put_user(UserRecord("carol", "hash-2", is_admin=True))  # replaced
+        assert await h.store.create_user(UserRecord("carol", "hash-1", is_admin=False))
+        assert await h.store.set_password("carol", "hash-2", make_admin=True)
         assert await h.store.count_users() == before + 1
         store = await h.reopen()
         assert await store.get_user("carol") == UserRecord("carol", "hash-2", is_admin=True)
@@ -353,3 +393,115 @@ def test_users_are_kept_and_carry_their_admin_flag(run: Callable[[Body], None]) 
         assert carol.is_admin and carol.credential == "hash-2"
 
     run(body)
+
+
+def test_a_taken_name_is_refused_and_left_as_it_was(users_run: Callable[[UsersBody], None]) -> None:
+    async def body(users: UserDirectory, h: Harness) -> None:
+        before = await users.count_users()
+        assert await users.create_user(UserRecord("carol", "hash-1", is_admin=False))
+        assert not await users.create_user(UserRecord("carol", "hash-2", is_admin=True))
+        assert await users.get_user("carol") == UserRecord("carol", "hash-1", is_admin=False)
+        assert await users.count_users() == before + 1
+
+    users_run(body)
+
+
+def test_of_concurrent_creations_of_one_name_exactly_one_wins(
+    users_run: Callable[[UsersBody], None],
+) -> None:
+    async def body(users: UserDirectory, h: Harness) -> None:
+        records = [UserRecord("dave", f"hash-{i}", is_admin=False) for i in range(8)]
+        created = await asyncio.gather(*(users.create_user(r) for r in records))
+        assert sum(created) == 1
+        assert await users.get_user("dave") == records[created.index(True)]
+
+    users_run(body)
+
+
+def test_a_password_is_set_only_for_an_existing_user(
+    users_run: Callable[[UsersBody], None],
+) -> None:
+    async def body(users: UserDirectory, h: Harness) -> None:
+        before = await users.count_users()
+        assert not await users.set_password("erin", "hash-0")
+        assert await users.get_user("erin") is None
+        assert await users.count_users() == before  # not created
+        await users.create_user(UserRecord("erin", "hash-1", is_admin=False))
+        assert await users.set_password("erin", "hash-2")
+        assert await users.get_user("erin") == UserRecord("erin", "hash-2", is_admin=False)
+        assert await users.set_password("erin", "hash-3", make_admin=True)
+        assert await users.set_password("erin", "hash-4")  # an admin stays one
+        assert await users.get_user("erin") == UserRecord("erin", "hash-4", is_admin=True)
+
+    users_run(body)
+
+
+def test_grants_change_one_by_one_and_say_which_changed(
+    users_run: Callable[[UsersBody], None],
+) -> None:
+    async def body(users: UserDirectory, h: Harness) -> None:
+        await users.create_user(UserRecord("frank", "hash", is_admin=False))
+        assert await users.add_grants("frank", [READ_Q, WRITE_M]) == [True, True]
+        assert await users.add_grants("frank", [READ_Q, MANAGE_ALL]) == [False, True]
+        assert await users.remove_grants("frank", [WRITE_M, WRITE_M]) == [True, False]
+        frank = (await users.load_permissions())["frank"]
+        assert set(frank.grants) == {READ_Q, MANAGE_ALL}
+        assert not frank.is_admin and frank.credential == "hash"
+
+    users_run(body)
+
+
+def test_grants_of_a_missing_user_change_nothing(users_run: Callable[[UsersBody], None]) -> None:
+    async def body(users: UserDirectory, h: Harness) -> None:
+        assert await users.add_grants("ghost", [READ_Q]) is None
+        assert await users.remove_grants("ghost", [READ_Q]) is None
+        assert "ghost" not in await users.load_permissions()
+        await users.create_user(UserRecord("ghost", "hash", is_admin=False))
+        assert (await users.load_permissions())["ghost"].grants == ()
+
+    users_run(body)
+
+
+def test_a_removed_user_takes_their_grants_along(users_run: Callable[[UsersBody], None]) -> None:
+    async def body(users: UserDirectory, h: Harness) -> None:
+        await users.create_user(UserRecord("gina", "hash", is_admin=False))
+        await users.add_grants("gina", [READ_Q])
+        assert await users.delete_user("gina")
+        assert not await users.delete_user("gina")
+        assert await users.get_user("gina") is None
+        assert "gina" not in await users.load_permissions()
+        await users.create_user(UserRecord("gina", "hash", is_admin=False))  # the name again
+        assert (await users.load_permissions())["gina"].grants == ()
+
+    users_run(body)
+
+
+def test_users_come_in_name_order(users_run: Callable[[UsersBody], None]) -> None:
+    async def body(users: UserDirectory, h: Harness) -> None:
+        for name in ("b", "é", "a", "Z", "aa"):
+            await users.create_user(UserRecord(name, "hash", is_admin=False))
+        names = [u.name for u in await users.list_users()]
+        assert names == sorted(names, key=str.encode)
+        assert {"a", "aa", "b", "é", "Z"} <= set(names)
+        assert list(await users.load_permissions()) == names
+
+    users_run(body)
+
+
+def test_what_the_directory_commits_the_store_reads_at_once(
+    users_run: Callable[[UsersBody], None],
+) -> None:
+    """Logins read users through the store: a change made by `qm-server user ...` beside a
+    running server must reach them without a restart."""
+
+    async def body(users: UserDirectory, h: Harness) -> None:
+        await users.create_user(UserRecord("hugo", "hash-1", is_admin=False))
+        await users.add_grants("hugo", [READ_Q])
+        assert await h.store.get_user("hugo") == UserRecord("hugo", "hash-1", is_admin=False)
+        assert (await h.store.load_permissions())["hugo"].grants == (READ_Q,)
+        await users.set_password("hugo", "hash-2")
+        assert (await h.store.load_permissions())["hugo"].credential == "hash-2"
+        await users.delete_user("hugo")
+        assert await h.store.get_user("hugo") is None
+
+    users_run(body)

@@ -9,6 +9,9 @@ PostgreSQL store shared by several server processes with `FOR UPDATE SKIP LOCKED
 Every method is a coroutine that returns only after its effect is committed durably; a
 store that cannot commit raises errors.Unavailable and reports itself unhealthy. Domain
 failures raise the errors module's classes and change nothing.
+
+Users and grants have an interface of their own (UserDirectory), which Store includes:
+`qm-server user ...` opens just that beside a running server, whatever the backend.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from qm_server.permissions import Permissions
+from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
 
 
@@ -54,7 +57,71 @@ class UserRecord:
 HealthListener = Callable[[bool], None]
 
 
-class Store(abc.ABC):
+class UserDirectory(abc.ABC):
+    """Users and their grants: what logins read and `qm-server user ...` edits.
+
+    Every method is one transaction of its own: it sees only committed state, and a change
+    is durable before it returns. Refusals (a name taken, a user missing) are return
+    values and change nothing. A directory that cannot read or commit raises
+    errors.Unavailable, and nothing changed. The server's Store is one (it serves logins);
+    the user commands open a lighter one beside a running server (backends.py), so a
+    change made there reaches the server through the store, which reads users afresh at
+    each login and reloads every grant within about a second.
+    """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the connection; later calls raise Unavailable."""
+
+    @abc.abstractmethod
+    async def get_user(self, name: str) -> UserRecord | None:
+        """The user, or None."""
+
+    @abc.abstractmethod
+    async def list_users(self) -> list[UserRecord]:
+        """Every user, in name order (UTF-8 byte order), read in one snapshot."""
+
+    @abc.abstractmethod
+    async def count_users(self) -> int:
+        """How many users exist (the first start creates the admin when there are none)."""
+
+    @abc.abstractmethod
+    async def create_user(self, record: UserRecord) -> bool:
+        """Add the user; False, and nothing changed, when the name is taken.
+
+        The check and the insert are one atomic step: of two creations of one name, at
+        once or not, exactly one returns True and the other leaves the first untouched.
+        """
+
+    @abc.abstractmethod
+    async def set_password(self, name: str, password_hash: str, make_admin: bool = False) -> bool:
+        """Replace the user's password hash, and make them an admin if `make_admin` (an
+        admin stays one either way), atomically; False, nothing changed, when there is
+        no such user (it is not created)."""
+
+    @abc.abstractmethod
+    async def delete_user(self, name: str) -> bool:
+        """Remove the user and every grant of theirs in one atomic step; False when there
+        was no such user. A user created again by that name starts with no grants."""
+
+    @abc.abstractmethod
+    async def add_grants(self, name: str, grants: Sequence[Grant]) -> list[bool] | None:
+        """Give the user every grant or none, atomically; one flag per grant, False when
+        the user held it already. None, nothing changed, when there is no such user."""
+
+    @abc.abstractmethod
+    async def remove_grants(self, name: str, grants: Sequence[Grant]) -> list[bool] | None:
+        """Take every grant away from the user at once, atomically; one flag per grant,
+        False when the user did not hold it. None, nothing changed, when there is no
+        such user."""
+
+    @abc.abstractmethod
+    async def load_permissions(self) -> dict[str, Permissions]:
+        """Every user's admin flag, grants and credential (the password hash), read in
+        one snapshot, keyed by name in name order (a small table, read whole)."""
+
+
+class Store(UserDirectory):
     """Durable queues, maps and users. Safe to call from many coroutines at once."""
 
     @abc.abstractmethod
@@ -182,21 +249,3 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def map_destroy(self, name: str) -> None:
         """MapNotFound."""
-
-    # Users ------------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def get_user(self, name: str) -> UserRecord | None:
-        """The user, or None."""
-
-    @abc.abstractmethod
-    async def count_users(self) -> int:
-        """How many users exist (the first start creates the admin when there are none)."""
-
-    @abc.abstractmethod
-    async def put_user(self, record: UserRecord) -> None:
-        """Create or replace a user."""
-
-    @abc.abstractmethod
-    async def load_permissions(self) -> dict[str, Permissions]:
-        """Every user's admin flag and grants (a small table, read whole)."""

@@ -50,21 +50,14 @@ from typing import Any, TypeVar, cast
 from qm_server import errors
 from qm_server.answer_size import MAX_ENTRY_OVERHEAD, element_info_size, key_value_size
 from qm_server.fsutil import fsync_dir
-from qm_server.permissions import Permissions
+from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
 from qm_server.store import sqlite_sql as sql
+from qm_server.store import sqlite_users as users
 from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, UserRecord
 from qm_server.store.inflight import InFlight
 from qm_server.store.reserve import RESERVE_FILE, DiskReserve
-from qm_server.store.sqlite_file import (
-    DB_FILE,
-    SYNCHRONOUS,
-    connect,
-    get_user,
-    is_corruption,
-    load_permissions,
-    put_user,
-)
+from qm_server.store.sqlite_file import DB_FILE, SYNCHRONOUS, connect, is_corruption
 
 log = logging.getLogger(__name__)
 
@@ -620,18 +613,37 @@ class SqliteStore(Store):
         await self._submit(run)
 
     # Users ------------------------------------------------------------------------------
+    # The statements are sqlite_users', shared with the user commands' directory.
 
     async def get_user(self, name: str) -> UserRecord | None:
-        return await self._read(lambda conn: get_user(conn, name))
+        return await self._read(lambda conn: users.get_user(conn, name))
+
+    async def list_users(self) -> list[UserRecord]:
+        return await self._read(users.list_users)
 
     async def count_users(self) -> int:
-        return await self._read(lambda conn: int(conn.execute(sql.COUNT_USERS).fetchone()[0]))
+        return await self._read(users.count_users)
 
-    async def put_user(self, record: UserRecord) -> None:
-        await self._submit(lambda: put_user(self._db, record), grows=True)
+    async def create_user(self, record: UserRecord) -> bool:
+        return await self._submit(lambda: users.create_user(self._db, record), grows=True)
+
+    async def set_password(self, name: str, password_hash: str, make_admin: bool = False) -> bool:
+        def run() -> bool:
+            return users.set_password(self._db, name, password_hash, make_admin)
+
+        return await self._submit(run, grows=True)
+
+    async def delete_user(self, name: str) -> bool:
+        return await self._submit(lambda: users.delete_user(self._db, name))
+
+    async def add_grants(self, name: str, grants: Sequence[Grant]) -> list[bool] | None:
+        return await self._submit(lambda: users.add_grants(self._db, name, grants), grows=True)
+
+    async def remove_grants(self, name: str, grants: Sequence[Grant]) -> list[bool] | None:
+        return await self._submit(lambda: users.remove_grants(self._db, name, grants))
 
     async def load_permissions(self) -> dict[str, Permissions]:
-        return await self._read(load_permissions)
+        return await self._read(users.load_permissions)
 
     # Readers ----------------------------------------------------------------------------
 

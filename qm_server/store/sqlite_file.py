@@ -1,8 +1,7 @@
-"""The database file: opening it with the contract's durability, its migrations, and the
-users and grants, which `qm-server user ...` edits directly while a server runs.
+"""The database file: opening it with the contract's durability, checking it, migrating it.
 
-Kept apart from the store (sqlite.py) because the user commands need only this: no
-writer thread, no event loop.
+Kept apart from the store (sqlite.py) because the user commands (sqlite_users.py) and
+`qm-server check` need only this: no writer thread, no event loop.
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from qm_server.fsutil import DataDirRefused, create_private_file
-from qm_server.permissions import Grant, Permissions
 from qm_server.store import sqlite_sql as sql
-from qm_server.store.base import UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +145,8 @@ def check_integrity(conn: sqlite3.Connection, seconds: float | None = None) -> l
 
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction for a connection in autocommit mode (the user commands)."""
+    """One write transaction for a connection in autocommit mode (migrations, the user
+    commands)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -179,43 +177,3 @@ def migrate(conn: sqlite3.Connection) -> None:
                     if statement.strip():
                         conn.execute(statement)
             conn.execute(sql.SET_SCHEMA_VERSION, (str(number),))
-
-
-# Users: also used directly (without the writer thread) by `qm-server user ...`. ----------
-
-
-def get_user(conn: sqlite3.Connection, name: str) -> UserRecord | None:
-    row = conn.execute(sql.GET_USER, (name,)).fetchone()
-    return UserRecord(row[0], row[1], bool(row[2])) if row else None
-
-
-def put_user(conn: sqlite3.Connection, record: UserRecord) -> None:
-    conn.execute(sql.PUT_USER, (record.name, record.password_hash, int(record.is_admin)))
-
-
-def delete_user(conn: sqlite3.Connection, name: str) -> bool:
-    conn.execute(sql.DELETE_USER_GRANTS, (name,))
-    return conn.execute(sql.DELETE_USER, (name,)).rowcount > 0
-
-
-def add_grant(conn: sqlite3.Connection, name: str, grant: Grant) -> None:
-    conn.execute(sql.ADD_GRANT, (name, grant.action, grant.kind, grant.pattern))
-
-
-def remove_grant(conn: sqlite3.Connection, name: str, grant: Grant) -> bool:
-    args = (name, grant.action, grant.kind, grant.pattern)
-    return conn.execute(sql.REMOVE_GRANT, args).rowcount > 0
-
-
-def load_permissions(conn: sqlite3.Connection) -> dict[str, Permissions]:
-    grants: dict[str, list[Grant]] = {}
-    for username, action, kind, pattern in conn.execute(sql.ALL_GRANTS):
-        grants.setdefault(username, []).append(Grant(action, kind, pattern))
-    return {
-        user.name: Permissions(user.is_admin, tuple(grants.get(user.name, ())), user.password_hash)
-        for user in list_users(conn)
-    }
-
-
-def list_users(conn: sqlite3.Connection) -> list[UserRecord]:
-    return [UserRecord(r[0], r[1], bool(r[2])) for r in conn.execute(sql.LIST_USERS)]

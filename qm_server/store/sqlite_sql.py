@@ -219,11 +219,14 @@ PAGE_ENTRIES = "SELECT key, value FROM map_entries WHERE map_id = ? ORDER BY key
 # Users ----------------------------------------------------------------------------------
 GET_USER = "SELECT name, password_hash, is_admin FROM users WHERE name = ?"
 COUNT_USERS = "SELECT count(*) FROM users"
-PUT_USER = (
+# A taken name inserts nothing (rowcount 0): the check and the insert are one statement.
+CREATE_USER = (
     "INSERT INTO users (name, password_hash, is_admin) VALUES (?, ?, ?)"
-    " ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash,"
-    " is_admin = excluded.is_admin"
+    " ON CONFLICT (name) DO NOTHING"
 )
+# `user passwd --admin` makes an admin; without it, an admin stays one.
+SET_PASSWORD = "UPDATE users SET password_hash = ?, is_admin = max(is_admin, ?) WHERE name = ?"
+USER_EXISTS = "SELECT 1 FROM users WHERE name = ?"
 DELETE_USER = "DELETE FROM users WHERE name = ?"
 DELETE_USER_GRANTS = "DELETE FROM grants WHERE username = ?"
 ADD_GRANT = "INSERT OR IGNORE INTO grants (username, action, kind, pattern) VALUES (?, ?, ?, ?)"
