@@ -294,7 +294,7 @@ class Session:
     ) -> Message:
         """Record a delivery, so that a lost session can say what it released.
 
-        ``owner`` finishes the message; by default this session, with an ``Ack`` call.
+        ``owner`` finishes the message; by default the session itself, with an ``Ack`` call.
         """
         message = Message(
             element=info.element,
@@ -315,7 +315,7 @@ class Session:
                 login.held.pop(message_id, None)
 
     def _finish(self, message: Message, ack_type: pb.AckType) -> None:
-        """Finish a message this session delivered by a unary call (``Finisher``)."""
+        """Finish a message delivered to the session by a unary call (``Finisher``)."""
         login = message._login
         if not isinstance(login, Login):
             raise TypeError("message was not delivered by this client")

@@ -164,7 +164,7 @@ class QueueManagerClient:
     def poll(self, queue: str, *, wait: float = 0.0) -> Message | None:
         """Take the oldest ready message, or ``None`` if none is ready within ``wait`` s.
 
-        The message stays in flight for this session until acked, nacked, or the session
+        The message stays in flight for the client's session until acked, nacked, or the session
         ends. The server caps ``wait`` (20 s by default).
         """
         request = pb.PollRequest(queue_name=queue, wait_ms=_millis(wait))
@@ -210,7 +210,7 @@ class QueueManagerClient:
         """Finish many messages in one durable step (BatchAck); return those that failed.
 
         A message fails when its session has ended (it was released) or the server no
-        longer has it in flight for this session. Failures are returned rather than raised
+        longer has it in flight for the client's session. Failures are returned rather than raised
         because the others were finished all the same.
         """
         batch = list(messages)

@@ -145,7 +145,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             (found,) = await self._engine.ack(request.token, [request.message_id], request.ack_type)
             if not found:
                 raise errors.MessageNotFound(
-                    f"message {request.message_id} is not in flight for this session"
+                    f"message {request.message_id} is not in flight for your session"
                 )
             return pb.AckResponse()
 

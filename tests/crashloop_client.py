@@ -115,7 +115,7 @@ class LoadClient:
         self.seq = 0
         self.session = 0
         self.token = ""
-        self.held: dict[int, int] = {}  # id -> delivery count, delivered to this session
+        self.held: dict[int, int] = {}  # id -> delivery count, delivered to the session
         self._ops: dict[str, Callable[[], object]] = {
             "add": self.add,
             "add_all": self.add_all,

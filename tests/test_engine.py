@@ -677,7 +677,7 @@ def test_a_reload_cut_short_while_ending_a_session_still_stops_revoked_streams(
     """A reload woke the streams only after ending the sessions it had to end; cancelled
     meanwhile (a login's reload whose caller gave up), it woke none, and the next reload
     saw no change: a stream whose grant was revoked stayed open until something else
-    woke it (found by review)."""
+    woke it."""
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         await with_queue_q(engine)

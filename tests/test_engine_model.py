@@ -673,7 +673,7 @@ class EngineMachine(RuleBasedStateMachine):
         assert expect_ok(outcome) == expected, ids
 
     def draw_ack_id(self, data: st.DataObject, session: ModelSession) -> int:
-        """An id worth acking: this session's own half the time, else anyone's (in flight
+        """An id worth acking: the session's own half the time, else anyone's (in flight
         elsewhere, ready, acked or destroyed), ids never handed out, and int64's ends.
 
         Drawn as a choice and an index of fixed range, then mapped onto the ids: which ids

@@ -19,7 +19,7 @@ def test_rollback_undoes_holds_and_drops_since_the_last_commit() -> None:
     in_flight.hold(1, 10, [1, 2])
     in_flight.hold(2, 10, [3])
     in_flight.commit()
-    assert in_flight.drop(2, [1, 5]) == [None, None]  # held by session 1 / unknown
+    assert in_flight.drop(2, [1, 5]) == [None, None]  # held by the session with id 1 / unknown
     assert in_flight.drop(1, [1]) == [10]
     in_flight.hold(2, 20, [4])
     in_flight.drop_queue(10)

@@ -110,7 +110,7 @@ def test_claims_in_one_transaction_share_the_queue_in_arrival_order(tmp_path: Pa
         found = await in_one_transaction(
             store,
             store.ack(1, [1, 2, 3], done=True),
-            store.ack(2, [4, 5], done=True),  # 5 is session 3's
+            store.ack(2, [4, 5], done=True),  # 5 is held by the session with id 3
             store.ack(3, [5, 6, 7, 8, 9, 10], done=False),
         )
         assert found == [[True, True, True], [True, False], [True] * 6]

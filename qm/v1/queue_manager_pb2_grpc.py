@@ -226,7 +226,7 @@ class QueueManagerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Poll(self, request, context):
-        """qm.poll: takes the oldest ready message and puts it in flight for this session.
+        """qm.poll: takes the oldest ready message and puts it in flight for the caller's session.
         CODE_QUEUE_EMPTY when none is ready within wait_ms; CODE_QUEUE_NOT_FOUND.
         CODE_UNAVAILABLE when the server starts to shut down during the wait, or is shutting
         down when a wait would start: the wait was cut short, not over, so the queue may
@@ -263,7 +263,7 @@ class QueueManagerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def BatchAck(self, request, context):
-        """(new) Acks many messages of this session in one durable step, with a result per id.
+        """(new) Acks many messages of the caller's session in one durable step, with a result per id.
         CODE_INVALID_ARGUMENT for an empty or oversized list or a repeated id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -98,7 +98,7 @@ class QueueManagerServiceStub:
     oversized one. Not idempotent.
     """
     Poll: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.PollRequest, _queue_manager_pb2.PollResponse]
-    """qm.poll: takes the oldest ready message and puts it in flight for this session.
+    """qm.poll: takes the oldest ready message and puts it in flight for the caller's session.
     CODE_QUEUE_EMPTY when none is ready within wait_ms; CODE_QUEUE_NOT_FOUND.
     CODE_UNAVAILABLE when the server starts to shut down during the wait, or is shutting
     down when a wait would start: the wait was cut short, not over, so the queue may
@@ -123,7 +123,7 @@ class QueueManagerServiceStub:
     answers CODE_MESSAGE_NOT_FOUND and changes nothing.
     """
     BatchAck: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.BatchAckRequest, _queue_manager_pb2.BatchAckResponse]
-    """(new) Acks many messages of this session in one durable step, with a result per id.
+    """(new) Acks many messages of the caller's session in one durable step, with a result per id.
     CODE_INVALID_ARGUMENT for an empty or oversized list or a repeated id.
     """
     Size: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.SizeRequest, _queue_manager_pb2.SizeResponse]
@@ -222,7 +222,7 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     oversized one. Not idempotent.
     """
     Poll: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.PollRequest, _queue_manager_pb2.PollResponse]  # type: ignore[assignment]
-    """qm.poll: takes the oldest ready message and puts it in flight for this session.
+    """qm.poll: takes the oldest ready message and puts it in flight for the caller's session.
     CODE_QUEUE_EMPTY when none is ready within wait_ms; CODE_QUEUE_NOT_FOUND.
     CODE_UNAVAILABLE when the server starts to shut down during the wait, or is shutting
     down when a wait would start: the wait was cut short, not over, so the queue may
@@ -247,7 +247,7 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     answers CODE_MESSAGE_NOT_FOUND and changes nothing.
     """
     BatchAck: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.BatchAckRequest, _queue_manager_pb2.BatchAckResponse]  # type: ignore[assignment]
-    """(new) Acks many messages of this session in one durable step, with a result per id.
+    """(new) Acks many messages of the caller's session in one durable step, with a result per id.
     CODE_INVALID_ARGUMENT for an empty or oversized list or a repeated id.
     """
     Size: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.SizeRequest, _queue_manager_pb2.SizeResponse]  # type: ignore[assignment]
@@ -391,7 +391,7 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_manager_pb2.PollRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_manager_pb2.PollResponse, _abc.Awaitable[_queue_manager_pb2.PollResponse]]:
-        """qm.poll: takes the oldest ready message and puts it in flight for this session.
+        """qm.poll: takes the oldest ready message and puts it in flight for the caller's session.
         CODE_QUEUE_EMPTY when none is ready within wait_ms; CODE_QUEUE_NOT_FOUND.
         CODE_UNAVAILABLE when the server starts to shut down during the wait, or is shutting
         down when a wait would start: the wait was cut short, not over, so the queue may
@@ -434,7 +434,7 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_manager_pb2.BatchAckRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_manager_pb2.BatchAckResponse, _abc.Awaitable[_queue_manager_pb2.BatchAckResponse]]:
-        """(new) Acks many messages of this session in one durable step, with a result per id.
+        """(new) Acks many messages of the caller's session in one durable step, with a result per id.
         CODE_INVALID_ARGUMENT for an empty or oversized list or a repeated id.
         """
 

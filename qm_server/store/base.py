@@ -171,7 +171,7 @@ class Store(UserDirectory):
 
     @abc.abstractmethod
     async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
-        """Finish messages in flight for this session: done deletes, else ready again.
+        """Finish messages in flight for the session: done deletes, else ready again.
 
         One flag per id: False when the id is unknown, already acked or held by another
         session (and nothing changed for it).
