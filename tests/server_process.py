@@ -16,6 +16,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 START_TIMEOUT_S = 30.0
 
 
+def qm_server(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """One `qm-server` command run to its end (a user command, `check`, a refused start)."""
+    return subprocess.run(
+        [sys.executable, "-m", "qm_server", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 class ServerProcess:
     """`qm-server` on port 0 in a data directory; `port` is read from --port-file."""
 

@@ -7,13 +7,13 @@ import os
 import sqlite3
 import stat
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_process import qm_server
 
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -23,16 +23,6 @@ from qm_server.store.sqlite_file import SQLITE_FILES, DatabaseDamaged
 
 Stub = pb_grpc.QueueManagerServiceStub
 MAP_ENTRIES = 3000
-
-
-def qm_server(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qm_server", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def call(handle: ServerHandle, password: str | None = None) -> tuple[grpc.Channel, Stub, str]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from server_process import ServerProcess
+from server_process import ServerProcess, qm_server
 from test_subscribe import Stream
 
 from conftest import ServerHandle, login
@@ -37,16 +35,6 @@ def start(processes: list[ServerProcess], data_dir: Path, *args: str, **env: str
     proc = ServerProcess(data_dir, *FAST, *args, env=env).start()
     processes.append(proc)
     return proc
-
-
-def qm_server(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "qm_server", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_first_start_generates_admin_password(
