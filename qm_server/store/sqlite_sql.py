@@ -53,7 +53,9 @@ COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
 
 # Schema migrations, applied in order; meta.schema_version records how many ran.
-# Never edit a published entry: append a new one.
+# Never edit a published entry: append a new one. They are history: the tables they
+# describe may have changed since (migration 3 dropped `messages`); SCHEMA below is what a
+# migrated file holds today.
 MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: queues, messages, maps, users.
     """
@@ -118,6 +120,56 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     ALTER TABLE maps ADD COLUMN owner TEXT;
     """,
 ]
+
+# The schema as the migrations leave it today, to read in one place; a test
+# (tests/test_store_migration.py) checks that a file migrated from empty has exactly these
+# tables, columns and indexes. Change it together with a new migration.
+SCHEMA = """
+-- Small settings of the file: schema_version (how many MIGRATIONS ran),
+-- next_message_id (saved whenever the newest message is deleted, so that an id is never
+-- handed out twice, even after a restart), probe (bumped by the health probe's write).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- One row per queue. Its messages live in a table of their own, messages_<id>
+-- (MessageStatements.create: id INTEGER PRIMARY KEY, delivery_count, payload), created
+-- with the queue and dropped with it. Every message id at or below delivered_upto was
+-- delivered at least once; being in flight is kept in memory only (inflight.py).
+-- owner: who created it, for the per-user quotas; NULL for queues made before owners
+-- were kept.
+CREATE TABLE queues (
+    id             INTEGER PRIMARY KEY,
+    name           TEXT NOT NULL UNIQUE,
+    delivered_upto INTEGER NOT NULL DEFAULT 0,
+    owner          TEXT
+);
+CREATE TABLE maps (
+    id    INTEGER PRIMARY KEY,
+    name  TEXT NOT NULL UNIQUE,
+    owner TEXT
+);
+-- BINARY collation compares UTF-8 bytes: the key order MapGetList promises.
+CREATE TABLE map_entries (
+    map_id INTEGER NOT NULL,
+    key    TEXT NOT NULL,
+    value  TEXT NOT NULL,
+    PRIMARY KEY (map_id, key)
+) WITHOUT ROWID;
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    is_admin      INTEGER NOT NULL DEFAULT 0
+);
+-- Grants of actions on name patterns (permissions.py).
+CREATE TABLE grants (
+    username TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    pattern  TEXT NOT NULL,
+    PRIMARY KEY (username, action, kind, pattern)
+) WITHOUT ROWID;
+"""
 
 HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
 SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
