@@ -1,6 +1,6 @@
 """The embedded store: one SQLite file (WAL, synchronous=FULL), one writer thread.
 
-A reader starts here. The store is four parts, each in a module of its own:
+A reader starts here. The store is split into modules with one job each:
 
 - sqlite_writer.py: the writer thread. It takes every queued operation, runs them in one
   transaction and commits once (group commit), and answers each caller only after the
