@@ -36,13 +36,13 @@ class Outage:
         running = server.thread.server
         assert running is not None and server.thread._loop is not None
         self.store = running.store
-        assert isinstance(self.store, SqliteStore) and self.store._conn is not None
-        self.writes = FailingWrites(self.store._conn)
+        assert isinstance(self.store, SqliteStore) and self.store._writer._conn is not None
+        self.writes = FailingWrites(self.store._writer._conn)
         self.attempts: Counter[str] = Counter()
         store, writes = self.store, self.writes
 
         async def swap() -> None:
-            await store._submit(lambda: setattr(store, "_conn", writes))  # on the writer
+            await store._submit(lambda: setattr(store._writer, "_conn", writes))  # on the writer
 
         asyncio.run_coroutine_threadsafe(swap(), server.thread._loop).result(10)
 

@@ -86,7 +86,7 @@ def test_a_store_failure_during_start_is_not_reported_serving(tmp_path: Path) ->
     class FailsWhileStarting(SqliteStore):
         async def open(self) -> None:
             await super().open()
-            self._notify_health(False)  # as a failed commit reports it
+            self._writer._notify_health(False)  # as a failed commit reports it
 
     async def scenario() -> None:
         server = QueueManagerServer(make_config(tmp_path), FailsWhileStarting(tmp_path))

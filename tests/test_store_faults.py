@@ -320,9 +320,9 @@ class FailingWrites:
 async def store_with_failing_writes(data_dir: Path) -> tuple[SqliteStore, FailingWrites]:
     store = SqliteStore(data_dir)
     await store.open()
-    assert store._conn is not None
-    writes = FailingWrites(store._conn)
-    await store._submit(lambda: setattr(store, "_conn", writes))  # on the writer thread
+    assert store._writer._conn is not None
+    writes = FailingWrites(store._writer._conn)
+    await store._submit(lambda: setattr(store._writer, "_conn", writes))  # on the writer thread
     return store, writes
 
 
@@ -422,11 +422,11 @@ def test_a_drain_while_the_store_fails_closes_streams_without_a_traceback(
     server = handle.thread.server
     assert server is not None and handle.thread._loop is not None
     store = server.store
-    assert isinstance(store, SqliteStore) and store._conn is not None
-    writes = FailingWrites(store._conn)
+    assert isinstance(store, SqliteStore) and store._writer._conn is not None
+    writes = FailingWrites(store._writer._conn)
 
     async def swap() -> None:
-        await store._submit(lambda: setattr(store, "_conn", writes))  # on the writer thread
+        await store._submit(lambda: setattr(store._writer, "_conn", writes))  # on the writer thread
 
     asyncio.run_coroutine_threadsafe(swap(), handle.thread._loop).result(10)
     with grpc.insecure_channel(handle.target) as channel:

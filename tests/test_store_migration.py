@@ -12,7 +12,7 @@ from conftest import ADMIN_PASSWORD, ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server.store import sqlite_sql as sql
-from qm_server.store.sqlite_file import DB_FILE, transaction
+from qm_server.store.sqlite_file import DB_FILE, connect, transaction
 
 
 def write_schema_2_file(data_dir: Path) -> None:
@@ -84,3 +84,42 @@ def test_schema_2_file_serves_with_its_delivery_counts(
         ]
         other = stub.Poll(pb.PollRequest(token=token, queue_name="idle"))
         assert (other.element, other.message_id, other.delivery_count) == ("other queue", 4, 1)
+
+
+def schema_of(conn: sqlite3.Connection) -> dict[str, object]:
+    """Every table and index of the file, by name: columns (name, type, not null, default,
+    primary key position), indexes with their columns, WITHOUT ROWID, and each partial
+    index's condition. Compared as structure, not as text: ALTER TABLE writes the new
+    column into the stored CREATE text in a shape of its own."""
+    schema: dict[str, object] = {}
+    entries = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name")
+    for kind, name, table, text in entries.fetchall():
+        if kind == "table":
+            columns = conn.execute(f"PRAGMA table_xinfo({name})").fetchall()
+            indexes = {
+                index: (
+                    unique,
+                    origin,
+                    partial,
+                    conn.execute(f"PRAGMA index_xinfo({index})").fetchall(),
+                )
+                for _, index, unique, origin, partial in conn.execute(f"PRAGMA index_list({name})")
+            }
+            without_rowid = " ".join(text.split()).upper().endswith("WITHOUT ROWID")
+            schema[name] = ("table", columns, indexes, without_rowid)
+        else:
+            schema[name] = (kind, table, " ".join(text.split()) if text else None)
+    return schema
+
+
+def test_a_file_migrated_from_empty_has_exactly_the_written_schema(tmp_path: Path) -> None:
+    """sqlite_sql.SCHEMA is the schema to read; the migrations are what builds it. A
+    migration that changes a table without SCHEMA (or the reverse) fails here."""
+    migrated = connect(tmp_path / DB_FILE)
+    written = sqlite3.connect(":memory:")
+    written.executescript(sql.SCHEMA)
+    try:
+        assert schema_of(migrated) == schema_of(written)
+    finally:
+        migrated.close()
+        written.close()

@@ -52,9 +52,8 @@ def connect(path: Path, create: bool = True, check_s: float = 0.0) -> sqlite3.Co
         uri=True,
     )
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA busy_timeout = 10000")
+        for pragma in sql.CONNECT_PRAGMAS:
+            conn.execute(pragma)
         if check_s:
             refuse_if_damaged(conn, path, check_s)
         migrate(conn)
@@ -124,8 +123,8 @@ def check_integrity(conn: sqlite3.Connection, seconds: float | None = None) -> l
         deadline = threading.Timer(seconds, conn.interrupt)
         deadline.start()
     try:
-        pragma = "integrity_check" if seconds is None else "quick_check"
-        rows = conn.execute(f"PRAGMA {pragma}").fetchall()
+        pragma = sql.INTEGRITY_CHECK if seconds is None else sql.QUICK_CHECK
+        rows = conn.execute(pragma).fetchall()
     except sqlite3.DatabaseError as exc:
         if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_INTERRUPT:
             return None  # the deadline passed
@@ -147,21 +146,19 @@ def check_integrity(conn: sqlite3.Connection, seconds: float | None = None) -> l
 def transaction(conn: sqlite3.Connection) -> Iterator[None]:
     """One write transaction for a connection in autocommit mode (migrations, the user
     commands)."""
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(sql.BEGIN)
     try:
         yield
     except BaseException:
-        conn.execute("ROLLBACK")
+        conn.execute(sql.ROLLBACK)
         raise
-    conn.execute("COMMIT")
+    conn.execute(sql.COMMIT)
 
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Apply the migrations this file has not seen, in one transaction."""
     with transaction(conn):
-        has_meta = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        ).fetchone()
+        has_meta = conn.execute(sql.HAS_META).fetchone()
         row = conn.execute(sql.SCHEMA_VERSION).fetchone() if has_meta else None
         version = int(row[0]) if row else 0
         if version > len(sql.MIGRATIONS):

@@ -6,8 +6,56 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# Connection settings --------------------------------------------------------------------
+# Every connection that writes: WAL (readers see the last commit and never block the
+# writer), fsync at every commit (the contract's durability; the store may lower it, see
+# sqlite_file.SYNCHRONOUS), and a wait instead of SQLITE_BUSY while another holds the lock.
+CONNECT_PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA busy_timeout = 10000",
+)
+# Checkpoint after this many WAL pages. A small WAL that is reset often keeps commits
+# overwriting the same file blocks instead of growing the file: measured here, the mean
+# FULL commit fell from 0.45-0.75 ms (SQLite's default of 1000 pages) to about 0.2 ms.
+# A checkpoint running on another thread cannot reset the WAL under continuous writes
+# (it never catches up), so the writer checkpoints itself.
+WAL_AUTOCHECKPOINT_PAGES = 200
+
+
+def writer_pragmas(synchronous: str) -> tuple[str, ...]:
+    """The store's writer connection, after CONNECT_PRAGMAS: `synchronous` is FULL or
+    NORMAL (sqlite_file.SYNCHRONOUS)."""
+    return (
+        f"PRAGMA synchronous = {synchronous}",
+        f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}",
+        "PRAGMA journal_size_limit = 67108864",
+        "PRAGMA cache_size = -65536",  # 64 MiB of pages, at most
+    )
+
+
+# The reader connections (sqlite_readers.py): they never write.
+READER_PRAGMAS = (
+    "PRAGMA query_only = 1",
+    "PRAGMA busy_timeout = 10000",
+    "PRAGMA cache_size = -16384",  # 16 MiB of pages, at most
+)
+# The integrity checks (sqlite_file.check_integrity): quick_check within a deadline at
+# start, the full integrity_check by `qm-server check`.
+QUICK_CHECK = "PRAGMA quick_check"
+INTEGRITY_CHECK = "PRAGMA integrity_check"
+
+# Transactions: the writer's take the write lock at once (IMMEDIATE), so a transaction
+# never fails half-way for want of it; a reader's is a snapshot, ended by ROLLBACK.
+BEGIN = "BEGIN IMMEDIATE"
+BEGIN_READ = "BEGIN"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+
 # Schema migrations, applied in order; meta.schema_version records how many ran.
-# Never edit a published entry: append a new one.
+# Never edit a published entry: append a new one. They are history: the tables they
+# describe may have changed since (migration 3 dropped `messages`); SCHEMA below is what a
+# migrated file holds today.
 MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: queues, messages, maps, users.
     """
@@ -73,6 +121,57 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
 ]
 
+# The schema as the migrations leave it today, to read in one place; a test
+# (tests/test_store_migration.py) checks that a file migrated from empty has exactly these
+# tables, columns and indexes. Change it together with a new migration.
+SCHEMA = """
+-- Small settings of the file: schema_version (how many MIGRATIONS ran),
+-- next_message_id (saved whenever the newest message is deleted, so that an id is never
+-- handed out twice, even after a restart), probe (bumped by the health probe's write).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- One row per queue. Its messages live in a table of their own, messages_<id>
+-- (MessageStatements.create: id INTEGER PRIMARY KEY, delivery_count, payload), created
+-- with the queue and dropped with it. Every message id at or below delivered_upto was
+-- delivered at least once; being in flight is kept in memory only (inflight.py).
+-- owner: who created it, for the per-user quotas; NULL for queues made before owners
+-- were kept.
+CREATE TABLE queues (
+    id             INTEGER PRIMARY KEY,
+    name           TEXT NOT NULL UNIQUE,
+    delivered_upto INTEGER NOT NULL DEFAULT 0,
+    owner          TEXT
+);
+CREATE TABLE maps (
+    id    INTEGER PRIMARY KEY,
+    name  TEXT NOT NULL UNIQUE,
+    owner TEXT
+);
+-- BINARY collation compares UTF-8 bytes: the key order MapGetList promises.
+CREATE TABLE map_entries (
+    map_id INTEGER NOT NULL,
+    key    TEXT NOT NULL,
+    value  TEXT NOT NULL,
+    PRIMARY KEY (map_id, key)
+) WITHOUT ROWID;
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    is_admin      INTEGER NOT NULL DEFAULT 0
+);
+-- Grants of actions on name patterns (permissions.py).
+CREATE TABLE grants (
+    username TEXT NOT NULL,
+    action   TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    pattern  TEXT NOT NULL,
+    PRIMARY KEY (username, action, kind, pattern)
+) WITHOUT ROWID;
+"""
+
+HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
 SCHEMA_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
 SET_SCHEMA_VERSION = (
     "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
