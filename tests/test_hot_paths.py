@@ -257,6 +257,12 @@ def test_a_full_window_refilled_by_its_ack_keeps_pushing_later(tmp_path: Path) -
     run(tmp_path, scenario)
 
 
+async def opens_then_waits(token: str) -> AsyncIterator[pb.SubscribeRequest]:
+    """A Subscribe request stream that opens on queue q, then sends nothing more."""
+    yield pb.SubscribeRequest(open=pb.SubscribeOpen(token=token, queue_name="q", max_unacked=10))
+    await asyncio.Event().wait()
+
+
 def test_a_stream_whose_call_ends_releases_its_messages_unclosed(tmp_path: Path) -> None:
     """grpc ends a call cancelled while it was sending without closing the response
     generator, which stays suspended at its yield until it is collected (in CI, later than
@@ -267,14 +273,8 @@ def test_a_stream_whose_call_ends_releases_its_messages_unclosed(tmp_path: Path)
         ids = await fill(s, token, ["a", "b"])
         other = await log_in(engine)
 
-        async def requests() -> AsyncIterator[pb.SubscribeRequest]:
-            yield pb.SubscribeRequest(
-                open=pb.SubscribeOpen(token=other, queue_name="q", max_unacked=10)
-            )
-            await asyncio.Event().wait()  # the client sends nothing more
-
         context = StreamContext()
-        responses = s.Subscribe(requests(), cast(Any, context))
+        responses = s.Subscribe(opens_then_waits(other), cast(Any, context))
         first = await anext(responses)
         assert [e.message_id for e in first.element_info] == ids
         context.end()  # the generator stays suspended at its yield
@@ -296,13 +296,9 @@ def test_closing_the_subscribe_handler_stops_its_stream_at_once(tmp_path: Path) 
         ids = await fill(s, token, ["a", "b"])
         other = await log_in(engine)
 
-        async def requests() -> AsyncIterator[pb.SubscribeRequest]:
-            yield pb.SubscribeRequest(
-                open=pb.SubscribeOpen(token=other, queue_name="q", max_unacked=10)
-            )
-            await asyncio.Event().wait()  # the client sends nothing more
-
-        responses = s.Subscribe(requests(), cast(Any, StreamContext()))  # the call never ends
+        responses = s.Subscribe(
+            opens_then_waits(other), cast(Any, StreamContext())
+        )  # the call never ends
         first = await anext(responses)
         assert [e.message_id for e in first.element_info] == ids
         await cast(AsyncGenerator[Any, None], responses).aclose()
