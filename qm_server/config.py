@@ -235,6 +235,13 @@ class ServerConfig:
         "start with a new, empty database although the data directory's key shows that it "
         "held one (which is gone)",
     )
+    # Without it, a directory whose database holds users but whose key is gone is refused:
+    # the server's identity would change silently (datadir.py).
+    new_key: bool = setting(
+        False,
+        "create a new server key although the database shows the directory had one (which "
+        "is gone); clients that pinned the old key's fingerprint must pin the new one",
+    )
     # As large as the write-ahead log the store keeps at most (store/reserve.py).
     disk_reserve_bytes: int = setting(
         64 * MIB, "disk space set aside so that a full disk can still be drained (0: none)"

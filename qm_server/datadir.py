@@ -22,8 +22,10 @@ INITIAL_PASSWORD_FILE = "initial-admin-password"
 # anything shorter is a file that never became a database.
 MIN_DATABASE_BYTES = 512
 NEW_DATABASE_FLAG = "--new-database"
+NEW_KEY_FLAG = "--new-key"
 # Every database the server made has this table (migration 1).
 HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+HAS_USERS = "SELECT 1 FROM users LIMIT 1"
 
 
 def missing_database(data_dir: Path) -> str | None:
@@ -60,6 +62,38 @@ def check_database_belongs(data_dir: Path, new_database: bool) -> None:
             f"Restore {DB_FILE} from a backup, check --data-dir, or give {NEW_DATABASE_FLAG} "
             "to start with an empty database (no queues, maps or users but a new admin)"
         )
+
+
+def check_key_belongs(data_dir: Path, new_key: bool) -> None:
+    """Refuse a directory whose database outlived its key, unless told to make a new one.
+
+    The key is the server's identity: clients may pin its fingerprint, and a new one made
+    silently would look to them like another server. A database with users has served (the
+    key is created before the first admin), so its key was there and is gone.
+    """
+    if new_key or (data_dir / KEY_FILE).exists() or not _holds_users(data_dir / DB_FILE):
+        return
+    raise DataDirRefused(
+        f"the server key {data_dir / KEY_FILE} is missing, but the database "
+        f"{data_dir / DB_FILE} holds users: this directory had a key that is gone. Restore "
+        f"{KEY_FILE} from a backup, check --data-dir, or give {NEW_KEY_FLAG} to make a new "
+        "key (clients that pinned the old fingerprint must pin the new one)"
+    )
+
+
+def _holds_users(path: Path) -> bool:
+    """True if the file is a database of ours with at least one user; a file that is
+    missing, not ours or damaged is for the other checks to report."""
+    if not path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
+        try:
+            return conn.execute(HAS_USERS).fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return False
 
 
 def make_files_private(data_dir: Path) -> None:

@@ -14,7 +14,12 @@ from grpc_reflection.v1alpha import reflection
 from qm_server import handlers, health
 from qm_server.auth import KeyPair, PasswordHasher, random_password
 from qm_server.config import ServerConfig
-from qm_server.datadir import INITIAL_PASSWORD_FILE, check_database_belongs, make_files_private
+from qm_server.datadir import (
+    INITIAL_PASSWORD_FILE,
+    check_database_belongs,
+    check_key_belongs,
+    make_files_private,
+)
 from qm_server.engine import Engine
 from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
 from qm_server.servicer import QueueManagerServicer
@@ -153,6 +158,7 @@ class QueueManagerServer:
     async def _start_locked(self) -> int:
         config = self.config
         check_database_belongs(config.data_dir, config.new_database)
+        check_key_belongs(config.data_dir, config.new_key)
         make_files_private(config.data_dir)
         # From the first moment the store can fail: a failure reported before the server
         # serves must still turn it NOT_SERVING once it does.

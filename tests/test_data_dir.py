@@ -18,6 +18,7 @@ from server_process import qm_server
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.auth import KEY_FILE
 from qm_server.fsutil import DataDirRefused
 from qm_server.store.sqlite_file import SQLITE_FILES, DatabaseDamaged
 
@@ -62,6 +63,22 @@ def test_a_key_without_its_database_is_refused(
     with channel:
         size = stub.Size(pb.SizeRequest(token=token, queue_name="q"))
         assert size.code == pb.CODE_QUEUE_NOT_FOUND
+
+
+def test_a_database_without_its_key_is_refused(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """The server used to make a new key there and serve: its identity changed silently,
+    and clients that pinned the old fingerprint could no longer tell it from an impostor."""
+    data = tmp_path / "data"
+    make_server(data_dir=data).stop()
+    old_key = (data / KEY_FILE).read_bytes()
+    (data / KEY_FILE).unlink()
+    with pytest.raises(DataDirRefused, match=r"server-key\.pem is missing.*--new-key"):
+        make_server(data_dir=data)
+    assert not (data / KEY_FILE).exists()  # refused before a key was made
+    make_server(data_dir=data, new_key=True).stop()
+    assert (data / KEY_FILE).read_bytes() != old_key
 
 
 def test_the_refusal_is_exit_status_2_without_a_traceback(
