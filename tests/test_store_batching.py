@@ -19,6 +19,7 @@ import grpc
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.quotas import Room
 from qm_server.store.base import Delivery
 from qm_server.store.sqlite import ADDS, SqliteStore
 
@@ -84,7 +85,7 @@ def described(deliveries: list[Delivery]) -> list[tuple[int, str, int]]:
 
 def test_claims_in_one_transaction_share_the_queue_in_arrival_order(tmp_path: Path) -> None:
     async def fill(store: SqliteStore) -> None:
-        await store.create_queue("q", 10)
+        await store.create_queue("q", Room.server_wide("queues", 10))
         await store.enqueue("q", [f"m{i}" for i in range(1, 11)])
         held = await store.claim("q", 9, 2, 1 << 20)
         assert await store.ack(9, [d.message_id for d in held], done=False) == [True, True]
@@ -130,7 +131,7 @@ def test_adds_queued_together_keep_every_row_in_id_order(tmp_path: Path) -> None
     order, across a restart."""
 
     async def add(store: SqliteStore) -> None:
-        await store.create_queue("q", 10)
+        await store.create_queue("q", Room.server_wide("queues", 10))
         assert await store.enqueue("q", ["lone"]) == [1]
         # Unary adds queued together share one run of ids: one INSERT of three rows.
         shared = await in_one_transaction(

@@ -19,6 +19,7 @@ import pytest
 from qm_server import errors
 from qm_server.config import ServerConfig
 from qm_server.permissions import Grant
+from qm_server.quotas import Room
 from qm_server.store.backends import open_user_directory
 from qm_server.store.base import Delivery, QueueCounts, Store, UserDirectory, UserRecord
 from qm_server.store.sqlite import SqliteStore
@@ -28,6 +29,14 @@ STORES: dict[str, StoreFactory] = {"sqlite": SqliteStore}
 
 ALICE, BOB = 11, 22  # two sessions
 MIB = 1 << 20
+
+
+def queues(limit: int) -> Room:
+    return Room.server_wide("queues", limit)
+
+
+def maps(limit: int) -> Room:
+    return Room.server_wide("maps", limit)
 
 
 class Harness:
@@ -86,12 +95,12 @@ def ids(deliveries: list[Delivery]) -> list[int]:
 
 def test_queue_names_are_unique_and_their_number_is_capped(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("a", 2)
+        await h.store.create_queue("a", queues(2))
         with pytest.raises(errors.QueueAlreadyExists):
-            await h.store.create_queue("a", 2)
-        await h.store.create_queue("b", 2)
+            await h.store.create_queue("a", queues(2))
+        await h.store.create_queue("b", queues(2))
         with pytest.raises(errors.ResourceExhausted):
-            await h.store.create_queue("c", 2)
+            await h.store.create_queue("c", queues(2))
         with pytest.raises(errors.QueueNotFound):  # the refused one was not half made
             await h.store.queue_counts("c")
 
@@ -118,8 +127,8 @@ def test_ids_increase_in_add_order_across_queues_and_restarts(
     run: Callable[[Body], None],
 ) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("a", 10)
-        await h.store.create_queue("b", 10)
+        await h.store.create_queue("a", queues(10))
+        await h.store.create_queue("b", queues(10))
         first = await h.store.enqueue("a", ["1", "2"])
         second = await h.store.enqueue("b", ["3"])
         assert first[0] < first[1] < second[0]
@@ -137,7 +146,7 @@ def test_claims_take_the_oldest_ready_messages_and_count_deliveries(
     run: Callable[[Body], None],
 ) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("q", 10)
+        await h.store.create_queue("q", queues(10))
         await h.store.enqueue("q", ["m1", "m2", "m3"])
         claimed = await h.store.claim("q", ALICE, 2, MIB)
         assert elements(claimed) == ["m1", "m2"]
@@ -151,7 +160,7 @@ def test_claims_take_the_oldest_ready_messages_and_count_deliveries(
 
 def test_a_claim_takes_the_first_message_whatever_its_size(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("q", 10)
+        await h.store.create_queue("q", queues(10))
         await h.store.enqueue("q", ["x" * 1000, "y"])
         assert elements(await h.store.claim("q", ALICE, 2, 10)) == ["x" * 1000]
 
@@ -160,7 +169,7 @@ def test_a_claim_takes_the_first_message_whatever_its_size(run: Callable[[Body],
 
 def test_only_the_holding_session_can_ack(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("q", 10)
+        await h.store.create_queue("q", queues(10))
         await h.store.enqueue("q", ["m1"])
         [held] = ids(await h.store.claim("q", ALICE, 1, MIB))
         assert await h.store.ack(BOB, [held], done=True) == [False]
@@ -174,7 +183,7 @@ def test_only_the_holding_session_can_ack(run: Callable[[Body], None]) -> None:
 
 def test_a_negative_ack_puts_the_message_back_at_its_place(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("q", 10)
+        await h.store.create_queue("q", queues(10))
         await h.store.enqueue("q", ["m1", "m2"])
         [first] = ids(await h.store.claim("q", ALICE, 1, MIB))
         h.ready.clear()
@@ -188,7 +197,7 @@ def test_a_negative_ack_puts_the_message_back_at_its_place(run: Callable[[Body],
 
 def test_ending_a_session_makes_its_messages_ready_in_order(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("q", 10)
+        await h.store.create_queue("q", queues(10))
         await h.store.enqueue("q", ["m1", "m2", "m3"])
         await h.store.claim("q", ALICE, 2, MIB)
         await h.store.claim("q", BOB, 1, MIB)
@@ -203,7 +212,7 @@ def test_ack_and_claim_acks_then_refills_for_the_same_session(
     run: Callable[[Body], None],
 ) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("q", 10)
+        await h.store.create_queue("q", queues(10))
         await h.store.enqueue("q", ["m1", "m2", "m3"])
         [first] = ids(await h.store.claim("q", ALICE, 1, MIB))
         found, refill = await h.store.ack_and_claim(ALICE, [first, -1], True, "q", 5, MIB)
@@ -216,9 +225,9 @@ def test_ack_and_claim_acks_then_refills_for_the_same_session(
 
 def test_destroying_a_queue_with_messages_needs_force(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("ready", 10)
+        await h.store.create_queue("ready", queues(10))
         await h.store.enqueue("ready", ["m"])
-        await h.store.create_queue("held", 10)
+        await h.store.create_queue("held", queues(10))
         await h.store.enqueue("held", ["m"])
         [held] = ids(await h.store.claim("held", ALICE, 1, MIB))
         for name in ("ready", "held"):
@@ -229,7 +238,7 @@ def test_destroying_a_queue_with_messages_needs_force(run: Callable[[Body], None
         with pytest.raises(errors.QueueNotFound):
             await h.store.queue_counts("held")
         assert await h.store.ack(ALICE, [held], done=True) == [False]  # gone with it
-        await h.store.create_queue("empty", 10)
+        await h.store.create_queue("empty", queues(10))
         await h.store.destroy_queue("empty", False)
         with pytest.raises(errors.QueueNotFound):
             await h.store.queue_counts("empty")
@@ -241,7 +250,7 @@ def test_a_restart_keeps_ready_messages_and_makes_in_flight_ones_ready(
     run: Callable[[Body], None],
 ) -> None:
     async def body(h: Harness) -> None:
-        await h.store.create_queue("q", 10)
+        await h.store.create_queue("q", queues(10))
         await h.store.enqueue("q", ["m1", "m2", "m3"])
         [done, held] = ids(await h.store.claim("q", ALICE, 2, MIB))
         await h.store.ack(ALICE, [done], done=True)
@@ -259,7 +268,7 @@ def test_a_restart_keeps_ready_messages_and_makes_in_flight_ones_ready(
 def test_ready_hint_is_one_for_an_unknown_queue(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
         assert h.store.ready_hint("nope") == 1
-        await h.store.create_queue("q", 10)
+        await h.store.create_queue("q", queues(10))
         h.ready.clear()
         await h.store.enqueue("q", ["m"])
         assert h.ready == ["q"]
@@ -273,11 +282,11 @@ def test_ready_hint_is_one_for_an_unknown_queue(run: Callable[[Body], None]) -> 
 
 def test_map_put_creates_overwrites_and_is_capped(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.map_put("m", [("k", "v1"), ("j", "w")], 1)
-        await h.store.map_put("m", [("k", "v2")], 1)
+        await h.store.map_put("m", [("k", "v1"), ("j", "w")], maps(1))
+        await h.store.map_put("m", [("k", "v2")], maps(1))
         assert await h.store.map_get("m", "k") == "v2"
         with pytest.raises(errors.ResourceExhausted):
-            await h.store.map_put("other", [("k", "v")], 1)
+            await h.store.map_put("other", [("k", "v")], maps(1))
         with pytest.raises(errors.MapNotFound):  # all or nothing
             await h.store.map_get("other", "k")
 
@@ -295,7 +304,7 @@ def test_missing_maps_and_keys_are_reported(run: Callable[[Body], None]) -> None
         ):
             with pytest.raises(errors.MapNotFound):
                 await call()
-        await h.store.map_put("m", [("k", "v")], 10)
+        await h.store.map_put("m", [("k", "v")], maps(10))
         with pytest.raises(errors.KeyNotFound):
             await h.store.map_get("m", "absent")
         with pytest.raises(errors.KeyNotFound):
@@ -313,7 +322,7 @@ def test_missing_maps_and_keys_are_reported(run: Callable[[Body], None]) -> None
 def test_map_pages_follow_utf8_byte_order(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
         keys = ["b", "a", "Z", "é", "ä", "aa", "€", "😀"]
-        await h.store.map_put("m", [(k, k.upper()) for k in keys], 10)
+        await h.store.map_put("m", [(k, k.upper()) for k in keys], maps(10))
         in_byte_order = sorted(keys, key=lambda k: k.encode())
         pages = [await h.store.map_get_list("m", offset, 3, MIB) for offset in (0, 3, 6, 9)]
         assert [k for page in pages for k, _ in page] == in_byte_order
@@ -325,7 +334,7 @@ def test_map_pages_follow_utf8_byte_order(run: Callable[[Body], None]) -> None:
 
 def test_map_get_all_refuses_a_map_past_its_byte_limit(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.map_put("m", [("k1", "x" * 600), ("k2", "y" * 600)], 10)
+        await h.store.map_put("m", [("k1", "x" * 600), ("k2", "y" * 600)], maps(10))
         with pytest.raises(errors.ResourceExhausted):
             await h.store.map_get_all("m", 1000)
 
@@ -334,7 +343,7 @@ def test_map_get_all_refuses_a_map_past_its_byte_limit(run: Callable[[Body], Non
 
 def test_maps_outlive_a_restart(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.map_put("m", [("k", "v"), ("gone", "x")], 10)
+        await h.store.map_put("m", [("k", "v"), ("gone", "x")], maps(10))
         await h.store.map_remove("m", "gone")
         store = await h.reopen()
         assert await store.map_get_all("m", MIB) == {"k": "v"}

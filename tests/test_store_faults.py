@@ -28,6 +28,7 @@ from conftest import TEST_DISK_RESERVE_BYTES, ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server import errors
+from qm_server.quotas import Room
 from qm_server.store.sqlite import ADDS, SqliteStore
 
 Stub = pb_grpc.QueueManagerServiceStub
@@ -339,7 +340,7 @@ def test_a_session_ended_while_commits_fail_leaves_nothing_in_flight(
         woken: list[str] = []
         store.set_ready_listener(woken.append)
         try:
-            await store.create_queue("q", 10)
+            await store.create_queue("q", Room.server_wide("queues", 10))
             await store.enqueue("q", ["a", "b"])
             [held] = await store.claim("q", 7, 1, 1 << 20)
             woken.clear()
@@ -378,7 +379,7 @@ def test_an_operation_that_fails_by_a_bug_before_any_write_spares_the_others(
         store.set_health_listener(health.append)
         await store.open()
         try:
-            await store.create_queue("q", 10)
+            await store.create_queue("q", Room.server_wide("queues", 10))
 
             def bug() -> None:
                 raise RuntimeError("a bug")

@@ -147,9 +147,9 @@ class Store(UserDirectory):
     # Queues -----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_queue(self, name: str, room: Room | int) -> None:
+    async def create_queue(self, name: str, room: Room) -> None:
         """QueueAlreadyExists, or ResourceExhausted when `room` (the creator's quota and
-        limit, quotas.py; a bare int is a server-wide limit) has no room for one more.
+        limit, quotas.py; Room.server_wide for a bare limit) has no room for one more.
         The creator (room.user) is recorded, so that their quota holds after a restart."""
 
     @abc.abstractmethod
@@ -221,7 +221,7 @@ class Store(UserDirectory):
     # Maps -------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room | int) -> None:
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> None:
         """Set all pairs or none, creating the map (and recording its creator, as
         create_queue does). ResourceExhausted when a new map does not fit `room`."""
 

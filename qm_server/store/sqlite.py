@@ -144,15 +144,14 @@ class SqliteStore(Store):
 
     # Queues -----------------------------------------------------------------------------
 
-    async def create_queue(self, name: str, room: Room | int) -> None:
-        quota = room if isinstance(room, Room) else Room.server_wide("queues", room)
+    async def create_queue(self, name: str, room: Room) -> None:
 
         def run() -> None:
             index = self._index
             if name in index.queues:
                 raise errors.QueueAlreadyExists(f"queue {name!r} already exists")
-            owner = quota.user
-            quota.check(len(index.queues), index.owned_queues[owner] if owner else 0)
+            owner = room.user
+            room.check(len(index.queues), index.owned_queues[owner] if owner else 0)
             queue_id = self._db.execute(sql.INSERT_QUEUE, (name, owner)).lastrowid
             assert queue_id is not None
             statements = sql.MessageStatements.of(queue_id)
@@ -287,15 +286,14 @@ class SqliteStore(Store):
 
     # Maps -------------------------------------------------------------------------------
 
-    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room | int) -> None:
-        quota = room if isinstance(room, Room) else Room.server_wide("maps", room)
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> None:
 
         def run() -> None:
             index = self._index
             map_id = index.maps.get(name)
             if map_id is None:
-                owner = quota.user
-                quota.check(len(index.maps), index.owned_maps[owner] if owner else 0)
+                owner = room.user
+                room.check(len(index.maps), index.owned_maps[owner] if owner else 0)
                 map_id = self._db.execute(sql.INSERT_MAP, (name, owner)).lastrowid
                 assert map_id is not None
                 index.map_owners[name] = owner
