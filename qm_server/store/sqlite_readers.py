@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from qm_server import errors
 from qm_server.store import sqlite_sql as sql
@@ -56,10 +56,10 @@ class Readers:
             raise errors.Unavailable("the store is closed") from None
         try:
             return await pending
-        except errors.Unavailable as exc:
-            if exc.__cause__ is not None and is_corruption(exc.__cause__):
-                await self._writer.report_damage(cast(sqlite3.Error, exc.__cause__))
-            raise
+        except sqlite3.Error as exc:
+            if is_corruption(exc):  # the writer's to act on: unhealthy until a restart
+                await self._writer.report_damage(exc)
+            raise errors.Unavailable(f"the store could not read: {exc}") from exc
 
     async def close(self) -> None:
         """Let the reads under way finish, then close every reader connection."""
@@ -72,19 +72,16 @@ class Readers:
     def _read_in_reader(self, run: Callable[[sqlite3.Connection], T]) -> T:
         """One read transaction: a snapshot of what was committed when it began."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _open_reader(self._writer.path)
+            with self._lock:
+                self._conns.append(conn)
+            self._local.conn = conn
+        conn.execute(sql.BEGIN_READ)
         try:
-            if conn is None:
-                conn = _open_reader(self._writer.path)
-                with self._lock:
-                    self._conns.append(conn)
-                self._local.conn = conn
-            conn.execute(sql.BEGIN_READ)
-            try:
-                return run(conn)
-            finally:
-                conn.execute(sql.ROLLBACK)  # it wrote nothing; this ends the snapshot
-        except sqlite3.Error as exc:
-            raise errors.Unavailable(f"the store could not read: {exc}") from exc
+            return run(conn)
+        finally:
+            conn.execute(sql.ROLLBACK)  # it wrote nothing; this ends the snapshot
 
 
 def _open_reader(path: Path) -> sqlite3.Connection:
