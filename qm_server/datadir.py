@@ -39,15 +39,7 @@ def missing_database(data_dir: Path) -> str | None:
         return "is missing"
     if size < MIN_DATABASE_BYTES:
         return "is empty"
-    try:
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
-        try:
-            ours = conn.execute(HAS_META).fetchone()
-        finally:
-            conn.close()
-    except sqlite3.DatabaseError:
-        return None
-    return None if ours else "holds no tables"
+    return None if _answers(path, HAS_META) in (True, None) else "holds no tables"
 
 
 def check_database_belongs(data_dir: Path, new_database: bool) -> None:
@@ -84,16 +76,20 @@ def check_key_belongs(data_dir: Path, new_key: bool) -> None:
 def _holds_users(path: Path) -> bool:
     """True if the file is a database of ours with at least one user; a file that is
     missing, not ours or damaged is for the other checks to report."""
-    if not path.exists():
-        return False
+    return path.exists() and _answers(path, HAS_USERS) is True
+
+
+def _answers(path: Path, query: str) -> bool | None:
+    """Whether `query` finds a row in the existing database file; None when SQLite cannot
+    read it (a damaged file, or no table of that name: the integrity check says which)."""
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True)
         try:
-            return conn.execute(HAS_USERS).fetchone() is not None
+            return conn.execute(query).fetchone() is not None
         finally:
             conn.close()
     except sqlite3.DatabaseError:
-        return False
+        return None
 
 
 def make_files_private(data_dir: Path) -> None:
