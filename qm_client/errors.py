@@ -20,6 +20,7 @@ __all__ = [
     "InternalError",
     "InvalidArgument",
     "KeyNotFound",
+    "LeaseExpired",
     "MapNotFound",
     "MessageNotFound",
     "MessageReleased",
@@ -154,6 +155,13 @@ class KeyNotFound(QMError, KeyError):
         return QMError.__str__(self)
 
 
+class LeaseExpired(QMError):
+    """The lease of a delivered message ran out before its ack or extension: the message
+    is ready again (or delivered elsewhere) and this delivery's work no longer counts."""
+
+    code_name = "LEASE_EXPIRED"
+
+
 class ResourceExhausted(QMError):
     """A configured limit was hit (size, batch, count, login attempts)."""
 
@@ -222,6 +230,7 @@ _BY_NAME: dict[str, type[QMError]] = {
         MessageNotFound,
         MapNotFound,
         KeyNotFound,
+        LeaseExpired,
         ResourceExhausted,
         Unavailable,
         InternalError,

@@ -84,7 +84,7 @@ class Deliverer:
         queue: str,
         number: int,
         room_bytes: int,
-    ) -> tuple[list[bool], list[Delivery]]:
+    ) -> tuple[list[errors.Code], list[Delivery]]:
         """Ack the session's messages and claim up to `number` more in one transaction,
         guarded as `claim` is. The caller hands the refill over (`hand_over`): a failure
         here means nothing of the transaction happened, a failure there does not."""

@@ -350,7 +350,7 @@ class Engine:
         self._caller(token, "write", "queue", name)
         check_count("elements", len(elements), self.limits.max_batch)
         check_texts_size("element", elements, self.limits.max_element_bytes)
-        return await self.store.enqueue(name, elements)
+        return (await self.store.enqueue(name, elements)).ids
 
     async def take(self, token: str, name: str, number: int, wait_ms: int) -> list[Delivery]:
         """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked."""
@@ -403,7 +403,7 @@ class Engine:
             if not polls and self._polls.get(session.id) is polls:
                 del self._polls[session.id]
 
-    async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[bool]:
+    async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[errors.Code]:
         session = self.check_ack(token, message_ids, ack_type)
         return await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
 

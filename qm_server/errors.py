@@ -28,6 +28,7 @@ class Code(IntEnum):
     RESOURCE_EXHAUSTED = 11
     UNAVAILABLE = 12
     INTERNAL = 13
+    LEASE_EXPIRED = 14
 
 
 class QmError(Exception):
@@ -66,6 +67,12 @@ class QueueNotEmpty(QmError):
 
 class MessageNotFound(QmError):
     code = Code.MESSAGE_NOT_FOUND
+
+
+class LeaseExpired(QmError):
+    """The caller's lease on the message ran out before its ack or extension."""
+
+    code = Code.LEASE_EXPIRED
 
 
 class MapNotFound(QmError):

@@ -142,8 +142,12 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
 
     async def Ack(self, request: pb.AckRequest, context: Context) -> pb.AckResponse:
         async def call() -> pb.AckResponse:
-            (found,) = await self._engine.ack(request.token, [request.message_id], request.ack_type)
-            if not found:
+            (code,) = await self._engine.ack(request.token, [request.message_id], request.ack_type)
+            if code == errors.Code.LEASE_EXPIRED:
+                raise errors.LeaseExpired(
+                    f"the lease of message {request.message_id} ran out before this ack"
+                )
+            if code != errors.Code.OK:
                 raise errors.MessageNotFound(
                     f"message {request.message_id} is not in flight for your session"
                 )
@@ -154,14 +158,14 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
     async def BatchAck(self, request: pb.BatchAckRequest, context: Context) -> pb.BatchAckResponse:
         async def call() -> pb.BatchAckResponse:
             message_ids = list(request.message_ids)  # one conversion for every pass below
-            found = await self._engine.ack(request.token, message_ids, request.ack_type)
+            codes = await self._engine.ack(request.token, message_ids, request.ack_type)
             response = pb.BatchAckResponse()
             add_result = response.results.add
-            for message_id, ok in zip(message_ids, found, strict=True):
+            for message_id, code in zip(message_ids, codes, strict=True):
                 result = add_result()
                 result.message_id = message_id
-                if not ok:  # code stays CODE_OK (0), the default, otherwise
-                    result.code = pb.CODE_MESSAGE_NOT_FOUND
+                if code:  # stays CODE_OK (0), the default, otherwise
+                    result.code = cast(pb.Code, int(code))
             return response
 
         return await _answer(pb.BatchAckResponse, call)
@@ -267,6 +271,42 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             return pb.MapBatchPutResponse()
 
         return await _answer(pb.MapBatchPutResponse, call)
+
+    # Lifecycle RPCs: not built yet (answer CODE_UNAVAILABLE).
+
+    async def UpdateQueue(
+        self, request: pb.UpdateQueueRequest, context: Context
+    ) -> pb.UpdateQueueResponse:
+        return pb.UpdateQueueResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+
+    async def GetQueueInfo(
+        self, request: pb.GetQueueInfoRequest, context: Context
+    ) -> pb.GetQueueInfoResponse:
+        return pb.GetQueueInfoResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+
+    async def ExtendLease(
+        self, request: pb.ExtendLeaseRequest, context: Context
+    ) -> pb.ExtendLeaseResponse:
+        return pb.ExtendLeaseResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+
+    async def Purge(self, request: pb.PurgeRequest, context: Context) -> pb.PurgeResponse:
+        return pb.PurgeResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+
+    async def Redrive(self, request: pb.RedriveRequest, context: Context) -> pb.RedriveResponse:
+        return pb.RedriveResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+
+    async def ListDeadLetters(
+        self, request: pb.ListDeadLettersRequest, context: Context
+    ) -> pb.ListDeadLettersResponse:
+        return pb.ListDeadLettersResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+
+    async def ListQueues(
+        self, request: pb.ListQueuesRequest, context: Context
+    ) -> pb.ListQueuesResponse:
+        return pb.ListQueuesResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+
+    async def ListMaps(self, request: pb.ListMapsRequest, context: Context) -> pb.ListMapsResponse:
+        return pb.ListMapsResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Context

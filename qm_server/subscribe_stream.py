@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import cast
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
@@ -79,13 +80,13 @@ class SubscribeStream:
             if request.WhichOneof("kind") != "ack":
                 raise errors.InvalidArgument("only ack may follow open")
             ids = list(request.ack.message_ids)
-            found, refill = await subscription.ack(ids, request.ack.ack_type)
+            codes, refill = await subscription.ack(ids, request.ack.ack_type)
             missing: list[pb.AckResult] = []
-            if not all(found):  # rare: a consumer acks what its stream holds
+            if any(codes):  # rare: a consumer acks what its stream no longer holds
                 missing = [
-                    pb.AckResult(message_id=i, code=pb.CODE_MESSAGE_NOT_FOUND)
-                    for i, ok in zip(ids, found, strict=True)
-                    if not ok
+                    pb.AckResult(message_id=i, code=cast(pb.Code, int(code)))
+                    for i, code in zip(ids, codes, strict=True)
+                    if code
                 ]
             if missing or refill:
                 response = pb.SubscribeResponse(ack_results=missing)

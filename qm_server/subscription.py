@@ -152,7 +152,7 @@ class Subscription:
 
     async def ack(
         self, message_ids: Sequence[int], ack_type: int
-    ) -> tuple[list[bool], list[Delivery]]:
+    ) -> tuple[list[errors.Code], list[Delivery]]:
         """Ack ids delivered on this stream (others are not found), and refill.
 
         Returns the per-id outcome and the messages claimed to refill the window.
@@ -160,7 +160,7 @@ class Subscription:
         self._rules.check_ack(message_ids, ack_type)
         mine = [i for i in message_ids if i in self._held]
         if not mine:
-            return [False] * len(message_ids), []
+            return [errors.Code.MESSAGE_NOT_FOUND] * len(message_ids), []
         self._held.difference_update(mine)
         # No refill for a stream that is ending: draining, its grant revoked, or its queue
         # destroyed (a queue created again under its name is not the one it opened).
@@ -188,7 +188,7 @@ class Subscription:
         if not (self._awaiting_room and len(self._held) >= self.max_unacked):
             self.poke()
         if len(mine) < len(message_ids):  # some were not ours: not found, in their place
-            found = dict.fromkeys(message_ids, False)
+            found = dict.fromkeys(message_ids, errors.Code.MESSAGE_NOT_FOUND)
             found.update(zip(mine, results, strict=True))
             results = [found[i] for i in message_ids]
         return results, deliveries

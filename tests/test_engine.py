@@ -146,7 +146,7 @@ def test_waiter_wakes_when_message_is_nacked(tmp_path: Path) -> None:
         waiting = asyncio.ensure_future(engine.take(token, "q", 1, 5000))
         await until(engine, lambda: engine.signals.waiting() == 1)
         assert not waiting.done()
-        assert await engine.ack(token, [message_id], pb.ACK_TYPE_ERROR) == [True]
+        assert await engine.ack(token, [message_id], pb.ACK_TYPE_ERROR) == [errors.Code.OK]
         (delivery,) = await asyncio.wait_for(waiting, 5)
         assert (delivery.message_id, delivery.delivery_count) == (message_id, 2)
 
@@ -186,9 +186,11 @@ def before_parking(
     store = engine.store
     claim = store.claim
 
-    async def claim_then(name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+    async def claim_then(
+        name: str, session_id: int, limit: int, max_bytes: int, lease_ms: int | None = None
+    ) -> list[Delivery]:
         store.claim = claim  # type: ignore[method-assign]  # once
-        found = await claim(name, session_id, limit, max_bytes)
+        found = await claim(name, session_id, limit, max_bytes, lease_ms)
         await meanwhile(name, found)
         return found
 
@@ -663,7 +665,7 @@ def test_an_ack_on_a_destroyed_queues_stream_claims_nothing_from_its_successor(
             await engine.new_queue(admin, "q")
             await engine.add(admin, "q", ["c"])
             found, refill = await subscription.ack(held[:1], pb.ACK_TYPE_DONE)
-            assert (found, refill) == ([False], [])
+            assert (found, refill) == ([errors.Code.MESSAGE_NOT_FOUND], [])
             assert await engine.counts(admin, "q") == (1, 0)
         poll = await engine.take(admin, "q", 1, 0)
         assert [(d.element, d.delivery_count) for d in poll] == [("c", 1)]

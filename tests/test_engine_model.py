@@ -213,7 +213,7 @@ class Event:
     elements: list[str] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
     done: bool = False
-    results: list[bool] = field(default_factory=list)
+    results: list[errors.Code] = field(default_factory=list)
 
 
 class ConcurrentRun:
@@ -659,11 +659,11 @@ class EngineMachine(RuleBasedStateMachine):
         outcome = self.call(self.engine.ack(session.token, ids, ack_type))
         if self.refused(session, outcome):
             return
-        expected: list[bool] = []
+        expected: list[errors.Code] = []
         for message_id in ids:
             found = self.find(message_id)
             mine = found is not None and found[1].holder is session
-            expected.append(mine)
+            expected.append(errors.Code.OK if mine else errors.Code.MESSAGE_NOT_FOUND)
             if found is not None and mine:
                 queue, message = found
                 if done:
@@ -794,7 +794,7 @@ class EngineMachine(RuleBasedStateMachine):
                 for d in e.deliveries:
                     by_id.setdefault(d.message_id, []).append(e)
             if e.kind == "ack":
-                assert e.results == [True] * len(e.ids), (e.session, e.ids, e.results)
+                assert e.results == [errors.Code.OK] * len(e.ids), (e.session, e.ids, e.results)
         for message_id, delivered in by_id.items():
             queue = self.queues[delivered[0].queue]
             message = queue[message_id]

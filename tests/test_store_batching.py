@@ -19,6 +19,7 @@ import grpc
 from conftest import ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.errors import Code
 from qm_server.quotas import Room
 from qm_server.store.base import Delivery
 from qm_server.store.sqlite import ADDS, SqliteStore
@@ -88,7 +89,7 @@ def test_claims_in_one_transaction_share_the_queue_in_arrival_order(tmp_path: Pa
         await store.create_queue("q", Room.server_wide("queues", 10))
         await store.enqueue("q", [f"m{i}" for i in range(1, 11)])
         held = await store.claim("q", 9, 2, 1 << 20)
-        assert await store.ack(9, [d.message_id for d in held], done=False) == [True, True]
+        assert await store.ack(9, [d.message_id for d in held], done=False) == [Code.OK, Code.OK]
 
     async def claim_together(store: SqliteStore) -> None:
         late_add = store.enqueue("q", ["m11"])
@@ -104,7 +105,7 @@ def test_claims_in_one_transaction_share_the_queue_in_arrival_order(tmp_path: Pa
         assert described(b) == [(4, "m4", 1)]
         assert described(c) == [(i, f"m{i}", 1) for i in range(5, 11)]
         assert described(d) == [(11, "m11", 1)]
-        assert ids == [11]
+        assert ids.ids == [11]
         counts = await store.queue_counts("q")
         assert (counts.ready, counts.in_flight) == (0, 11)
         # Acks of several sessions in one transaction, done and not.
@@ -114,7 +115,8 @@ def test_claims_in_one_transaction_share_the_queue_in_arrival_order(tmp_path: Pa
             store.ack(2, [4, 5], done=True),  # 5 is held by the session with id 3
             store.ack(3, [5, 6, 7, 8, 9, 10], done=False),
         )
-        assert found == [[True, True, True], [True, False], [True] * 6]
+        OK, NOT_FOUND = Code.OK, Code.MESSAGE_NOT_FOUND
+        assert found == [[OK, OK, OK], [OK, NOT_FOUND], [OK] * 6]
         counts = await store.queue_counts("q")
         assert (counts.ready, counts.in_flight) == (6, 1)
 
@@ -132,16 +134,16 @@ def test_adds_queued_together_keep_every_row_in_id_order(tmp_path: Path) -> None
 
     async def add(store: SqliteStore) -> None:
         await store.create_queue("q", Room.server_wide("queues", 10))
-        assert await store.enqueue("q", ["lone"]) == [1]
+        assert (await store.enqueue("q", ["lone"])).ids == [1]
         # Unary adds queued together share one run of ids: one INSERT of three rows.
         shared = await in_one_transaction(
             store, *(store.enqueue("q", [e]) for e in ("a", "b", "c"))
         )
-        assert shared == [[2], [3], [4]]
+        assert [added.ids for added in shared] == [[2], [3], [4]]
         with_nul = await in_one_transaction(
             store, store.enqueue("q", ["n\x00l"]), store.enqueue("q", ["after"])
         )
-        assert with_nul == [[5], [6]]
+        assert [added.ids for added in with_nul] == [[5], [6]]
 
     async def after_restart(store: SqliteStore) -> None:
         claimed = await store.claim("q", 1, 100, 1 << 20)

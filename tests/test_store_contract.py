@@ -18,6 +18,7 @@ import pytest
 
 from qm_server import errors
 from qm_server.config import ServerConfig
+from qm_server.errors import Code
 from qm_server.permissions import Grant
 from qm_server.quotas import Room
 from qm_server.store.backends import open_user_directory
@@ -29,6 +30,9 @@ STORES: dict[str, StoreFactory] = {"sqlite": SqliteStore}
 
 ALICE, BOB = 11, 22  # two sessions
 MIB = 1 << 20
+
+OK = Code.OK
+NOT_FOUND = Code.MESSAGE_NOT_FOUND
 
 
 def queues(limit: int) -> Room:
@@ -129,14 +133,14 @@ def test_ids_increase_in_add_order_across_queues_and_restarts(
     async def body(h: Harness) -> None:
         await h.store.create_queue("a", queues(10))
         await h.store.create_queue("b", queues(10))
-        first = await h.store.enqueue("a", ["1", "2"])
-        second = await h.store.enqueue("b", ["3"])
+        first = (await h.store.enqueue("a", ["1", "2"])).ids
+        second = (await h.store.enqueue("b", ["3"])).ids
         assert first[0] < first[1] < second[0]
         # The newest message is acked away; its id is still never handed out again.
         [last] = await h.store.claim("b", ALICE, 1, MIB)
-        assert await h.store.ack(ALICE, [last.message_id], done=True) == [True]
+        assert await h.store.ack(ALICE, [last.message_id], done=True) == [OK]
         store = await h.reopen()
-        [after] = await store.enqueue("a", ["4"])
+        [after] = (await store.enqueue("a", ["4"])).ids
         assert after > second[0]
 
     run(body)
@@ -172,10 +176,10 @@ def test_only_the_holding_session_can_ack(run: Callable[[Body], None]) -> None:
         await h.store.create_queue("q", queues(10))
         await h.store.enqueue("q", ["m1"])
         [held] = ids(await h.store.claim("q", ALICE, 1, MIB))
-        assert await h.store.ack(BOB, [held], done=True) == [False]
+        assert await h.store.ack(BOB, [held], done=True) == [NOT_FOUND]
         assert await h.store.queue_counts("q") == QueueCounts(ready=0, in_flight=1)
-        assert await h.store.ack(ALICE, [held, held + 1000], done=True) == [True, False]
-        assert await h.store.ack(ALICE, [held], done=True) == [False]  # already acked
+        assert await h.store.ack(ALICE, [held, held + 1000], done=True) == [OK, NOT_FOUND]
+        assert await h.store.ack(ALICE, [held], done=True) == [NOT_FOUND]  # already acked
         assert await h.store.queue_counts("q") == QueueCounts(ready=0, in_flight=0)
 
     run(body)
@@ -187,7 +191,7 @@ def test_a_negative_ack_puts_the_message_back_at_its_place(run: Callable[[Body],
         await h.store.enqueue("q", ["m1", "m2"])
         [first] = ids(await h.store.claim("q", ALICE, 1, MIB))
         h.ready.clear()
-        assert await h.store.ack(ALICE, [first], done=False) == [True]
+        assert await h.store.ack(ALICE, [first], done=False) == [OK]
         assert h.ready == ["q"]  # waiting consumers are told
         again = await h.store.claim("q", BOB, 2, MIB)
         assert [(d.element, d.delivery_count) for d in again] == [("m1", 2), ("m2", 1)]
@@ -216,9 +220,9 @@ def test_ack_and_claim_acks_then_refills_for_the_same_session(
         await h.store.enqueue("q", ["m1", "m2", "m3"])
         [first] = ids(await h.store.claim("q", ALICE, 1, MIB))
         found, refill = await h.store.ack_and_claim(ALICE, [first, -1], True, "q", 5, MIB)
-        assert found == [True, False]
+        assert found == [OK, NOT_FOUND]
         assert elements(refill) == ["m2", "m3"]
-        assert await h.store.ack(ALICE, ids(refill), done=True) == [True, True]
+        assert await h.store.ack(ALICE, ids(refill), done=True) == [OK, OK]
 
     run(body)
 
@@ -237,7 +241,7 @@ def test_destroying_a_queue_with_messages_needs_force(run: Callable[[Body], None
         await h.store.destroy_queue("held", True)
         with pytest.raises(errors.QueueNotFound):
             await h.store.queue_counts("held")
-        assert await h.store.ack(ALICE, [held], done=True) == [False]  # gone with it
+        assert await h.store.ack(ALICE, [held], done=True) == [NOT_FOUND]  # gone with it
         await h.store.create_queue("empty", queues(10))
         await h.store.destroy_queue("empty", False)
         with pytest.raises(errors.QueueNotFound):

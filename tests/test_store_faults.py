@@ -401,7 +401,7 @@ def test_an_operation_that_fails_by_a_bug_before_any_write_spares_the_others(
             buggy = store._submit(bug, ADDS)
             release.set()
             await gate
-            assert await add == [1]
+            assert (await add).ids == [1]
             with pytest.raises(RuntimeError, match="a bug"):
                 await buggy
             assert health == []

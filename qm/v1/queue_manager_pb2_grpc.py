@@ -29,8 +29,8 @@ class QueueManagerServiceStub:
     """Durable work queues with acknowledgements, and string key-value maps.
 
     Delivery is at-least-once: a message delivered to a session and not acked goes back to
-    ready when that session ends (logout, expiry, server restart), with delivery_count
-    raised on its next delivery.
+    ready when that session ends (logout, expiry, server restart) or its lease runs out
+    (QueueSettings.ack_deadline_ms), with delivery_count raised on its next delivery.
     """
 
     def __init__(self, channel):
@@ -149,6 +149,46 @@ class QueueManagerServiceStub:
                 request_serializer=qm_dot_v1_dot_queue__manager__pb2.MapBatchPutRequest.SerializeToString,
                 response_deserializer=qm_dot_v1_dot_queue__manager__pb2.MapBatchPutResponse.FromString,
                 _registered_method=True)
+        self.UpdateQueue = channel.unary_unary(
+                '/qm.v1.QueueManagerService/UpdateQueue',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.UpdateQueueRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.UpdateQueueResponse.FromString,
+                _registered_method=True)
+        self.GetQueueInfo = channel.unary_unary(
+                '/qm.v1.QueueManagerService/GetQueueInfo',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.GetQueueInfoRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.GetQueueInfoResponse.FromString,
+                _registered_method=True)
+        self.ExtendLease = channel.unary_unary(
+                '/qm.v1.QueueManagerService/ExtendLease',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.ExtendLeaseRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.ExtendLeaseResponse.FromString,
+                _registered_method=True)
+        self.Purge = channel.unary_unary(
+                '/qm.v1.QueueManagerService/Purge',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.PurgeRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.PurgeResponse.FromString,
+                _registered_method=True)
+        self.Redrive = channel.unary_unary(
+                '/qm.v1.QueueManagerService/Redrive',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.RedriveRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.RedriveResponse.FromString,
+                _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/qm.v1.QueueManagerService/ListDeadLetters',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.ListQueues = channel.unary_unary(
+                '/qm.v1.QueueManagerService/ListQueues',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListQueuesResponse.FromString,
+                _registered_method=True)
+        self.ListMaps = channel.unary_unary(
+                '/qm.v1.QueueManagerService/ListMaps',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.ListMapsRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListMapsResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.stream_stream(
                 '/qm.v1.QueueManagerService/Subscribe',
                 request_serializer=qm_dot_v1_dot_queue__manager__pb2.SubscribeRequest.SerializeToString,
@@ -160,8 +200,8 @@ class QueueManagerServiceServicer:
     """Durable work queues with acknowledgements, and string key-value maps.
 
     Delivery is at-least-once: a message delivered to a session and not acked goes back to
-    ready when that session ends (logout, expiry, server restart), with delivery_count
-    raised on its next delivery.
+    ready when that session ends (logout, expiry, server restart) or its lease runs out
+    (QueueSettings.ack_deadline_ms), with delivery_count raised on its next delivery.
     """
 
     def GetChallenge(self, request, context):
@@ -202,6 +242,8 @@ class QueueManagerServiceServicer:
     def NewQueue(self, request, context):
         """qm.new_queue: creates an empty queue. CODE_QUEUE_ALREADY_EXISTS if it exists,
         CODE_RESOURCE_EXHAUSTED past the queue limit. The only call that creates a queue.
+        Optional settings (QueueSettings) as UpdateQueue: CODE_INVALID_ARGUMENT for one out of
+        bounds, CODE_QUEUE_NOT_FOUND for a dead_letter_queue that does not exist.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -209,8 +251,9 @@ class QueueManagerServiceServicer:
 
     def Add(self, request, context):
         """qm.add: appends one message and returns its id. CODE_QUEUE_NOT_FOUND if the queue does
-        not exist; CODE_INVALID_ARGUMENT if the element exceeds the size limit.
-        Not idempotent: a retry after a lost answer may add the message twice.
+        not exist; CODE_INVALID_ARGUMENT if the element exceeds the size limit;
+        CODE_RESOURCE_EXHAUSTED when the queue holds max_length messages. Idempotent only
+        with a request_id: without one, a retry after a lost answer may add it twice.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,7 +262,8 @@ class QueueManagerServiceServicer:
     def AddAll(self, request, context):
         """qm.add_all: appends several messages atomically (all or none), ids in list order.
         CODE_QUEUE_NOT_FOUND; CODE_INVALID_ARGUMENT for an empty list, too many elements or an
-        oversized one. Not idempotent.
+        oversized one; CODE_RESOURCE_EXHAUSTED when they would take the queue past
+        max_length (none is added). Idempotent only with a request_id, as Add.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -233,7 +277,8 @@ class QueueManagerServiceServicer:
         well hold messages; never CODE_QUEUE_EMPTY then. A poll with wait_ms 0 is answered as
         usual during the shutdown (CODE_QUEUE_EMPTY means nothing is ready), since it asked
         for no wait. A CODE_UNAVAILABLE answer claimed nothing: repeating the poll is safe.
-        A retry after a lost answer leaves the first message in flight until the session ends.
+        A retry after a lost answer leaves the first message in flight until the session ends
+        or its lease runs out (ack_deadline_ms).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -255,8 +300,9 @@ class QueueManagerServiceServicer:
     def Ack(self, request, context):
         """qm.ack: finishes a delivered message (done removes it, error makes it ready again).
         CODE_MESSAGE_NOT_FOUND for an unknown id, one already acked, or one in flight for
-        another session; CODE_INVALID_ARGUMENT for an unknown ack_type. A repeated done-ack
-        answers CODE_MESSAGE_NOT_FOUND and changes nothing.
+        another session; CODE_LEASE_EXPIRED when the caller's lease on it ran out first (it
+        was, or will be, delivered again); CODE_INVALID_ARGUMENT for an unknown ack_type. A
+        repeated done-ack answers CODE_MESSAGE_NOT_FOUND and changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -354,6 +400,73 @@ class QueueManagerServiceServicer:
         """qm.map_batch_put: sets many keys atomically (all or none), creating the map when
         absent. CODE_INVALID_ARGUMENT when size differs from the list length, for an empty or
         oversized list. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateQueue(self, request, context):
+        """(new) Changes a queue's settings (QueueSettings). `manage` on the queue.
+        CODE_QUEUE_NOT_FOUND; CODE_INVALID_ARGUMENT for a setting out of bounds, a missing or
+        self-referring dead_letter_queue, or max_deliveries without one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQueueInfo(self, request, context):
+        """(new) A queue's settings and counts. `read` on the queue. CODE_QUEUE_NOT_FOUND.
+        Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendLease(self, request, context):
+        """(new) Moves the lease of messages held by the caller's session: Pub/Sub's
+        ModifyAckDeadline, SQS's ChangeMessageVisibility. A result per id; 0 gives the
+        messages back. CODE_INVALID_ARGUMENT for an empty or oversized list, a repeated id
+        or a deadline out of bounds. Safe to repeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Purge(self, request, context):
+        """(new) Removes every ready and delayed message of a queue in one step and says how
+        many; messages in flight stay with their holders. `manage` on the queue.
+        CODE_QUEUE_NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Redrive(self, request, context):
+        """(new) Moves dead letters (all, or the ids given) from a dead-letter queue back to
+        their original queues, ready at once, delivery count kept. `manage` on the
+        dead-letter queue, `write` on each original queue. CODE_QUEUE_NOT_FOUND for the
+        dead-letter queue. Safe to repeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeadLetters(self, request, context):
+        """(new) The dead letters a queue holds, with their history, paged by id. `read` on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueues(self, request, context):
+        """(new) Queues the caller may read, paged by name. Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMaps(self, request, context):
+        """(new) Maps the caller may read, paged by name. Read-only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -486,6 +599,46 @@ def add_QueueManagerServiceServicer_to_server(servicer, server):
                     request_deserializer=qm_dot_v1_dot_queue__manager__pb2.MapBatchPutRequest.FromString,
                     response_serializer=qm_dot_v1_dot_queue__manager__pb2.MapBatchPutResponse.SerializeToString,
             ),
+            'UpdateQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateQueue,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.UpdateQueueRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.UpdateQueueResponse.SerializeToString,
+            ),
+            'GetQueueInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQueueInfo,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.GetQueueInfoRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.GetQueueInfoResponse.SerializeToString,
+            ),
+            'ExtendLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendLease,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.ExtendLeaseRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.ExtendLeaseResponse.SerializeToString,
+            ),
+            'Purge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Purge,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.PurgeRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.PurgeResponse.SerializeToString,
+            ),
+            'Redrive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Redrive,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.RedriveRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.RedriveResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListQueuesRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'ListMaps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMaps,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListMapsRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.ListMapsResponse.SerializeToString,
+            ),
             'Subscribe': grpc.stream_stream_rpc_method_handler(
                     servicer.Subscribe,
                     request_deserializer=qm_dot_v1_dot_queue__manager__pb2.SubscribeRequest.FromString,
@@ -503,8 +656,8 @@ class QueueManagerService:
     """Durable work queues with acknowledgements, and string key-value maps.
 
     Delivery is at-least-once: a message delivered to a session and not acked goes back to
-    ready when that session ends (logout, expiry, server restart), with delivery_count
-    raised on its next delivery.
+    ready when that session ends (logout, expiry, server restart) or its lease runs out
+    (QueueSettings.ack_deadline_ms), with delivery_count raised on its next delivery.
     """
 
     @staticmethod
@@ -1091,6 +1244,222 @@ class QueueManagerService:
             '/qm.v1.QueueManagerService/MapBatchPut',
             qm_dot_v1_dot_queue__manager__pb2.MapBatchPutRequest.SerializeToString,
             qm_dot_v1_dot_queue__manager__pb2.MapBatchPutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/UpdateQueue',
+            qm_dot_v1_dot_queue__manager__pb2.UpdateQueueRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.UpdateQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQueueInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/GetQueueInfo',
+            qm_dot_v1_dot_queue__manager__pb2.GetQueueInfoRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.GetQueueInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/ExtendLease',
+            qm_dot_v1_dot_queue__manager__pb2.ExtendLeaseRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.ExtendLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Purge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/Purge',
+            qm_dot_v1_dot_queue__manager__pb2.PurgeRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.PurgeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Redrive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/Redrive',
+            qm_dot_v1_dot_queue__manager__pb2.RedriveRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.RedriveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/ListDeadLetters',
+            qm_dot_v1_dot_queue__manager__pb2.ListDeadLettersRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/ListQueues',
+            qm_dot_v1_dot_queue__manager__pb2.ListQueuesRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMaps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/ListMaps',
+            qm_dot_v1_dot_queue__manager__pb2.ListMapsRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.ListMapsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,8 +56,8 @@ class QueueManagerServiceStub:
     """Durable work queues with acknowledgements, and string key-value maps.
 
     Delivery is at-least-once: a message delivered to a session and not acked goes back to
-    ready when that session ends (logout, expiry, server restart), with delivery_count
-    raised on its next delivery.
+    ready when that session ends (logout, expiry, server restart) or its lease runs out
+    (QueueSettings.ack_deadline_ms), with delivery_count raised on its next delivery.
     """
 
     @_typing.overload
@@ -86,16 +86,20 @@ class QueueManagerServiceStub:
     NewQueue: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.NewQueueRequest, _queue_manager_pb2.NewQueueResponse]
     """qm.new_queue: creates an empty queue. CODE_QUEUE_ALREADY_EXISTS if it exists,
     CODE_RESOURCE_EXHAUSTED past the queue limit. The only call that creates a queue.
+    Optional settings (QueueSettings) as UpdateQueue: CODE_INVALID_ARGUMENT for one out of
+    bounds, CODE_QUEUE_NOT_FOUND for a dead_letter_queue that does not exist.
     """
     Add: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.AddRequest, _queue_manager_pb2.AddResponse]
     """qm.add: appends one message and returns its id. CODE_QUEUE_NOT_FOUND if the queue does
-    not exist; CODE_INVALID_ARGUMENT if the element exceeds the size limit.
-    Not idempotent: a retry after a lost answer may add the message twice.
+    not exist; CODE_INVALID_ARGUMENT if the element exceeds the size limit;
+    CODE_RESOURCE_EXHAUSTED when the queue holds max_length messages. Idempotent only
+    with a request_id: without one, a retry after a lost answer may add it twice.
     """
     AddAll: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.AddAllRequest, _queue_manager_pb2.AddAllResponse]
     """qm.add_all: appends several messages atomically (all or none), ids in list order.
     CODE_QUEUE_NOT_FOUND; CODE_INVALID_ARGUMENT for an empty list, too many elements or an
-    oversized one. Not idempotent.
+    oversized one; CODE_RESOURCE_EXHAUSTED when they would take the queue past
+    max_length (none is added). Idempotent only with a request_id, as Add.
     """
     Poll: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.PollRequest, _queue_manager_pb2.PollResponse]
     """qm.poll: takes the oldest ready message and puts it in flight for the caller's session.
@@ -105,7 +109,8 @@ class QueueManagerServiceStub:
     well hold messages; never CODE_QUEUE_EMPTY then. A poll with wait_ms 0 is answered as
     usual during the shutdown (CODE_QUEUE_EMPTY means nothing is ready), since it asked
     for no wait. A CODE_UNAVAILABLE answer claimed nothing: repeating the poll is safe.
-    A retry after a lost answer leaves the first message in flight until the session ends.
+    A retry after a lost answer leaves the first message in flight until the session ends
+    or its lease runs out (ack_deadline_ms).
     """
     PullElements: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.PullElementsRequest, _queue_manager_pb2.PullElementsResponse]
     """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
@@ -119,8 +124,9 @@ class QueueManagerServiceStub:
     Ack: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.AckRequest, _queue_manager_pb2.AckResponse]
     """qm.ack: finishes a delivered message (done removes it, error makes it ready again).
     CODE_MESSAGE_NOT_FOUND for an unknown id, one already acked, or one in flight for
-    another session; CODE_INVALID_ARGUMENT for an unknown ack_type. A repeated done-ack
-    answers CODE_MESSAGE_NOT_FOUND and changes nothing.
+    another session; CODE_LEASE_EXPIRED when the caller's lease on it ran out first (it
+    was, or will be, delivered again); CODE_INVALID_ARGUMENT for an unknown ack_type. A
+    repeated done-ack answers CODE_MESSAGE_NOT_FOUND and changes nothing.
     """
     BatchAck: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.BatchAckRequest, _queue_manager_pb2.BatchAckResponse]
     """(new) Acks many messages of the caller's session in one durable step, with a result per id.
@@ -167,6 +173,38 @@ class QueueManagerServiceStub:
     absent. CODE_INVALID_ARGUMENT when size differs from the list length, for an empty or
     oversized list. Idempotent.
     """
+    UpdateQueue: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.UpdateQueueRequest, _queue_manager_pb2.UpdateQueueResponse]
+    """(new) Changes a queue's settings (QueueSettings). `manage` on the queue.
+    CODE_QUEUE_NOT_FOUND; CODE_INVALID_ARGUMENT for a setting out of bounds, a missing or
+    self-referring dead_letter_queue, or max_deliveries without one.
+    """
+    GetQueueInfo: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.GetQueueInfoRequest, _queue_manager_pb2.GetQueueInfoResponse]
+    """(new) A queue's settings and counts. `read` on the queue. CODE_QUEUE_NOT_FOUND.
+    Read-only.
+    """
+    ExtendLease: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.ExtendLeaseRequest, _queue_manager_pb2.ExtendLeaseResponse]
+    """(new) Moves the lease of messages held by the caller's session: Pub/Sub's
+    ModifyAckDeadline, SQS's ChangeMessageVisibility. A result per id; 0 gives the
+    messages back. CODE_INVALID_ARGUMENT for an empty or oversized list, a repeated id
+    or a deadline out of bounds. Safe to repeat.
+    """
+    Purge: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.PurgeRequest, _queue_manager_pb2.PurgeResponse]
+    """(new) Removes every ready and delayed message of a queue in one step and says how
+    many; messages in flight stay with their holders. `manage` on the queue.
+    CODE_QUEUE_NOT_FOUND.
+    """
+    Redrive: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.RedriveRequest, _queue_manager_pb2.RedriveResponse]
+    """(new) Moves dead letters (all, or the ids given) from a dead-letter queue back to
+    their original queues, ready at once, delivery count kept. `manage` on the
+    dead-letter queue, `write` on each original queue. CODE_QUEUE_NOT_FOUND for the
+    dead-letter queue. Safe to repeat.
+    """
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.ListDeadLettersRequest, _queue_manager_pb2.ListDeadLettersResponse]
+    """(new) The dead letters a queue holds, with their history, paged by id. `read` on it."""
+    ListQueues: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.ListQueuesRequest, _queue_manager_pb2.ListQueuesResponse]
+    """(new) Queues the caller may read, paged by name. Read-only."""
+    ListMaps: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.ListMapsRequest, _queue_manager_pb2.ListMapsResponse]
+    """(new) Maps the caller may read, paged by name. Read-only."""
     Subscribe: _grpc.StreamStreamMultiCallable[_queue_manager_pb2.SubscribeRequest, _queue_manager_pb2.SubscribeResponse]
     """(new) A streaming consumer. The client sends SubscribeOpen first, then SubscribeAck
     messages; the server pushes ready messages as they arrive while fewer than
@@ -183,8 +221,8 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     """Durable work queues with acknowledgements, and string key-value maps.
 
     Delivery is at-least-once: a message delivered to a session and not acked goes back to
-    ready when that session ends (logout, expiry, server restart), with delivery_count
-    raised on its next delivery.
+    ready when that session ends (logout, expiry, server restart) or its lease runs out
+    (QueueSettings.ack_deadline_ms), with delivery_count raised on its next delivery.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -210,16 +248,20 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     NewQueue: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.NewQueueRequest, _queue_manager_pb2.NewQueueResponse]  # type: ignore[assignment]
     """qm.new_queue: creates an empty queue. CODE_QUEUE_ALREADY_EXISTS if it exists,
     CODE_RESOURCE_EXHAUSTED past the queue limit. The only call that creates a queue.
+    Optional settings (QueueSettings) as UpdateQueue: CODE_INVALID_ARGUMENT for one out of
+    bounds, CODE_QUEUE_NOT_FOUND for a dead_letter_queue that does not exist.
     """
     Add: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.AddRequest, _queue_manager_pb2.AddResponse]  # type: ignore[assignment]
     """qm.add: appends one message and returns its id. CODE_QUEUE_NOT_FOUND if the queue does
-    not exist; CODE_INVALID_ARGUMENT if the element exceeds the size limit.
-    Not idempotent: a retry after a lost answer may add the message twice.
+    not exist; CODE_INVALID_ARGUMENT if the element exceeds the size limit;
+    CODE_RESOURCE_EXHAUSTED when the queue holds max_length messages. Idempotent only
+    with a request_id: without one, a retry after a lost answer may add it twice.
     """
     AddAll: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.AddAllRequest, _queue_manager_pb2.AddAllResponse]  # type: ignore[assignment]
     """qm.add_all: appends several messages atomically (all or none), ids in list order.
     CODE_QUEUE_NOT_FOUND; CODE_INVALID_ARGUMENT for an empty list, too many elements or an
-    oversized one. Not idempotent.
+    oversized one; CODE_RESOURCE_EXHAUSTED when they would take the queue past
+    max_length (none is added). Idempotent only with a request_id, as Add.
     """
     Poll: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.PollRequest, _queue_manager_pb2.PollResponse]  # type: ignore[assignment]
     """qm.poll: takes the oldest ready message and puts it in flight for the caller's session.
@@ -229,7 +271,8 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     well hold messages; never CODE_QUEUE_EMPTY then. A poll with wait_ms 0 is answered as
     usual during the shutdown (CODE_QUEUE_EMPTY means nothing is ready), since it asked
     for no wait. A CODE_UNAVAILABLE answer claimed nothing: repeating the poll is safe.
-    A retry after a lost answer leaves the first message in flight until the session ends.
+    A retry after a lost answer leaves the first message in flight until the session ends
+    or its lease runs out (ack_deadline_ms).
     """
     PullElements: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.PullElementsRequest, _queue_manager_pb2.PullElementsResponse]  # type: ignore[assignment]
     """qm.pull_elements: takes up to `number` of the oldest ready messages, as Poll.
@@ -243,8 +286,9 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     Ack: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.AckRequest, _queue_manager_pb2.AckResponse]  # type: ignore[assignment]
     """qm.ack: finishes a delivered message (done removes it, error makes it ready again).
     CODE_MESSAGE_NOT_FOUND for an unknown id, one already acked, or one in flight for
-    another session; CODE_INVALID_ARGUMENT for an unknown ack_type. A repeated done-ack
-    answers CODE_MESSAGE_NOT_FOUND and changes nothing.
+    another session; CODE_LEASE_EXPIRED when the caller's lease on it ran out first (it
+    was, or will be, delivered again); CODE_INVALID_ARGUMENT for an unknown ack_type. A
+    repeated done-ack answers CODE_MESSAGE_NOT_FOUND and changes nothing.
     """
     BatchAck: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.BatchAckRequest, _queue_manager_pb2.BatchAckResponse]  # type: ignore[assignment]
     """(new) Acks many messages of the caller's session in one durable step, with a result per id.
@@ -291,6 +335,38 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     absent. CODE_INVALID_ARGUMENT when size differs from the list length, for an empty or
     oversized list. Idempotent.
     """
+    UpdateQueue: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.UpdateQueueRequest, _queue_manager_pb2.UpdateQueueResponse]  # type: ignore[assignment]
+    """(new) Changes a queue's settings (QueueSettings). `manage` on the queue.
+    CODE_QUEUE_NOT_FOUND; CODE_INVALID_ARGUMENT for a setting out of bounds, a missing or
+    self-referring dead_letter_queue, or max_deliveries without one.
+    """
+    GetQueueInfo: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.GetQueueInfoRequest, _queue_manager_pb2.GetQueueInfoResponse]  # type: ignore[assignment]
+    """(new) A queue's settings and counts. `read` on the queue. CODE_QUEUE_NOT_FOUND.
+    Read-only.
+    """
+    ExtendLease: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.ExtendLeaseRequest, _queue_manager_pb2.ExtendLeaseResponse]  # type: ignore[assignment]
+    """(new) Moves the lease of messages held by the caller's session: Pub/Sub's
+    ModifyAckDeadline, SQS's ChangeMessageVisibility. A result per id; 0 gives the
+    messages back. CODE_INVALID_ARGUMENT for an empty or oversized list, a repeated id
+    or a deadline out of bounds. Safe to repeat.
+    """
+    Purge: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.PurgeRequest, _queue_manager_pb2.PurgeResponse]  # type: ignore[assignment]
+    """(new) Removes every ready and delayed message of a queue in one step and says how
+    many; messages in flight stay with their holders. `manage` on the queue.
+    CODE_QUEUE_NOT_FOUND.
+    """
+    Redrive: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.RedriveRequest, _queue_manager_pb2.RedriveResponse]  # type: ignore[assignment]
+    """(new) Moves dead letters (all, or the ids given) from a dead-letter queue back to
+    their original queues, ready at once, delivery count kept. `manage` on the
+    dead-letter queue, `write` on each original queue. CODE_QUEUE_NOT_FOUND for the
+    dead-letter queue. Safe to repeat.
+    """
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.ListDeadLettersRequest, _queue_manager_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """(new) The dead letters a queue holds, with their history, paged by id. `read` on it."""
+    ListQueues: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.ListQueuesRequest, _queue_manager_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    """(new) Queues the caller may read, paged by name. Read-only."""
+    ListMaps: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.ListMapsRequest, _queue_manager_pb2.ListMapsResponse]  # type: ignore[assignment]
+    """(new) Maps the caller may read, paged by name. Read-only."""
     Subscribe: _aio.StreamStreamMultiCallable[_queue_manager_pb2.SubscribeRequest, _queue_manager_pb2.SubscribeResponse]  # type: ignore[assignment]
     """(new) A streaming consumer. The client sends SubscribeOpen first, then SubscribeAck
     messages; the server pushes ready messages as they arrive while fewer than
@@ -306,8 +382,8 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Durable work queues with acknowledgements, and string key-value maps.
 
     Delivery is at-least-once: a message delivered to a session and not acked goes back to
-    ready when that session ends (logout, expiry, server restart), with delivery_count
-    raised on its next delivery.
+    ready when that session ends (logout, expiry, server restart) or its lease runs out
+    (QueueSettings.ack_deadline_ms), with delivery_count raised on its next delivery.
     """
 
     @_abc_1.abstractmethod
@@ -361,6 +437,8 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_manager_pb2.NewQueueResponse, _abc.Awaitable[_queue_manager_pb2.NewQueueResponse]]:
         """qm.new_queue: creates an empty queue. CODE_QUEUE_ALREADY_EXISTS if it exists,
         CODE_RESOURCE_EXHAUSTED past the queue limit. The only call that creates a queue.
+        Optional settings (QueueSettings) as UpdateQueue: CODE_INVALID_ARGUMENT for one out of
+        bounds, CODE_QUEUE_NOT_FOUND for a dead_letter_queue that does not exist.
         """
 
     @_abc_1.abstractmethod
@@ -370,8 +448,9 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queue_manager_pb2.AddResponse, _abc.Awaitable[_queue_manager_pb2.AddResponse]]:
         """qm.add: appends one message and returns its id. CODE_QUEUE_NOT_FOUND if the queue does
-        not exist; CODE_INVALID_ARGUMENT if the element exceeds the size limit.
-        Not idempotent: a retry after a lost answer may add the message twice.
+        not exist; CODE_INVALID_ARGUMENT if the element exceeds the size limit;
+        CODE_RESOURCE_EXHAUSTED when the queue holds max_length messages. Idempotent only
+        with a request_id: without one, a retry after a lost answer may add it twice.
         """
 
     @_abc_1.abstractmethod
@@ -382,7 +461,8 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_manager_pb2.AddAllResponse, _abc.Awaitable[_queue_manager_pb2.AddAllResponse]]:
         """qm.add_all: appends several messages atomically (all or none), ids in list order.
         CODE_QUEUE_NOT_FOUND; CODE_INVALID_ARGUMENT for an empty list, too many elements or an
-        oversized one. Not idempotent.
+        oversized one; CODE_RESOURCE_EXHAUSTED when they would take the queue past
+        max_length (none is added). Idempotent only with a request_id, as Add.
         """
 
     @_abc_1.abstractmethod
@@ -398,7 +478,8 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         well hold messages; never CODE_QUEUE_EMPTY then. A poll with wait_ms 0 is answered as
         usual during the shutdown (CODE_QUEUE_EMPTY means nothing is ready), since it asked
         for no wait. A CODE_UNAVAILABLE answer claimed nothing: repeating the poll is safe.
-        A retry after a lost answer leaves the first message in flight until the session ends.
+        A retry after a lost answer leaves the first message in flight until the session ends
+        or its lease runs out (ack_deadline_ms).
         """
 
     @_abc_1.abstractmethod
@@ -424,8 +505,9 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_queue_manager_pb2.AckResponse, _abc.Awaitable[_queue_manager_pb2.AckResponse]]:
         """qm.ack: finishes a delivered message (done removes it, error makes it ready again).
         CODE_MESSAGE_NOT_FOUND for an unknown id, one already acked, or one in flight for
-        another session; CODE_INVALID_ARGUMENT for an unknown ack_type. A repeated done-ack
-        answers CODE_MESSAGE_NOT_FOUND and changes nothing.
+        another session; CODE_LEASE_EXPIRED when the caller's lease on it ran out first (it
+        was, or will be, delivered again); CODE_INVALID_ARGUMENT for an unknown ack_type. A
+        repeated done-ack answers CODE_MESSAGE_NOT_FOUND and changes nothing.
         """
 
     @_abc_1.abstractmethod
@@ -544,6 +626,86 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         absent. CODE_INVALID_ARGUMENT when size differs from the list length, for an empty or
         oversized list. Idempotent.
         """
+
+    @_abc_1.abstractmethod
+    def UpdateQueue(
+        self,
+        request: _queue_manager_pb2.UpdateQueueRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.UpdateQueueResponse, _abc.Awaitable[_queue_manager_pb2.UpdateQueueResponse]]:
+        """(new) Changes a queue's settings (QueueSettings). `manage` on the queue.
+        CODE_QUEUE_NOT_FOUND; CODE_INVALID_ARGUMENT for a setting out of bounds, a missing or
+        self-referring dead_letter_queue, or max_deliveries without one.
+        """
+
+    @_abc_1.abstractmethod
+    def GetQueueInfo(
+        self,
+        request: _queue_manager_pb2.GetQueueInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.GetQueueInfoResponse, _abc.Awaitable[_queue_manager_pb2.GetQueueInfoResponse]]:
+        """(new) A queue's settings and counts. `read` on the queue. CODE_QUEUE_NOT_FOUND.
+        Read-only.
+        """
+
+    @_abc_1.abstractmethod
+    def ExtendLease(
+        self,
+        request: _queue_manager_pb2.ExtendLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.ExtendLeaseResponse, _abc.Awaitable[_queue_manager_pb2.ExtendLeaseResponse]]:
+        """(new) Moves the lease of messages held by the caller's session: Pub/Sub's
+        ModifyAckDeadline, SQS's ChangeMessageVisibility. A result per id; 0 gives the
+        messages back. CODE_INVALID_ARGUMENT for an empty or oversized list, a repeated id
+        or a deadline out of bounds. Safe to repeat.
+        """
+
+    @_abc_1.abstractmethod
+    def Purge(
+        self,
+        request: _queue_manager_pb2.PurgeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.PurgeResponse, _abc.Awaitable[_queue_manager_pb2.PurgeResponse]]:
+        """(new) Removes every ready and delayed message of a queue in one step and says how
+        many; messages in flight stay with their holders. `manage` on the queue.
+        CODE_QUEUE_NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def Redrive(
+        self,
+        request: _queue_manager_pb2.RedriveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.RedriveResponse, _abc.Awaitable[_queue_manager_pb2.RedriveResponse]]:
+        """(new) Moves dead letters (all, or the ids given) from a dead-letter queue back to
+        their original queues, ready at once, delivery count kept. `manage` on the
+        dead-letter queue, `write` on each original queue. CODE_QUEUE_NOT_FOUND for the
+        dead-letter queue. Safe to repeat.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _queue_manager_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.ListDeadLettersResponse, _abc.Awaitable[_queue_manager_pb2.ListDeadLettersResponse]]:
+        """(new) The dead letters a queue holds, with their history, paged by id. `read` on it."""
+
+    @_abc_1.abstractmethod
+    def ListQueues(
+        self,
+        request: _queue_manager_pb2.ListQueuesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.ListQueuesResponse, _abc.Awaitable[_queue_manager_pb2.ListQueuesResponse]]:
+        """(new) Queues the caller may read, paged by name. Read-only."""
+
+    @_abc_1.abstractmethod
+    def ListMaps(
+        self,
+        request: _queue_manager_pb2.ListMapsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.ListMapsResponse, _abc.Awaitable[_queue_manager_pb2.ListMapsResponse]]:
+        """(new) Maps the caller may read, paged by name. Read-only."""
 
     @_abc_1.abstractmethod
     def Subscribe(

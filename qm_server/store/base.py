@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from qm_server.errors import Code
+from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
 from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
 
@@ -35,6 +37,11 @@ class Delivery(NamedTuple):
     message_id: int
     element: str
     delivery_count: int
+    enqueued_at_ms: int = 0
+    """When the message was first added (Unix time, ms)."""
+    lease_expires_at_ms: int = 0
+    """When this delivery's lease runs out (Unix time, ms); 0 for none (held while the
+    session lives)."""
 
 
 def message_ids_of(deliveries: list[Delivery]) -> list[int]:
@@ -45,6 +52,60 @@ def message_ids_of(deliveries: list[Delivery]) -> list[int]:
 class QueueCounts:
     ready: int
     in_flight: int
+    delayed: int = 0
+    """Waiting for their delay or retry backoff: neither ready nor in flight."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """GetQueueInfo's answer, but for the subscriptions (the engine counts those)."""
+
+    settings: QueueSettings
+    counts: QueueCounts
+    dead_lettered: int
+    """Messages dead-lettered from this queue that still sit in its dead-letter queue."""
+    dead_letters_held: int
+    """Dead letters from any queue that this queue holds."""
+    oldest_ready_enqueued_at_ms: int
+    """The first add of the oldest ready message (Unix time, ms); 0 when none is ready."""
+    holding_sessions: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A dead-lettered message and its history (the proto's DeadLetter)."""
+
+    message_id: int
+    original_queue: str
+    delivery_count: int
+    enqueued_at_ms: int
+    dead_lettered_at_ms: int
+    cause: str
+    element: str
+
+
+class IdempotencyKey(NamedTuple):
+    """What makes an Add or AddAll repeatable (AIP-155): the same user and request_id within
+    the window answer the first call's ids. `fingerprint` is a digest of the queue name
+    and the elements, so that reusing an id for another request is told apart."""
+
+    user: str
+    request_id: str
+    fingerprint: bytes
+
+
+class Enqueued(NamedTuple):
+    ids: list[int]
+    replayed: bool
+    """True when an IdempotencyKey matched an earlier add: nothing was added now."""
+
+
+class LeaseOutcome(NamedTuple):
+    """ExtendLease's result for one id: Code.OK, MESSAGE_NOT_FOUND or LEASE_EXPIRED, and
+    the new lease end (Unix time, ms; 0 when given back or not OK)."""
+
+    code: Code
+    lease_expires_at_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +187,13 @@ class Store(UserDirectory):
 
     @abc.abstractmethod
     async def open(self) -> None:
-        """Create or migrate the schema, then make every in-flight message ready again.
+        """Create or migrate the schema, then release what was in flight.
 
-        Sessions do not outlive the server process that owns them, so whatever was in
-        flight at a crash is redelivered (at-least-once).
+        In the embedded store sessions do not outlive the server process that owns them,
+        so whatever was in flight at a crash is released (ready again, or dead-lettered
+        past max_deliveries) and redelivered: at-least-once. A store shared by several
+        processes keeps each delivery's owner session, lease deadline and delivery count
+        in its database and releases only what expired.
         """
 
     @abc.abstractmethod
@@ -147,35 +211,127 @@ class Store(UserDirectory):
     # Queues -----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_queue(self, name: str, room: Room) -> None:
+    async def create_queue(
+        self, name: str, room: Room, settings: QueueSettings = DEFAULT_SETTINGS
+    ) -> None:
         """QueueAlreadyExists, or ResourceExhausted when `room` (the creator's quota and
         limit, quotas.py; Room.server_wide for a bare limit) has no room for one more.
-        The creator (room.user) is recorded, so that their quota holds after a restart."""
+        The creator (room.user) is recorded, so that their quota holds after a restart.
+        `settings` were checked (lifecycle.check_settings) but for their dead-letter
+        queue: QueueNotFound when it does not exist, InvalidArgument when it is `name`."""
+
+    @abc.abstractmethod
+    async def update_queue(self, name: str, change: SettingsChange) -> QueueSettings:
+        """Apply the change atomically (SettingsChange.applied_to checks bounds; the store
+        checks the dead-letter queue as create_queue does) and return the settings now.
+        Deliveries in flight keep their lease; everything else follows the new settings
+        from the commit on. QueueNotFound."""
+
+    @abc.abstractmethod
+    async def queue_info(self, name: str) -> QueueInfo:
+        """Settings and counts, from one consistent state. QueueNotFound."""
+
+    @abc.abstractmethod
+    async def list_queues(
+        self, start_after: str, limit: int, visible: Callable[[str], bool]
+    ) -> list[tuple[str, QueueCounts]]:
+        """Up to `limit` queues named after `start_after` (UTF-8 byte order) for which
+        `visible(name)` holds, in name order, with their counts."""
+
+    @abc.abstractmethod
+    async def list_maps(
+        self, start_after: str, limit: int, visible: Callable[[str], bool]
+    ) -> list[str]:
+        """As list_queues, for maps: their names."""
 
     @abc.abstractmethod
     async def destroy_queue(self, name: str, force: bool) -> None:
         """Delete the queue and its messages. QueueNotFound; QueueNotEmpty unless force."""
 
     @abc.abstractmethod
-    async def enqueue(self, name: str, elements: Sequence[str]) -> list[int]:
-        """Append all elements or none; return their ids, increasing. QueueNotFound."""
+    async def enqueue(
+        self,
+        name: str,
+        elements: Sequence[str],
+        delay_ms: int | None = None,
+        idempotency: IdempotencyKey | None = None,
+    ) -> Enqueued:
+        """Append all elements or none; their ids, increasing. QueueNotFound;
+        ResourceExhausted past the queue's max_length (ready plus delayed).
+
+        `delay_ms` (None: the queue's delay_ms) keeps them delayed that long. With an
+        `idempotency` key seen within the window, nothing is added and the first call's
+        ids come back (replayed); the same key with another fingerprint is
+        InvalidArgument. Keys are kept durably with the add, across restarts.
+        """
 
     @abc.abstractmethod
-    async def claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+    async def claim(
+        self,
+        name: str,
+        session_id: int,
+        limit: int,
+        max_bytes: int,
+        lease_ms: int | None = None,
+    ) -> list[Delivery]:
         """Atomically move up to `limit` oldest ready messages in flight for the session.
 
         Stops early once the entries, encoded as ElementInfo (answer_size.py), would
         exceed `max_bytes` (the first message is always taken). Raises delivery counts
-        by one. Returns [] when none is ready. QueueNotFound.
+        by one. Each delivery's lease ends `lease_ms` from now (None: the queue's
+        ack_deadline_ms; 0 there means no deadline). Returns [] when none is ready.
+        QueueNotFound. Delayed messages are not ready until their time, and any number of
+        them does not slow a claim.
         """
 
     @abc.abstractmethod
-    async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
-        """Finish messages in flight for the session: done deletes, else ready again.
+    async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[Code]:
+        """Finish messages in flight for the session: done deletes, else releases them
+        (ready again, after the queue's retry backoff, or dead-lettered past
+        max_deliveries).
 
-        One flag per id: False when the id is unknown, already acked or held by another
-        session (and nothing changed for it).
+        One code per id: OK; MESSAGE_NOT_FOUND when the id is unknown, already acked or
+        held by another session; LEASE_EXPIRED when the session held it until its lease
+        ran out (it stays released). Nothing changes for an id that is not OK.
         """
+
+    @abc.abstractmethod
+    async def extend_leases(
+        self, session_id: int, message_ids: Sequence[int], lease_ms: int
+    ) -> list[LeaseOutcome]:
+        """Move the lease of messages the session holds to `lease_ms` from now; 0 gives
+        them back (released as by a lease expiry: no backoff, dead-lettered past
+        max_deliveries). Codes as `ack`."""
+
+    @abc.abstractmethod
+    async def run_due(self) -> None:
+        """Apply what is due now: expire leases, make delayed and backed-off messages
+        ready, age out messages past max_age. The store arranges to call this itself
+        when something falls due (no thread or timer per message); a test on a fake clock
+        calls it after moving the clock."""
+
+    @abc.abstractmethod
+    async def purge(self, name: str) -> int:
+        """Delete every ready and delayed message of the queue at once; how many.
+        In-flight messages stay with their holders. QueueNotFound."""
+
+    @abc.abstractmethod
+    async def redrive(
+        self, name: str, message_ids: Sequence[int] | None, may_write: Callable[[str], bool]
+    ) -> tuple[int, list[tuple[int, Code]]]:
+        """Move dead letters held by queue `name` (those ids, or all when None) back to
+        their original queues, ready at once, ids and delivery counts kept, atomically.
+        Returns how many moved and, per id that did not move, why: MESSAGE_NOT_FOUND (not
+        a dead letter held by `name`, or in flight), QUEUE_NOT_FOUND (its original queue
+        is gone), PERMISSION_DENIED (not `may_write(original queue)`). QueueNotFound."""
+
+    @abc.abstractmethod
+    async def dead_letters(
+        self, name: str, after_id: int, limit: int, max_bytes: int
+    ) -> list[DeadLetter]:
+        """Dead letters held by queue `name`, ids above `after_id`, in id order, at most
+        `limit` and fewer past `max_bytes` of elements (the first always comes).
+        QueueNotFound."""
 
     async def ack_and_claim(
         self,
@@ -185,7 +341,8 @@ class Store(UserDirectory):
         name: str,
         limit: int,
         max_bytes: int,
-    ) -> tuple[list[bool], list[Delivery]]:
+        lease_ms: int | None = None,
+    ) -> tuple[list[Code], list[Delivery]]:
         """Ack, then claim up to `limit` (0: none) more from `name` for the same session.
 
         A streaming consumer's refill; a store that can do both in one transaction (one
@@ -193,11 +350,13 @@ class Store(UserDirectory):
         claim may raise QueueNotFound after the ack was applied.
         """
         found = await self.ack(session_id, message_ids, done)
-        return found, await self.claim(name, session_id, limit, max_bytes) if limit else []
+        claimed = await self.claim(name, session_id, limit, max_bytes, lease_ms) if limit else []
+        return found, claimed
 
     @abc.abstractmethod
     async def release_session(self, session_id: int) -> None:
-        """Make every message in flight for the session ready again (logout, expiry)."""
+        """Release every message in flight for the session (logout, expiry): ready again
+        at once, or dead-lettered past max_deliveries."""
 
     @abc.abstractmethod
     async def queue_counts(self, name: str) -> QueueCounts:
@@ -245,6 +404,14 @@ class Store(UserDirectory):
         """One page in key order (UTF-8 byte order), at most `size` entries, and fewer
         once they would exceed max_bytes encoded (answer_size.py; the first entry always
         comes). MapNotFound."""
+
+    @abc.abstractmethod
+    async def map_page_after(
+        self, name: str, start_after: str, size: int, max_bytes: int
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """Key-cursor paging: entries with keys after `start_after`, as map_get_list, and
+        the cursor of the next page (the last key returned), or None when no entry
+        follows. MapNotFound."""
 
     @abc.abstractmethod
     async def map_destroy(self, name: str) -> None:

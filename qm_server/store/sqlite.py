@@ -62,12 +62,25 @@ from typing import TypeVar
 
 from qm_server import errors
 from qm_server.answer_size import key_value_size
+from qm_server.errors import Code
+from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
 from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
 from qm_server.store import sqlite_sql as sql
 from qm_server.store import sqlite_staging as staging
 from qm_server.store import sqlite_users as users
-from qm_server.store.base import Delivery, HealthListener, QueueCounts, Store, UserRecord
+from qm_server.store.base import (
+    DeadLetter,
+    Delivery,
+    Enqueued,
+    HealthListener,
+    IdempotencyKey,
+    LeaseOutcome,
+    QueueCounts,
+    QueueInfo,
+    Store,
+    UserRecord,
+)
 from qm_server.store.inflight import InFlight
 from qm_server.store.reserve import RESERVE_FILE, DiskReserve
 from qm_server.store.sqlite_file import DB_FILE, SYNCHRONOUS
@@ -144,7 +157,9 @@ class SqliteStore(Store):
 
     # Queues -----------------------------------------------------------------------------
 
-    async def create_queue(self, name: str, room: Room) -> None:
+    async def create_queue(
+        self, name: str, room: Room, settings: QueueSettings = DEFAULT_SETTINGS
+    ) -> None:
 
         def run() -> None:
             index = self._index
@@ -185,7 +200,13 @@ class SqliteStore(Store):
 
         await self._submit(run)
 
-    async def enqueue(self, name: str, elements: Sequence[str]) -> list[int]:
+    async def enqueue(
+        self,
+        name: str,
+        elements: Sequence[str],
+        delay_ms: int | None = None,
+        idempotency: IdempotencyKey | None = None,
+    ) -> Enqueued:
         def run() -> list[int]:
             state = self._queue(name)
             first = self._index.next_message_id
@@ -196,9 +217,16 @@ class SqliteStore(Store):
             self._batch.now_ready.add(name)
             return list(range(first, first + len(elements)))
 
-        return await self._submit(run, ADDS)
+        return Enqueued(await self._submit(run, ADDS), False)
 
-    async def claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+    async def claim(
+        self,
+        name: str,
+        session_id: int,
+        limit: int,
+        max_bytes: int,
+        lease_ms: int | None = None,
+    ) -> list[Delivery]:
         published = self._published.get(name)
         if published is None:
             raise errors.QueueNotFound(f"queue {name!r} does not exist")
@@ -207,7 +235,7 @@ class SqliteStore(Store):
 
         return await self._submit(lambda: self._claim(name, session_id, limit, max_bytes), CLAIMS)
 
-    async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
+    async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[Code]:
         return await self._submit(lambda: self._ack(session_id, message_ids, done), CLAIMS)
 
     async def ack_and_claim(
@@ -218,8 +246,9 @@ class SqliteStore(Store):
         name: str,
         limit: int,
         max_bytes: int,
-    ) -> tuple[list[bool], list[Delivery]]:
-        def run() -> tuple[list[bool], list[Delivery]]:
+        lease_ms: int | None = None,
+    ) -> tuple[list[Code], list[Delivery]]:
+        def run() -> tuple[list[Code], list[Delivery]]:
             found = self._ack(session_id, message_ids, done)
             return found, self._claim(name, session_id, limit, max_bytes) if limit else []
 
@@ -232,7 +261,7 @@ class SqliteStore(Store):
             return []
         return self._batch.claim(state, session_id, limit, max_bytes).deliveries
 
-    def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[bool]:
+    def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[Code]:
         found = self._in_flight.drop(session_id, message_ids)
         finished: dict[int, list[int]] = {}
         for message_id, queue_id in zip(message_ids, found, strict=True):
@@ -242,7 +271,7 @@ class SqliteStore(Store):
             if done:
                 self._delete_messages(queue_id, ids)
             self._finished(queue_id, ids, back_to_ready=not done)
-        return [queue_id is not None for queue_id in found]
+        return [Code.MESSAGE_NOT_FOUND if queue_id is None else Code.OK for queue_id in found]
 
     def _delete_messages(self, queue_id: int, message_ids: list[int]) -> None:
         self._batch.deletes.setdefault(queue_id, []).extend(message_ids)
@@ -283,6 +312,50 @@ class SqliteStore(Store):
         # An unknown queue (destroyed, say, while a waiter claimed): 1, so that a waiter
         # parking on it claims at once and learns QueueNotFound instead of waiting on.
         return counts.ready if counts else 1
+
+    # Lifecycle (not built yet: these answer UNAVAILABLE) ---------------------------------
+
+    async def update_queue(self, name: str, change: SettingsChange) -> QueueSettings:
+        raise errors.Unavailable("not built yet")
+
+    async def queue_info(self, name: str) -> QueueInfo:
+        raise errors.Unavailable("not built yet")
+
+    async def list_queues(
+        self, start_after: str, limit: int, visible: Callable[[str], bool]
+    ) -> list[tuple[str, QueueCounts]]:
+        raise errors.Unavailable("not built yet")
+
+    async def list_maps(
+        self, start_after: str, limit: int, visible: Callable[[str], bool]
+    ) -> list[str]:
+        raise errors.Unavailable("not built yet")
+
+    async def extend_leases(
+        self, session_id: int, message_ids: Sequence[int], lease_ms: int
+    ) -> list[LeaseOutcome]:
+        raise errors.Unavailable("not built yet")
+
+    async def run_due(self) -> None:
+        return None
+
+    async def purge(self, name: str) -> int:
+        raise errors.Unavailable("not built yet")
+
+    async def redrive(
+        self, name: str, message_ids: Sequence[int] | None, may_write: Callable[[str], bool]
+    ) -> tuple[int, list[tuple[int, Code]]]:
+        raise errors.Unavailable("not built yet")
+
+    async def dead_letters(
+        self, name: str, after_id: int, limit: int, max_bytes: int
+    ) -> list[DeadLetter]:
+        raise errors.Unavailable("not built yet")
+
+    async def map_page_after(
+        self, name: str, start_after: str, size: int, max_bytes: int
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        raise errors.Unavailable("not built yet")
 
     # Maps -------------------------------------------------------------------------------
 

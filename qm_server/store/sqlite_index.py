@@ -12,6 +12,7 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 
+from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings
 from qm_server.store import sqlite_sql as sql
 from qm_server.store.inflight import InFlight
 
@@ -28,6 +29,8 @@ class QueueState:
     # above the mark, so claims take these first.
     given_back: list[int] = field(default_factory=list)
     owner: str | None = None  # who created it; None for queues made before owners were kept
+    # Its lifecycle settings (lifecycle.py), as committed or staged in the open transaction.
+    settings: QueueSettings = DEFAULT_SETTINGS
 
 
 @dataclass(slots=True)

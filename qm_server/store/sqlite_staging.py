@@ -11,13 +11,11 @@ Everything here runs on the writer thread, inside the transaction the writer ope
 
 from __future__ import annotations
 
-import functools
 import heapq
 import json
 import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from qm_server.answer_size import MAX_ENTRY_OVERHEAD, element_info_size
 from qm_server.store import sqlite_sql as sql
@@ -179,7 +177,7 @@ def _fill_claims(
             if heapq.heappop(state.given_back) != message_id:
                 raise RuntimeError(f"message {message_id} was not given back")
             recounts.append((count, message_id))
-        claim.deliveries.extend(map(_delivery, mine))
+        claim.deliveries.extend(Delivery(i, p, n, 0, 0) for i, p, n in mine)
         if mine:
             in_flight.hold(claim.session_id, state.id, [row[0] for row in mine])
     if recounts:
@@ -228,12 +226,6 @@ def _runs(numbers: list[int]) -> list[tuple[int, int]]:
         last = number
     runs.append((first, last))
     return runs
-
-
-# Delivery._make without its Python-level length check: the rows come from our own SQL.
-_delivery = cast(
-    Callable[[tuple[int, str, int]], Delivery], functools.partial(tuple.__new__, Delivery)
-)
 
 
 def _fits(rows: list[tuple[int, str, int]], max_bytes: int) -> bool:
