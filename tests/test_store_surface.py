@@ -307,10 +307,9 @@ def test_cursor_pages_are_stable_while_the_map_changes(run: Callable[[Body], Non
             seen += keys
             if cursor is None:
                 break
-            # Before the cursor: remove one seen, add new ones.
-            gone = seen[turn]
-            await h.store.map_remove("m", gone)
-            await h.store.map_put("m", [(f"a{turn}", "v"), (f"{cursor}-", "v")], maps())
+            # Before the cursor: remove one seen, add two (offsets would shift by one).
+            await h.store.map_remove("m", seen[turn])
+            await h.store.map_put("m", [(f"a{turn}", "v"), (f"b{turn}", "v")], maps())
             # After it: remove one not yet seen, add one.
             later = f"k{int(cursor[1:]) + 4:02}"
             if later in initial and later not in removed:
