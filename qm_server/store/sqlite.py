@@ -14,7 +14,7 @@ A reader starts here. The store is split into modules with one job each:
   off the writer.
 - this module: SqliteStore, the domain operations (queues, messages, maps, users) on top.
   sqlite_sql.py holds every statement, PRAGMA and the current SCHEMA; sqlite_file.py opens
-  and migrates the file.
+  and migrates the file; settings_json.py writes a queue's settings into its row.
 
 Being in flight is not written to disk at all (inflight.py says why): a claim reads rows
 and advances one per-queue mark, an ack deletes rows, a negative ack or a session's end
