@@ -529,7 +529,7 @@ class SqliteStore(Store):
         return await self._read(run)
 
     async def map_page_after(
-        self, name: str, start_after: str, size: int, max_bytes: int
+        self, name: str, start_after: str | None, size: int, max_bytes: int
     ) -> tuple[list[tuple[str, str]], str | None]:
         def run(conn: sqlite3.Connection) -> tuple[list[tuple[str, str]], str | None]:
             page: list[tuple[str, str]] = []
