@@ -177,6 +177,11 @@ def test_a_dead_letter_queue_must_exist_and_be_another_queue(
         change = SettingsChange(max_deliveries=3, dead_letter_queue="dead")
         expected = QueueSettings(max_deliveries=3, dead_letter_queue="dead")
         assert await h.store.update_queue("jobs", change) == expected
+        # Its dead-letter queue destroyed, the other settings can still be changed.
+        await h.store.destroy_queue("dead", force=False)
+        change = SettingsChange(ack_deadline_ms=5000)
+        expected = QueueSettings(5000, max_deliveries=3, dead_letter_queue="dead")
+        assert await h.store.update_queue("jobs", change) == expected
 
     run(body)
 

@@ -203,7 +203,10 @@ class SqliteStore(Store):
         def run() -> QueueSettings:
             state = self._queue(name)
             settings = change.applied_to(state.settings)
-            self._check_dead_letter_queue(name, settings)
+            # Only a change of it is checked: a dead-letter queue destroyed since must
+            # not block changing the other settings (its letters stay in this queue).
+            if change.dead_letter_queue is not None:
+                self._check_dead_letter_queue(name, settings)
             self._db.execute(sql.SET_QUEUE_SETTINGS, (settings_to_json(settings), state.id))
             # Undone with the whole index if the commit fails (the writer reloads it).
             state.settings = settings
