@@ -53,14 +53,15 @@ The life of a claim (a Take of up to ten messages):
 from __future__ import annotations
 
 import asyncio
-import heapq
+import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from qm_server import errors
+from qm_server import errors, lifecycle
 from qm_server.answer_size import key_value_size
 from qm_server.errors import Code
 from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
@@ -83,11 +84,12 @@ from qm_server.store.base import (
 )
 from qm_server.store.inflight import InFlight
 from qm_server.store.reserve import RESERVE_FILE, DiskReserve
+from qm_server.store.sqlite_due import Moves
 from qm_server.store.sqlite_file import DB_FILE, SYNCHRONOUS
 from qm_server.store.sqlite_index import Index, QueueState, disown, load_index
 from qm_server.store.sqlite_readers import Readers
 from qm_server.store.sqlite_staging import Batch, utf8_size
-from qm_server.store.sqlite_writer import ADDS, CLAIMS, Writer
+from qm_server.store.sqlite_writer import ADDS, CLAIMS, PROBE_INTERVAL_S, Writer
 
 __all__ = ["ADDS", "CLAIMS", "SqliteStore"]
 
@@ -105,12 +107,21 @@ class SqliteStore(Store):
         durability: str = "full",
         check_s: float = 0.0,
         reserve_bytes: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`check_s`: how long the integrity check at open may take (0: none);
-        `reserve_bytes`: the disk space set aside for draining a full disk (reserve.py)."""
+        `reserve_bytes`: the disk space set aside for draining a full disk (reserve.py);
+        `clock`: Unix time in seconds, of first adds, leases, delays and ages (a test
+        passes a fake one and calls run_due)."""
         if durability not in SYNCHRONOUS:
             raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}")
+        self._clock = clock
         self._index = Index()
+        # The one timer that runs run_due when something falls due (_arm); `_armed_for`
+        # is the due time it was last armed for, on the writer thread (-1: re-arm).
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_for = -1
+        self._due_task: asyncio.Task[None] | None = None
         self._in_flight = InFlight()
         self._batch = Batch()
         # After each commit the writer publishes the counts of the queues it touched;
@@ -131,11 +142,16 @@ class SqliteStore(Store):
 
     async def open(self) -> None:
         await self._writer.open()
+        await self._submit(lambda: None)  # arms the timer (committed)
 
     async def close(self) -> None:
         if self._writer.closed:
             return
         self._writer.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._due_task is not None:
+            await asyncio.gather(self._due_task, return_exceptions=True)
         await self._readers.close()  # reads under way finish
         # The writer's connection closes last (Writer.stop says why).
         await self._writer.stop()
@@ -171,7 +187,7 @@ class SqliteStore(Store):
             assert queue_id is not None
             statements = sql.MessageStatements.of(queue_id)
             self._db.execute(statements.create)
-            index.queues[name] = QueueState(queue_id, statements, owner=owner)
+            index.queues[name] = QueueState(queue_id, statements, owner=owner, settings=settings)
             if owner:
                 index.owned_queues[owner] += 1
             index.queue_names[queue_id] = name
@@ -183,12 +199,14 @@ class SqliteStore(Store):
         def run() -> None:
             state = self._queue(name)
             in_flight = self._in_flight.count(state.id)
-            if not force and (state.ready or in_flight):
+            if not force and (state.ready or in_flight or state.delayed):
                 raise errors.QueueNotEmpty(
-                    f"queue {name!r} holds {state.ready} ready and {in_flight} "
-                    "in-flight messages; use force to destroy it anyway"
+                    f"queue {name!r} holds {state.ready} ready, {state.delayed} delayed and "
+                    f"{in_flight} in-flight messages; use force to destroy it anyway"
                 )
             self._db.execute(state.sql.drop)
+            self._db.execute(sql.DELETE_QUEUE_DELAYED, (state.id,))
+            self._db.execute(sql.DELETE_HELD_DEAD_LETTERS, (state.id,))
             self._batch.deletes.pop(state.id, None)  # its acked rows went with the table
             self._in_flight.drop_queue(state.id)
             self._batch.deleted_newest = True
@@ -209,15 +227,40 @@ class SqliteStore(Store):
     ) -> Enqueued:
         def run() -> list[int]:
             state = self._queue(name)
+            self._check_length(state, len(elements))
             first = self._index.next_message_id
-            self._batch.append(state, first, list(elements))
             self._index.next_message_id = first + len(elements)
-            state.ready += len(elements)
-            self._batch.touched.add(name)
-            self._batch.now_ready.add(name)
+            self._add(state, first, list(elements), delay_ms)
             return list(range(first, first + len(elements)))
 
         return Enqueued(await self._submit(run, ADDS), False)
+
+    def _check_length(self, state: QueueState, adding: int) -> None:
+        """ResourceExhausted, nothing added, past the queue's max_length."""
+        limit = state.settings.max_length
+        if limit and state.ready + state.delayed + adding > limit:
+            name = self._index.queue_names[state.id]
+            raise errors.ResourceExhausted(
+                f"queue {name!r} holds {state.ready} ready and {state.delayed} delayed "
+                f"messages; its max_length is {limit}"
+            )
+
+    def _add(
+        self, state: QueueState, first: int, payloads: list[str], delay_ms: int | None
+    ) -> None:
+        """Stage the adds, ready at once or, delayed, in the `delayed` table."""
+        name = self._index.queue_names[state.id]
+        delay = state.settings.delay_ms if delay_ms is None else delay_ms
+        now = self._batch.now_ms
+        if delay > 0:
+            self._moves().add_delayed(state, first, payloads, now + delay)
+            return
+        self._batch.append(state, first, payloads)
+        state.ready += len(payloads)
+        self._batch.touched.add(name)
+        self._batch.now_ready.add(name)
+        if state.settings.max_age_ms:
+            self._index.schedule_age_check(state, now + state.settings.max_age_ms)
 
     async def claim(
         self,
@@ -233,10 +276,35 @@ class SqliteStore(Store):
         if published.ready == 0 and self._writer.healthy:
             return []
 
-        return await self._submit(lambda: self._claim(name, session_id, limit, max_bytes), CLAIMS)
+        def run() -> list[Delivery]:
+            return self._claim(name, session_id, limit, max_bytes, lease_ms)
+
+        return await self._submit(run, CLAIMS)
 
     async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[Code]:
         return await self._submit(lambda: self._ack(session_id, message_ids, done), CLAIMS)
+
+    async def extend_leases(
+        self, session_id: int, message_ids: Sequence[int], lease_ms: int
+    ) -> list[LeaseOutcome]:
+        def run() -> list[LeaseOutcome]:
+            if lease_ms == 0:
+                codes = self._ack(session_id, message_ids, False, lifecycle.CAUSE_EXTEND_TO_ZERO)
+                return [LeaseOutcome(code, 0) for code in codes]
+            deadline = self._now_ms() + lease_ms
+            held = [
+                m for m in dict.fromkeys(message_ids) if self._in_flight.holder(m) == session_id
+            ]
+            self._in_flight.extend(held, deadline)
+            mine = set(held)
+            return [
+                LeaseOutcome(Code.OK, deadline)
+                if m in mine
+                else LeaseOutcome(self._not_held(session_id, m), 0)
+                for m in message_ids
+            ]
+
+        return await self._submit(run)
 
     async def ack_and_claim(
         self,
@@ -250,18 +318,28 @@ class SqliteStore(Store):
     ) -> tuple[list[Code], list[Delivery]]:
         def run() -> tuple[list[Code], list[Delivery]]:
             found = self._ack(session_id, message_ids, done)
-            return found, self._claim(name, session_id, limit, max_bytes) if limit else []
+            claimed = self._claim(name, session_id, limit, max_bytes, lease_ms) if limit else []
+            return found, claimed
 
         return await self._submit(run, CLAIMS)
 
-    def _claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+    def _claim(
+        self, name: str, session_id: int, limit: int, max_bytes: int, lease_ms: int | None
+    ) -> list[Delivery]:
         """Stage a claim; its list is filled before the commit (staging.resolve_claims)."""
         state = self._queue(name)
         if state.ready == 0:
             return []
-        return self._batch.claim(state, session_id, limit, max_bytes).deliveries
+        lease = state.settings.ack_deadline_ms if lease_ms is None else lease_ms
+        return self._batch.claim(state, session_id, limit, max_bytes, lease).deliveries
 
-    def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[Code]:
+    def _ack(
+        self,
+        session_id: int,
+        message_ids: Sequence[int],
+        done: bool,
+        cause: str = lifecycle.CAUSE_ACK_ERROR,
+    ) -> list[Code]:
         found = self._in_flight.drop(session_id, message_ids)
         finished: dict[int, list[int]] = {}
         for message_id, queue_id in zip(message_ids, found, strict=True):
@@ -270,11 +348,23 @@ class SqliteStore(Store):
         for queue_id, ids in finished.items():
             if done:
                 self._delete_messages(queue_id, ids)
-            self._finished(queue_id, ids, back_to_ready=not done)
-        return [Code.MESSAGE_NOT_FOUND if queue_id is None else Code.OK for queue_id in found]
+                self._batch.touched.add(self._index.queue_names[queue_id])
+            else:
+                self._release(queue_id, ids, cause, backoff=cause == lifecycle.CAUSE_ACK_ERROR)
+        return [
+            Code.OK if queue_id is not None else self._not_held(session_id, message_id)
+            for message_id, queue_id in zip(message_ids, found, strict=True)
+        ]
+
+    def _not_held(self, session_id: int, message_id: int) -> Code:
+        """Why the session cannot act on a message it does not hold."""
+        if self._in_flight.expired_holder(message_id) == session_id:
+            return Code.LEASE_EXPIRED
+        return Code.MESSAGE_NOT_FOUND
 
     def _delete_messages(self, queue_id: int, message_ids: list[int]) -> None:
         self._batch.deletes.setdefault(queue_id, []).extend(message_ids)
+        self._in_flight.forget(message_ids)
         if self._index.next_message_id - 1 in message_ids:
             self._batch.deleted_newest = True
 
@@ -284,20 +374,92 @@ class SqliteStore(Store):
             for message_id, queue_id in self._in_flight.drop_session(session_id):
                 by_queue.setdefault(queue_id, []).append(message_id)
             for queue_id, ids in by_queue.items():
-                self._finished(queue_id, ids, back_to_ready=True)
+                self._release(queue_id, ids, lifecycle.CAUSE_SESSION_END, backoff=False)
 
         await self._submit(run, ends_session=session_id)
 
-    def _finished(self, queue_id: int, message_ids: list[int], back_to_ready: bool) -> None:
-        """Messages no longer in flight: acked, or ready again at their place."""
-        name = self._index.queue_names[queue_id]
-        state = self._index.queues[name]
-        if back_to_ready:
-            for message_id in message_ids:
-                heapq.heappush(state.given_back, message_id)
-            state.ready += len(message_ids)
-            self._batch.now_ready.add(name)
-        self._batch.touched.add(name)
+    def _release(self, queue_id: int, message_ids: list[int], cause: str, backoff: bool) -> None:
+        """Messages no longer in flight and not done (sqlite_due.Moves.release). Without
+        max_deliveries or a backoff to apply, this writes nothing (the common case)."""
+        state = self._index.queues[self._index.queue_names[queue_id]]
+        settings = state.settings
+        moves = self._moves()
+        if settings.max_deliveries or (backoff and settings.retry.initial_delay_ms):
+            # Rows are read and moved: the transaction must be open, and claims staged
+            # before this release resolved first (they must not take these rows).
+            self.before_unstaged()
+        moves.release(queue_id, message_ids, cause, backoff)
+
+    async def run_due(self) -> None:
+        def run() -> None:
+            self._armed_for = -1  # re-armed after this commit, whatever it did
+            moves = self._moves()
+            expired: dict[int, list[int]] = {}
+            for message_id, _, queue_id in self._in_flight.expired(moves.now_ms):
+                expired.setdefault(queue_id, []).append(message_id)
+            for queue_id, ids in expired.items():
+                moves.release(queue_id, ids, lifecycle.CAUSE_LEASE_EXPIRY, backoff=False)
+            moves.come_due()
+            moves.age_out()
+
+        await self._submit(run)
+
+    async def purge(self, name: str) -> int:
+        return await self._submit(lambda: self._moves().purge(self._queue(name)))
+
+    async def redrive(
+        self, name: str, message_ids: Sequence[int] | None, may_write: Callable[[str], bool]
+    ) -> tuple[int, list[tuple[int, Code]]]:
+        def run() -> tuple[int, list[tuple[int, Code]]]:
+            return self._moves().redrive(self._queue(name), message_ids, may_write)
+
+        return await self._submit(run)
+
+    async def dead_letters(
+        self, name: str, after_id: int, limit: int, max_bytes: int
+    ) -> list[DeadLetter]:
+        def run() -> list[DeadLetter]:
+            state = self._queue(name)
+            rows = self._db.execute(state.sql.dead_letters, (state.id, after_id, limit))
+            letters: list[DeadLetter] = []
+            total = 0
+            for row in rows:
+                total += utf8_size(row[6])
+                if letters and total > max_bytes:
+                    break
+                letters.append(DeadLetter(*row))
+            return letters
+
+        return await self._submit(run)
+
+    async def queue_info(self, name: str) -> QueueInfo:
+        def run() -> QueueInfo:
+            state = self._queue(name)
+            (dead_lettered,) = self._db.execute(sql.DEAD_LETTERED_FROM, (name,)).fetchone()
+            return QueueInfo(
+                settings=state.settings,
+                counts=self._counts(state),
+                dead_lettered=dead_lettered,
+                dead_letters_held=state.dead_letters,
+                oldest_ready_enqueued_at_ms=self._oldest_ready(state),
+                holding_sessions=self._in_flight.sessions_in(state.id),
+            )
+
+        return await self._submit(run)
+
+    def _oldest_ready(self, state: QueueState) -> int:
+        """The first add of the queue's oldest ready message (the smallest ready id: ids
+        follow first add times, sqlite_due.py says why); 0 when none is ready."""
+        if not state.ready:
+            return 0
+        times = []
+        if state.given_back:
+            row = self._db.execute(state.sql.enqueued_at, (state.given_back[0],)).fetchone()
+            times.append(row[0])
+        row = self._db.execute(state.sql.first_undelivered, (state.delivered_upto,)).fetchone()
+        if row is not None:
+            times.append(row[0])
+        return min(times) if times else 0
 
     async def queue_counts(self, name: str) -> QueueCounts:
         if not self._writer.healthy:
@@ -318,9 +480,6 @@ class SqliteStore(Store):
     async def update_queue(self, name: str, change: SettingsChange) -> QueueSettings:
         raise errors.Unavailable("not built yet")
 
-    async def queue_info(self, name: str) -> QueueInfo:
-        raise errors.Unavailable("not built yet")
-
     async def list_queues(
         self, start_after: str, limit: int, visible: Callable[[str], bool]
     ) -> list[tuple[str, QueueCounts]]:
@@ -329,27 +488,6 @@ class SqliteStore(Store):
     async def list_maps(
         self, start_after: str, limit: int, visible: Callable[[str], bool]
     ) -> list[str]:
-        raise errors.Unavailable("not built yet")
-
-    async def extend_leases(
-        self, session_id: int, message_ids: Sequence[int], lease_ms: int
-    ) -> list[LeaseOutcome]:
-        raise errors.Unavailable("not built yet")
-
-    async def run_due(self) -> None:
-        return None
-
-    async def purge(self, name: str) -> int:
-        raise errors.Unavailable("not built yet")
-
-    async def redrive(
-        self, name: str, message_ids: Sequence[int] | None, may_write: Callable[[str], bool]
-    ) -> tuple[int, list[tuple[int, Code]]]:
-        raise errors.Unavailable("not built yet")
-
-    async def dead_letters(
-        self, name: str, after_id: int, limit: int, max_bytes: int
-    ) -> list[DeadLetter]:
         raise errors.Unavailable("not built yet")
 
     async def map_page_after(
@@ -477,9 +615,36 @@ class SqliteStore(Store):
         given_back = sum(len(state.given_back) for state in self._index.queues.values())
         if given_back:
             log.info("%d messages delivered before the restart are ready again", given_back)
+        self._dead_letter_released_at_start()
+
+    def _dead_letter_released_at_start(self) -> None:
+        """What was in flight at the stop was released by the restart: past
+        max_deliveries, it goes to the dead-letter queue now, in one transaction."""
+        self.begin_batch()
+        moves = self._moves()
+        for state in list(self._index.queues.values()):
+            settings = state.settings
+            target = self._index.queues.get(settings.dead_letter_queue)
+            if not settings.max_deliveries or not state.given_back or target in (None, state):
+                continue
+            assert target is not None
+            rows = moves.read_rows(state, sorted(state.given_back))
+            dead = [row for row in rows if row[1] >= settings.max_deliveries]
+            if dead:
+                staging.begin(self._db)
+                moves.dead_letter(state, target, dead, lifecycle.CAUSE_SESSION_END, True)
+        if self._db.in_transaction:
+            try:
+                self._db.execute(sql.COMMIT)
+            except BaseException:
+                self._db.execute(sql.ROLLBACK)
+                self.reload()
+                raise
+            log.info("messages past max_deliveries at the restart were dead-lettered")
+        self._publish(self._batch.touched)
 
     def begin_batch(self) -> None:
-        self._batch = Batch()
+        self._batch = Batch(self._now_ms())
 
     def before_unstaged(self) -> None:
         staging.begin(self._db)
@@ -492,10 +657,56 @@ class SqliteStore(Store):
         self._index = load_index(self._db, self._in_flight)
         self._published = {}
         self._publish(self._index.queues.keys())
+        self._armed_for = -1
 
     def committed(self) -> set[str]:
         self._publish(self._batch.touched)
+        due = self._next_due()
+        if due != self._armed_for:
+            self._armed_for = due
+            loop = self._writer.loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # a closed loop
+                    loop.call_soon_threadsafe(self._arm, due)
         return self._batch.now_ready
+
+    # The timer, on the event loop ------------------------------------------------------
+
+    def _next_due(self) -> int:
+        """The earliest time something falls due (ms); 0 for nothing (writer thread)."""
+        dues = (
+            self._in_flight.next_deadline(),
+            self._index.next_delayed_ms,
+            self._index.next_age_check(),
+        )
+        return min((due for due in dues if due), default=0)
+
+    def _arm(self, due_ms: int) -> None:
+        """(Re-)arm the one timer for `due_ms`; none for 0."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if due_ms and not self._writer.closed:
+            # A millisecond late rather than early: run_due then finds it due.
+            delay = max(0.0, (due_ms + 1) / 1000 - self._clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._writer.closed or (self._due_task is not None and not self._due_task.done()):
+            return
+        self._due_task = asyncio.ensure_future(self._run_due_from_timer())
+
+    async def _run_due_from_timer(self) -> None:
+        try:
+            await self.run_due()
+        except errors.Unavailable:
+            # Failing commits: try again later (a recovered store re-arms at its next commit).
+            if not self._writer.closed:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(PROBE_INTERVAL_S * 2, self._fire)
+        except Exception:
+            log.exception("running what fell due failed")
 
     def ready_queues(self) -> set[str]:
         return {name for name, state in self._index.queues.items() if state.ready}
@@ -518,6 +729,16 @@ class SqliteStore(Store):
     def _db(self) -> sqlite3.Connection:
         return self._writer.db
 
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _moves(self) -> Moves:
+        """Lifecycle moves in the current transaction (writer thread)."""
+        return Moves(self._db, self._index, self._batch, self._in_flight, self._batch.now_ms)
+
+    def _counts(self, state: QueueState) -> QueueCounts:
+        return QueueCounts(state.ready, self._in_flight.count(state.id), state.delayed)
+
     def _queue(self, name: str) -> QueueState:
         state = self._index.queues.get(name)
         if state is None:
@@ -536,7 +757,7 @@ class SqliteStore(Store):
             if state is None:
                 self._published.pop(name, None)
             else:
-                self._published[name] = QueueCounts(state.ready, self._in_flight.count(state.id))
+                self._published[name] = self._counts(state)
 
 
 def _committed_map(conn: sqlite3.Connection, name: str) -> int:
