@@ -186,6 +186,8 @@ class InFlight:
 
     def forget(self, message_ids: Iterable[int]) -> None:
         """The messages were deleted: forget who held them until their lease ran out."""
+        if not self._expired:
+            return
         gone = [(m, self._expired[m]) for m in message_ids if m in self._expired]
         for message_id, (session_id, _) in gone:
             del self._expired[message_id]
