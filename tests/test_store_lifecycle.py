@@ -732,8 +732,18 @@ def test_sqlite_claims_never_step_over_delayed_messages(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+class FailingCommits(FailingWrites):
+    """The store's connection with COMMIT failing while `failing` is set: the transaction's
+    operations have run by then, so all they changed in memory must be undone."""
+
+    def _check(self, statement: str) -> None:
+        if self.failing and statement.lstrip().upper().startswith("COMMIT"):
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+
+
+@pytest.mark.parametrize("fault", [FailingWrites, FailingCommits])
 def test_sqlite_a_failed_commit_undoes_expiries_extensions_and_moves(
-    tmp_path: Path, settings_kept: dict[str, QueueSettings]
+    tmp_path: Path, settings_kept: dict[str, QueueSettings], fault: type[FailingWrites]
 ) -> None:
     """What run_due, extend_leases and a dead-lettering ack change in memory is undone
     with their transaction: after the store recovers they happen as if never tried."""
@@ -743,30 +753,36 @@ def test_sqlite_a_failed_commit_undoes_expiries_extensions_and_moves(
         store = SqliteStore(tmp_path, clock=clock)
         await store.open()
         assert store._writer._conn is not None
-        writes = FailingWrites(store._writer._conn)
+        writes = fault(store._writer._conn)
         await store._submit(lambda: setattr(store._writer, "_conn", writes))
         try:
             settings_kept["q"] = QueueSettings(max_deliveries=1, dead_letter_queue="dlq")
             await store.create_queue("dlq", ROOM)
             await store.create_queue("q", ROOM, settings_kept["q"])
-            [a, b, c] = (await store.enqueue("q", ["a", "b", "c"])).ids
-            await store.claim("q", ALICE, 3, MIB, lease_ms=1000)
-            writes.failing = True
-            with pytest.raises(errors.Unavailable):
-                await store.extend_leases(ALICE, [a], 60_000)
-            with pytest.raises(errors.Unavailable):
-                await store.ack(ALICE, [b], False)  # would dead-letter it
+            [a, b, c, d] = (await store.enqueue("q", ["a", "b", "c", "d"])).ids
+            await store.claim("q", ALICE, 4, MIB, lease_ms=1000)
+
+            async def fails(call: Awaitable[object]) -> None:
+                writes.failing = True
+                with pytest.raises(errors.Unavailable):
+                    await call
+                writes.failing = False
+                assert await store.queue_counts("q") == counts(0, 4)  # recovered, as before
+
+            await fails(store.extend_leases(ALICE, [a], 60_000))
+            await fails(store.ack(ALICE, [b], False))  # would dead-letter it
+            assert await store.queue_counts("dlq") == counts(0)
             clock.advance(1000)
-            with pytest.raises(errors.Unavailable):
-                await store.run_due()
-            writes.failing = False
-            assert await store.queue_counts("q") == counts(0, 3)  # recovers first
+            await fails(store.run_due())  # would expire all four
+            # c was never expired: given back by its holder, it is simply not held.
+            assert await store.extend_leases(ALICE, [c], 0) == [LeaseOutcome(OK, 0)]
+            assert await store.ack(ALICE, [c], True) == [NOT_FOUND]
             assert await store.ack(ALICE, [b], False) == [OK]
-            assert await store.queue_counts("dlq") == counts(1)
-            await store.run_due()  # a's extension never happened: it expires with c
+            assert await store.queue_counts("dlq") == counts(2)
+            await store.run_due()  # a's extension never happened: it expires with d
             assert await store.queue_counts("q") == counts(0, 0)
-            assert await store.queue_counts("dlq") == counts(3)
-            assert await store.ack(ALICE, [a, c], True) == [EXPIRED, EXPIRED]
+            assert await store.queue_counts("dlq") == counts(4)
+            assert await store.ack(ALICE, [a, d], True) == [EXPIRED, EXPIRED]
         finally:
             with contextlib.suppress(errors.Unavailable):
                 await store.close()
