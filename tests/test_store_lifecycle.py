@@ -360,6 +360,20 @@ def test_a_delayed_add_is_ready_at_its_time_and_younger_ready_ones_go_first(
     run(body)
 
 
+def test_delayed_adds_keep_every_character(run: Callable[[Body], None]) -> None:
+    async def body(h: Harness, clock: FakeClock) -> None:
+        s = h.store
+        await s.create_queue("q", ROOM)
+        odd = ["nul \x00 inside", "é ☃ \U0001f600", '"quoted" \\ back']
+        await s.enqueue("q", odd, delay_ms=10)
+        await s.enqueue("q", odd[1:], delay_ms=10)
+        clock.advance(10)
+        await s.run_due()
+        assert [d.element for d in await s.claim("q", ALICE, 10, MIB)] == odd + odd[1:]
+
+    run(body)
+
+
 # max_deliveries and dead letters ----------------------------------------------------------
 
 
