@@ -12,14 +12,30 @@ A reader starts here. The store is split into modules with one job each:
   message id, each queue's delivery mark), so limits and existence checks cost no query.
 - sqlite_readers.py: map and user reads, on reader threads with read-only connections,
   off the writer.
+- sqlite_due.py: messages that move: delays and retry backoff (the `delayed` table),
+  dead letters, max_age, purge, redrive.
 - this module: SqliteStore, the domain operations (queues, messages, maps, users) on top.
   sqlite_sql.py holds every statement, PRAGMA and the current SCHEMA; sqlite_file.py opens
   and migrates the file.
 
 Being in flight is not written to disk at all (inflight.py says why): a claim reads rows
 and advances one per-queue mark, an ack deletes rows, a negative ack or a session's end
-writes nothing. Each queue's messages have a table of their own
-(sqlite_sql.MessageStatements says why).
+writes nothing (unless the queue's max_deliveries or retry backoff moves the message).
+Each queue's messages have a table of their own (sqlite_sql.MessageStatements says why).
+
+Sessions die with the process: this embedded store is the only owner of every session,
+so whatever was in flight at a stop or crash is released when the store opens again,
+its delivery counted (past max_deliveries it is dead-lettered then, cause "session end").
+Delivery counts, delays and backoff ready times, and dead letters with their history are
+on disk and survive.
+
+Time: the store's clock (Unix time, injectable) stamps first adds, leases, delays and
+dead letters. Nothing runs per message: lease deadlines sit in one heap (inflight.py),
+delayed messages are found through an index on their ready time, and max_age checks are
+scheduled per queue (sqlite_due.py). After each commit the writer computes the earliest
+due time, and the store arms ONE timer on the event loop for it (`_arm`), which runs
+`run_due`: expire leases, make due messages ready, age out old ones; its commit re-arms
+the timer. Waiters wake through the ready listener as for any add.
 
 The life of a write (an Add of two messages):
 1. `enqueue` queues an operation for the writer (Writer.submit) and awaits its future.
@@ -42,8 +58,8 @@ The life of a claim (a Take of up to ten messages):
    queue takes first the ids given back (a heap of ids at or below the delivery mark),
    then the oldest never delivered, above it; each claim gets its share in arrival order,
    cut to what its answer can carry.
-3. The messages are held in flight for the session in memory (InFlight, journaled), the
-   mark advances (one row per queue, written with the commit), and redeliveries get their
+3. The messages are held in flight for the session in memory (InFlight, journaled),
+   with the claim's lease deadline if it has one, the mark advances (one row per queue, written with the commit), and redeliveries get their
    delivery count written.
 4. After the COMMIT the in-flight journal is committed and the list is the answer. An ack
    later drops the ids from InFlight and stages their deletion; a negative ack or the end
