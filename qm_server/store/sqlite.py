@@ -59,11 +59,12 @@ The life of a claim (a Take of up to ten messages):
    then the oldest never delivered, above it; each claim gets its share in arrival order,
    cut to what its answer can carry.
 3. The messages are held in flight for the session in memory (InFlight, journaled),
-   with the claim's lease deadline if it has one, the mark advances (one row per queue, written with the commit), and redeliveries get their
-   delivery count written.
+   with the claim's lease deadline if it has one, the mark advances (one row per queue,
+   written with the commit), and redeliveries get their delivery count written.
 4. After the COMMIT the in-flight journal is committed and the list is the answer. An ack
-   later drops the ids from InFlight and stages their deletion; a negative ack or the end
-   of the session gives them back, ready again at their place, without touching the disk.
+   later drops the ids from InFlight and stages their deletion; a negative ack, the end
+   of the session or a lease's end gives them back, ready again at their place, without
+   touching the disk (unless a retry backoff or max_deliveries moves them).
 """
 
 from __future__ import annotations
