@@ -125,10 +125,17 @@ class Moves:
     ) -> None:
         """A delayed add: waiting in `delayed` until `ready_at` (ms)."""
         begin(self.conn)
-        self.conn.execute(
-            sql.INSERT_DELAYED_MANY,
-            (first_id, state.id, ready_at, self.now_ms, json.dumps(payloads)),
-        )
+        encoded = json.dumps(payloads, ensure_ascii=False)
+        if "\\u0000" in encoded:  # json_each would hand NUL back unescaped: row by row
+            rows = [
+                (first_id + i, state.id, ready_at, 0, self.now_ms, payload)
+                for i, payload in enumerate(payloads)
+            ]
+            self.conn.executemany(sql.INSERT_DELAYED, rows)
+        else:
+            self.conn.execute(
+                sql.INSERT_DELAYED_MANY, (first_id, state.id, ready_at, self.now_ms, encoded)
+            )
         state.delayed += len(payloads)
         self._next_delayed(ready_at)
         self.batch.touched.add(self.name_of(state))
