@@ -266,6 +266,8 @@ class SqliteStore(Store):
         self, state: QueueState, first: int, payloads: list[str], delay_ms: int | None
     ) -> None:
         """Stage the adds, ready at once or, delayed, in the `delayed` table."""
+        if not payloads:
+            return
         name = self._index.queue_names[state.id]
         delay = state.settings.delay_ms if delay_ms is None else delay_ms
         now = self._batch.now_ms
