@@ -591,6 +591,30 @@ def test_redrive_moves_dead_letters_back_with_ids_and_counts(
     run(body)
 
 
+def test_a_dead_letter_backing_off_in_its_dead_letter_queue_is_listed_and_redriven(
+    run: Callable[[Body], None],
+) -> None:
+    async def body(h: Harness, clock: FakeClock) -> None:
+        s = h.store
+        retry = RetryPolicy(initial_delay_ms=5000, multiplier=2.0, max_delay_ms=5000)
+        await s.create_queue("dlq", ROOM, QueueSettings(retry=retry))
+        await s.create_queue("q", ROOM, QueueSettings(max_deliveries=1, dead_letter_queue="dlq"))
+        [m] = (await s.enqueue("q", ["m"])).ids
+        await s.claim("q", ALICE, 1, MIB)
+        await s.release_session(ALICE)
+        await s.claim("dlq", ALICE, 1, MIB)
+        await s.ack(ALICE, [m], False)  # backs off in the dead-letter queue
+        assert await s.queue_counts("dlq") == counts(0, 0, 1)
+        [letter] = await s.dead_letters("dlq", 0, 10, MIB)
+        assert (letter.message_id, letter.element, letter.enqueued_at_ms) == (m, "m", T0)
+        assert await s.redrive("dlq", [m], lambda queue: True) == (1, [])
+        assert await s.queue_counts("dlq") == counts(0, 0, 0)
+        assert (await s.queue_info("dlq")).dead_letters_held == 0
+        assert shape(await s.claim("q", BOB, 1, MIB)) == [(m, "m", 3)]
+
+    run(body)
+
+
 def test_dead_letters_page_by_id_count_and_bytes(run: Callable[[Body], None]) -> None:
     async def body(h: Harness, clock: FakeClock) -> None:
         s = h.store

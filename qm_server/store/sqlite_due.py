@@ -266,6 +266,15 @@ class Moves:
         origins = dict(found)
         held = self.in_flight.held_in(holder.id)
         present = {row[0]: row for row in self.read_rows(holder, list(origins))}
+        # Backing off in the dead-letter queue (an ack error there): still its dead letter.
+        waiting = {
+            row[0]: row
+            for row in self.conn.execute(
+                sql.READ_DELAYED_OF,
+                (holder.id, json.dumps([m for m in origins if m not in present])),
+            )
+        }
+        present.update(waiting)
         failed: list[tuple[int, Code]] = []
         by_target: dict[str, list[Row]] = {}
         for message_id in wanted:
@@ -280,7 +289,16 @@ class Moves:
                 by_target.setdefault(origin, []).append(present[message_id])
         moved = 0
         for origin, rows in by_target.items():
-            self._delete_rows(holder, [row[0] for row in rows], were_ready=True)
+            ready = [row[0] for row in rows if row[0] not in waiting]
+            delayed = [row[0] for row in rows if row[0] in waiting]
+            if ready:
+                self._delete_rows(holder, ready, were_ready=True)
+            if delayed:
+                self.conn.execute(sql.DELETE_DELAYED_IDS, (json.dumps(delayed),))
+                self.conn.execute(sql.DELETE_DEAD_LETTER_IDS, (json.dumps(delayed),))
+                holder.delayed -= len(delayed)
+                holder.dead_letters -= len(delayed)
+                self.batch.touched.add(self.name_of(holder))
             self._insert_ready(self.index.queues[origin], rows)
             moved += len(rows)
         return moved, failed

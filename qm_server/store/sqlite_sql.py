@@ -247,6 +247,10 @@ DUE_DELAYED = (
     "SELECT id, queue_id, delivery_count, enqueued_at, payload FROM delayed"
     " WHERE ready_at <= ? ORDER BY ready_at, id LIMIT ?"
 )
+READ_DELAYED_OF = (
+    "SELECT id, delivery_count, payload, enqueued_at FROM delayed"
+    " WHERE queue_id = ? AND id IN (SELECT value FROM json_each(?))"
+)
 DELETE_DELAYED_IDS = "DELETE FROM delayed WHERE id IN (SELECT value FROM json_each(?))"
 NEXT_DELAYED = "SELECT min(ready_at) FROM delayed"
 DELAYED_COUNTS = "SELECT queue_id, count(*) FROM delayed GROUP BY queue_id"
