@@ -374,6 +374,24 @@ def test_delayed_adds_keep_every_character(run: Callable[[Body], None]) -> None:
     run(body)
 
 
+def test_delayed_messages_keep_a_queue_from_being_destroyed_and_go_with_it(
+    run: Callable[[Body], None],
+) -> None:
+    async def body(h: Harness, clock: FakeClock) -> None:
+        s = h.store
+        await s.create_queue("q", ROOM)
+        await s.enqueue("q", ["later"], delay_ms=1000)
+        with pytest.raises(errors.QueueNotEmpty):
+            await s.destroy_queue("q", False)
+        await s.destroy_queue("q", True)
+        await s.create_queue("q", ROOM)
+        clock.advance(1000)
+        await s.run_due()
+        assert await s.queue_counts("q") == counts(0, 0, 0)
+
+    run(body)
+
+
 # max_deliveries and dead letters ----------------------------------------------------------
 
 
