@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from queue import SimpleQueue
+from typing import Any
 
 import grpc
 import pytest
@@ -432,7 +433,7 @@ def test_deliveries_carry_their_enqueue_time_and_lease(stub: Stub, token: str) -
 def test_ack_deadline_of_a_call_out_of_bounds(stub: Stub, token: str, deadline: int) -> None:
     new_queue(stub, token, "q")
     stub.Add(pb.AddRequest(token=token, queue_name="q", element="x"))
-    replies = [
+    replies: list[Any] = [
         stub.Poll(pb.PollRequest(token=token, queue_name="q", ack_deadline_ms=deadline)),
         stub.PullElements(
             pb.PullElementsRequest(token=token, queue_name="q", number=1, ack_deadline_ms=deadline)
@@ -506,7 +507,7 @@ def test_list_queues_pages_by_name(stub: Stub, token: str) -> None:
 
 @pytest.mark.parametrize("limit", [0, -1, 1001])
 def test_listing_limits(stub: Stub, token: str, limit: int) -> None:
-    replies = [
+    replies: list[Any] = [
         stub.ListQueues(pb.ListQueuesRequest(token=token, limit=limit)),
         stub.ListMaps(pb.ListMapsRequest(token=token, limit=limit)),
     ]
