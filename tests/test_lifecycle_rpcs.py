@@ -413,7 +413,7 @@ def test_deliveries_carry_their_enqueue_time_and_lease(stub: Stub, token: str) -
     leased = stub.Poll(pb.PollRequest(token=token, queue_name="q", ack_deadline_ms=30_000))
     assert asked + 30_000 <= leased.lease_expires_at_ms <= now_ms() + 30_000
     pulled = stub.PullElements(
-        pb.PullElementsRequest(token=token, queue_name="q", number=5, ack_deadline_ms=5_000)
+        pb.PullElementsRequest(token=token, queue_name="q", number=1, ack_deadline_ms=5_000)
     )
     assert [e.element for e in pulled.element_info] == ["c"]
     (c,) = pulled.element_info
