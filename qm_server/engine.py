@@ -4,6 +4,13 @@ Imports no gRPC. All state here is owned by one asyncio event loop: every method
 it, so the engine needs no lock; blocking work (RSA, scrypt, SQLite) runs elsewhere
 (an executor, the store's writer thread) and is awaited. Long polls wait on futures, not
 threads, so a thousand idle consumers cost a thousand small objects.
+
+The lifecycle's rules live beside the calls they change: a call's own ack deadline
+(`take`, `subscribe`), delays and request_ids (`enqueue`, idempotency.py), ExtendLease
+(`extend_lease`), and settings given to NewQueue. The RPCs that look after queues rather
+than deliver (UpdateQueue, GetQueueInfo, Purge, Redrive, ListDeadLetters, ListQueues,
+ListMaps) are `admin`'s (queue_admin.py). Leases run out, and delayed messages become
+ready, inside the store, which wakes waiters through the ready listener as an add does.
 """
 
 from __future__ import annotations
