@@ -177,6 +177,11 @@ def test_a_dead_letter_queue_must_exist_and_be_another_queue(
         change = SettingsChange(max_deliveries=3, dead_letter_queue="dead")
         expected = QueueSettings(max_deliveries=3, dead_letter_queue="dead")
         assert await h.store.update_queue("jobs", change) == expected
+        # Its dead-letter queue destroyed, the other settings can still be changed.
+        await h.store.destroy_queue("dead", force=False)
+        change = SettingsChange(ack_deadline_ms=5000)
+        expected = QueueSettings(5000, max_deliveries=3, dead_letter_queue="dead")
+        assert await h.store.update_queue("jobs", change) == expected
 
     run(body)
 
@@ -253,7 +258,9 @@ def test_listing_many_maps_of_which_few_are_visible(run: Callable[[Body], None])
 # Map key cursor -------------------------------------------------------------------------
 
 
-async def page_keys(store: Store, start_after: str, size: int) -> tuple[list[str], str | None]:
+async def page_keys(
+    store: Store, start_after: str | None, size: int
+) -> tuple[list[str], str | None]:
     page, next_key = await store.map_page_after("m", start_after, size, MIB)
     return [key for key, _ in page], next_key
 
@@ -263,9 +270,13 @@ def test_cursor_pages_walk_the_map_in_key_order(run: Callable[[Body], None]) -> 
         keys = ["", "b", "a", "é", "€", "😀", "\ufffd"]  # the empty key is a key too
         await h.store.map_put("m", [(k, k + "!") for k in keys], maps())
         in_order = sorted(keys, key=str.encode)
-        page, next_key = await h.store.map_page_after("m", "", 3, MIB)
+        page, next_key = await h.store.map_page_after("m", None, 3, MIB)
         assert page == [(k, k + "!") for k in in_order[:3]]
         assert next_key == in_order[2]
+        # The empty key as a cursor is the key "", not the start: a first page of one
+        # entry ends at it, and the next page must not start over.
+        assert await page_keys(h.store, None, 1) == ([""], "")
+        assert await page_keys(h.store, "", 1) == ([in_order[1]], in_order[1])
         assert await page_keys(h.store, in_order[2], 3) == (in_order[3:6], in_order[5])
         # The last page: the one entry left, and no cursor.
         assert await page_keys(h.store, in_order[5], 3) == (in_order[6:], None)
@@ -273,7 +284,7 @@ def test_cursor_pages_walk_the_map_in_key_order(run: Callable[[Body], None]) -> 
         assert await page_keys(h.store, in_order[3], 3) == (in_order[4:], None)
         assert await page_keys(h.store, "😀", 3) == ([], None)
         with pytest.raises(errors.MapNotFound):
-            await h.store.map_page_after("nope", "", 3, MIB)
+            await h.store.map_page_after("nope", None, 3, MIB)
 
     run(body)
 
@@ -282,7 +293,7 @@ def test_a_cursor_page_stops_at_its_byte_budget(run: Callable[[Body], None]) -> 
     async def body(h: Harness) -> None:
         big = "x" * 1000
         await h.store.map_put("m", [("a", big), ("b", big), ("c", big)], maps())
-        page, next_key = await h.store.map_page_after("m", "", 10, 1500)
+        page, next_key = await h.store.map_page_after("m", None, 10, 1500)
         assert ([k for k, _ in page], next_key) == (["a"], "a")
         # The first entry always comes, whatever its size.
         page, next_key = await h.store.map_page_after("m", "a", 10, 10)
@@ -299,18 +310,17 @@ def test_cursor_pages_are_stable_while_the_map_changes(run: Callable[[Body], Non
         initial = [f"k{i:02}" for i in range(0, 40, 2)]  # k00, k02, ..., k38
         await h.store.map_put("m", [(k, "v") for k in initial], maps())
         seen: list[str] = []
-        cursor: str | None = ""
+        cursor: str | None = None
         removed: set[str] = set()
         turn = 0
-        while cursor is not None:
+        while True:
             keys, cursor = await page_keys(h.store, cursor, 4)
             seen += keys
             if cursor is None:
                 break
-            # Before the cursor: remove one seen, add new ones.
-            gone = seen[turn]
-            await h.store.map_remove("m", gone)
-            await h.store.map_put("m", [(f"a{turn}", "v"), (f"{cursor}-", "v")], maps())
+            # Before the cursor: remove one seen, add two (offsets would shift by one).
+            await h.store.map_remove("m", seen[turn])
+            await h.store.map_put("m", [(f"a{turn}", "v"), (f"b{turn}", "v")], maps())
             # After it: remove one not yet seen, add one.
             later = f"k{int(cursor[1:]) + 4:02}"
             if later in initial and later not in removed:

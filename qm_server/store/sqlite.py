@@ -14,7 +14,7 @@ A reader starts here. The store is split into modules with one job each:
   off the writer.
 - this module: SqliteStore, the domain operations (queues, messages, maps, users) on top.
   sqlite_sql.py holds every statement, PRAGMA and the current SCHEMA; sqlite_file.py opens
-  and migrates the file.
+  and migrates the file; settings_json.py writes a queue's settings into its row.
 
 Being in flight is not written to disk at all (inflight.py says why): a claim reads rows
 and advances one per-queue mark, an ack deletes rows, a negative ack or a session's end
@@ -203,7 +203,10 @@ class SqliteStore(Store):
         def run() -> QueueSettings:
             state = self._queue(name)
             settings = change.applied_to(state.settings)
-            self._check_dead_letter_queue(name, settings)
+            # Only a change of it is checked: a dead-letter queue destroyed since must
+            # not block changing the other settings (its letters stay in this queue).
+            if change.dead_letter_queue is not None:
+                self._check_dead_letter_queue(name, settings)
             self._db.execute(sql.SET_QUEUE_SETTINGS, (settings_to_json(settings), state.id))
             # Undone with the whole index if the commit fails (the writer reloads it).
             state.settings = settings
@@ -529,7 +532,7 @@ class SqliteStore(Store):
         return await self._read(run)
 
     async def map_page_after(
-        self, name: str, start_after: str, size: int, max_bytes: int
+        self, name: str, start_after: str | None, size: int, max_bytes: int
     ) -> tuple[list[tuple[str, str]], str | None]:
         def run(conn: sqlite3.Connection) -> tuple[list[tuple[str, str]], str | None]:
             page: list[tuple[str, str]] = []

@@ -362,7 +362,7 @@ PAGE_ENTRIES = "SELECT key, value FROM map_entries WHERE map_id = ? ORDER BY key
 # starts, and entries added or removed before the cursor shift nothing after it. The
 # first page (start_after '') takes the empty key too.
 PAGE_ENTRIES_AFTER = (
-    "SELECT key, value FROM map_entries WHERE map_id = ? AND (key > ? OR ? = '')"
+    "SELECT key, value FROM map_entries WHERE map_id = ? AND (key > ? OR ? IS NULL)"
     " ORDER BY key LIMIT ?"
 )
 # ListMaps: names after a cursor, in UTF-8 byte order (BINARY collation).
