@@ -40,6 +40,7 @@ from qm_server.lifecycle import (
     check_delay_ms,
 )
 from qm_server.login_guard import LoginGuard
+from qm_server.pages import offset_page
 from qm_server.permissions import Permissions
 from qm_server.queue_admin import QueueAdmin
 from qm_server.quotas import Room, Usage
@@ -608,18 +609,26 @@ class Engine:
         async with self._reads.hold(self.limits.max_response_bytes):
             return await self.store.map_get_list(name, offset, size, self.answer_room)
 
-    async def map_page_after(
-        self, token: str, name: str, start_after: str, size: int, offset: int = 0
+    async def map_page(
+        self, token: str, name: str, offset: int, size: int, start_after: str | None = None
     ) -> tuple[list[tuple[str, str]], str | None]:
-        """One page by key cursor: the entries after `start_after`, and the start_after
-        of the next page (None once no entry follows). `offset` must be 0: the two ways
-        of paging do not mix."""
+        """MapGetList: one page by offset, or, with `start_after`, by key cursor (offset
+        must then be 0: the two do not mix); and the start_after of the next page, None
+        once no entry follows. The first page by offset is the first by cursor, so a
+        client may start cursor paging without a start_after ("" is a key like any
+        other: starting after it would skip it)."""
         self._caller(token, "read", "map", name)
-        if offset:
+        if offset < 0:
+            raise errors.InvalidArgument("offset must not be negative")
+        if start_after is not None and offset:
             raise errors.InvalidArgument("offset must be 0 when start_after is given")
         check_count("size", size, self.limits.max_page)
+        room = self.answer_room
         async with self._reads.hold(self.limits.max_response_bytes):
-            return await self.store.map_page_after(name, start_after, size, self.answer_room)
+            if offset == 0:
+                return await self.store.map_page_after(name, start_after, size, room)
+            fetched = await self.store.map_get_list(name, offset, size + 1, room)
+        return offset_page(fetched, size, room, self.limits.max_element_bytes)
 
     async def map_destroy(self, token: str, name: str) -> None:
         self._caller(token, "manage", "map", name)

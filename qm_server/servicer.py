@@ -270,15 +270,10 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.MapGetListRequest, context: Context
     ) -> pb.MapGetListResponse:
         async def call() -> pb.MapGetListResponse:
-            next_key = None
-            if request.HasField("start_after"):
-                entries, next_key = await self._engine.map_page_after(
-                    request.token, request.map, request.start_after, request.size, request.offset
-                )
-            else:
-                entries = await self._engine.map_get_list(
-                    request.token, request.map, request.offset, request.size
-                )
+            start_after = request.start_after if request.HasField("start_after") else None
+            entries, next_key = await self._engine.map_page(
+                request.token, request.map, request.offset, request.size, start_after
+            )
             return pb.MapGetListResponse(
                 offset=request.offset,
                 size=len(entries),

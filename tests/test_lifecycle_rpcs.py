@@ -564,37 +564,43 @@ def test_listings_show_only_what_the_caller_may_read(
 # Map key cursor ------------------------------------------------------------------------
 
 
-def map_page(stub: Stub, token: str, start_after: str, size: int) -> tuple[list[str], str | None]:
+def map_page(
+    stub: Stub, token: str, start_after: str | None, size: int, offset: int = 0
+) -> tuple[list[str], str | None]:
     reply = stub.MapGetList(
-        pb.MapGetListRequest(token=token, map="m", size=size, start_after=start_after)
+        pb.MapGetListRequest(
+            token=token, map="m", offset=offset, size=size, start_after=start_after
+        )
     )
     assert reply.code == pb.CODE_OK, reply.message
-    assert reply.size == len(reply.list)
+    assert (reply.size, reply.offset) == (len(reply.list), offset)
     return [kv.key for kv in reply.list], reply.next_key if reply.HasField("next_key") else None
 
 
 def test_map_pages_by_key_cursor_stable_while_it_changes(stub: Stub, token: str) -> None:
-    keys = [f"k{i:02}" for i in range(7)]
+    keys = ["", *(f"k{i:02}" for i in range(6))]  # the empty key is a key like any other
     pairs = [pb.KeyValue(key=k, value=k.upper()) for k in keys]
     stub.MapBatchPut(pb.MapBatchPutRequest(token=token, map="m", size=len(pairs), list=pairs))
-    first, cursor = map_page(stub, token, "", 3)
-    assert (first, cursor) == (keys[:3], "k02")
+    # The first page comes without a cursor: start_after "" would skip the key "".
+    first, cursor = map_page(stub, token, None, 3)
+    assert (first, cursor) == (keys[:3], "k01")
+    assert map_page(stub, token, "", 3) == (keys[1:4], "k02")
     # Changes meanwhile: a key before the cursor, one removed ahead, one added ahead.
     stub.MapPut(pb.MapPutRequest(token=token, map="m", key="k00a", value="x"))
-    stub.MapRemove(pb.MapRemoveRequest(token=token, map="m", key="k04"))
-    stub.MapPut(pb.MapPutRequest(token=token, map="m", key="k05a", value="x"))
-    assert cursor is not None
+    stub.MapRemove(pb.MapRemoveRequest(token=token, map="m", key="k03"))
+    stub.MapPut(pb.MapPutRequest(token=token, map="m", key="k04a", value="x"))
     second, cursor = map_page(stub, token, cursor, 3)
-    assert (second, cursor) == (["k03", "k05", "k05a"], "k05a")
-    assert cursor is not None
+    assert (second, cursor) == (["k02", "k04", "k04a"], "k04a")
     third, cursor = map_page(stub, token, cursor, 3)
-    assert (third, cursor) == (["k06"], None)
-    values = stub.MapGetList(pb.MapGetListRequest(token=token, map="m", size=1, start_after="k05"))
-    assert [(kv.key, kv.value) for kv in values.list] == [("k05a", "x")]
-    # Offset paging stays the seed's, without a cursor.
-    by_offset = stub.MapGetList(pb.MapGetListRequest(token=token, map="m", offset=1, size=2))
-    assert [kv.key for kv in by_offset.list] == ["k00a", "k01"]
-    assert not by_offset.HasField("next_key")
+    assert (third, cursor) == (["k05"], None)
+    values = stub.MapGetList(pb.MapGetListRequest(token=token, map="m", size=1, start_after="k04"))
+    assert [(kv.key, kv.value) for kv in values.list] == [("k04a", "x")]
+    # Offset paging stays the seed's, and says where a cursor would go on.
+    now = ["", "k00", "k00a", "k01", "k02", "k04", "k04a", "k05"]
+    assert map_page(stub, token, None, 2, offset=2) == (now[2:4], "k01")
+    assert map_page(stub, token, None, 2, offset=6) == (now[6:], None)
+    assert map_page(stub, token, None, 2, offset=8) == ([], None)
+    assert map_page(stub, token, None, 8, offset=1) == (now[1:], None)
 
 
 def test_map_cursor_rules(stub: Stub, token: str) -> None:
