@@ -1,9 +1,10 @@
 """Pages of listings: how a page is cut, and where the next one starts.
 
 A listing asks its store for one entry more than the page holds: that entry's presence
-says whether another page follows, without a second query. Dead letters carry elements of
-up to the element size limit, so their page is also cut to what one answer can carry
-(answer_size.py), as PullElements is.
+says whether another page follows, without a second query. Dead letters and map entries
+carry texts of up to the element size limit, so their pages are also cut to what one
+answer can carry (answer_size.py), as PullElements is; a page so cut may be followed by
+an empty one, never by a silently shortened listing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from qm_server.answer_size import varint_size
+from qm_server.answer_size import key_value_size, varint_size
 from qm_server.store.base import DeadLetter
 
 T = TypeVar("T")
@@ -70,3 +71,18 @@ def dead_letter_page(
     elements = sum(len(letter.element.encode()) for letter in fetched)
     more = len(page) < len(fetched) or elements + element_limit > room
     return page, page[-1].message_id if more else 0
+
+
+def offset_page(
+    fetched: Sequence[tuple[str, str]], size: int, room: int, element_limit: int
+) -> tuple[list[tuple[str, str]], str | None]:
+    """A MapGetList page by offset from entries fetched with a size of `size + 1` and
+    `room` bytes, and the start_after of the next page (None when none follows)."""
+    page = list(fetched[:size])
+    if not page:
+        return [], None
+    if len(fetched) > size:
+        return page, page[-1][0]
+    used = sum(key_value_size(len(k.encode()), len(v.encode())) for k, v in page)
+    cut_by_room = used + key_value_size(element_limit, element_limit) > room
+    return page, page[-1][0] if cut_by_room else None
