@@ -21,10 +21,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.peers.e2e import run_once
 from benchmarks.procs import ServerProcess
 from benchmarks.runner import RunOptions, Target, measure
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.servers import ADMIN_PASSWORD, ADMIN_USER, start_floor, start_ours
+
+E2E_TIMEOUT_S = 120.0
+"""Per e2e run: its client stops there and reports what it did."""
 
 
 @dataclass
@@ -57,13 +61,53 @@ def start_checkout(name: str, checkout: Path, work: Path) -> ServerProcess:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/bench-ab", description=__doc__.splitlines()[0])
     parser.add_argument("checkouts", nargs="+", type=parse_checkout, metavar="NAME=PATH")
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="add")
+    parser.add_argument("--scenario", choices=sorted([*SCENARIOS, "e2e"]), default="add")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=float, default=8.0, help="time limit per run, s")
     parser.add_argument("--scale", type=float, default=10.0, help="multiplies the unit cap")
     parser.add_argument("--client-procs", type=int, default=2)
+    parser.add_argument("--e2e-n", type=int, default=50_000, help="messages per e2e run")
+    parser.add_argument(
+        "--e2e-in-flight", type=int, default=400, help="messages in flight in e2e runs"
+    )
     return parser
+
+
+@dataclass
+class Figure:
+    """One server's figure in one round; ``rate`` in units per second."""
+
+    status: str
+    rate: float
+    cpu_us: float
+    note: str = ""
+
+
+async def measure_e2e(target: Target, n: int, depth: int) -> Figure:
+    """One e2e run (produce n, consume and ack n) against the target, with the server's
+    CPU time per message read around it (the run's own queue is set up inside it)."""
+    system = "ours" if target.stateful else "floor"
+    cpu0 = target.server.cpu_seconds()
+    r = await run_once(
+        system,
+        "127.0.0.1",
+        target.server.port,
+        target.username,
+        target.password,
+        n,
+        depth,
+        E2E_TIMEOUT_S,
+    )
+    cpu_s = target.server.cpu_seconds() - cpu0
+    return Figure(r.status, r.rate, cpu_s * 1e6 / max(r.consumed, 1), r.note)
+
+
+async def measure_one(target: Target, args: argparse.Namespace, opts: RunOptions) -> Figure:
+    if args.scenario == "e2e":
+        return await measure_e2e(target, args.e2e_n, args.e2e_in_flight)
+    m = await measure(target, SCENARIOS[args.scenario], args.concurrency, opts)
+    return Figure(m.status, m.rate, m.cpu_us_per_unit, m.note)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -76,16 +120,15 @@ async def run(args: argparse.Namespace) -> int:
             server = start_checkout(name, checkout, work)
             series.append(Series(Target(name, server, ADMIN_USER, ADMIN_PASSWORD, stateful=True)))
         opts = RunOptions(args.duration, args.scale, 100, args.client_procs, work)
-        scenario = SCENARIOS[args.scenario]
         for i in range(args.rounds):
             line = []
             for s in series if i % 2 == 0 else series[::-1]:
-                m = await measure(s.target, scenario, args.concurrency, opts)
+                m = await measure_one(s.target, args, opts)
                 if m.status != "ok":
                     print(f"{s.target.name}: {m.status} {m.note}", file=sys.stderr)
                     return 1
                 s.rates.append(m.rate)
-                s.cpu_us.append(m.cpu_us_per_unit)
+                s.cpu_us.append(m.cpu_us)
                 line.append(f"{s.target.name} {m.rate:,.0f}/s")
             print(f"round {i + 1}/{args.rounds}: " + " | ".join(line), flush=True)
     finally:
@@ -96,14 +139,24 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def report(series: Sequence[Series]) -> str:
-    floor = series[0]
-    lines = [f"{'server':<12} {'median/s':>10} {'CPU us/unit':>12} {'ratio':>6}  per round"]
+    """Per server: median rate and CPU per unit, the median of its per-round ratios to the
+    floor and to the first checkout (measured next to it in every round: the order is
+    floor, checkouts, then reversed), then each round's ratio to the floor and CPU."""
+    floor, first = series[0], series[1]
+    lines = [
+        f"{'server':<12} {'median/s':>10} {'CPU us/unit':>12} {'ratio':>6} "
+        f"{'vs ' + first.target.name:>9}  per round: ratio | CPU us/unit"
+    ]
     for s in series:
         ratios = [mine / base for mine, base in zip(s.rates, floor.rates, strict=True)]
+        versus = [mine / base for mine, base in zip(s.rates, first.rates, strict=True)]
         lines.append(
             f"{s.target.name:<12} {statistics.median(s.rates):>10,.0f} "
-            f"{statistics.median(s.cpu_us):>12.0f} {statistics.median(ratios):>6.2f}  "
+            f"{statistics.median(s.cpu_us):>12.0f} {statistics.median(ratios):>6.2f} "
+            f"{statistics.median(versus):>9.2f}  "
             + " ".join(f"{r:.2f}" for r in ratios)
+            + " | "
+            + " ".join(f"{c:.0f}" for c in s.cpu_us)
         )
     return "\n".join(lines)
 

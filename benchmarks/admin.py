@@ -95,11 +95,13 @@ class AdminClient:
         batch: int = 1000,
         parallel: int = 4,
         timeout_s: float = 600.0,
+        delay_ms: int | None = None,
     ) -> float:
         """Adds count elements with a few AddAll calls in flight; returns elements/s.
 
         Several calls in flight let a group-committing server batch its fsyncs, which is
-        how a real producer fills a backlog; bounded by timeout_s.
+        how a real producer fills a backlog; bounded by timeout_s. With delay_ms the
+        elements are delayed (AddAllRequest.delay_ms) instead of ready.
         """
         element = "x" * element_size
         remaining = count
@@ -113,12 +115,23 @@ class AdminClient:
                     raise SetupFailed(f"fill {name}: {remaining} of {count} left at timeout")
                 n = min(batch, remaining)
                 remaining -= n
-                r = await self.stub.AddAll(
-                    pb.AddAllRequest(token=self.token, queue_name=name, elements=[element] * n),
-                    timeout=CALL_TIMEOUT_S,
+                request = pb.AddAllRequest(
+                    token=self.token, queue_name=name, elements=[element] * n
                 )
+                if delay_ms is not None:
+                    request.delay_ms = delay_ms
+                r = await self.stub.AddAll(request, timeout=CALL_TIMEOUT_S)
                 if r.code != pb.CODE_OK:
                     raise SetupFailed(f"AddAll {name}: {pb.Code.Name(r.code)} {r.message}")
 
         await asyncio.gather(*(worker() for _ in range(parallel)))
         return count / max(time.perf_counter() - started, 1e-9)
+
+    async def counts(self, name: str) -> tuple[int, int, int]:
+        """(ready, delayed, in flight) from GetQueueInfo."""
+        r = await self.stub.GetQueueInfo(
+            pb.GetQueueInfoRequest(token=self.token, queue_name=name), timeout=CALL_TIMEOUT_S
+        )
+        if r.code != pb.CODE_OK:
+            raise SetupFailed(f"GetQueueInfo {name}: {pb.Code.Name(r.code)} {r.message}")
+        return int(r.ready), int(r.delayed), int(r.in_flight)

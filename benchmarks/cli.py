@@ -22,6 +22,7 @@ import grpc
 
 from benchmarks.backlog import BacklogResult, run_backlog
 from benchmarks.big_reads import BigReadsResult, run_big_reads
+from benchmarks.delayed import CLAIM_SCENARIOS, DelayedResult, run_delayed
 from benchmarks.peers.e2e import E2EOptions, E2ERow, run_e2e
 from benchmarks.procs import ServerProcess, ServerStartError
 from benchmarks.report import (
@@ -29,6 +30,7 @@ from benchmarks.report import (
     check_targets,
     print_backlog,
     print_big_reads,
+    print_delayed,
     print_e2e,
     print_rows,
     print_targets,
@@ -39,8 +41,9 @@ from benchmarks.scenarios import DEFAULT_CONCURRENCY, SCENARIOS
 from benchmarks.servers import ADMIN_PASSWORD, ADMIN_USER, start_floor, start_ours
 
 BIG_READS = "add_beside_big_reads"
+DELAYED = "delayed_backlog"
 
-ALL_SCENARIOS = [*SCENARIOS, "e2e", BIG_READS]
+ALL_SCENARIOS = [*SCENARIOS, "e2e", BIG_READS, DELAYED]
 
 
 def _csv(text: str) -> list[str]:
@@ -96,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--big-readers", type=int, default=None, help=f"reader tasks for {BIG_READS} (default 4)"
     )
+    p.add_argument(
+        "--delayed",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"delayed messages for {DELAYED} (default 200000, 2000 with --quick)",
+    )
+    p.add_argument(
+        "--delayed-claims",
+        choices=CLAIM_SCENARIOS,
+        default="poll_ack",
+        help=f"how {DELAYED} claims the ready messages (default poll_ack)",
+    )
     p.add_argument("--json", type=Path, help="write every figure, raw runs included, here")
     p.add_argument("--keep", action="store_true", help="keep the work dir (data, logs)")
     return p
@@ -135,6 +151,7 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
     e2e: list[E2ERow] = []
     backlog: BacklogResult | None = None
     big_reads: BigReadsResult | None = None
+    delayed: DelayedResult | None = None
     try:
         floor = start_floor(work, args.element_size)
         ours = start_ours(work / "data", work)
@@ -193,17 +210,31 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
             args.big_reads_mb * 2**20, args.big_readers, args.duration, work
         )
         failed = failed or bool(big_reads.error)
+    if DELAYED in args.scenarios:
+        delayed = await run_delayed(
+            args.delayed, args.delayed_claims, args.concurrency, args.runs, opts, work
+        )
+        failed = failed or bool(delayed.error)
     rows = build_rows(raw)
     print()
     print_rows(rows, sys.stdout)
     print_e2e(e2e, sys.stdout)
     print_backlog(backlog, sys.stdout)
     print_big_reads(big_reads, sys.stdout)
+    print_delayed(delayed, sys.stdout)
     targets = check_targets(rows, e2e, backlog)
     print_targets(targets, sys.stdout)
     if args.json:
         write_json(
-            args.json, _meta(args, sys.argv[1:]), rows, raw, e2e, backlog, targets, big_reads
+            args.json,
+            _meta(args, sys.argv[1:]),
+            rows,
+            raw,
+            e2e,
+            backlog,
+            targets,
+            big_reads,
+            delayed,
         )
         print(f"\nJSON written to {args.json}")
     return 1 if failed else 0
@@ -223,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         args.e2e_n = args.e2e_n or 500
         args.big_reads_mb = args.big_reads_mb or 8
         args.big_readers = args.big_readers or 2
+        args.delayed = args.delayed or 2_000
         args.peers = bool(args.peers)
     else:
         args.runs = args.runs or 3
@@ -231,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         args.e2e_n = args.e2e_n or 50_000
         args.big_reads_mb = args.big_reads_mb or 32
         args.big_readers = args.big_readers or 4
+        args.delayed = args.delayed or 200_000
         args.peers = True if args.peers is None else args.peers
     work = Path(tempfile.mkdtemp(prefix="qm-bench-"))
     code = 1

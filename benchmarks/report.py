@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 from benchmarks.backlog import BacklogResult
 from benchmarks.big_reads import BigReadsResult
+from benchmarks.delayed import DelayedResult
 from benchmarks.peers.e2e import AT_LEAST_AS_DURABLE_AS_OURS, CONTEXT_ONLY, E2ERow
 from benchmarks.runner import Measurement
 from benchmarks.scenarios import SCENARIOS
@@ -184,6 +185,14 @@ def print_big_reads(b: BigReadsResult | None, out: TextIO) -> None:
         print(f"  {line}", file=out)
 
 
+def print_delayed(d: DelayedResult | None, out: TextIO) -> None:
+    if d is None:
+        return
+    print(f"\ndelayed_backlog: claims of ready messages beside {d.delayed:,} delayed", file=out)
+    for line in d.lines():
+        print(f"  {line}", file=out)
+
+
 def _row(rows: Sequence[Row], scenario: str, c: int) -> Row | None:
     return next((r for r in rows if r.scenario == scenario and r.concurrency == c), None)
 
@@ -255,6 +264,7 @@ def write_json(
     backlog: BacklogResult | None,
     targets: Sequence[Target],
     big_reads: BigReadsResult | None = None,
+    delayed: DelayedResult | None = None,
 ) -> None:
     """Everything, raw runs included, so a later reader can recompute any figure."""
 
@@ -274,6 +284,7 @@ def write_json(
         "e2e": [dataclasses.asdict(r) for r in e2e],
         "backlog": dataclasses.asdict(backlog) if backlog else None,
         "big_reads": dataclasses.asdict(big_reads) if big_reads else None,
+        "delayed_backlog": dataclasses.asdict(delayed) if delayed else None,
         "targets": [dataclasses.asdict(t) for t in targets],
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ READY_TIMEOUT_S = 90.0
 """Covers interpreter start, imports and a deliberately slow password hash per client."""
 STREAM_LINE_LIMIT = 64 * 1024 * 1024
 """A RESULT line carries every latency sample; asyncio's 64 KiB default would cut it."""
+
+Prepare = Callable[[AdminClient, str], Awaitable[None]]
+"""Extra setup of a scenario's fresh queue (by name), run before its backlog is filled."""
 
 
 @dataclass(frozen=True)
@@ -102,12 +106,20 @@ async def _read_tagged(proc: asyncio.subprocess.Process, tag: str, timeout_s: fl
 
 
 async def _prepare_queue(
-    target: Target, scenario: Scenario, queue: str, units: int, tasks: int, opts: RunOptions
+    target: Target,
+    scenario: Scenario,
+    queue: str,
+    units: int,
+    tasks: int,
+    opts: RunOptions,
+    prepare: Prepare | None,
 ) -> None:
     if not target.stateful:
         return
     async with AdminClient(target.server.address, target.username, target.password) as admin:
         await admin.new_queue(queue)
+        if prepare is not None:
+            await prepare(admin, queue)
         if scenario.name == "stream" and not await admin.supports_subscribe(queue):
             raise NotImplementedByServer("Subscribe not implemented by the server")
         if scenario.needs_backlog:
@@ -123,9 +135,14 @@ async def _drop_queue(target: Target, queue: str) -> None:
 
 
 async def measure(
-    target: Target, scenario: Scenario, concurrency: int, opts: RunOptions
+    target: Target,
+    scenario: Scenario,
+    concurrency: int,
+    opts: RunOptions,
+    prepare: Prepare | None = None,
 ) -> Measurement:
-    """Runs the scenario once; failures come back as a Measurement with status and note."""
+    """Runs the scenario once; failures come back as a Measurement with status and note.
+    ``prepare`` runs on the fresh queue before its backlog is filled, outside the window."""
     m = Measurement(target.name, scenario.name, concurrency, status="error")
     units = max(scenario.batch, int(scenario.max_units * opts.scale))
     procs_n = 1 if concurrency == 1 else max(1, min(opts.client_procs, concurrency))
@@ -133,7 +150,7 @@ async def measure(
     log_path = opts.log_dir / f"clients-{target.name}.log"
     procs: list[asyncio.subprocess.Process] = []
     try:
-        await _prepare_queue(target, scenario, queue, units, concurrency, opts)
+        await _prepare_queue(target, scenario, queue, units, concurrency, opts, prepare)
         specs = [
             LoadSpec(
                 address=target.server.address,

@@ -40,6 +40,11 @@ def test_bench_quick_runs_and_prints_the_table() -> None:
         assert f"1 client, {depth} in flight" in proc.stdout
     assert "add_beside_big_reads: a map of 8 MiB, 2 readers" in proc.stdout
     assert "Add beside 2 readers: p50" in proc.stdout
+    assert "delayed_backlog: claims of ready messages beside 2,000 delayed" in proc.stdout
+    assert "GetQueueInfo showed 2,000 delayed and 0 ready each time" in proc.stdout
+    for c in (1, 64):
+        assert f"Poll + Ack c{c}: alone " in proc.stdout
+    assert proc.stdout.count("ratio beside / alone: ") == 2
 
 
 def _e2e(system: str, depth: int, rate: float) -> E2ERow:
@@ -128,3 +133,18 @@ def test_bench_ab_reports_each_checkout_against_the_floor() -> None:
     table = {line.split()[0]: line.split() for line in lines[3:]}
     assert set(table) == {"floor", "here"}
     assert table["floor"][3] == "1.00"  # the floor against itself, every round
+    assert table["here"][4] == "1.00"  # the first checkout against itself
+
+
+def test_bench_ab_runs_e2e_with_server_cpu_per_message() -> None:
+    proc = run_script(
+        "bench-ab",
+        "here=" + str(ROOT),
+        *("--scenario", "e2e", "--rounds", "1", "--e2e-n", "500", "--e2e-in-flight", "100"),
+        timeout_s=120,
+    )
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("round 1/1: floor ")
+    table = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(table) == {"floor", "here"}
+    assert float(table["here"][2]) > 0  # server CPU per message, read around the run

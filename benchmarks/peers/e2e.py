@@ -83,6 +83,14 @@ async def _run_client(spec: E2ESpec) -> E2EResult:
     return E2EResult(status="error", note=f"client exited {proc.returncode} without a result")
 
 
+async def run_once(
+    system: str, host: str, port: int, user: str, pw: str, n: int, depth: int, timeout_s: float
+) -> E2EResult:
+    """One e2e run of 100-byte messages on a queue of its own (scripts/bench-ab)."""
+    name = f"bench.e2e.{uuid.uuid4().hex[:8]}"
+    return await _run_client(E2ESpec(system, host, port, n, 100, depth, timeout_s, name, user, pw))
+
+
 async def _measure_depths(
     label: str, system: str, host: str, port: int, opts: E2EOptions, user: str = "", pw: str = ""
 ) -> list[E2ERow]:
