@@ -26,6 +26,7 @@ from benchmarks.procs import ServerProcess
 from benchmarks.runner import RunOptions, Target, measure
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.servers import ADMIN_PASSWORD, ADMIN_USER, start_floor, start_ours
+from benchmarks.stats import us_text
 
 E2E_TIMEOUT_S = 120.0
 """Per e2e run: its client stops there and reports what it did."""
@@ -152,11 +153,11 @@ def report(series: Sequence[Series]) -> str:
         versus = [mine / base for mine, base in zip(s.rates, first.rates, strict=True)]
         lines.append(
             f"{s.target.name:<12} {statistics.median(s.rates):>10,.0f} "
-            f"{statistics.median(s.cpu_us):>12.0f} {statistics.median(ratios):>6.2f} "
+            f"{us_text(statistics.median(s.cpu_us)):>12} {statistics.median(ratios):>6.2f} "
             f"{statistics.median(versus):>9.2f}  "
             + " ".join(f"{r:.2f}" for r in ratios)
             + " | "
-            + " ".join(f"{c:.0f}" for c in s.cpu_us)
+            + " ".join(us_text(c) for c in s.cpu_us)
         )
     return "\n".join(lines)
 

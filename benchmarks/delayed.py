@@ -27,6 +27,7 @@ from benchmarks.admin import AdminClient, SetupFailed
 from benchmarks.runner import Measurement, RunOptions, Target, measure
 from benchmarks.scenarios import SCENARIOS
 from benchmarks.servers import ADMIN_PASSWORD, ADMIN_USER, start_ours
+from benchmarks.stats import us_text
 
 DELAY_MS = 86_400_000
 """One day: far beyond any measurement, well inside the 7-day bound of delay_ms."""
@@ -49,6 +50,10 @@ class DelayedRow:
     def cpu_ratios(self) -> list[float]:
         pairs = zip(self.alone, self.beside, strict=True)
         return [b.cpu_us_per_unit / a.cpu_us_per_unit for a, b in pairs]
+
+    def p50_ratios(self) -> list[float]:
+        """Steadier than the rate at concurrency 1, where a few slow calls move the mean."""
+        return [b.p50_ms / a.p50_ms for a, b in zip(self.alone, self.beside, strict=True)]
 
 
 @dataclass
@@ -75,18 +80,18 @@ class DelayedResult:
             def med(ms: list[Measurement], attr: str) -> float:
                 return statistics.median(float(getattr(m, attr)) for m in ms)
 
-            ratios, cpu = row.ratios(), row.cpu_ratios()
+            ratios, cpu, p50 = row.ratios(), row.cpu_ratios(), row.p50_ratios()
             out.append(
                 f"{title} c{row.concurrency}: alone {med(row.alone, 'rate'):,.0f}/s "
                 f"(p50 {med(row.alone, 'p50_ms'):.2f} ms, CPU "
-                f"{med(row.alone, 'cpu_us_per_unit'):.0f} us/unit); beside the backlog "
+                f"{us_text(med(row.alone, 'cpu_us_per_unit'))} us/unit); beside the backlog "
                 f"{med(row.beside, 'rate'):,.0f}/s (p50 {med(row.beside, 'p50_ms'):.2f} ms, "
-                f"CPU {med(row.beside, 'cpu_us_per_unit'):.0f} us/unit)"
+                f"CPU {us_text(med(row.beside, 'cpu_us_per_unit'))} us/unit)"
             )
             out.append(
                 f"  ratio beside / alone: {statistics.median(ratios):.2f} "
-                f"(per round {' '.join(f'{r:.2f}' for r in ratios)}); server CPU per unit "
-                f"{statistics.median(cpu):.2f}x"
+                f"(per round {' '.join(f'{r:.2f}' for r in ratios)}); p50 "
+                f"{statistics.median(p50):.2f}x; server CPU per unit {statistics.median(cpu):.2f}x"
             )
         return out
 

@@ -23,3 +23,8 @@ def median(values: Sequence[float]) -> float:
     if len(clean) % 2:
         return clean[mid]
     return (clean[mid - 1] + clean[mid]) / 2
+
+
+def us_text(x: float) -> str:
+    """CPU per unit: a decimal where it is small (an element of a batch takes a few us)."""
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
