@@ -21,6 +21,7 @@ from qm_server.__main__ import main as server_main
 from qm_server.answer_size import (
     ENVELOPE_BYTES,
     FRAME_BYTES,
+    MAX_ENTRY_OVERHEAD,
     element_info_size,
     entries_room,
     key_value_size,
@@ -42,20 +43,33 @@ def add_each(stub: Stub, token: str, queue: str, elements: list[str]) -> None:
 
 def test_sizes_are_the_protobuf_encoding() -> None:
     rng = random.Random(7)
+    times = random.Random(8)  # apart, so that the other draws stay as they were
     for _ in range(200):
         entries = [
             (
                 "é" * rng.choice([0, 1, 60, 200, 20_000]),
                 rng.choice([0, 1, 127, 128, 2**40, 2**62]),
                 rng.choice([0, 1, 300]),
+                times.choice([0, 1_700_000_000_000]),
+                times.choice([0, 1_700_000_030_000, 2**63 - 1]),
             )
             for _ in range(rng.randint(1, 4))
         ]
         pull = pb.PullElementsResponse()
-        for element, message_id, count in entries:
-            pull.element_info.add(element=element, message_id=message_id, delivery_count=count)
-        expected = sum(element_info_size(len(e.encode()), i, n) for e, i, n in entries)
+        for element, message_id, count, enqueued, lease in entries:
+            pull.element_info.add(
+                element=element,
+                message_id=message_id,
+                delivery_count=count,
+                enqueued_at_ms=enqueued,
+                lease_expires_at_ms=lease,
+            )
+        expected = sum(element_info_size(len(e.encode()), *numbers) for e, *numbers in entries)
         assert pull.ByteSize() == expected
+        for e, *numbers in entries:  # the store's quick check counts at most this
+            assert element_info_size(len(e.encode()), *numbers) <= (
+                len(e.encode()) + MAX_ENTRY_OVERHEAD
+            )
         pairs = {f"k{i}" * rng.choice([0, 1, 90]): "v" * rng.choice([0, 200]) for i in range(4)}
         whole = pb.MapGetAllResponse(map=pairs)
         assert whole.ByteSize() == sum(key_value_size(len(k), len(v)) for k, v in pairs.items())
