@@ -135,8 +135,10 @@ class QMap(MutableMapping[str, str]):
 
         Stable while the map changes: no entry present throughout is skipped or repeated.
         """
+        # start_after is always set (to "" for the first page): an unset one asks for
+        # offset paging, whose answer has no next_key.
         request = pb.MapGetListRequest(
-            map=self.name, size=self.page_size if size is None else size, start_after=key
+            map=self.name, size=self.page_size if size is None else size, start_after=key or ""
         )
         response, _ = self._session.call(self._session.stub.MapGetList, request)
         entries = [(kv.key, kv.value) for kv in response.list]
