@@ -402,6 +402,8 @@ class QueueManagerClient:
             results.update(
                 (result.message_id, lease_result_from_pb(result)) for result in response.results
             )
+            if request.ack_deadline_ms == 0:  # given back: no longer the session's to lose
+                self._session.unhold(login, [i for i in ids if results[i].ok])
         return [results[i] for i in order]
 
     def keep_lease(self, message: Message, *, max_lease: float | None = None) -> LeaseGuard:

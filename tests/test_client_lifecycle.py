@@ -330,7 +330,7 @@ def test_idempotent_adds_get_a_request_id_of_their_own(qm: QueueManagerClient) -
 
 
 def test_an_add_with_a_request_id_is_repeated_after_an_unavailable_status() -> None:
-    servicer = ScriptedServicer()
+    servicer = ScriptedServicer()  # type: ignore[abstract]
     with scripted_server(servicer) as target, QueueManagerClient(target, "u", "p") as client:
         servicer.failures["Add"] = 2
         assert client.add("jobs", "a", request_id="r") == 1
