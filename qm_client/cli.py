@@ -367,10 +367,10 @@ def _given(flag: Any, current: Any) -> Any:
 
 
 def _settings_json(settings: QueueSettings) -> dict[str, Any]:
-    """The proto's field names (``retry_delay``), so the JSON reads as the contract."""
+    """The proto's field names and order (``retry_delay``), so the JSON reads as the
+    contract."""
     data = dataclasses.asdict(settings)
-    data["retry_delay"] = data.pop("retry")
-    return data
+    return {("retry_delay" if name == "retry" else name): value for name, value in data.items()}
 
 
 def _settings_lines(settings: QueueSettings) -> list[str]:
@@ -413,9 +413,8 @@ def _info_lines(info: QueueInfo) -> list[str]:
 
 def _info_json(info: QueueInfo) -> dict[str, Any]:
     data = dataclasses.asdict(info)
-    data["queue"] = data.pop("name")
     data["settings"] = _settings_json(info.settings)
-    return data
+    return {("queue" if name == "name" else name): value for name, value in data.items()}
 
 
 def _dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
