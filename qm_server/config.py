@@ -246,6 +246,15 @@ class ServerConfig:
     disk_reserve_bytes: int = setting(
         64 * MIB, "disk space set aside so that a full disk can still be drained (0: none)"
     )
+    # A repeat of an Add or AddAll with the same request_id by the same user within this
+    # window answers the first call's ids and adds nothing (kept in the database, so across
+    # restarts too); past it, the request_id is free again.
+    idempotency_window_s: float = setting(
+        600.0,
+        "how long an Add or AddAll request_id is remembered (a repeat adds nothing)",
+        flag="--idempotency-window",
+        metavar="SECONDS",
+    )
     tls: TlsSettings = field(default_factory=TlsSettings)
     # Plaintext is allowed on loopback addresses only, unless this is set.
     allow_plaintext: bool = setting(

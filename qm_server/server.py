@@ -127,6 +127,7 @@ class QueueManagerServer:
             config.durability,
             check_s=config.start_check_s,
             reserve_bytes=config.disk_reserve_bytes,
+            idempotency_window_s=config.idempotency_window_s,
         )
         self.port = 0
         self.keys: KeyPair | None = None

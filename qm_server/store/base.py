@@ -407,11 +407,12 @@ class Store(UserDirectory):
 
     @abc.abstractmethod
     async def map_page_after(
-        self, name: str, start_after: str, size: int, max_bytes: int
+        self, name: str, start_after: str | None, size: int, max_bytes: int
     ) -> tuple[list[tuple[str, str]], str | None]:
-        """Key-cursor paging: entries with keys after `start_after`, as map_get_list, and
-        the cursor of the next page (the last key returned), or None when no entry
-        follows. MapNotFound."""
+        """Key-cursor paging: entries with keys after `start_after` (None: from the first
+        key; "" is a key like any other, so it cannot also mean "the start"), as
+        map_get_list, and the cursor of the next page (the last key returned), or None
+        when no entry follows. MapNotFound."""
 
     @abc.abstractmethod
     async def map_destroy(self, name: str) -> None:

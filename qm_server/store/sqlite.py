@@ -14,7 +14,7 @@ A reader starts here. The store is split into modules with one job each:
   off the writer.
 - this module: SqliteStore, the domain operations (queues, messages, maps, users) on top.
   sqlite_sql.py holds every statement, PRAGMA and the current SCHEMA; sqlite_file.py opens
-  and migrates the file.
+  and migrates the file; settings_json.py writes a queue's settings into its row.
 
 Being in flight is not written to disk at all (inflight.py says why): a claim reads rows
 and advances one per-queue mark, an ack deletes rows, a negative ack or a session's end
@@ -56,6 +56,7 @@ import asyncio
 import heapq
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -83,6 +84,7 @@ from qm_server.store.base import (
 )
 from qm_server.store.inflight import InFlight
 from qm_server.store.reserve import RESERVE_FILE, DiskReserve
+from qm_server.store.settings_json import settings_to_json
 from qm_server.store.sqlite_file import DB_FILE, SYNCHRONOUS
 from qm_server.store.sqlite_index import Index, QueueState, disown, load_index
 from qm_server.store.sqlite_readers import Readers
@@ -95,6 +97,14 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+# How long an idempotent add's key is kept by default (config.ServerConfig sets it).
+DEFAULT_IDEMPOTENCY_WINDOW_S = 600.0
+# Expired idempotency keys deleted by each idempotent add at most: more than the one it
+# adds, so they cannot pile up, and few, so that no commit deletes many.
+IDEMPOTENCY_PRUNE_BATCH = 8
+# ListMaps reads names this many at a time while it looks for visible ones.
+MAP_NAMES_CHUNK = 256
+
 
 class SqliteStore(Store):
     """The default store: `<data_dir>/qm.db`, no other process needed."""
@@ -105,11 +115,19 @@ class SqliteStore(Store):
         durability: str = "full",
         check_s: float = 0.0,
         reserve_bytes: int = 0,
+        clock: Callable[[], float] = time.time,
+        idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
     ) -> None:
         """`check_s`: how long the integrity check at open may take (0: none);
-        `reserve_bytes`: the disk space set aside for draining a full disk (reserve.py)."""
+        `reserve_bytes`: the disk space set aside for draining a full disk (reserve.py);
+        `clock`: Unix time in seconds, for every time kept in the file (tests move it);
+        `idempotency_window_s`: how long a repeat of an idempotent add answers the first."""
         if durability not in SYNCHRONOUS:
             raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}")
+        if idempotency_window_s < 0:
+            raise ValueError("idempotency_window_s must be 0 or more")
+        self._clock = clock
+        self._idempotency_window_ms = int(idempotency_window_s * 1000)
         self._index = Index()
         self._in_flight = InFlight()
         self._batch = Batch()
@@ -165,19 +183,85 @@ class SqliteStore(Store):
             index = self._index
             if name in index.queues:
                 raise errors.QueueAlreadyExists(f"queue {name!r} already exists")
+            self._check_dead_letter_queue(name, settings)
             owner = room.user
             room.check(len(index.queues), index.owned_queues[owner] if owner else 0)
-            queue_id = self._db.execute(sql.INSERT_QUEUE, (name, owner)).lastrowid
+            row = (name, owner, settings_to_json(settings))
+            queue_id = self._db.execute(sql.INSERT_QUEUE, row).lastrowid
             assert queue_id is not None
             statements = sql.MessageStatements.of(queue_id)
             self._db.execute(statements.create)
-            index.queues[name] = QueueState(queue_id, statements, owner=owner)
+            index.queues[name] = QueueState(queue_id, statements, owner=owner, settings=settings)
             if owner:
                 index.owned_queues[owner] += 1
             index.queue_names[queue_id] = name
             self._batch.touched.add(name)
 
         await self._submit(run, grows=True)
+
+    async def update_queue(self, name: str, change: SettingsChange) -> QueueSettings:
+        def run() -> QueueSettings:
+            state = self._queue(name)
+            settings = change.applied_to(state.settings)
+            # Only a change of it is checked: a dead-letter queue destroyed since must
+            # not block changing the other settings (its letters stay in this queue).
+            if change.dead_letter_queue is not None:
+                self._check_dead_letter_queue(name, settings)
+            self._db.execute(sql.SET_QUEUE_SETTINGS, (settings_to_json(settings), state.id))
+            # Undone with the whole index if the commit fails (the writer reloads it).
+            state.settings = settings
+            return settings
+
+        return await self._submit(run)
+
+    def _check_dead_letter_queue(self, name: str, settings: QueueSettings) -> None:
+        """Where a queue's dead letters go must be another queue that exists."""
+        dead_letter_queue = settings.dead_letter_queue
+        if not dead_letter_queue:
+            return
+        if dead_letter_queue == name:
+            raise errors.InvalidArgument(
+                f"queue {name!r} cannot be its own dead_letter_queue: a message past "
+                "max_deliveries would never leave it"
+            )
+        if dead_letter_queue not in self._index.queues:
+            raise errors.QueueNotFound(
+                f"dead_letter_queue {dead_letter_queue!r} does not exist: create it first"
+            )
+
+    async def list_queues(
+        self, start_after: str, limit: int, visible: Callable[[str], bool]
+    ) -> list[tuple[str, QueueCounts]]:
+        if not self._writer.healthy:
+            await self._submit(lambda: None)  # raises Unavailable unless it recovered
+        published = self._published  # committed queues only
+        # Python orders str by code point, which is the UTF-8 byte order.
+        found: list[tuple[str, QueueCounts]] = []
+        for name in sorted(name for name in published if name > start_after):
+            if len(found) >= limit:
+                break
+            if visible(name):
+                found.append((name, published[name]))
+        return found
+
+    async def list_maps(
+        self, start_after: str, limit: int, visible: Callable[[str], bool]
+    ) -> list[str]:
+        # Names are read a chunk at a time on a reader (committed maps only) and filtered
+        # here, on the event loop, where `visible` may safely read the caller's grants.
+        found: list[str] = []
+        cursor = start_after
+        while len(found) < limit:
+            names = await self._read(_map_names_after(cursor, MAP_NAMES_CHUNK))
+            for name in names:
+                if visible(name):
+                    found.append(name)
+                    if len(found) == limit:
+                        break
+            if len(names) < MAP_NAMES_CHUNK:
+                break
+            cursor = names[-1]
+        return found
 
     async def destroy_queue(self, name: str, force: bool) -> None:
         def run() -> None:
@@ -207,7 +291,9 @@ class SqliteStore(Store):
         delay_ms: int | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> Enqueued:
-        def run() -> list[int]:
+        def run() -> Enqueued:
+            if (replayed := self._replayed(idempotency)) is not None:
+                return replayed
             state = self._queue(name)
             first = self._index.next_message_id
             self._batch.append(state, first, list(elements))
@@ -215,9 +301,45 @@ class SqliteStore(Store):
             state.ready += len(elements)
             self._batch.touched.add(name)
             self._batch.now_ready.add(name)
-            return list(range(first, first + len(elements)))
+            self._remember(idempotency, first, len(elements))
+            return Enqueued(list(range(first, first + len(elements))), False)
 
-        return Enqueued(await self._submit(run, ADDS), False)
+        return await self._submit(run, ADDS)
+
+    def _replayed(self, key: IdempotencyKey | None) -> Enqueued | None:
+        """The first answer to an idempotent add seen within the window, or None: then
+        the add goes ahead. InvalidArgument, before any write, when the key was used
+        for another request. The key is read from the file (the writer's connection,
+        which sees the open transaction too): no memory is spent on keys."""
+        if key is None:
+            return None
+        row = self._db.execute(sql.IDEMPOTENCY_KEY, (key.user, key.request_id)).fetchone()
+        if row is None:
+            return None
+        fingerprint, first_id, count, created_at_ms = row
+        if created_at_ms <= self._now_ms() - self._idempotency_window_ms:
+            return None  # expired: a new request, which replaces the row
+        if bytes(fingerprint) != key.fingerprint:
+            raise errors.InvalidArgument(
+                f"request_id {key.request_id!r} was used for a different request "
+                "(another queue or other elements) within the idempotency window"
+            )
+        return Enqueued(list(range(first_id, first_id + count)), True)
+
+    def _remember(self, key: IdempotencyKey | None, first_id: int, count: int) -> None:
+        """Keep the key of an idempotent add in the add's own transaction, and prune a
+        few expired ones (IDEMPOTENCY_PRUNE_BATCH)."""
+        if key is None:
+            return
+        staging.begin(self._db)  # an add alone may otherwise commit by itself, keyless
+        now_ms = self._now_ms()
+        row = (key.user, key.request_id, key.fingerprint, first_id, count, now_ms)
+        self._db.execute(sql.PUT_IDEMPOTENCY_KEY, row)
+        expired = (now_ms - self._idempotency_window_ms, IDEMPOTENCY_PRUNE_BATCH)
+        self._db.execute(sql.PRUNE_IDEMPOTENCY_KEYS, expired)
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
     async def claim(
         self,
@@ -315,20 +437,7 @@ class SqliteStore(Store):
 
     # Lifecycle (not built yet: these answer UNAVAILABLE) ---------------------------------
 
-    async def update_queue(self, name: str, change: SettingsChange) -> QueueSettings:
-        raise errors.Unavailable("not built yet")
-
     async def queue_info(self, name: str) -> QueueInfo:
-        raise errors.Unavailable("not built yet")
-
-    async def list_queues(
-        self, start_after: str, limit: int, visible: Callable[[str], bool]
-    ) -> list[tuple[str, QueueCounts]]:
-        raise errors.Unavailable("not built yet")
-
-    async def list_maps(
-        self, start_after: str, limit: int, visible: Callable[[str], bool]
-    ) -> list[str]:
         raise errors.Unavailable("not built yet")
 
     async def extend_leases(
@@ -350,11 +459,6 @@ class SqliteStore(Store):
     async def dead_letters(
         self, name: str, after_id: int, limit: int, max_bytes: int
     ) -> list[DeadLetter]:
-        raise errors.Unavailable("not built yet")
-
-    async def map_page_after(
-        self, name: str, start_after: str, size: int, max_bytes: int
-    ) -> tuple[list[tuple[str, str]], str | None]:
         raise errors.Unavailable("not built yet")
 
     # Maps -------------------------------------------------------------------------------
@@ -424,6 +528,25 @@ class SqliteStore(Store):
                     break
                 page.append((key, value))
             return page
+
+        return await self._read(run)
+
+    async def map_page_after(
+        self, name: str, start_after: str | None, size: int, max_bytes: int
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        def run(conn: sqlite3.Connection) -> tuple[list[tuple[str, str]], str | None]:
+            page: list[tuple[str, str]] = []
+            total = 0
+            more = False
+            # One row past the page says whether another page follows.
+            args = (_committed_map(conn, name), start_after, start_after, size + 1)
+            for key, value in conn.execute(sql.PAGE_ENTRIES_AFTER, args):
+                total += key_value_size(utf8_size(key), utf8_size(value))
+                if len(page) == size or (page and total > max_bytes):
+                    more = True
+                    break
+                page.append((key, value))
+            return page, page[-1][0] if more else None
 
         return await self._read(run)
 
@@ -545,3 +668,12 @@ def _committed_map(conn: sqlite3.Connection, name: str) -> int:
     if row is None:
         raise errors.MapNotFound(f"map {name!r} does not exist")
     return int(row[0])
+
+
+def _map_names_after(start_after: str, limit: int) -> Callable[[sqlite3.Connection], list[str]]:
+    """A read of up to `limit` map names after `start_after`, in UTF-8 byte order."""
+
+    def run(conn: sqlite3.Connection) -> list[str]:
+        return [name for (name,) in conn.execute(sql.MAP_NAMES_AFTER, (start_after, limit))]
+
+    return run

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings
 from qm_server.store import sqlite_sql as sql
 from qm_server.store.inflight import InFlight
+from qm_server.store.settings_json import settings_from_json
 
 
 @dataclass(slots=True)
@@ -54,7 +55,7 @@ def load_index(conn: sqlite3.Connection, in_flight: InFlight) -> Index:
     # The next id: after the largest ever handed out, even if that row is gone.
     (saved_next_id,) = conn.execute(sql.SAVED_NEXT_MESSAGE_ID).fetchone() or (1,)
     index.next_message_id = int(saved_next_id)
-    for queue_id, name, delivered_upto, owner in conn.execute(sql.ALL_QUEUES).fetchall():
+    for queue_id, name, delivered_upto, owner, settings in conn.execute(sql.ALL_QUEUES).fetchall():
         statements = sql.MessageStatements.of(queue_id)
         held = in_flight.held_in(queue_id)
         delivered = conn.execute(statements.delivered_ids, (delivered_upto,))
@@ -62,6 +63,7 @@ def load_index(conn: sqlite3.Connection, in_flight: InFlight) -> Index:
         (count,) = conn.execute(statements.count).fetchone()
         ready = count - in_flight.count(queue_id)
         state = QueueState(queue_id, statements, ready, delivered_upto, given_back, owner)
+        state.settings = settings_from_json(settings)
         if owner:
             index.owned_queues[owner] += 1
         index.queues[name] = state

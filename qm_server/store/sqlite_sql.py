@@ -52,6 +52,31 @@ BEGIN_READ = "BEGIN"
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
 
+# Migration 6 (after 5, the message lifecycle's columns): each queue's lifecycle
+# settings, and the keys of idempotent adds.
+# - queues.settings: the queue's QueueSettings as one JSON object (settings_json.py),
+#   NULL for the defaults (the seed's behaviour), which every queue made before has.
+#   One column rather than one per setting: the store reads settings only into memory
+#   (load_index) and writes them whole (create, update), never filters or joins on one in
+#   SQL, so a column each would buy nothing but a migration for every new setting.
+# - idempotency_keys: an Add or AddAll with a request_id (base.IdempotencyKey), written in
+#   the transaction of the add itself, so that a retry after a restart still matches. Its
+#   ids are first_id .. first_id + count - 1 (an add's ids are consecutive). Rows older
+#   than the window match nothing and are pruned a few at a time (created_at_ms index).
+MIGRATION_QUEUE_SETTINGS = """
+    ALTER TABLE queues ADD COLUMN settings TEXT;
+    CREATE TABLE idempotency_keys (
+        username      TEXT NOT NULL,
+        request_id    TEXT NOT NULL,
+        fingerprint   BLOB NOT NULL,
+        first_id      INTEGER NOT NULL,
+        count         INTEGER NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (username, request_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at_ms);
+"""
+
 # Schema migrations, applied in order; meta.schema_version records how many ran.
 # Never edit a published entry: append a new one. They are history: the tables they
 # describe may have changed since (migration 3 dropped `messages`); SCHEMA below is what a
@@ -119,6 +144,9 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     ALTER TABLE queues ADD COLUMN owner TEXT;
     ALTER TABLE maps ADD COLUMN owner TEXT;
     """,
+    # 6: queue settings and idempotency keys (MIGRATION_QUEUE_SETTINGS above); the
+    # message lifecycle's migration 5 goes before it.
+    MIGRATION_QUEUE_SETTINGS,
 ]
 
 # The schema as the migrations leave it today, to read in one place; a test
@@ -137,12 +165,14 @@ CREATE TABLE meta (
 -- with the queue and dropped with it. Every message id at or below delivered_upto was
 -- delivered at least once; being in flight is kept in memory only (inflight.py).
 -- owner: who created it, for the per-user quotas; NULL for queues made before owners
--- were kept.
+-- were kept. settings: its lifecycle settings as a JSON object (settings_json.py), NULL
+-- for the defaults.
 CREATE TABLE queues (
     id             INTEGER PRIMARY KEY,
     name           TEXT NOT NULL UNIQUE,
     delivered_upto INTEGER NOT NULL DEFAULT 0,
-    owner          TEXT
+    owner          TEXT,
+    settings       TEXT
 );
 CREATE TABLE maps (
     id    INTEGER PRIMARY KEY,
@@ -169,6 +199,19 @@ CREATE TABLE grants (
     pattern  TEXT NOT NULL,
     PRIMARY KEY (username, action, kind, pattern)
 ) WITHOUT ROWID;
+-- Idempotent adds (base.IdempotencyKey): the first answer to (username, request_id),
+-- ids first_id .. first_id + count - 1, kept for the idempotency window from
+-- created_at_ms (Unix time, ms), then pruned a few rows at a time.
+CREATE TABLE idempotency_keys (
+    username      TEXT NOT NULL,
+    request_id    TEXT NOT NULL,
+    fingerprint   BLOB NOT NULL,
+    first_id      INTEGER NOT NULL,
+    count         INTEGER NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (username, request_id)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at_ms);
 """
 
 HAS_META = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
@@ -184,7 +227,7 @@ TOUCH_PROBE = (
 )
 
 # Loading the in-memory index ------------------------------------------------------------
-ALL_QUEUES = "SELECT id, name, delivered_upto, owner FROM queues"
+ALL_QUEUES = "SELECT id, name, delivered_upto, owner, settings FROM queues"
 ALL_MAPS = "SELECT id, name, owner FROM maps"
 MAP_ID = "SELECT id FROM maps WHERE name = ?"
 # The id counter saved when the newest message was deleted (see SqliteStore): the next id
@@ -196,7 +239,8 @@ SAVE_NEXT_MESSAGE_ID = (
 )
 
 # Queues ---------------------------------------------------------------------------------
-INSERT_QUEUE = "INSERT INTO queues (name, owner) VALUES (?, ?)"
+INSERT_QUEUE = "INSERT INTO queues (name, owner, settings) VALUES (?, ?, ?)"
+SET_QUEUE_SETTINGS = "UPDATE queues SET settings = ? WHERE id = ?"
 DELETE_QUEUE = "DELETE FROM queues WHERE id = ?"
 # First deliveries: one row per queue and transaction, however many messages it took.
 SET_DELIVERED_UPTO = "UPDATE queues SET delivered_upto = ? WHERE id = ?"
@@ -314,6 +358,36 @@ DELETE_ENTRY = "DELETE FROM map_entries WHERE map_id = ? AND key = ?"
 GET_ENTRY = "SELECT value FROM map_entries WHERE map_id = ? AND key = ?"
 ALL_ENTRIES = "SELECT key, value FROM map_entries WHERE map_id = ? ORDER BY key"
 PAGE_ENTRIES = "SELECT key, value FROM map_entries WHERE map_id = ? ORDER BY key LIMIT ? OFFSET ?"
+# Key-cursor paging: a seek on the primary key, so a page costs the same wherever it
+# starts, and entries added or removed before the cursor shift nothing after it. The
+# first page (start_after '') takes the empty key too.
+PAGE_ENTRIES_AFTER = (
+    "SELECT key, value FROM map_entries WHERE map_id = ? AND (key > ? OR ? IS NULL)"
+    " ORDER BY key LIMIT ?"
+)
+# ListMaps: names after a cursor, in UTF-8 byte order (BINARY collation).
+MAP_NAMES_AFTER = "SELECT name FROM maps WHERE name > ? ORDER BY name LIMIT ?"
+
+# Idempotent adds ------------------------------------------------------------------------
+IDEMPOTENCY_KEY = (
+    "SELECT fingerprint, first_id, count, created_at_ms FROM idempotency_keys"
+    " WHERE username = ? AND request_id = ?"
+)
+# An expired row of the same key is replaced: it matches nothing any more.
+PUT_IDEMPOTENCY_KEY = (
+    "INSERT INTO idempotency_keys"
+    " (username, request_id, fingerprint, first_id, count, created_at_ms)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (username, request_id) DO UPDATE SET"
+    " fingerprint = excluded.fingerprint, first_id = excluded.first_id,"
+    " count = excluded.count, created_at_ms = excluded.created_at_ms"
+)
+# At most `?` of the oldest rows created at or before a time: each idempotent add prunes a few,
+# more than it adds, so expired keys cannot pile up and no commit deletes many.
+PRUNE_IDEMPOTENCY_KEYS = (
+    "DELETE FROM idempotency_keys WHERE (username, request_id) IN"
+    " (SELECT username, request_id FROM idempotency_keys WHERE created_at_ms <= ?"
+    " ORDER BY created_at_ms LIMIT ?)"
+)
 
 # Users ----------------------------------------------------------------------------------
 GET_USER = "SELECT name, password_hash, is_admin FROM users WHERE name = ?"
