@@ -130,16 +130,18 @@ class QMap(MutableMapping[str, str]):
     def page_after(
         self, key: str | None = None, size: int | None = None
     ) -> tuple[list[tuple[str, str]], str | None]:
-        """One page of entries in key order after ``key`` (``None``: from the start), and
-        the key to pass for the next page (``None`` once the map has no entry after it).
+        """One page of entries in key order after ``key`` (``None``: from the first key),
+        and the key to pass for the next page (``None`` once no entry follows).
 
         Stable while the map changes: no entry present throughout is skipped or repeated.
         """
-        # start_after is always set (to "" for the first page): an unset one asks for
-        # offset paging, whose answer has no next_key.
-        request = pb.MapGetListRequest(
-            map=self.name, size=self.page_size if size is None else size, start_after=key or ""
-        )
+        size = self.page_size if size is None else size
+        if key is None:
+            # "" is a key like any other, so the first page is asked for by offset 0 (an
+            # unset cursor), whose answer carries no next key: its last key is the cursor.
+            entries = self.page(0, size)
+            return entries, entries[-1][0] if entries else None
+        request = pb.MapGetListRequest(map=self.name, size=size, start_after=key)
         response, _ = self._session.call(self._session.stub.MapGetList, request)
         entries = [(kv.key, kv.value) for kv in response.list]
         return entries, response.next_key if response.HasField("next_key") else None

@@ -358,6 +358,11 @@ def test_map_iteration_by_cursor_is_stable_while_the_map_changes(qm: QueueManage
     assert (page, cursor) == ([("a0", "x"), ("a1", "y")], "a1")
     page, cursor = view.page_after("k08")
     assert (page, cursor) == ([("k09", "9")], None)
+    # The empty key is a key like any other: the first page holds it.
+    view[""] = "empty"
+    assert view.page_after(None, 1) == ([("", "empty")], "")
+    assert next(iter(view)) == ""
+    assert len(view) == 14
 
 
 def test_map_clear_removes_every_key_of_a_map_larger_than_a_page(qm: QueueManagerClient) -> None:
