@@ -251,6 +251,8 @@ class LeaseKeeper:
             logger.warning("extending %d lease(s) failed, trying again: %s", len(group), error)
             self._retry_soon(group)
             return
+        # An id the answer left out (it should not) is tried again soon, not at once.
+        self._retry_soon(group)
         by_id = {k.message.message_id: k for k in group}
         now = time.monotonic()
         for result in map(lease_result_from_pb, response.results):
