@@ -8,13 +8,16 @@ tests wait for are events (renewals, a loss, a redelivery by long poll), each bo
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import grpc
 import pytest
-from client_fixtures import connect
+from client_fixtures import ScriptedServicer, connect, scripted_server
 
 from conftest import ServerHandle
+from qm.v1 import queue_manager_pb2 as pb
 from qm_client import (
     LeaseExpired,
     LeaseLost,
@@ -222,3 +225,57 @@ def test_a_queue_with_an_ack_deadline_is_kept_at_its_own_lease(qm: QueueManagerC
         assert guard.wait_renewed(4, BOUND)
         message.ack()
     assert qm.unacked("timed") == 0
+
+
+class LeasingServicer(ScriptedServicer):
+    """Delivers messages with the lease asked for, and extends them; ExtendLease fails
+    with gRPC UNAVAILABLE ``failures["ExtendLease"]`` times first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deadlines: list[int] = []
+
+    def Poll(self, request: pb.PollRequest, context: grpc.ServicerContext) -> pb.PollResponse:
+        now = round(time.time() * 1000)
+        return pb.PollResponse(
+            element="e",
+            message_id=self.attempts["Poll"] + 1,
+            delivery_count=1,
+            enqueued_at_ms=now,
+            lease_expires_at_ms=now + request.ack_deadline_ms,
+        )
+
+    def ExtendLease(
+        self, request: pb.ExtendLeaseRequest, context: grpc.ServicerContext
+    ) -> pb.ExtendLeaseResponse:
+        self._attempt("ExtendLease", context)
+        self.deadlines.append(request.ack_deadline_ms)
+        end = round(time.time() * 1000) + request.ack_deadline_ms
+        return pb.ExtendLeaseResponse(
+            results=[
+                pb.LeaseResult(message_id=i, code=pb.CODE_OK, lease_expires_at_ms=end)
+                for i in request.message_ids
+            ]
+        )
+
+
+def test_a_failed_extension_call_loses_nothing_and_is_tried_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    servicer = LeasingServicer()  # type: ignore[abstract]
+    lost = LostLeases()
+    with (
+        scripted_server(servicer) as target,
+        QueueManagerClient(target, "u", "p", heartbeat=False, on_lease_lost=lost) as qm,
+    ):
+        message = qm.poll("jobs", ack_deadline=1)
+        assert message is not None
+        servicer.failures["ExtendLease"] = 2
+        with qm.keep_lease(message) as guard:
+            assert guard.wait_renewed(2, BOUND)
+        assert not guard.lost and lost.calls == []
+        assert servicer.attempts["ExtendLease"] >= 4  # two failures, then renewals
+        # Renewed with the lease it was delivered with.
+        assert set(servicer.deadlines) == {1000}
+    failures = [r for r in caplog.records if "extending 1 lease(s) failed" in r.getMessage()]
+    assert len(failures) == 2
