@@ -135,13 +135,11 @@ class QMap(MutableMapping[str, str]):
 
         Stable while the map changes: no entry present throughout is skipped or repeated.
         """
-        size = self.page_size if size is None else size
-        if key is None:
-            # "" is a key like any other, so the first page is asked for by offset 0 (an
-            # unset cursor), whose answer carries no next key: its last key is the cursor.
-            entries = self.page(0, size)
-            return entries, entries[-1][0] if entries else None
-        request = pb.MapGetListRequest(map=self.name, size=size, start_after=key)
+        # "" is a key like any other, so the first page is asked for by offset 0 (an
+        # unset cursor) rather than after "".
+        request = pb.MapGetListRequest(
+            map=self.name, size=self.page_size if size is None else size, start_after=key
+        )
         response, _ = self._session.call(self._session.stub.MapGetList, request)
         entries = [(kv.key, kv.value) for kv in response.list]
         return entries, response.next_key if response.HasField("next_key") else None
