@@ -279,8 +279,13 @@ class LeaseKeeper:
                 return
         if not self._session.mark_lost(kept.message, cause):
             return  # being acked or already finished: nothing was lost
-        kept.guard._lose(cause)
-        message = kept.message
+        try:
+            self._report(kept.message, cause)
+        finally:
+            # Last, so that whoever waits on the guard finds the loss reported already.
+            kept.guard._lose(cause)
+
+    def _report(self, message: Message, cause: QMError | None) -> None:
         if self._on_lease_lost is None:
             why = "max_lease reached" if cause is None else str(cause)
             logger.warning(
