@@ -606,7 +606,8 @@ class EngineMachine(RuleBasedStateMachine):
             message.delivery_count += 1
             message.holder = session
         expected = [Delivery(m.id, m.element, m.delivery_count) for m in taken]
-        assert got == expected
+        # The model keeps no clock: first add times and lease ends are the store's tests'.
+        assert [d[:3] for d in got] == [d[:3] for d in expected]
         return [m.id for m in taken]
 
     @rule(who=WHO, name=QUEUE_NAMES)

@@ -12,14 +12,30 @@ A reader starts here. The store is split into modules with one job each:
   message id, each queue's delivery mark), so limits and existence checks cost no query.
 - sqlite_readers.py: map and user reads, on reader threads with read-only connections,
   off the writer.
+- sqlite_due.py: messages that move: delays and retry backoff (the `delayed` table),
+  dead letters, max_age, purge, redrive.
 - this module: SqliteStore, the domain operations (queues, messages, maps, users) on top.
   sqlite_sql.py holds every statement, PRAGMA and the current SCHEMA; sqlite_file.py opens
   and migrates the file; settings_json.py writes a queue's settings into its row.
 
 Being in flight is not written to disk at all (inflight.py says why): a claim reads rows
 and advances one per-queue mark, an ack deletes rows, a negative ack or a session's end
-writes nothing. Each queue's messages have a table of their own
-(sqlite_sql.MessageStatements says why).
+writes nothing (unless the queue's max_deliveries or retry backoff moves the message).
+Each queue's messages have a table of their own (sqlite_sql.MessageStatements says why).
+
+Sessions die with the process: this embedded store is the only owner of every session,
+so whatever was in flight at a stop or crash is released when the store opens again,
+its delivery counted (past max_deliveries it is dead-lettered then, cause "session end").
+Delivery counts, delays and backoff ready times, and dead letters with their history are
+on disk and survive.
+
+Time: the store's clock (Unix time, injectable) stamps first adds, leases, delays and
+dead letters. Nothing runs per message: lease deadlines sit in one heap (inflight.py),
+delayed messages are found through an index on their ready time, and max_age checks are
+scheduled per queue (sqlite_due.py). After each commit the writer computes the earliest
+due time, and the store arms ONE timer on the event loop for it (`_arm`), which runs
+`run_due`: expire leases, make due messages ready, age out old ones; its commit re-arms
+the timer. Waiters wake through the ready listener as for any add.
 
 The life of a write (an Add of two messages):
 1. `enqueue` queues an operation for the writer (Writer.submit) and awaits its future.
@@ -42,18 +58,19 @@ The life of a claim (a Take of up to ten messages):
    queue takes first the ids given back (a heap of ids at or below the delivery mark),
    then the oldest never delivered, above it; each claim gets its share in arrival order,
    cut to what its answer can carry.
-3. The messages are held in flight for the session in memory (InFlight, journaled), the
-   mark advances (one row per queue, written with the commit), and redeliveries get their
-   delivery count written.
+3. The messages are held in flight for the session in memory (InFlight, journaled),
+   with the claim's lease deadline if it has one, the mark advances (one row per queue,
+   written with the commit), and redeliveries get their delivery count written.
 4. After the COMMIT the in-flight journal is committed and the list is the answer. An ack
-   later drops the ids from InFlight and stages their deletion; a negative ack or the end
-   of the session gives them back, ready again at their place, without touching the disk.
+   later drops the ids from InFlight and stages their deletion; a negative ack, the end
+   of the session or a lease's end gives them back, ready again at their place, without
+   touching the disk (unless a retry backoff or max_deliveries moves them).
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
+import contextlib
 import logging
 import sqlite3
 import time
@@ -61,7 +78,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from qm_server import errors
+from qm_server import errors, lifecycle
 from qm_server.answer_size import key_value_size
 from qm_server.errors import Code
 from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
@@ -85,11 +102,12 @@ from qm_server.store.base import (
 from qm_server.store.inflight import InFlight
 from qm_server.store.reserve import RESERVE_FILE, DiskReserve
 from qm_server.store.settings_json import settings_to_json
+from qm_server.store.sqlite_due import Moves
 from qm_server.store.sqlite_file import DB_FILE, SYNCHRONOUS
 from qm_server.store.sqlite_index import Index, QueueState, disown, load_index
 from qm_server.store.sqlite_readers import Readers
 from qm_server.store.sqlite_staging import Batch, utf8_size
-from qm_server.store.sqlite_writer import ADDS, CLAIMS, Writer
+from qm_server.store.sqlite_writer import ADDS, CLAIMS, PROBE_INTERVAL_S, Writer
 
 __all__ = ["ADDS", "CLAIMS", "SqliteStore"]
 
@@ -120,7 +138,8 @@ class SqliteStore(Store):
     ) -> None:
         """`check_s`: how long the integrity check at open may take (0: none);
         `reserve_bytes`: the disk space set aside for draining a full disk (reserve.py);
-        `clock`: Unix time in seconds, for every time kept in the file (tests move it);
+        `clock`: Unix time in seconds, of first adds, leases, delays, ages and idempotency
+        keys (a test passes a fake one and calls run_due);
         `idempotency_window_s`: how long a repeat of an idempotent add answers the first."""
         if durability not in SYNCHRONOUS:
             raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}")
@@ -129,6 +148,11 @@ class SqliteStore(Store):
         self._clock = clock
         self._idempotency_window_ms = int(idempotency_window_s * 1000)
         self._index = Index()
+        # The one timer that runs run_due when something falls due (_arm); `_armed_for`
+        # is the due time it was last armed for, on the writer thread (-1: re-arm).
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed_for = -1
+        self._due_task: asyncio.Task[None] | None = None
         self._in_flight = InFlight()
         self._batch = Batch()
         # After each commit the writer publishes the counts of the queues it touched;
@@ -149,11 +173,16 @@ class SqliteStore(Store):
 
     async def open(self) -> None:
         await self._writer.open()
+        await self._submit(lambda: None)  # arms the timer (committed)
 
     async def close(self) -> None:
         if self._writer.closed:
             return
         self._writer.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._due_task is not None:
+            await asyncio.gather(self._due_task, return_exceptions=True)
         await self._readers.close()  # reads under way finish
         # The writer's connection closes last (Writer.stop says why).
         await self._writer.stop()
@@ -210,6 +239,8 @@ class SqliteStore(Store):
             self._db.execute(sql.SET_QUEUE_SETTINGS, (settings_to_json(settings), state.id))
             # Undone with the whole index if the commit fails (the writer reloads it).
             state.settings = settings
+            if change.max_age_ms:  # messages already there may be past the new max_age
+                self._index.schedule_age_check(state, self._now_ms())
             return settings
 
         return await self._submit(run)
@@ -267,12 +298,14 @@ class SqliteStore(Store):
         def run() -> None:
             state = self._queue(name)
             in_flight = self._in_flight.count(state.id)
-            if not force and (state.ready or in_flight):
+            if not force and (state.ready or in_flight or state.delayed):
                 raise errors.QueueNotEmpty(
-                    f"queue {name!r} holds {state.ready} ready and {in_flight} "
-                    "in-flight messages; use force to destroy it anyway"
+                    f"queue {name!r} holds {state.ready} ready, {state.delayed} delayed and "
+                    f"{in_flight} in-flight messages; use force to destroy it anyway"
                 )
             self._db.execute(state.sql.drop)
+            self._db.execute(sql.DELETE_QUEUE_DELAYED, (state.id,))
+            self._db.execute(sql.DELETE_HELD_DEAD_LETTERS, (state.id,))
             self._batch.deletes.pop(state.id, None)  # its acked rows went with the table
             self._in_flight.drop_queue(state.id)
             self._batch.deleted_newest = True
@@ -295,12 +328,10 @@ class SqliteStore(Store):
             if (replayed := self._replayed(idempotency)) is not None:
                 return replayed
             state = self._queue(name)
+            self._check_length(state, len(elements))
             first = self._index.next_message_id
-            self._batch.append(state, first, list(elements))
             self._index.next_message_id = first + len(elements)
-            state.ready += len(elements)
-            self._batch.touched.add(name)
-            self._batch.now_ready.add(name)
+            self._add(state, first, list(elements), delay_ms)
             self._remember(idempotency, first, len(elements))
             return Enqueued(list(range(first, first + len(elements))), False)
 
@@ -338,8 +369,34 @@ class SqliteStore(Store):
         expired = (now_ms - self._idempotency_window_ms, IDEMPOTENCY_PRUNE_BATCH)
         self._db.execute(sql.PRUNE_IDEMPOTENCY_KEYS, expired)
 
-    def _now_ms(self) -> int:
-        return int(self._clock() * 1000)
+    def _check_length(self, state: QueueState, adding: int) -> None:
+        """ResourceExhausted, nothing added, past the queue's max_length."""
+        limit = state.settings.max_length
+        if limit and state.ready + state.delayed + adding > limit:
+            name = self._index.queue_names[state.id]
+            raise errors.ResourceExhausted(
+                f"queue {name!r} holds {state.ready} ready and {state.delayed} delayed "
+                f"messages; its max_length is {limit}"
+            )
+
+    def _add(
+        self, state: QueueState, first: int, payloads: list[str], delay_ms: int | None
+    ) -> None:
+        """Stage the adds, ready at once or, delayed, in the `delayed` table."""
+        if not payloads:
+            return
+        name = self._index.queue_names[state.id]
+        delay = state.settings.delay_ms if delay_ms is None else delay_ms
+        now = self._batch.now_ms
+        if delay > 0:
+            self._moves().add_delayed(state, first, payloads, now + delay)
+            return
+        self._batch.append(state, first, payloads)
+        state.ready += len(payloads)
+        self._batch.touched.add(name)
+        self._batch.now_ready.add(name)
+        if state.settings.max_age_ms:
+            self._index.schedule_age_check(state, now + state.settings.max_age_ms)
 
     async def claim(
         self,
@@ -355,10 +412,35 @@ class SqliteStore(Store):
         if published.ready == 0 and self._writer.healthy:
             return []
 
-        return await self._submit(lambda: self._claim(name, session_id, limit, max_bytes), CLAIMS)
+        def run() -> list[Delivery]:
+            return self._claim(name, session_id, limit, max_bytes, lease_ms)
+
+        return await self._submit(run, CLAIMS)
 
     async def ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[Code]:
         return await self._submit(lambda: self._ack(session_id, message_ids, done), CLAIMS)
+
+    async def extend_leases(
+        self, session_id: int, message_ids: Sequence[int], lease_ms: int
+    ) -> list[LeaseOutcome]:
+        def run() -> list[LeaseOutcome]:
+            if lease_ms == 0:
+                codes = self._ack(session_id, message_ids, False, lifecycle.CAUSE_EXTEND_TO_ZERO)
+                return [LeaseOutcome(code, 0) for code in codes]
+            deadline = self._now_ms() + lease_ms
+            held = [
+                m for m in dict.fromkeys(message_ids) if self._in_flight.holder(m) == session_id
+            ]
+            self._in_flight.extend(held, deadline)
+            mine = set(held)
+            return [
+                LeaseOutcome(Code.OK, deadline)
+                if m in mine
+                else LeaseOutcome(self._not_held(session_id, m), 0)
+                for m in message_ids
+            ]
+
+        return await self._submit(run)
 
     async def ack_and_claim(
         self,
@@ -372,18 +454,28 @@ class SqliteStore(Store):
     ) -> tuple[list[Code], list[Delivery]]:
         def run() -> tuple[list[Code], list[Delivery]]:
             found = self._ack(session_id, message_ids, done)
-            return found, self._claim(name, session_id, limit, max_bytes) if limit else []
+            claimed = self._claim(name, session_id, limit, max_bytes, lease_ms) if limit else []
+            return found, claimed
 
         return await self._submit(run, CLAIMS)
 
-    def _claim(self, name: str, session_id: int, limit: int, max_bytes: int) -> list[Delivery]:
+    def _claim(
+        self, name: str, session_id: int, limit: int, max_bytes: int, lease_ms: int | None
+    ) -> list[Delivery]:
         """Stage a claim; its list is filled before the commit (staging.resolve_claims)."""
         state = self._queue(name)
         if state.ready == 0:
             return []
-        return self._batch.claim(state, session_id, limit, max_bytes).deliveries
+        lease = state.settings.ack_deadline_ms if lease_ms is None else lease_ms
+        return self._batch.claim(state, session_id, limit, max_bytes, lease).deliveries
 
-    def _ack(self, session_id: int, message_ids: Sequence[int], done: bool) -> list[Code]:
+    def _ack(
+        self,
+        session_id: int,
+        message_ids: Sequence[int],
+        done: bool,
+        cause: str = lifecycle.CAUSE_ACK_ERROR,
+    ) -> list[Code]:
         found = self._in_flight.drop(session_id, message_ids)
         finished: dict[int, list[int]] = {}
         for message_id, queue_id in zip(message_ids, found, strict=True):
@@ -392,11 +484,23 @@ class SqliteStore(Store):
         for queue_id, ids in finished.items():
             if done:
                 self._delete_messages(queue_id, ids)
-            self._finished(queue_id, ids, back_to_ready=not done)
-        return [Code.MESSAGE_NOT_FOUND if queue_id is None else Code.OK for queue_id in found]
+                self._batch.touched.add(self._index.queue_names[queue_id])
+            else:
+                self._release(queue_id, ids, cause, backoff=cause == lifecycle.CAUSE_ACK_ERROR)
+        return [
+            Code.OK if queue_id is not None else self._not_held(session_id, message_id)
+            for message_id, queue_id in zip(message_ids, found, strict=True)
+        ]
+
+    def _not_held(self, session_id: int, message_id: int) -> Code:
+        """Why the session cannot act on a message it does not hold."""
+        if self._in_flight.expired_holder(message_id) == session_id:
+            return Code.LEASE_EXPIRED
+        return Code.MESSAGE_NOT_FOUND
 
     def _delete_messages(self, queue_id: int, message_ids: list[int]) -> None:
         self._batch.deletes.setdefault(queue_id, []).extend(message_ids)
+        self._in_flight.forget(message_ids)
         if self._index.next_message_id - 1 in message_ids:
             self._batch.deleted_newest = True
 
@@ -406,20 +510,92 @@ class SqliteStore(Store):
             for message_id, queue_id in self._in_flight.drop_session(session_id):
                 by_queue.setdefault(queue_id, []).append(message_id)
             for queue_id, ids in by_queue.items():
-                self._finished(queue_id, ids, back_to_ready=True)
+                self._release(queue_id, ids, lifecycle.CAUSE_SESSION_END, backoff=False)
 
         await self._submit(run, ends_session=session_id)
 
-    def _finished(self, queue_id: int, message_ids: list[int], back_to_ready: bool) -> None:
-        """Messages no longer in flight: acked, or ready again at their place."""
-        name = self._index.queue_names[queue_id]
-        state = self._index.queues[name]
-        if back_to_ready:
-            for message_id in message_ids:
-                heapq.heappush(state.given_back, message_id)
-            state.ready += len(message_ids)
-            self._batch.now_ready.add(name)
-        self._batch.touched.add(name)
+    def _release(self, queue_id: int, message_ids: list[int], cause: str, backoff: bool) -> None:
+        """Messages no longer in flight and not done (sqlite_due.Moves.release). Without
+        max_deliveries or a backoff to apply, this writes nothing (the common case)."""
+        state = self._index.queues[self._index.queue_names[queue_id]]
+        settings = state.settings
+        moves = self._moves()
+        if settings.max_deliveries or (backoff and settings.retry.initial_delay_ms):
+            # Rows are read and moved: the transaction must be open, and claims staged
+            # before this release resolved first (they must not take these rows).
+            self.before_unstaged()
+        moves.release(queue_id, message_ids, cause, backoff)
+
+    async def run_due(self) -> None:
+        def run() -> None:
+            self._armed_for = -1  # re-armed after this commit, whatever it did
+            moves = self._moves()
+            expired: dict[int, list[int]] = {}
+            for message_id, _, queue_id in self._in_flight.expired(moves.now_ms):
+                expired.setdefault(queue_id, []).append(message_id)
+            for queue_id, ids in expired.items():
+                moves.release(queue_id, ids, lifecycle.CAUSE_LEASE_EXPIRY, backoff=False)
+            moves.come_due()
+            moves.age_out()
+
+        await self._submit(run)
+
+    async def purge(self, name: str) -> int:
+        return await self._submit(lambda: self._moves().purge(self._queue(name)))
+
+    async def redrive(
+        self, name: str, message_ids: Sequence[int] | None, may_write: Callable[[str], bool]
+    ) -> tuple[int, list[tuple[int, Code]]]:
+        def run() -> tuple[int, list[tuple[int, Code]]]:
+            return self._moves().redrive(self._queue(name), message_ids, may_write)
+
+        return await self._submit(run)
+
+    async def dead_letters(
+        self, name: str, after_id: int, limit: int, max_bytes: int
+    ) -> list[DeadLetter]:
+        def run() -> list[DeadLetter]:
+            state = self._queue(name)
+            rows = self._db.execute(state.sql.dead_letters, (state.id, after_id, limit))
+            letters: list[DeadLetter] = []
+            total = 0
+            for row in rows:
+                total += utf8_size(row[6])
+                if letters and total > max_bytes:
+                    break
+                letters.append(DeadLetter(*row))
+            return letters
+
+        return await self._submit(run)
+
+    async def queue_info(self, name: str) -> QueueInfo:
+        def run() -> QueueInfo:
+            state = self._queue(name)
+            (dead_lettered,) = self._db.execute(sql.DEAD_LETTERED_FROM, (name,)).fetchone()
+            return QueueInfo(
+                settings=state.settings,
+                counts=self._counts(state),
+                dead_lettered=dead_lettered,
+                dead_letters_held=state.dead_letters,
+                oldest_ready_enqueued_at_ms=self._oldest_ready(state),
+                holding_sessions=self._in_flight.sessions_in(state.id),
+            )
+
+        return await self._submit(run)
+
+    def _oldest_ready(self, state: QueueState) -> int:
+        """The first add of the queue's oldest ready message (the smallest ready id: ids
+        follow first add times, sqlite_due.py says why); 0 when none is ready."""
+        if not state.ready:
+            return 0
+        times = []
+        if state.given_back:
+            row = self._db.execute(state.sql.enqueued_at, (state.given_back[0],)).fetchone()
+            times.append(row[0])
+        row = self._db.execute(state.sql.first_undelivered, (state.delivered_upto,)).fetchone()
+        if row is not None:
+            times.append(row[0])
+        return min(times) if times else 0
 
     async def queue_counts(self, name: str) -> QueueCounts:
         if not self._writer.healthy:
@@ -434,32 +610,6 @@ class SqliteStore(Store):
         # An unknown queue (destroyed, say, while a waiter claimed): 1, so that a waiter
         # parking on it claims at once and learns QueueNotFound instead of waiting on.
         return counts.ready if counts else 1
-
-    # Lifecycle (not built yet: these answer UNAVAILABLE) ---------------------------------
-
-    async def queue_info(self, name: str) -> QueueInfo:
-        raise errors.Unavailable("not built yet")
-
-    async def extend_leases(
-        self, session_id: int, message_ids: Sequence[int], lease_ms: int
-    ) -> list[LeaseOutcome]:
-        raise errors.Unavailable("not built yet")
-
-    async def run_due(self) -> None:
-        return None
-
-    async def purge(self, name: str) -> int:
-        raise errors.Unavailable("not built yet")
-
-    async def redrive(
-        self, name: str, message_ids: Sequence[int] | None, may_write: Callable[[str], bool]
-    ) -> tuple[int, list[tuple[int, Code]]]:
-        raise errors.Unavailable("not built yet")
-
-    async def dead_letters(
-        self, name: str, after_id: int, limit: int, max_bytes: int
-    ) -> list[DeadLetter]:
-        raise errors.Unavailable("not built yet")
 
     # Maps -------------------------------------------------------------------------------
 
@@ -600,9 +750,36 @@ class SqliteStore(Store):
         given_back = sum(len(state.given_back) for state in self._index.queues.values())
         if given_back:
             log.info("%d messages delivered before the restart are ready again", given_back)
+        self._dead_letter_released_at_start()
+
+    def _dead_letter_released_at_start(self) -> None:
+        """What was in flight at the stop was released by the restart: past
+        max_deliveries, it goes to the dead-letter queue now, in one transaction."""
+        self.begin_batch()
+        moves = self._moves()
+        for state in list(self._index.queues.values()):
+            settings = state.settings
+            target = self._index.queues.get(settings.dead_letter_queue)
+            if not settings.max_deliveries or not state.given_back or target in (None, state):
+                continue
+            assert target is not None
+            rows = moves.read_rows(state, sorted(state.given_back))
+            dead = [row for row in rows if row[1] >= settings.max_deliveries]
+            if dead:
+                staging.begin(self._db)
+                moves.dead_letter(state, target, dead, lifecycle.CAUSE_SESSION_END, True)
+        if self._db.in_transaction:
+            try:
+                self._db.execute(sql.COMMIT)
+            except BaseException:
+                self._db.execute(sql.ROLLBACK)
+                self.reload()
+                raise
+            log.info("messages past max_deliveries at the restart were dead-lettered")
+        self._publish(self._batch.touched)
 
     def begin_batch(self) -> None:
-        self._batch = Batch()
+        self._batch = Batch(self._now_ms())
 
     def before_unstaged(self) -> None:
         staging.begin(self._db)
@@ -615,10 +792,56 @@ class SqliteStore(Store):
         self._index = load_index(self._db, self._in_flight)
         self._published = {}
         self._publish(self._index.queues.keys())
+        self._armed_for = -1
 
     def committed(self) -> set[str]:
         self._publish(self._batch.touched)
+        due = self._next_due()
+        if due != self._armed_for:
+            self._armed_for = due
+            loop = self._writer.loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # a closed loop
+                    loop.call_soon_threadsafe(self._arm, due)
         return self._batch.now_ready
+
+    # The timer, on the event loop ------------------------------------------------------
+
+    def _next_due(self) -> int:
+        """The earliest time something falls due (ms); 0 for nothing (writer thread)."""
+        dues = (
+            self._in_flight.next_deadline(),
+            self._index.next_delayed_ms,
+            self._index.next_age_check(),
+        )
+        return min((due for due in dues if due), default=0)
+
+    def _arm(self, due_ms: int) -> None:
+        """(Re-)arm the one timer for `due_ms`; none for 0."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if due_ms and not self._writer.closed:
+            # A millisecond late rather than early: run_due then finds it due.
+            delay = max(0.0, (due_ms + 1) / 1000 - self._clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self._writer.closed or (self._due_task is not None and not self._due_task.done()):
+            return
+        self._due_task = asyncio.ensure_future(self._run_due_from_timer())
+
+    async def _run_due_from_timer(self) -> None:
+        try:
+            await self.run_due()
+        except errors.Unavailable:
+            # Failing commits: try again later (a recovered store re-arms at its next commit).
+            if not self._writer.closed:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(PROBE_INTERVAL_S * 2, self._fire)
+        except Exception:
+            log.exception("running what fell due failed")
 
     def ready_queues(self) -> set[str]:
         return {name for name, state in self._index.queues.items() if state.ready}
@@ -641,6 +864,16 @@ class SqliteStore(Store):
     def _db(self) -> sqlite3.Connection:
         return self._writer.db
 
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _moves(self) -> Moves:
+        """Lifecycle moves in the current transaction (writer thread)."""
+        return Moves(self._db, self._index, self._batch, self._in_flight, self._batch.now_ms)
+
+    def _counts(self, state: QueueState) -> QueueCounts:
+        return QueueCounts(state.ready, self._in_flight.count(state.id), state.delayed)
+
     def _queue(self, name: str) -> QueueState:
         state = self._index.queues.get(name)
         if state is None:
@@ -659,7 +892,7 @@ class SqliteStore(Store):
             if state is None:
                 self._published.pop(name, None)
             else:
-                self._published[name] = QueueCounts(state.ready, self._in_flight.count(state.id))
+                self._published[name] = self._counts(state)
 
 
 def _committed_map(conn: sqlite3.Connection, name: str) -> int:

@@ -8,6 +8,7 @@ it is rebuilt from the committed file and the in-flight map (load_index).
 
 from __future__ import annotations
 
+import heapq
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +33,12 @@ class QueueState:
     owner: str | None = None  # who created it; None for queues made before owners were kept
     # Its lifecycle settings (lifecycle.py), as committed or staged in the open transaction.
     settings: QueueSettings = DEFAULT_SETTINGS
+    # Waiting in the `delayed` table (a delayed add or a retry backoff).
+    delayed: int = 0
+    # Dead letters this queue holds (rows of `dead_letters` naming it).
+    dead_letters: int = 0
+    # When its oldest ready message passes max_age (ms); 0: no check scheduled.
+    age_due_ms: int = 0
 
 
 @dataclass(slots=True)
@@ -46,6 +53,32 @@ class Index:
     owned_queues: Counter[str] = field(default_factory=Counter)
     owned_maps: Counter[str] = field(default_factory=Counter)
     next_message_id: int = 1
+    # The earliest ready_at in the `delayed` table (ms); 0 when it is empty.
+    next_delayed_ms: int = 0
+    # (due ms, queue id) of max_age checks; an entry not matching its queue's age_due_ms
+    # is stale and skipped (sqlite_due.py).
+    age_checks: list[tuple[int, int]] = field(default_factory=list)
+
+    def schedule_age_check(self, state: QueueState, due_ms: int) -> None:
+        """Check the queue's max_age at `due_ms` at the latest (call after its max_age
+        changed, or when older messages became ready)."""
+        if not state.settings.max_age_ms:
+            return
+        if state.age_due_ms == 0 or due_ms < state.age_due_ms:
+            state.age_due_ms = due_ms
+            heapq.heappush(self.age_checks, (due_ms, state.id))
+
+    def next_age_check(self) -> int:
+        """The earliest scheduled max_age check (ms); 0 for none."""
+        checks = self.age_checks
+        while checks:
+            due, queue_id = checks[0]
+            name = self.queue_names.get(queue_id)
+            state = self.queues.get(name) if name is not None else None
+            if state is not None and state.age_due_ms == due and state.settings.max_age_ms:
+                return due
+            heapq.heappop(checks)
+        return 0
 
 
 def load_index(conn: sqlite3.Connection, in_flight: InFlight) -> Index:
@@ -70,6 +103,16 @@ def load_index(conn: sqlite3.Connection, in_flight: InFlight) -> Index:
         index.queue_names[queue_id] = name
         (newest,) = conn.execute(statements.max_id).fetchone()
         index.next_message_id = max(index.next_message_id, (newest or 0) + 1)
+    for queue_id, count in conn.execute(sql.DELAYED_COUNTS):
+        index.queues[index.queue_names[queue_id]].delayed = count
+    for queue_id, count in conn.execute(sql.HELD_DEAD_LETTER_COUNTS):
+        index.queues[index.queue_names[queue_id]].dead_letters = count
+    (index.next_delayed_ms,) = conn.execute(sql.NEXT_DELAYED).fetchone()
+    index.next_delayed_ms = index.next_delayed_ms or 0
+    (newest_delayed,) = conn.execute(sql.MAX_DELAYED_ID).fetchone()
+    index.next_message_id = max(index.next_message_id, (newest_delayed or 0) + 1)
+    for state in index.queues.values():
+        index.schedule_age_check(state, 1)  # at the first run_due: ages went on meanwhile
     for map_id, name, owner in conn.execute(sql.ALL_MAPS):
         index.maps[name] = map_id
         index.map_owners[name] = owner

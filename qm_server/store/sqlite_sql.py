@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -144,8 +145,9 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     ALTER TABLE queues ADD COLUMN owner TEXT;
     ALTER TABLE maps ADD COLUMN owner TEXT;
     """,
-    # 6: queue settings and idempotency keys (MIGRATION_QUEUE_SETTINGS above); the
-    # message lifecycle's migration 5 goes before it.
+    # 5: see migrate_5 below.
+    lambda conn: migrate_5(conn),
+    # 6: queue settings and idempotency keys (MIGRATION_QUEUE_SETTINGS above).
     MIGRATION_QUEUE_SETTINGS,
 ]
 
@@ -160,10 +162,11 @@ CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
--- One row per queue. Its messages live in a table of their own, messages_<id>
--- (MessageStatements.create: id INTEGER PRIMARY KEY, delivery_count, payload), created
--- with the queue and dropped with it. Every message id at or below delivered_upto was
--- delivered at least once; being in flight is kept in memory only (inflight.py).
+-- One row per queue. Its ready and in-flight messages live in a table of their own,
+-- messages_<id> (MessageStatements.create: id INTEGER PRIMARY KEY, delivery_count,
+-- payload, enqueued_at), created with the queue and dropped with it. Every message id
+-- at or below delivered_upto was delivered at least once (but those MessageStatements
+-- names); being in flight is kept in memory only (inflight.py).
 -- owner: who created it, for the per-user quotas; NULL for queues made before owners
 -- were kept. settings: its lifecycle settings as a JSON object (settings_json.py), NULL
 -- for the defaults.
@@ -199,6 +202,31 @@ CREATE TABLE grants (
     pattern  TEXT NOT NULL,
     PRIMARY KEY (username, action, kind, pattern)
 ) WITHOUT ROWID;
+-- Messages not ready yet: added with a delay, or waiting out their retry backoff. Kept
+-- out of the queues' messages tables so that claims, which walk those, never step over
+-- them (sqlite_due.py says why). delivery_count: the deliveries so far; enqueued_at and
+-- ready_at: Unix time, ms.
+CREATE TABLE delayed (
+    id             INTEGER PRIMARY KEY,
+    queue_id       INTEGER NOT NULL,
+    ready_at       INTEGER NOT NULL,
+    delivery_count INTEGER NOT NULL,
+    enqueued_at    INTEGER NOT NULL,
+    payload        TEXT NOT NULL
+);
+CREATE INDEX delayed_due ON delayed (ready_at);
+CREATE INDEX delayed_queue ON delayed (queue_id);
+-- The history of each dead letter (the message itself is a row of the queue holding it,
+-- `holder`): the queue it was dead-lettered from, its deliveries then, when and why.
+CREATE TABLE dead_letters (
+    id               INTEGER PRIMARY KEY,
+    holder           INTEGER NOT NULL,
+    original_queue   TEXT NOT NULL,
+    delivery_count   INTEGER NOT NULL,
+    dead_lettered_at INTEGER NOT NULL,
+    cause            TEXT NOT NULL
+);
+CREATE INDEX dead_letters_holder ON dead_letters (holder, id);
 -- Idempotent adds (base.IdempotencyKey): the first answer to (username, request_id),
 -- ids first_id .. first_id + count - 1, kept for the idempotency window from
 -- created_at_ms (Unix time, ms), then pruned a few rows at a time.
@@ -239,11 +267,54 @@ SAVE_NEXT_MESSAGE_ID = (
 )
 
 # Queues ---------------------------------------------------------------------------------
+DELETE_QUEUE_DELAYED = "DELETE FROM delayed WHERE queue_id = ?"
+DELETE_HELD_DEAD_LETTERS = "DELETE FROM dead_letters WHERE holder = ?"
 INSERT_QUEUE = "INSERT INTO queues (name, owner, settings) VALUES (?, ?, ?)"
 SET_QUEUE_SETTINGS = "UPDATE queues SET settings = ? WHERE id = ?"
 DELETE_QUEUE = "DELETE FROM queues WHERE id = ?"
 # First deliveries: one row per queue and transaction, however many messages it took.
 SET_DELIVERED_UPTO = "UPDATE queues SET delivered_upto = ? WHERE id = ?"
+
+
+# Delayed messages and dead letters (sqlite_due.py) ---------------------------------------
+INSERT_DELAYED = (
+    "INSERT INTO delayed (id, queue_id, ready_at, delivery_count, enqueued_at, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+# A delayed add of a run of ids: (first id, queue id, ready_at, enqueued_at, payloads).
+INSERT_DELAYED_MANY = (
+    "INSERT INTO delayed (id, queue_id, ready_at, delivery_count, enqueued_at, payload)"
+    " SELECT ?1 + key, ?2, ?3, 0, ?4, value FROM json_each(?5)"
+)
+DUE_DELAYED = (
+    "SELECT id, queue_id, delivery_count, enqueued_at, payload FROM delayed"
+    " WHERE ready_at <= ? ORDER BY ready_at, id LIMIT ?"
+)
+READ_DELAYED_OF = (
+    "SELECT id, delivery_count, payload, enqueued_at FROM delayed"
+    " WHERE queue_id = ? AND id IN (SELECT value FROM json_each(?))"
+)
+DELETE_DELAYED_IDS = "DELETE FROM delayed WHERE id IN (SELECT value FROM json_each(?))"
+NEXT_DELAYED = "SELECT min(ready_at) FROM delayed"
+DELAYED_COUNTS = "SELECT queue_id, count(*) FROM delayed GROUP BY queue_id"
+MAX_DELAYED_ID = "SELECT max(id) FROM delayed"
+HELD_DEAD_LETTER_COUNTS = "SELECT holder, count(*) FROM dead_letters GROUP BY holder"
+SAVE_DEAD_LETTER = (
+    "INSERT OR REPLACE INTO dead_letters"
+    " (id, holder, original_queue, delivery_count, dead_lettered_at, cause)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+DEAD_LETTERED_FROM = "SELECT count(*) FROM dead_letters WHERE original_queue = ?"
+HELD_DEAD_LETTERS = "SELECT id, original_queue FROM dead_letters WHERE holder = ? ORDER BY id"
+HELD_DEAD_LETTERS_OF = (
+    "SELECT id, original_queue FROM dead_letters"
+    " WHERE holder = ? AND id IN (SELECT value FROM json_each(?))"
+)
+DELETE_DEAD_LETTER_IDS = "DELETE FROM dead_letters WHERE id IN (SELECT value FROM json_each(?))"
+DELETE_DEAD_LETTER_RANGE = "DELETE FROM dead_letters WHERE id BETWEEN ? AND ?"
+PURGE_DEAD_LETTERS = (
+    "DELETE FROM dead_letters WHERE holder = ? AND id NOT IN (SELECT value FROM json_each(?))"
+)
 
 
 # Messages -------------------------------------------------------------------------------
@@ -256,6 +327,12 @@ class MessageStatements:
     queue is a DROP TABLE. Measured here, that cut the CPU of an add of 100 messages by
     about a fifth and of a claim plus an ack by about a quarter. Ids stay global (one
     counter for all queues), so they still say which message came first.
+
+    The stored delivery_count of a row above the queue's mark is its deliveries so far
+    (0 for an add). At or below the mark the mark itself records one delivery, so a
+    stored 0 means 1; a row moved in below the mark before any delivery (a delayed add
+    come due, a dead letter of max_age, a redrive) stores -1 for none (`stored_count`).
+    enqueued_at is the message's first add (Unix time, ms), kept through every move.
     """
 
     table: str
@@ -287,6 +364,20 @@ class MessageStatements:
     # Acks delete runs of consecutive ids (a FIFO consumer acks mostly whole runs): a
     # range walks the table once, where a list of ids seeks every row.
     delete_range: str
+    # Moving rows between queues and the delayed table (ids as a JSON array).
+    read_rows: str
+    insert_row: str
+    delete_ids: str
+    # A purge keeps only the rows in flight (a JSON array of ids).
+    purge: str
+    # Oldest first: max_age walks from here and stops at the first younger message.
+    by_age: str
+    # GetQueueInfo's oldest ready message: given back (by id), or the first above the mark.
+    enqueued_at: str
+    first_undelivered: str
+    # The dead letters this queue holds, with their history: (holder, after id, limit).
+    # One backing off in this queue is a row of `delayed` meanwhile.
+    dead_letters: str
 
     @classmethod
     def of(cls, queue_id: int) -> MessageStatements:
@@ -296,25 +387,52 @@ class MessageStatements:
             create=f"""CREATE TABLE {table} (
                 id             INTEGER PRIMARY KEY,
                 delivery_count INTEGER NOT NULL DEFAULT 0,
-                payload        TEXT NOT NULL
+                payload        TEXT NOT NULL,
+                enqueued_at    INTEGER NOT NULL DEFAULT 0
             )""",
             drop=f"DROP TABLE {table}",
             count=f"SELECT count(*) FROM {table}",
             max_id=f"SELECT max(id) FROM {table}",
             delivered_ids=f"SELECT id FROM {table} WHERE id <= ? ORDER BY id",
-            insert_one=f"INSERT INTO {table} (id, payload) VALUES (?, ?)",
+            insert_one=f"INSERT INTO {table} (id, payload, enqueued_at) VALUES (?, ?, ?)",
             insert_many=(
-                f"INSERT INTO {table} (id, payload) SELECT ? + key, value FROM json_each(?)"
+                f"INSERT INTO {table} (id, payload, enqueued_at)"
+                " SELECT ?1 + key, value, ?2 FROM json_each(?3)"
             ),
             read_undelivered=f"""
-                SELECT json_group_array(id), json_group_array(payload), json_group_array(1)
-                  FROM (SELECT id, payload FROM {table} WHERE id > ? ORDER BY id LIMIT ?)""",
+                SELECT json_group_array(id), json_group_array(payload),
+                       json_group_array(delivery_count + 1), json_group_array(enqueued_at)
+                  FROM (SELECT id, payload, delivery_count, enqueued_at FROM {table}
+                         WHERE id > ? ORDER BY id LIMIT ?)""",
             read_by_ids=f"""
                 SELECT json_group_array(id), json_group_array(payload),
-                       json_group_array(max(delivery_count, 1) + 1)
+                       json_group_array(CASE WHEN delivery_count < 0 THEN 1
+                                        ELSE max(delivery_count, 1) + 1 END),
+                       json_group_array(enqueued_at)
                   FROM {table} WHERE id IN (SELECT value FROM json_each(?))""",
             set_delivery_count=f"UPDATE {table} SET delivery_count = ? WHERE id = ?",
             delete_range=f"DELETE FROM {table} WHERE id BETWEEN ? AND ?",
+            read_rows=(
+                f"SELECT id, delivery_count, payload, enqueued_at FROM {table}"
+                " WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id"
+            ),
+            insert_row=(
+                f"INSERT INTO {table} (id, delivery_count, payload, enqueued_at)"
+                " VALUES (?, ?, ?, ?)"
+            ),
+            delete_ids=f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))",
+            purge=f"DELETE FROM {table} WHERE id NOT IN (SELECT value FROM json_each(?))",
+            by_age=f"SELECT id, enqueued_at FROM {table} ORDER BY id",
+            enqueued_at=f"SELECT enqueued_at FROM {table} WHERE id = ?",
+            first_undelivered=(f"SELECT enqueued_at FROM {table} WHERE id > ? ORDER BY id LIMIT 1"),
+            dead_letters=f"""
+                SELECT d.id, d.original_queue, d.delivery_count,
+                       coalesce(m.enqueued_at, x.enqueued_at), d.dead_lettered_at, d.cause,
+                       coalesce(m.payload, x.payload)
+                  FROM dead_letters d
+                  LEFT JOIN {table} m ON m.id = d.id
+                  LEFT JOIN delayed x ON x.id = d.id
+                 WHERE d.holder = ? AND d.id > ? ORDER BY d.id LIMIT ?""",
         )
 
 
@@ -344,6 +462,61 @@ def migrate_3(conn: sqlite3.Connection) -> None:
             (queue_id,),
         )
     conn.execute("DROP TABLE messages")
+
+
+def stored_count(delivery_count: int, message_id: int, mark: int) -> int:
+    """The delivery_count to store for a message moved into a queue whose mark is `mark`
+    (MessageStatements says why 0 at or below the mark would mean 1)."""
+    if delivery_count == 0 and message_id <= mark:
+        return -1
+    return delivery_count
+
+
+def true_count(stored: int, message_id: int, mark: int) -> int:
+    """The deliveries so far of a row, from its stored count and its queue's mark."""
+    if message_id > mark:
+        return stored
+    return 0 if stored < 0 else max(stored, 1)
+
+
+def migrate_5(conn: sqlite3.Connection) -> None:
+    """Schema 5: each message's first add time; delayed messages; dead-letter history.
+
+    Messages already present get the migration's time as their first add: the time they
+    were really added was not kept.
+    """
+    now_ms = int(time.time() * 1000)
+    for (queue_id,) in conn.execute("SELECT id FROM queues").fetchall():
+        table = MessageStatements.of(queue_id).table
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        # migrate_3 creates the tables with today's MessageStatements.create, which has
+        # the column already (at 0) when it ran in the same upgrade.
+        if "enqueued_at" not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN enqueued_at INTEGER NOT NULL DEFAULT 0")
+        conn.execute(f"UPDATE {table} SET enqueued_at = ?", (now_ms,))
+    conn.execute(
+        """CREATE TABLE delayed (
+            id             INTEGER PRIMARY KEY,
+            queue_id       INTEGER NOT NULL,
+            ready_at       INTEGER NOT NULL,
+            delivery_count INTEGER NOT NULL,
+            enqueued_at    INTEGER NOT NULL,
+            payload        TEXT NOT NULL
+        )"""
+    )
+    conn.execute("CREATE INDEX delayed_due ON delayed (ready_at)")
+    conn.execute("CREATE INDEX delayed_queue ON delayed (queue_id)")
+    conn.execute(
+        """CREATE TABLE dead_letters (
+            id               INTEGER PRIMARY KEY,
+            holder           INTEGER NOT NULL,
+            original_queue   TEXT NOT NULL,
+            delivery_count   INTEGER NOT NULL,
+            dead_lettered_at INTEGER NOT NULL,
+            cause            TEXT NOT NULL
+        )"""
+    )
+    conn.execute("CREATE INDEX dead_letters_holder ON dead_letters (holder, id)")
 
 
 # Maps -----------------------------------------------------------------------------------

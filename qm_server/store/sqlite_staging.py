@@ -32,6 +32,8 @@ class Claim:
     session_id: int
     limit: int
     max_bytes: int
+    lease_ms: int = 0
+    """How long each delivery is leased (0: while the session lives)."""
     deliveries: list[Delivery] = field(default_factory=list)
 
 
@@ -47,7 +49,10 @@ class Append:
 class Batch:
     """What one transaction changed, for publishing after its commit."""
 
-    def __init__(self) -> None:
+    def __init__(self, now_ms: int = 0) -> None:
+        # The store's clock when the transaction started: the first add time of its adds
+        # and the start of its claims' leases.
+        self.now_ms = now_ms
         self.touched: set[str] = set()
         self.now_ready: set[str] = set()
         # The newest id was deleted: save the id counter, or a restart (which derives it
@@ -74,9 +79,11 @@ class Batch:
         else:
             self.appends.append(Append(state, first_id, payloads))
 
-    def claim(self, state: QueueState, session_id: int, limit: int, max_bytes: int) -> Claim:
+    def claim(
+        self, state: QueueState, session_id: int, limit: int, max_bytes: int, lease_ms: int = 0
+    ) -> Claim:
         """Stage a claim; its list is filled before the commit (resolve_claims)."""
-        claim = Claim(state, session_id, limit, max_bytes)
+        claim = Claim(state, session_id, limit, max_bytes, lease_ms)
         self.claims.append(claim)
         return claim
 
@@ -95,7 +102,9 @@ def write_staged(conn: sqlite3.Connection, batch: Batch, index: Index, in_flight
         if not (batch.appends or others):
             return  # nothing to write (negative acks, say)
         # Only when nothing else is staged: write_appends would build the JSON again.
-        lone = _one_insert(batch.appends[0]) if len(batch.appends) == 1 and not others else None
+        lone = None
+        if len(batch.appends) == 1 and not others:
+            lone = _one_insert(batch.appends[0], batch.now_ms)
         if lone:
             # Adds to one queue only (unary Adds under load share one run of ids) are
             # one INSERT, which commits by itself: no BEGIN and no COMMIT, two
@@ -109,7 +118,10 @@ def write_staged(conn: sqlite3.Connection, batch: Batch, index: Index, in_flight
         # Every id of a run was acked done, so deleting the whole range touches no
         # other message.
         state = index.queues[index.queue_names[queue_id]]
-        conn.executemany(state.sql.delete_range, _runs(deletes))
+        runs = _runs(deletes)
+        conn.executemany(state.sql.delete_range, runs)
+        if state.dead_letters:  # acked dead letters take their history with them
+            state.dead_letters -= conn.executemany(sql.DELETE_DEAD_LETTER_RANGE, runs).rowcount
     if batch.marks:
         marks = [(mark, queue_id) for queue_id, mark in batch.marks.items()]
         conn.executemany(sql.SET_DELIVERED_UPTO, marks)
@@ -120,13 +132,14 @@ def write_staged(conn: sqlite3.Connection, batch: Batch, index: Index, in_flight
 def write_appends(conn: sqlite3.Connection, batch: Batch) -> None:
     """Insert the staged adds: before anything that reads or deletes messages, and
     before the commit."""
+    now = batch.now_ms
     for append in batch.appends:
-        one = _one_insert(append)
+        one = _one_insert(append, now)
         if one:
             conn.execute(*one)
         else:
             first = append.first_id
-            rows = [(first + i, e) for i, e in enumerate(append.payloads)]
+            rows = [(first + i, e, now) for i, e in enumerate(append.payloads)]
             conn.executemany(append.queue.sql.insert_one, rows)
     batch.appends.clear()
 
@@ -154,7 +167,7 @@ def _fill_claims(
     claims: list[Claim],
 ) -> None:
     wanted = min(sum(claim.limit for claim in claims), state.ready)
-    rows: list[tuple[int, str, int]] = []
+    rows: list[tuple[int, str, int, int]] = []
     if state.given_back:
         given_back = json.dumps(heapq.nsmallest(wanted, state.given_back))
         rows = _read_messages(conn, state.sql.read_by_ids, (given_back,))
@@ -167,19 +180,22 @@ def _fill_claims(
         mine = rows[start : start + claim.limit]
         if len(mine) > 1 and not _fits(mine, claim.max_bytes):
             # Nothing is put in flight that its answer could not carry to the client.
-            sizes = [element_info_size(utf8_size(p), i, n) for i, p, n in mine]
+            sizes = [element_info_size(utf8_size(p), i, n) for i, p, n, _ in mine]
             mine = mine[: _within_budget(sizes, claim.max_bytes)]
         start += len(mine)
-        for message_id, _, count in mine:
+        for message_id, _, count, _ in mine:
             if message_id > state.delivered_upto:
-                break  # the rest are first deliveries, recorded by the mark
+                if count > 1:  # moved in above the mark, delivered before (a dead letter)
+                    recounts.append((count, message_id))
+                continue  # a first delivery is recorded by the mark
             # A redelivery: the message's own row keeps the count.
             if heapq.heappop(state.given_back) != message_id:
                 raise RuntimeError(f"message {message_id} was not given back")
             recounts.append((count, message_id))
-        claim.deliveries.extend(Delivery(i, p, n, 0, 0) for i, p, n in mine)
+        deadline = batch.now_ms + claim.lease_ms if claim.lease_ms else 0
+        claim.deliveries.extend(Delivery(i, p, n, e, deadline) for i, p, n, e in mine)
         if mine:
-            in_flight.hold(claim.session_id, state.id, [row[0] for row in mine])
+            in_flight.hold(claim.session_id, state.id, [row[0] for row in mine], deadline)
     if recounts:
         conn.executemany(state.sql.set_delivery_count, recounts)
     if start:
@@ -193,25 +209,34 @@ def _fill_claims(
 
 def _read_messages(
     conn: sqlite3.Connection, statement: str, args: tuple[Any, ...]
-) -> list[tuple[int, str, int]]:
-    """(id, payload, delivery count) rows, by id, from a statement that returns them as
-    three JSON arrays (sqlite_sql.MessageStatements.read_undelivered says why)."""
-    ids, payloads, counts = conn.execute(statement, args).fetchone()
-    rows = list(zip(json.loads(ids), json.loads(payloads), json.loads(counts), strict=True))
+) -> list[tuple[int, str, int, int]]:
+    """(id, payload, delivery count, first add time) rows, by id, from a statement that
+    returns them as four JSON arrays (sqlite_sql.MessageStatements.read_undelivered says
+    why)."""
+    ids, payloads, counts, enqueued = conn.execute(statement, args).fetchone()
+    rows = list(
+        zip(
+            json.loads(ids),
+            json.loads(payloads),
+            json.loads(counts),
+            json.loads(enqueued),
+            strict=True,
+        )
+    )
     rows.sort()
     return rows
 
 
-def _one_insert(append: Append) -> tuple[str, tuple[Any, ...]] | None:
+def _one_insert(append: Append, now_ms: int) -> tuple[str, tuple[Any, ...]] | None:
     """The one statement that inserts a run of adds, or None where each row needs its own
     (JSON carries a NUL character escaped, which json_each would hand back unescaped)."""
     statements = append.queue.sql
     if len(append.payloads) == 1:
-        return statements.insert_one, (append.first_id, append.payloads[0])
+        return statements.insert_one, (append.first_id, append.payloads[0], now_ms)
     payloads = json.dumps(append.payloads, ensure_ascii=False)
     if "\\u0000" in payloads:
         return None
-    return statements.insert_many, (append.first_id, payloads)
+    return statements.insert_many, (append.first_id, now_ms, payloads)
 
 
 def _runs(numbers: list[int]) -> list[tuple[int, int]]:
@@ -228,7 +253,7 @@ def _runs(numbers: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _fits(rows: list[tuple[int, str, int]], max_bytes: int) -> bool:
+def _fits(rows: list[tuple[int, str, int, int]], max_bytes: int) -> bool:
     """Cheaply: surely within max_bytes once encoded (a character takes at most 4 bytes
     in UTF-8, and an entry at most MAX_ENTRY_OVERHEAD more)."""
     return 4 * sum(len(row[1]) for row in rows) + MAX_ENTRY_OVERHEAD * len(rows) <= max_bytes

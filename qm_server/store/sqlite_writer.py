@@ -142,6 +142,11 @@ class Writer:
         self.ready_listener: Callable[[str], None] = lambda name: None
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the store was opened on (None before)."""
+        return self._loop
+
+    @property
     def db(self) -> sqlite3.Connection:
         """The write connection: used on the writer thread only."""
         assert self._conn is not None
