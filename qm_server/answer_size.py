@@ -20,9 +20,10 @@ ENVELOPE_BYTES = 64
 # varint) and code, with their tags.
 ACK_RESULT_BYTES = 16
 # An entry's bytes beyond its strings' UTF-8 bytes, at most: the entry's tag and length,
-# two string tags and lengths (or two int64 fields with tags, for ElementInfo), for
-# strings shorter than 2**35 bytes.
-MAX_ENTRY_OVERHEAD = 1 + 5 + 1 + 5 + 11 + 11
+# two string tags and lengths (or, for ElementInfo, one string and four int64 fields with
+# their tags: id, delivery count, enqueue time, lease end), for strings shorter than
+# 2**35 bytes.
+MAX_ENTRY_OVERHEAD = 1 + 5 + 1 + 5 + 4 * 11
 
 
 def varint_size(value: int) -> int:
@@ -41,13 +42,20 @@ def _field(size: int) -> int:
     return 1 + varint_size(size) + size
 
 
-def element_info_size(element_bytes: int, message_id: int, delivery_count: int) -> int:
-    """One ElementInfo in a repeated field: what it adds to PullElements or Subscribe."""
+def element_info_size(
+    element_bytes: int,
+    message_id: int,
+    delivery_count: int,
+    enqueued_at_ms: int = 0,
+    lease_expires_at_ms: int = 0,
+) -> int:
+    """One ElementInfo in a repeated field: what it adds to PullElements or Subscribe.
+    A delivery's times (Unix ms, about 7 bytes each with their tags) count too: a
+    thousand entries that leave them out would overshoot by some 14 KB."""
     inner = _field(element_bytes) if element_bytes else 0
-    if message_id:
-        inner += 1 + varint_size(message_id)
-    if delivery_count:
-        inner += 1 + varint_size(delivery_count)
+    for number in (message_id, delivery_count, enqueued_at_ms, lease_expires_at_ms):
+        if number:
+            inner += 1 + varint_size(number)
     return _field(inner)
 
 

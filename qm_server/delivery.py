@@ -64,14 +64,21 @@ class Deliverer:
     # Claims -----------------------------------------------------------------------------
 
     async def claim(
-        self, session: Session, queue: str, number: int, *, ended: str = SESSION_ENDED
+        self,
+        session: Session,
+        queue: str,
+        number: int,
+        lease_ms: int | None = None,
+        *,
+        ended: str = SESSION_ENDED,
     ) -> list[Delivery]:
         """Up to `number` of the queue's oldest ready messages, for the session (none if
-        none is ready); `ended` is the message of the UNAUTHENTICATED answered when the
-        session ended while the claim committed."""
+        none is ready), each on a lease of `lease_ms` (None: the queue's ack deadline);
+        `ended` is the message of the UNAUTHENTICATED answered when the session ended
+        while the claim committed."""
         deliveries = await self.guarded(
             session,
-            self._store.claim(queue, session.id, number, self.answer_room),
+            self._store.claim(queue, session.id, number, self.answer_room, lease_ms),
             message_ids_of,
         )
         return await self.hand_over(session, queue, deliveries, ended=ended)
@@ -84,13 +91,16 @@ class Deliverer:
         queue: str,
         number: int,
         room_bytes: int,
+        lease_ms: int | None = None,
     ) -> tuple[list[errors.Code], list[Delivery]]:
         """Ack the session's messages and claim up to `number` more in one transaction,
         guarded as `claim` is. The caller hands the refill over (`hand_over`): a failure
         here means nothing of the transaction happened, a failure there does not."""
         return await self.guarded(
             session,
-            self._store.ack_and_claim(session.id, message_ids, done, queue, number, room_bytes),
+            self._store.ack_and_claim(
+                session.id, message_ids, done, queue, number, room_bytes, lease_ms
+            ),
             lambda outcome: message_ids_of(outcome[1]),
         )
 

@@ -4,6 +4,13 @@ Imports no gRPC. All state here is owned by one asyncio event loop: every method
 it, so the engine needs no lock; blocking work (RSA, scrypt, SQLite) runs elsewhere
 (an executor, the store's writer thread) and is awaited. Long polls wait on futures, not
 threads, so a thousand idle consumers cost a thousand small objects.
+
+The lifecycle's rules live beside the calls they change: a call's own ack deadline
+(`take`, `subscribe`), delays and request_ids (`enqueue`, idempotency.py), ExtendLease
+(`extend_lease`), and settings given to NewQueue. The RPCs that look after queues rather
+than deliver (UpdateQueue, GetQueueInfo, Purge, Redrive, ListDeadLetters, ListQueues,
+ListMaps) are `admin`'s (queue_admin.py). Leases run out, and delayed messages become
+ready, inside the store, which wakes waiters through the ready listener as an add does.
 """
 
 from __future__ import annotations
@@ -25,13 +32,28 @@ from qm_server.background import Background, outliving_caller
 from qm_server.byte_budget import ByteBudget
 from qm_server.config import AuthSettings, Limits
 from qm_server.delivery import Deliverer
+from qm_server.idempotency import idempotency_key
+from qm_server.lifecycle import (
+    DEFAULT_SETTINGS,
+    SettingsChange,
+    check_ack_deadline_ms,
+    check_delay_ms,
+)
 from qm_server.login_guard import LoginGuard
+from qm_server.pages import offset_page
 from qm_server.permissions import Permissions
+from qm_server.queue_admin import QueueAdmin
 from qm_server.quotas import Room, Usage
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
-from qm_server.store.base import Delivery, Store
+from qm_server.store.base import Delivery, Enqueued, LeaseOutcome, Store
 from qm_server.subscription import StreamRules, Subscription
-from qm_server.validation import check_count, check_name, check_text_size, check_texts_size
+from qm_server.validation import (
+    check_count,
+    check_name,
+    check_text_size,
+    check_texts_size,
+    check_unique,
+)
 from qm_server.waiting import ReadySignals
 
 log = logging.getLogger(__name__)
@@ -65,7 +87,10 @@ class Engine:
         auth: AuthSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
         sessions: SessionRegistry | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`clock` times sessions and waits; `wall_clock` (Unix time, as the store's)
+        gives the age of a queue's oldest message."""
         self.store = store
         self.keys = keys
         self.session_ttl_s = session_ttl_s
@@ -103,6 +128,18 @@ class Engine:
         store.set_ready_listener(self.signals.wake)
         # Map reads in progress hold at most this many bytes of answers (byte_budget.py).
         self._reads = ByteBudget(self.limits.max_reads_in_progress_bytes)
+        # UpdateQueue, GetQueueInfo, Purge, Redrive and the listings (queue_admin.py).
+        self.admin = QueueAdmin(
+            store,
+            self.limits,
+            self.answer_room,
+            caller=self._caller,
+            session=self.session,
+            authorize=self.authorize,
+            permissions=self._permissions_of,
+            subscriptions_on=self._subscriptions_on,
+            wall_clock=wall_clock,
+        )
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -297,9 +334,12 @@ class Engine:
             log.warning("refused user %s one more of its %s: %s", room.user, room.noun, exc)
             raise
 
+    def _permissions_of(self, username: str) -> Permissions:
+        """The user's grants as last loaded (none for a user no longer known)."""
+        return self._permissions.get(username) or Permissions()
+
     def authorize(self, session: Session, action: str, kind: str, name: str) -> None:
-        permissions = self._permissions.get(session.username)
-        if permissions is None or not permissions.allows(action, kind, name):
+        if not self._permissions_of(session.username).allows(action, kind, name):
             log.warning(
                 "permission denied: user %s (session %x) may not %s %s %r",
                 session.username,
@@ -318,13 +358,17 @@ class Engine:
 
     # Queues -----------------------------------------------------------------------------
 
-    async def new_queue(self, token: str, name: str) -> None:
+    async def new_queue(self, token: str, name: str, change: SettingsChange | None = None) -> None:
+        """Create the queue with `change` applied to the defaults (None: the seed's
+        queue). Naming a dead_letter_queue needs `write` on it."""
         session = self._caller(token, "manage", "queue", name)
+        settings = (change or SettingsChange()).applied_to(DEFAULT_SETTINGS)
+        self.admin.check_dead_letter_queue(session, settings.dead_letter_queue, name)
         room = self._room(
             session.username, "queues", self.limits.max_queues, self.limits.max_queues_per_user
         )
         try:
-            await self.store.create_queue(name, room)
+            await self.store.create_queue(name, room, settings)
         except errors.ResourceExhausted as exc:
             log.warning("refused user %s a new queue: %s", session.username, exc)
             raise
@@ -347,20 +391,42 @@ class Engine:
                 subscription.queue_destroyed()
 
     async def add(self, token: str, name: str, elements: Sequence[str]) -> list[int]:
-        self._caller(token, "write", "queue", name)
+        """The seed's add: no delay of its own, no request_id; the new ids."""
+        return (await self.enqueue(token, name, elements)).ids
+
+    async def enqueue(
+        self,
+        token: str,
+        name: str,
+        elements: Sequence[str],
+        delay_ms: int | None = None,
+        request_id: str = "",
+    ) -> Enqueued:
+        """Add and AddAll: `delay_ms` None takes the queue's; a `request_id` makes a
+        repeat within the store's window answer the first call's ids (replayed)."""
+        session = self._caller(token, "write", "queue", name)
         check_count("elements", len(elements), self.limits.max_batch)
         check_texts_size("element", elements, self.limits.max_element_bytes)
-        return (await self.store.enqueue(name, elements)).ids
+        if delay_ms is not None:
+            check_delay_ms("delay_ms", delay_ms)
+        key = idempotency_key(session.username, request_id, name, elements)
+        return await self.store.enqueue(name, elements, delay_ms, key)
 
-    async def take(self, token: str, name: str, number: int, wait_ms: int) -> list[Delivery]:
-        """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked."""
+    async def take(
+        self, token: str, name: str, number: int, wait_ms: int, lease_ms: int | None = None
+    ) -> list[Delivery]:
+        """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked;
+        `lease_ms` None takes the queue's ack deadline."""
         session = self._caller(token, "read", "queue", name)
         check_count("number", number, self.limits.max_batch)
         if wait_ms < 0:
             raise errors.InvalidArgument("wait_ms must not be negative")
+        check_lease(lease_ms)
         deadline = self._clock() + min(wait_ms, self.limits.max_wait_ms) / 1000
         while True:
-            deliveries = await self.deliverer.claim(session, name, number, ended=SESSION_EXPIRED)
+            deliveries = await self.deliverer.claim(
+                session, name, number, lease_ms, ended=SESSION_EXPIRED
+            )
             if deliveries:
                 return deliveries
             remaining = deadline - self._clock()
@@ -405,7 +471,44 @@ class Engine:
 
     async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[errors.Code]:
         session = self.check_ack(token, message_ids, ack_type)
-        return await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
+        codes = await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
+        self._no_longer_held(session, message_ids, codes)
+        return codes
+
+    async def extend_lease(
+        self, token: str, message_ids: Sequence[int], lease_ms: int
+    ) -> list[LeaseOutcome]:
+        """Move the lease of messages the caller's session holds to `lease_ms` from now;
+        0 gives them back. Needs no grant: only the holder's session can."""
+        session = self.session(token)
+        check_count("message_ids", len(message_ids), self.limits.max_batch)
+        check_unique("message_ids", message_ids)
+        check_ack_deadline_ms("ack_deadline_ms", lease_ms, allow_zero=True)
+        outcomes = await self.store.extend_leases(session.id, message_ids, lease_ms)
+        codes = [o.code for o in outcomes]
+        self._no_longer_held(session, message_ids, codes, finished=lease_ms == 0)
+        return outcomes
+
+    def _no_longer_held(
+        self,
+        session: Session,
+        message_ids: Sequence[int],
+        codes: Sequence[errors.Code],
+        finished: bool = True,
+    ) -> None:
+        """Messages that a stream of the session delivered and that a unary call found
+        expired, or finished (`finished`: acked, or given back by ExtendLease), leave
+        that stream's window, which would otherwise stay full until the stream closes."""
+        subscriptions = self._subscriptions.get(session.id)
+        if not subscriptions:
+            return
+        gone = [
+            i
+            for i, code in zip(message_ids, codes, strict=True)
+            if code == errors.Code.LEASE_EXPIRED or (code == errors.Code.OK and finished)
+        ]
+        for subscription in subscriptions:
+            subscription.forget(gone)
 
     def check_ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> Session:
         """The rules every ack obeys, unary or on a stream; returns the live session."""
@@ -413,14 +516,17 @@ class Engine:
         if ack_type not in (pb.ACK_TYPE_DONE, pb.ACK_TYPE_ERROR):
             raise errors.InvalidArgument(f"ack_type {ack_type} is not 0 (done) or 1 (error)")
         check_count("message_ids", len(message_ids), self.limits.max_batch)
-        if len(set(message_ids)) != len(message_ids):
-            raise errors.InvalidArgument("message_ids repeats an id")
+        check_unique("message_ids", message_ids)
         return session
 
-    async def subscribe(self, token: str, name: str, max_unacked: int) -> Subscription:
-        """A streaming consumer holding at most max_unacked messages at once."""
+    async def subscribe(
+        self, token: str, name: str, max_unacked: int, lease_ms: int | None = None
+    ) -> Subscription:
+        """A streaming consumer holding at most max_unacked messages at once, each on a
+        lease of `lease_ms` (None: the queue's ack deadline)."""
         session = self._caller(token, "read", "queue", name)
         check_count("max_unacked", max_unacked, self.limits.max_batch)
+        check_lease(lease_ms)
         await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
         if self.draining:
             raise errors.Unavailable("the server is shutting down")
@@ -437,7 +543,7 @@ class Engine:
             check_grant=lambda: self.authorize(session, "read", "queue", name),
             closed=self._forget,
         )
-        subscription = Subscription(self.deliverer, rules, session, name, max_unacked)
+        subscription = Subscription(self.deliverer, rules, session, name, max_unacked, lease_ms)
         self._subscriptions.setdefault(session.id, set()).add(subscription)
         usage.add(session.username)
         return subscription
@@ -450,6 +556,10 @@ class Engine:
             self._subscription_usage.remove(subscription.session.username)
             if not subscriptions:
                 del self._subscriptions[subscription.session.id]
+
+    def _subscriptions_on(self, name: str) -> int:
+        """Subscribe streams open on the queue."""
+        return sum(1 for s in self._streams() if s.queue == name)
 
     async def counts(self, token: str, name: str) -> tuple[int, int]:
         """(ready, in flight) for Size, IsEmpty and GetUncheckNum."""
@@ -491,6 +601,7 @@ class Engine:
     async def map_get_list(
         self, token: str, name: str, offset: int, size: int
     ) -> list[tuple[str, str]]:
+        """One page by offset (the seed's paging)."""
         self._caller(token, "read", "map", name)
         if offset < 0:
             raise errors.InvalidArgument("offset must not be negative")
@@ -498,9 +609,36 @@ class Engine:
         async with self._reads.hold(self.limits.max_response_bytes):
             return await self.store.map_get_list(name, offset, size, self.answer_room)
 
+    async def map_page(
+        self, token: str, name: str, offset: int, size: int, start_after: str | None = None
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """MapGetList: one page by offset, or, with `start_after`, by key cursor (offset
+        must then be 0: the two do not mix); and the start_after of the next page, None
+        once no entry follows. The first page by offset is the first by cursor, so a
+        client may start cursor paging without a start_after ("" is a key like any
+        other: starting after it would skip it)."""
+        self._caller(token, "read", "map", name)
+        if offset < 0:
+            raise errors.InvalidArgument("offset must not be negative")
+        if start_after is not None and offset:
+            raise errors.InvalidArgument("offset must be 0 when start_after is given")
+        check_count("size", size, self.limits.max_page)
+        room = self.answer_room
+        async with self._reads.hold(self.limits.max_response_bytes):
+            if offset == 0:
+                return await self.store.map_page_after(name, start_after, size, room)
+            fetched = await self.store.map_get_list(name, offset, size + 1, room)
+        return offset_page(fetched, size, room, self.limits.max_element_bytes)
+
     async def map_destroy(self, token: str, name: str) -> None:
         self._caller(token, "manage", "map", name)
         await self.store.map_destroy(name)
+
+
+def check_lease(lease_ms: int | None) -> None:
+    """A call's own ack deadline (Poll, PullElements, Subscribe): unset or in bounds."""
+    if lease_ms is not None:
+        check_ack_deadline_ms("ack_deadline_ms", lease_ms, allow_zero=False)
 
 
 def _failure(envelope: pb.PasswordEnvelope | None, fresh: bool, record: object) -> str:

@@ -1,10 +1,15 @@
 """Who may do what: grants of actions on queue and map name patterns.
 
-`read` covers Poll, PullElements, Subscribe, Size, IsEmpty, GetUncheckNum and map reads;
-`write` covers Add, AddAll, MapPut, MapBatchPut and MapRemove; `manage` covers NewQueue,
-DestroyQueue and MapDestroy. Acks need no grant of their own: only the session that
-received a message (which needed `read`) can ack it. Admins hold everything and manage
-users; a new user holds nothing until granted.
+`read` covers Poll, PullElements, Subscribe, Size, IsEmpty, GetUncheckNum, GetQueueInfo,
+ListDeadLetters (on the dead-letter queue) and map reads; ListQueues and ListMaps need no
+grant but list only the names the caller may `read`. `write` covers Add, AddAll, MapPut,
+MapBatchPut and MapRemove; naming a queue as a dead_letter_queue (NewQueue, UpdateQueue)
+needs `write` on it, and Redrive needs `write` on each original queue it moves a message
+back to (one it may not write stays). `manage` covers NewQueue, DestroyQueue, UpdateQueue,
+Purge, Redrive (on the dead-letter queue) and MapDestroy. Ack, BatchAck and ExtendLease
+need no grant of their own: only the session that received a message (which needed
+`read`) can ack it or move its lease. Admins hold everything and manage users; a new user
+holds nothing until granted.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server import errors, handlers
 from qm_server.engine import Engine
 from qm_server.subscribe_stream import SubscribeStream
-from qm_server.wire import add_element_info
+from qm_server.wire import add_element_info, add_results, settings_change, settings_message
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ async def _answer(response_type: type[R], call: Callable[[], Awaitable[R]]) -> R
         incident = uuid.uuid4().hex[:12]
         log.exception("internal error %s in %s", incident, response_type.__name__)
         return response_type(code=pb.CODE_INTERNAL, message=f"internal error (incident {incident})")
+
+
+def _lease_of(request: pb.PollRequest | pb.PullElementsRequest) -> int | None:
+    """The call's own ack deadline, or None for the queue's."""
+    return request.ack_deadline_ms if request.HasField("ack_deadline_ms") else None
 
 
 def peer_host(context: Context) -> str:
@@ -96,15 +101,22 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
 
     async def NewQueue(self, request: pb.NewQueueRequest, context: Context) -> pb.NewQueueResponse:
         async def call() -> pb.NewQueueResponse:
-            await self._engine.new_queue(request.token, request.queue_name)
+            change = settings_change(request.settings) if request.HasField("settings") else None
+            await self._engine.new_queue(request.token, request.queue_name, change)
             return pb.NewQueueResponse()
 
         return await _answer(pb.NewQueueResponse, call)
 
     async def Add(self, request: pb.AddRequest, context: Context) -> pb.AddResponse:
         async def call() -> pb.AddResponse:
-            ids = await self._engine.add(request.token, request.queue_name, [request.element])
-            return pb.AddResponse(message_id=ids[0])
+            added = await self._engine.enqueue(
+                request.token,
+                request.queue_name,
+                [request.element],
+                request.delay_ms if request.HasField("delay_ms") else None,
+                request.request_id,
+            )
+            return pb.AddResponse(message_id=added.ids[0], replayed=added.replayed)
 
         return await _answer(pb.AddResponse, call)
 
@@ -113,16 +125,28 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             # One list: every later pass (checks, the store) would otherwise convert each
             # element of the repeated field to a str again.
             elements = list(request.elements)
-            ids = await self._engine.add(request.token, request.queue_name, elements)
-            return pb.AddAllResponse(message_ids=ids)
+            added = await self._engine.enqueue(
+                request.token,
+                request.queue_name,
+                elements,
+                request.delay_ms if request.HasField("delay_ms") else None,
+                request.request_id,
+            )
+            return pb.AddAllResponse(message_ids=added.ids, replayed=added.replayed)
 
         return await _answer(pb.AddAllResponse, call)
 
     async def Poll(self, request: pb.PollRequest, context: Context) -> pb.PollResponse:
         async def call() -> pb.PollResponse:
-            (d,) = await self._engine.take(request.token, request.queue_name, 1, request.wait_ms)
+            (d,) = await self._engine.take(
+                request.token, request.queue_name, 1, request.wait_ms, _lease_of(request)
+            )
             return pb.PollResponse(
-                element=d.element, message_id=d.message_id, delivery_count=d.delivery_count
+                element=d.element,
+                message_id=d.message_id,
+                delivery_count=d.delivery_count,
+                enqueued_at_ms=d.enqueued_at_ms,
+                lease_expires_at_ms=d.lease_expires_at_ms,
             )
 
         return await _answer(pb.PollResponse, call)
@@ -132,7 +156,11 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
     ) -> pb.PullElementsResponse:
         async def call() -> pb.PullElementsResponse:
             deliveries = await self._engine.take(
-                request.token, request.queue_name, request.number, request.wait_ms
+                request.token,
+                request.queue_name,
+                request.number,
+                request.wait_ms,
+                _lease_of(request),
             )
             response = pb.PullElementsResponse(number=len(deliveries))
             add_element_info(response.element_info, deliveries)
@@ -160,12 +188,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             message_ids = list(request.message_ids)  # one conversion for every pass below
             codes = await self._engine.ack(request.token, message_ids, request.ack_type)
             response = pb.BatchAckResponse()
-            add_result = response.results.add
-            for message_id, code in zip(message_ids, codes, strict=True):
-                result = add_result()
-                result.message_id = message_id
-                if code:  # stays CODE_OK (0), the default, otherwise
-                    result.code = cast(pb.Code, int(code))
+            add_results(response.results, zip(message_ids, codes, strict=True))
             return response
 
         return await _answer(pb.BatchAckResponse, call)
@@ -247,13 +270,15 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.MapGetListRequest, context: Context
     ) -> pb.MapGetListResponse:
         async def call() -> pb.MapGetListResponse:
-            entries = await self._engine.map_get_list(
-                request.token, request.map, request.offset, request.size
+            start_after = request.start_after if request.HasField("start_after") else None
+            entries, next_key = await self._engine.map_page(
+                request.token, request.map, request.offset, request.size, start_after
             )
             return pb.MapGetListResponse(
                 offset=request.offset,
                 size=len(entries),
                 list=[pb.KeyValue(key=k, value=v) for k, v in entries],
+                next_key=next_key,
             )
 
         return await _answer(pb.MapGetListResponse, call)
@@ -272,41 +297,130 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
 
         return await _answer(pb.MapBatchPutResponse, call)
 
-    # Lifecycle RPCs: not built yet (answer CODE_UNAVAILABLE).
+    # Lifecycle RPCs: the rules are the engine's (queue_admin.py for the admin ones).
 
     async def UpdateQueue(
         self, request: pb.UpdateQueueRequest, context: Context
     ) -> pb.UpdateQueueResponse:
-        return pb.UpdateQueueResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+        async def call() -> pb.UpdateQueueResponse:
+            settings = await self._engine.admin.update_queue(
+                request.token, request.queue_name, settings_change(request.settings)
+            )
+            response = pb.UpdateQueueResponse()
+            settings_message(settings, response.settings)
+            return response
+
+        return await _answer(pb.UpdateQueueResponse, call)
 
     async def GetQueueInfo(
         self, request: pb.GetQueueInfoRequest, context: Context
     ) -> pb.GetQueueInfoResponse:
-        return pb.GetQueueInfoResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+        async def call() -> pb.GetQueueInfoResponse:
+            report = await self._engine.admin.queue_info(request.token, request.queue_name)
+            info = report.info
+            response = pb.GetQueueInfoResponse(
+                ready=info.counts.ready,
+                delayed=info.counts.delayed,
+                in_flight=info.counts.in_flight,
+                dead_lettered=info.dead_lettered,
+                oldest_ready_age_ms=report.oldest_ready_age_ms,
+                holding_sessions=info.holding_sessions,
+                subscriptions=report.subscriptions,
+                dead_letters_held=info.dead_letters_held,
+            )
+            settings_message(info.settings, response.settings)
+            return response
+
+        return await _answer(pb.GetQueueInfoResponse, call)
 
     async def ExtendLease(
         self, request: pb.ExtendLeaseRequest, context: Context
     ) -> pb.ExtendLeaseResponse:
-        return pb.ExtendLeaseResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+        async def call() -> pb.ExtendLeaseResponse:
+            message_ids = list(request.message_ids)
+            outcomes = await self._engine.extend_lease(
+                request.token, message_ids, request.ack_deadline_ms
+            )
+            response = pb.ExtendLeaseResponse()
+            for message_id, outcome in zip(message_ids, outcomes, strict=True):
+                response.results.add(
+                    message_id=message_id,
+                    code=cast(pb.Code, int(outcome.code)),
+                    lease_expires_at_ms=outcome.lease_expires_at_ms,
+                )
+            return response
+
+        return await _answer(pb.ExtendLeaseResponse, call)
 
     async def Purge(self, request: pb.PurgeRequest, context: Context) -> pb.PurgeResponse:
-        return pb.PurgeResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+        async def call() -> pb.PurgeResponse:
+            purged = await self._engine.admin.purge(request.token, request.queue_name)
+            return pb.PurgeResponse(purged=purged)
+
+        return await _answer(pb.PurgeResponse, call)
 
     async def Redrive(self, request: pb.RedriveRequest, context: Context) -> pb.RedriveResponse:
-        return pb.RedriveResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+        async def call() -> pb.RedriveResponse:
+            moved, results = await self._engine.admin.redrive(
+                request.token, request.queue_name, list(request.message_ids)
+            )
+            response = pb.RedriveResponse(moved=moved)
+            add_results(response.results, results)
+            return response
+
+        return await _answer(pb.RedriveResponse, call)
 
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Context
     ) -> pb.ListDeadLettersResponse:
-        return pb.ListDeadLettersResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+        async def call() -> pb.ListDeadLettersResponse:
+            letters, next_after_id = await self._engine.admin.dead_letters(
+                request.token, request.queue_name, request.after_id, request.limit
+            )
+            response = pb.ListDeadLettersResponse(next_after_id=next_after_id)
+            add = response.dead_letters.add
+            for letter in letters:
+                add(
+                    message_id=letter.message_id,
+                    original_queue=letter.original_queue,
+                    delivery_count=letter.delivery_count,
+                    enqueued_at_ms=letter.enqueued_at_ms,
+                    dead_lettered_at_ms=letter.dead_lettered_at_ms,
+                    cause=letter.cause,
+                    element=letter.element,
+                )
+            return response
+
+        return await _answer(pb.ListDeadLettersResponse, call)
 
     async def ListQueues(
         self, request: pb.ListQueuesRequest, context: Context
     ) -> pb.ListQueuesResponse:
-        return pb.ListQueuesResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+        async def call() -> pb.ListQueuesResponse:
+            queues, next_start_after = await self._engine.admin.list_queues(
+                request.token, request.start_after, request.limit
+            )
+            response = pb.ListQueuesResponse(next_start_after=next_start_after)
+            add = response.queues.add
+            for name, counts in queues:
+                add(
+                    name=name,
+                    ready=counts.ready,
+                    in_flight=counts.in_flight,
+                    delayed=counts.delayed,
+                )
+            return response
+
+        return await _answer(pb.ListQueuesResponse, call)
 
     async def ListMaps(self, request: pb.ListMapsRequest, context: Context) -> pb.ListMapsResponse:
-        return pb.ListMapsResponse(code=pb.CODE_UNAVAILABLE, message="not built yet")
+        async def call() -> pb.ListMapsResponse:
+            names, next_start_after = await self._engine.admin.list_maps(
+                request.token, request.start_after, request.limit
+            )
+            return pb.ListMapsResponse(names=names, next_start_after=next_start_after)
+
+        return await _answer(pb.ListMapsResponse, call)
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Context

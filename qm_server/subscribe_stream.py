@@ -36,8 +36,10 @@ class SubscribeStream:
             first = await anext(self._requests)
             if first.WhichOneof("kind") != "open":
                 raise errors.InvalidArgument("the first message must be open")
+            opening = first.open
+            lease_ms = opening.ack_deadline_ms if opening.HasField("ack_deadline_ms") else None
             self._subscription = await self._engine.subscribe(
-                first.open.token, first.open.queue_name, first.open.max_unacked
+                opening.token, opening.queue_name, opening.max_unacked, lease_ms
             )
         except StopAsyncIteration:
             return

@@ -4,6 +4,15 @@ One Subscription per Subscribe stream. It waits on one future that three things 
 resolve: messages becoming ready in its queue, an ack freeing room, and its session
 ending (or the server draining). So an idle subscription costs one parked future.
 
+A message whose lease runs out (QueueSettings.ack_deadline_ms, or the stream's own) is
+released by the store and may go to another consumer; the stream learns of it only
+through the consumer: an ack of it (answered LEASE_EXPIRED) or an ExtendLease that finds
+it expired takes it out of the window, as does a unary ack or an ExtendLease to 0 of a
+message the stream delivered. A consumer that never acks keeps its window full: the
+stream pushes nothing more until acks come or it closes, while the leases of what it holds
+still expire and those messages go to other consumers (the window counts what the
+stream handed out and was not answered for, not what the session still holds).
+
 Refills come in batches: once the stream holds anything, it waits until a quarter of
 its window is free (or REFILL_DELAY_S has passed), so a consumer acking one message at a
 time does not cost a claim per message. An ack that frees enough room claims the refill
@@ -55,10 +64,12 @@ class Subscription:
         session: Session,
         queue: str,
         max_unacked: int,
+        lease_ms: int | None = None,
     ) -> None:
         self.session = session
         self.queue = queue
         self.max_unacked = max_unacked
+        self.lease_ms = lease_ms  # None: the queue's ack deadline
         self._deliverer = deliverer
         self._rules = rules
         self._held: set[int] = set()  # ids delivered on this stream, not yet acked
@@ -78,6 +89,14 @@ class Subscription:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def forget(self, message_ids: Sequence[int]) -> None:
+        """Messages finished outside the stream (a unary ack, an ExtendLease to 0, or
+        found expired) leave its window; the pusher re-checks its room."""
+        before = len(self._held)
+        self._held.difference_update(message_ids)
+        if len(self._held) < before:
+            self.poke()
+
     def queue_destroyed(self) -> None:
         """End the stream: what it holds is gone with its queue, so no ack will come."""
         self._queue_destroyed = True
@@ -96,7 +115,9 @@ class Subscription:
             room = self.max_unacked - len(self._held) if overdue else self._room()
             overdue = False
             if room:
-                deliveries = await self._deliverer.claim(self.session, self.queue, room)
+                deliveries = await self._deliverer.claim(
+                    self.session, self.queue, room, self.lease_ms
+                )
                 if deliveries:
                     self._held.update(message_ids_of(deliveries))
                     return deliveries
@@ -155,7 +176,9 @@ class Subscription:
     ) -> tuple[list[errors.Code], list[Delivery]]:
         """Ack ids delivered on this stream (others are not found), and refill.
 
-        Returns the per-id outcome and the messages claimed to refill the window.
+        Returns the per-id outcome and the messages claimed to refill the window. Every
+        id acked leaves the window whatever its outcome: one answered LEASE_EXPIRED was
+        released already (it may be redelivered, here or elsewhere).
         """
         self._rules.check_ack(message_ids, ack_type)
         mine = [i for i in message_ids if i in self._held]
@@ -174,6 +197,7 @@ class Subscription:
                 room,
                 # The answer carries the refill and an AckResult per id not found.
                 self._deliverer.answer_room - ACK_RESULT_BYTES * len(message_ids),
+                self.lease_ms,
             )
         except errors.QmError:
             # Nothing of a failed transaction happened: the stream still holds them, and

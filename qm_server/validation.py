@@ -39,3 +39,9 @@ def check_count(what: str, count: int, limit: int) -> None:
         raise InvalidArgument(f"{what} must be at least 1")
     if count > limit:
         raise InvalidArgument(f"{what} is {count}, more than the limit of {limit}")
+
+
+def check_unique(what: str, ids: Sequence[int]) -> None:
+    """A list of ids may not name one twice: its per-id results would be ambiguous."""
+    if len(set(ids)) != len(ids):
+        raise InvalidArgument(f"{what} repeats an id")

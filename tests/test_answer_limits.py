@@ -4,6 +4,7 @@ nothing is put in flight in an answer that could not be delivered."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from qm_server.__main__ import main as server_main
 from qm_server.answer_size import (
     ENVELOPE_BYTES,
     FRAME_BYTES,
+    MAX_ENTRY_OVERHEAD,
     element_info_size,
     entries_room,
     key_value_size,
@@ -42,20 +44,33 @@ def add_each(stub: Stub, token: str, queue: str, elements: list[str]) -> None:
 
 def test_sizes_are_the_protobuf_encoding() -> None:
     rng = random.Random(7)
+    times = random.Random(8)  # apart, so that the other draws stay as they were
     for _ in range(200):
         entries = [
             (
                 "é" * rng.choice([0, 1, 60, 200, 20_000]),
                 rng.choice([0, 1, 127, 128, 2**40, 2**62]),
                 rng.choice([0, 1, 300]),
+                times.choice([0, 1_700_000_000_000]),
+                times.choice([0, 1_700_000_030_000, 2**63 - 1]),
             )
             for _ in range(rng.randint(1, 4))
         ]
         pull = pb.PullElementsResponse()
-        for element, message_id, count in entries:
-            pull.element_info.add(element=element, message_id=message_id, delivery_count=count)
-        expected = sum(element_info_size(len(e.encode()), i, n) for e, i, n in entries)
+        for element, message_id, count, enqueued, lease in entries:
+            pull.element_info.add(
+                element=element,
+                message_id=message_id,
+                delivery_count=count,
+                enqueued_at_ms=enqueued,
+                lease_expires_at_ms=lease,
+            )
+        expected = sum(element_info_size(len(e.encode()), *numbers) for e, *numbers in entries)
         assert pull.ByteSize() == expected
+        for e, *numbers in entries:  # the store's quick check counts at most this
+            assert element_info_size(len(e.encode()), *numbers) <= (
+                len(e.encode()) + MAX_ENTRY_OVERHEAD
+            )
         pairs = {f"k{i}" * rng.choice([0, 1, 90]): "v" * rng.choice([0, 200]) for i in range(4)}
         whole = pb.MapGetAllResponse(map=pairs)
         assert whole.ByteSize() == sum(key_value_size(len(k), len(v)) for k, v in pairs.items())
@@ -87,16 +102,42 @@ def test_pull_of_max_size_elements_is_all_delivered(stub: Stub, token: str) -> N
 
 
 def test_an_answer_filled_to_the_byte_reaches_a_default_client(stub: Stub, token: str) -> None:
-    # Ids 1..5 and delivery count 1: each entry's overhead is the same, so 4 elements of
-    # this size fill the room exactly, and a fifth byte each would not fit.
-    size = ROOM // 4 - (element_info_size(ROOM // 4, 1, 1) - ROOM // 4)
-    assert 4 * element_info_size(size, 1, 1) <= ROOM < 4 * element_info_size(size + 1, 1, 1)
+    # Ids 1..5, delivery count 1 and an enqueue time of this century (a 6-byte varint):
+    # each entry's overhead is the same, so 4 elements of this size fill the room
+    # exactly, and a fifth byte each would not fit.
+    now = int(time.time() * 1000)
+    size = ROOM // 4 - (element_info_size(ROOM // 4, 1, 1, now) - ROOM // 4)
+    assert 4 * element_info_size(size, 1, 1, now) <= ROOM
+    assert 4 * element_info_size(size + 1, 1, 1, now) > ROOM
     stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="edge"))
     add_each(stub, token, "edge", ["x" * size] * 5)
     pull = stub.PullElements(pb.PullElementsRequest(token=token, queue_name="edge", number=5))
     assert (pull.code, pull.number) == (pb.CODE_OK, 4)
     assert pull.ByteSize() + FRAME_BYTES <= MAX_ANSWER_BYTES
     assert in_flight(stub, token, "edge") == 4
+
+
+def test_many_leased_deliveries_fit_a_default_client(stub: Stub, token: str) -> None:
+    # Each delivery carries its enqueue time and lease end (about 14 bytes): elements
+    # sized so that 200 entries fill the room without them would overshoot by 2.8 KB.
+    count = 200
+    size = ROOM // count - (element_info_size(ROOM // count, 255, 1) - ROOM // count)
+    assert count * element_info_size(size, 255, 1) <= ROOM
+    stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="leased"))
+    for half in range(2):
+        elements = ["x" * size] * (count // 2 + half)
+        added = stub.AddAll(pb.AddAllRequest(token=token, queue_name="leased", elements=elements))
+        assert added.code == pb.CODE_OK, added.message
+    pull = stub.PullElements(
+        pb.PullElementsRequest(
+            token=token, queue_name="leased", number=count + 1, ack_deadline_ms=60_000
+        )
+    )
+    assert pull.code == pb.CODE_OK
+    assert all(e.enqueued_at_ms and e.lease_expires_at_ms for e in pull.element_info)
+    assert pull.ByteSize() + FRAME_BYTES <= MAX_ANSWER_BYTES
+    assert 0 < pull.number < count  # the times took the room of a few
+    assert in_flight(stub, token, "leased") == pull.number
 
 
 def test_subscribe_pushes_of_max_size_elements_are_all_delivered(stub: Stub, token: str) -> None:

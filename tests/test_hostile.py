@@ -200,10 +200,14 @@ def seeds(token: str) -> dict[str, Message]:
         "HeartBeat": pb.HeartBeatRequest(token=token),
         "Logout": pb.LogoutRequest(token=token),
         "NewQueue": pb.NewQueueRequest(token=token, queue_name="fz-new"),
-        "Add": pb.AddRequest(token=token, queue_name="fz", element="hello"),
-        "AddAll": pb.AddAllRequest(token=token, queue_name="fz", elements=["a", "b"]),
-        "Poll": pb.PollRequest(token=token, queue_name="fz", wait_ms=10),
-        "PullElements": pb.PullElementsRequest(token=token, queue_name="fz", number=3, wait_ms=10),
+        "Add": pb.AddRequest(token=token, queue_name="fz", element="hello", request_id="r1"),
+        "AddAll": pb.AddAllRequest(
+            token=token, queue_name="fz", elements=["a", "b"], delay_ms=0, request_id="r2"
+        ),
+        "Poll": pb.PollRequest(token=token, queue_name="fz", wait_ms=10, ack_deadline_ms=60_000),
+        "PullElements": pb.PullElementsRequest(
+            token=token, queue_name="fz", number=3, wait_ms=10, ack_deadline_ms=60_000
+        ),
         "Ack": pb.AckRequest(token=token, message_id=1, ack_type=pb.ACK_TYPE_ERROR),
         "BatchAck": pb.BatchAckRequest(token=token, message_ids=[1, 2], ack_type=pb.ACK_TYPE_ERROR),
         "Size": pb.SizeRequest(token=token, queue_name="fz"),
@@ -217,8 +221,30 @@ def seeds(token: str) -> dict[str, Message]:
         "MapDestroy": pb.MapDestroyRequest(token=token, map="fm-gone"),
         "MapGetList": pb.MapGetListRequest(token=token, map="fm", offset=1, size=10),
         "MapBatchPut": pb.MapBatchPutRequest(token=token, map="fm", size=2, list=kv),
+        "UpdateQueue": pb.UpdateQueueRequest(
+            token=token,
+            queue_name="fz",
+            settings=pb.QueueSettings(
+                ack_deadline_ms=60_000,
+                dead_letter_queue="fz-new",
+                retry_delay=pb.RetryPolicy(initial_delay_ms=10, multiplier=2.0),
+            ),
+        ),
+        "GetQueueInfo": pb.GetQueueInfoRequest(token=token, queue_name="fz"),
+        "ExtendLease": pb.ExtendLeaseRequest(
+            token=token, message_ids=[1, 2], ack_deadline_ms=60_000
+        ),
+        "Purge": pb.PurgeRequest(token=token, queue_name="fz-new"),
+        "Redrive": pb.RedriveRequest(token=token, queue_name="fz-new", message_ids=[1, 2]),
+        "ListDeadLetters": pb.ListDeadLettersRequest(
+            token=token, queue_name="fz-new", after_id=0, limit=10
+        ),
+        "ListQueues": pb.ListQueuesRequest(token=token, start_after="", limit=10),
+        "ListMaps": pb.ListMapsRequest(token=token, start_after="f", limit=10),
         "Subscribe": pb.SubscribeRequest(
-            open=pb.SubscribeOpen(token=token, queue_name="fz", max_unacked=2)
+            open=pb.SubscribeOpen(
+                token=token, queue_name="fz", max_unacked=2, ack_deadline_ms=60_000
+            )
         ),
     }
     assert set(requests) == {m.name for m in SERVICE.methods}, "a new RPC needs a seed here"
@@ -564,6 +590,118 @@ def test_huge_repeated_fields_and_out_of_range_numbers(
                 ),
             ),
             (
+                "ExtendLease 100k",
+                lambda: stub.ExtendLease(
+                    pb.ExtendLeaseRequest(
+                        token=token, message_ids=range(1, 100_001), ack_deadline_ms=1000
+                    ),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "ExtendLease ack_deadline_ms 2**63-1",
+                lambda: stub.ExtendLease(
+                    pb.ExtendLeaseRequest(token=token, message_ids=[1], ack_deadline_ms=2**63 - 1),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "Redrive 100k",
+                lambda: stub.Redrive(
+                    pb.RedriveRequest(token=token, queue_name="big", message_ids=range(1, 100_001)),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "ListQueues limit 2**31-1",
+                lambda: stub.ListQueues(
+                    pb.ListQueuesRequest(token=token, limit=2**31 - 1), timeout=TIMEOUT_S
+                ),
+            ),
+            (
+                "ListMaps limit 2**31-1",
+                lambda: stub.ListMaps(
+                    pb.ListMapsRequest(token=token, limit=2**31 - 1), timeout=TIMEOUT_S
+                ),
+            ),
+            (
+                "ListDeadLetters limit 2**31-1",
+                lambda: stub.ListDeadLetters(
+                    pb.ListDeadLettersRequest(token=token, queue_name="big", limit=2**31 - 1),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "ListDeadLetters after_id -1",
+                lambda: stub.ListDeadLetters(
+                    pb.ListDeadLettersRequest(token=token, queue_name="big", after_id=-1, limit=1),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "Poll ack_deadline_ms 2**63-1",
+                lambda: stub.Poll(
+                    pb.PollRequest(token=token, queue_name="big", ack_deadline_ms=2**63 - 1),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "Add delay_ms -1",
+                lambda: stub.Add(
+                    pb.AddRequest(token=token, queue_name="big", element="x", delay_ms=-1),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "Add request_id 1 MiB",
+                lambda: stub.Add(
+                    pb.AddRequest(token=token, queue_name="big", element="x", request_id="r" * MIB),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "NewQueue max_length 2**63-1",
+                lambda: stub.NewQueue(
+                    pb.NewQueueRequest(
+                        token=token,
+                        queue_name="big2",
+                        settings=pb.QueueSettings(max_length=2**63 - 1),
+                    ),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "NewQueue retry multiplier inf",
+                lambda: stub.NewQueue(
+                    pb.NewQueueRequest(
+                        token=token,
+                        queue_name="big2",
+                        settings=pb.QueueSettings(
+                            retry_delay=pb.RetryPolicy(initial_delay_ms=1, multiplier=float("inf"))
+                        ),
+                    ),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "UpdateQueue ack_deadline_ms -1",
+                lambda: stub.UpdateQueue(
+                    pb.UpdateQueueRequest(
+                        token=token,
+                        queue_name="big",
+                        settings=pb.QueueSettings(ack_deadline_ms=-1),
+                    ),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
+                "MapGetList start_after with offset",
+                lambda: stub.MapGetList(
+                    pb.MapGetListRequest(token=token, map="big", offset=1, size=1, start_after=""),
+                    timeout=TIMEOUT_S,
+                ),
+            ),
+            (
                 "Ack type 7",
                 lambda: stub.Ack(
                     pb.AckRequest(token=token, message_id=1, ack_type=7),  # type: ignore[arg-type]
@@ -609,8 +747,13 @@ def test_huge_repeated_fields_and_out_of_range_numbers(
                 timeout=TIMEOUT_S,
             )
             assert (page.code, page.size, list(page.list)) == (pb.CODE_OK, 0, [])
-        # Nothing half-done: the queue is empty, the map holds only the one key.
+        # Nothing half-done: the queue is empty and unchanged, no other queue was made,
+        # the map holds only the one key.
         assert stub.Size(pb.SizeRequest(token=token, queue_name="big")).size == 0
+        big = stub.GetQueueInfo(pb.GetQueueInfoRequest(token=token, queue_name="big"))
+        assert (big.code, big.delayed, big.settings.ack_deadline_ms) == (pb.CODE_OK, 0, 0)
+        made = stub.Size(pb.SizeRequest(token=token, queue_name="big2"))
+        assert made.code == pb.CODE_QUEUE_NOT_FOUND
         assert dict(stub.MapGetAll(pb.MapGetAllRequest(token=token, map="big")).map) == {"a": "b"}
         stream = stub.Subscribe(
             iter(

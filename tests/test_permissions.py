@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -64,6 +65,11 @@ GRANT_NEEDED = (
     "MapGetAll",
     "MapGetList",
     "MapDestroy",
+    "UpdateQueue",
+    "GetQueueInfo",
+    "Purge",
+    "Redrive",
+    "ListDeadLetters",
 )
 """The calls a user without grants is refused (the README's table of actions)."""
 
@@ -74,6 +80,9 @@ NO_GRANT_NEEDED = {
     # Only the session a message was delivered to can ack it: another's is not found.
     "Ack": pb.CODE_MESSAGE_NOT_FOUND,
     "BatchAck": pb.CODE_OK,  # with CODE_MESSAGE_NOT_FOUND for each id
+    "ExtendLease": pb.CODE_OK,  # likewise
+    "ListQueues": pb.CODE_OK,  # listing nothing
+    "ListMaps": pb.CODE_OK,  # likewise
     "Logout": pb.CODE_OK,
 }
 
@@ -96,7 +105,25 @@ def every_call(
         assert [r.code for r in reply.results] == [pb.CODE_MESSAGE_NOT_FOUND]
         return reply.code
 
+    def extend_lease() -> int:
+        reply = stub.ExtendLease(
+            pb.ExtendLeaseRequest(token=token, message_ids=[held], ack_deadline_ms=0)
+        )
+        assert [r.code for r in reply.results] == [pb.CODE_MESSAGE_NOT_FOUND]
+        return reply.code
+
+    def list_queues() -> int:
+        reply = stub.ListQueues(pb.ListQueuesRequest(token=token, limit=10))
+        assert list(reply.queues) == []
+        return reply.code
+
+    def list_maps() -> int:
+        reply = stub.ListMaps(pb.ListMapsRequest(token=token, limit=10))
+        assert list(reply.names) == []
+        return reply.code
+
     pair = [pb.KeyValue(key="k", value="w")]
+    settings = pb.QueueSettings(max_length=1)
     calls: dict[str, Callable[[], int]] = {
         "GetChallenge": lambda: stub.GetChallenge(pb.GetChallengeRequest()).code,
         "Auth": lambda: pb.CODE_OK if login(stub, "bob", password) else pb.CODE_INTERNAL,
@@ -142,6 +169,24 @@ def every_call(
             ).code
         ),
         "MapDestroy": lambda: stub.MapDestroy(pb.MapDestroyRequest(token=token, map=map_name)).code,
+        "UpdateQueue": lambda: (
+            stub.UpdateQueue(
+                pb.UpdateQueueRequest(token=token, queue_name=queue, settings=settings)
+            ).code
+        ),
+        "GetQueueInfo": lambda: (
+            stub.GetQueueInfo(pb.GetQueueInfoRequest(token=token, queue_name=queue)).code
+        ),
+        "ExtendLease": extend_lease,
+        "Purge": lambda: stub.Purge(pb.PurgeRequest(token=token, queue_name=queue)).code,
+        "Redrive": lambda: stub.Redrive(pb.RedriveRequest(token=token, queue_name=queue)).code,
+        "ListDeadLetters": lambda: (
+            stub.ListDeadLetters(
+                pb.ListDeadLettersRequest(token=token, queue_name=queue, limit=10)
+            ).code
+        ),
+        "ListQueues": list_queues,
+        "ListMaps": list_maps,
         "Logout": lambda: stub.Logout(pb.LogoutRequest(token=token)).code,
     }
     rpcs = pb.DESCRIPTOR.services_by_name["QueueManagerService"].methods_by_name
@@ -170,6 +215,56 @@ def test_new_user_holds_nothing_and_changes_nothing(
     assert new.code == pb.CODE_QUEUE_NOT_FOUND
     assert stub.MapGet(pb.MapGetRequest(token=admin, map="cfg", key="k")).value == "v"
     assert stub.MapGetAll(pb.MapGetAllRequest(token=admin, map="cfg")).map == {"k": "v"}
+    settings = stub.GetQueueInfo(pb.GetQueueInfoRequest(token=admin, queue_name="jobs.a")).settings
+    assert settings.max_length == 0
+
+
+def test_lifecycle_grants(setup: tuple[ServerHandle, Stub, str]) -> None:
+    """`read` shows a queue, `manage` changes and empties it, and naming a dead-letter
+    queue needs `write` on it."""
+    handle, stub, admin = setup
+    stub.NewQueue(pb.NewQueueRequest(token=admin, queue_name="dead"))
+    user_command(handle.data_dir, "grant", "bob", "read", "queue", "jobs.*")
+    bob = login(stub, "bob", "bob-pw")
+    info = stub.GetQueueInfo(pb.GetQueueInfoRequest(token=bob, queue_name="jobs.a"))
+    assert (info.code, info.ready) == (pb.CODE_OK, 1)
+    letters = stub.ListDeadLetters(
+        pb.ListDeadLettersRequest(token=bob, queue_name="jobs.a", limit=1)
+    )
+    assert letters.code == pb.CODE_OK
+    denied = [
+        stub.Purge(pb.PurgeRequest(token=bob, queue_name="jobs.a")).code,
+        stub.UpdateQueue(pb.UpdateQueueRequest(token=bob, queue_name="jobs.a")).code,
+        stub.Redrive(pb.RedriveRequest(token=bob, queue_name="jobs.a")).code,
+    ]
+    assert denied == [pb.CODE_PERMISSION_DENIED] * 3
+    user_command(handle.data_dir, "grant", "bob", "manage", "queue", "jobs.*")
+    bob = login(stub, "bob", "bob-pw")
+    dead_letters = pb.QueueSettings(max_deliveries=3, dead_letter_queue="dead")
+    refused: list[Any] = [
+        stub.NewQueue(pb.NewQueueRequest(token=bob, queue_name="jobs.b", settings=dead_letters)),
+        stub.UpdateQueue(
+            pb.UpdateQueueRequest(token=bob, queue_name="jobs.a", settings=dead_letters)
+        ),
+    ]
+    for reply in refused:
+        assert reply.code == pb.CODE_PERMISSION_DENIED
+        assert "may not write queue 'dead'" in reply.message
+    assert stub.Size(pb.SizeRequest(token=admin, queue_name="jobs.b")).code == (
+        pb.CODE_QUEUE_NOT_FOUND
+    )
+    user_command(handle.data_dir, "grant", "bob", "write", "queue", "dead")
+    bob = login(stub, "bob", "bob-pw")
+    created = stub.NewQueue(
+        pb.NewQueueRequest(token=bob, queue_name="jobs.b", settings=dead_letters)
+    )
+    assert created.code == pb.CODE_OK, created.message
+    updated = stub.UpdateQueue(
+        pb.UpdateQueueRequest(token=bob, queue_name="jobs.a", settings=dead_letters)
+    )
+    assert (updated.code, updated.settings.dead_letter_queue) == (pb.CODE_OK, "dead")
+    purged = stub.Purge(pb.PurgeRequest(token=bob, queue_name="jobs.a"))
+    assert (purged.code, purged.purged) == (pb.CODE_OK, 1)
 
 
 def test_grants_open_exactly_what_they_name(setup: tuple[ServerHandle, Stub, str]) -> None:
