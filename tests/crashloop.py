@@ -11,6 +11,12 @@ random moment. After each restart the checker compares the server's state with e
 so far (no message in flight, queue sizes within what the logs allow, map values), and
 after the last round it drains every queue and runs every proof (crashloop_checker).
 
+The queues: `cl-a` and `cl-b` with the seed's settings, and the lifecycle queue `cl-l`
+(a one-second ack deadline, two deliveries, then the dead-letter queue `cl-dlq`), whose
+load and proofs are apart (crashloop_client.LIFECYCLE_SETTINGS, crashloop_checker's
+check_lifecycle). Every third round lasts a lease longer (`long_round_every`), so that
+leases run out in it while their sessions live; the kill still lands at a random moment.
+
 Work directory: `data/` (the server's, the same every round), `data-server.log`,
 `logs/rRRR-cC.jsonl` (one client process in one round) and `logs/rRRR-cC.err`.
 """
