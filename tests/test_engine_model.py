@@ -1587,3 +1587,27 @@ def test_delays_come_due_in_order_and_purge_takes_ready_and_delayed() -> None:
         lambda m: m.add(0, "q1", "later", 2500),
         lambda m: m.purge(0, "q1"),  # 2 ready + 1 delayed; "now" stays held
     )
+
+
+def test_a_redriven_message_is_not_dead_lettered_again_by_a_restart() -> None:
+    """A dead letter redriven to its queue is ready there, delivered no more times than
+    when it was dead-lettered, and was in flight for nobody: a restart releases nothing
+    of it, so it must stay in its queue. (Dead-lettering is for a message "delivered that
+    many times and released again"; issue 13.)"""
+    machine = EngineMachine()
+    try:
+        machine.new_queue(0, DEAD_LETTER_QUEUE)
+        change = SettingsChange(max_deliveries=1, dead_letter_queue=DEAD_LETTER_QUEUE)
+        machine.new_queue(0, "q1", change)
+        machine.add(0, "q1", "a")
+        machine.poll(0, "q1")
+        machine.acknowledge(machine.pick(0), [1], done=False)  # dead-lettered: ack error
+        token = machine.pick(0).token
+        assert machine.call(machine.engine.admin.redrive(token, DEAD_LETTER_QUEUE, [])) == (1, [])
+        assert machine.call(machine.engine.counts(token, "q1")) == (1, 0)
+        machine.restart()
+        token = machine.new_session(observer=False).token
+        assert machine.call(machine.engine.counts(token, DEAD_LETTER_QUEUE)) == (0, 0)
+        assert machine.call(machine.engine.counts(token, "q1")) == (1, 0)
+    finally:
+        machine.teardown()
