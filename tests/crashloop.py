@@ -492,6 +492,17 @@ def _lifecycle_figures(history: History, end: LifecycleState | None) -> dict[str
         "of which after lease expiry": causes["max_deliveries after lease expiry"],
         "of which after ack error": causes["max_deliveries after ack error"],
         "of which after session end": causes["max_deliveries after session end"],
+        "of which after extend to 0": causes["max_deliveries after extend to 0"],
+        "lease extensions (OK)": sum(
+            1
+            for r in history.records
+            if r["op"] == "lextend" and r.get("results") == [pb.CODE_OK] and r["lease_ms"]
+        ),
+        "given back by ExtendLease 0 (OK)": sum(
+            1
+            for r in history.records
+            if r["op"] == "lextend" and r.get("results") == [pb.CODE_OK] and not r["lease_ms"]
+        ),
         "left in the lifecycle queue": len(end.drained),
     }
 

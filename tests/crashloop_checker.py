@@ -37,8 +37,9 @@ The lifecycle queue (crashloop_client.LIFECYCLE_SETTINGS), proved by `check_life
 - A message moves only past max_deliveries: its history's delivery_count reaches it.
 - Delivery counts never go down: a delivery answered before another was sent has the
   smaller count; the drain's count is above every count seen, a dead letter's at least.
-- No lease runs out early: an ack answered LEASE_EXPIRED was answered at least the lease
-  after its poll was sent. No delivery follows a done-ack answered OK.
+- No lease runs out early: an ack or ExtendLease answered LEASE_EXPIRED was answered at
+  least the lease after its poll (or the extension before it) was sent. No delivery
+  follows a done-ack answered OK.
 - GetQueueInfo agrees: the queue's dead_lettered and the dead-letter queue's ready count
   the dead letters listed, and nothing is left delayed.
 """
@@ -90,6 +91,7 @@ RELEASE_CAUSES = (
     "max_deliveries after ack error",
     "max_deliveries after lease expiry",
     "max_deliveries after session end",
+    "max_deliveries after extend to 0",
 )
 
 
@@ -479,7 +481,9 @@ class History:
     def check_lifecycle_history(self) -> list[str]:
         """What the logs alone show: no early expiry, counts that only grow."""
         problems: list[str] = []
-        for r in self.lifecycle_acks():
+        extensions = [r for r in self.records if r["op"] == "lextend"]
+        for r in self.lifecycle_acks() + extensions:
+            # `polled`: when the lease began at the earliest (the poll, or an extension).
             if r.get("results") == [pb.CODE_LEASE_EXPIRED] and r["t1"] - r["polled"] < LEASE_S:
                 problems.append(
                     f"{_who(r)}: LEASE_EXPIRED {r['t1'] - r['polled']:.3f} s after the poll, "

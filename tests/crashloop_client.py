@@ -10,8 +10,9 @@ answer, so answers are lost while the server lives on.
 
 The lifecycle queue `cl-l` (LIFECYCLE_SETTINGS: a one-second ack deadline, two deliveries
 then the dead-letter queue `cl-dlq`) gets a load of its own, logged under op names of its
-own (`ladd`, `lpoll`, `lack`) and proved apart (crashloop_checker.check_lifecycle): a
-worker that acks at once, nacks, or hangs past its lease and acks late.
+own (`ladd`, `lpoll`, `lack`, `lextend`) and proved apart (crashloop_checker.check_lifecycle):
+a worker that acks at once, nacks, or hangs past its lease and acks late, and extends the
+lease of what it hangs on, or gives it back (ExtendLease to 0).
 
 Each operation is one JSON line: `ok` (answered with an expected code), `failed`
 (another code), `expired` (answered CODE_UNAUTHENTICATED: the session lapsed; the
@@ -80,6 +81,7 @@ MIX = {
     "ladd": 6,
     "lwork": 10,
     "llate": 4,
+    "lextend": 2,
 }
 # Codes that are a correct answer to a well-formed call of this load, per operation.
 EXPECTED = {
@@ -136,7 +138,8 @@ class LoadClient:
         self.session = 0
         self.token = ""
         self.held: dict[int, int] = {}  # id -> delivery count, delivered to the session
-        # cl-l deliveries left to hang: id -> (delivery count, when its poll was sent)
+        # cl-l deliveries left to hang: id -> (delivery count, when its lease began at the
+        # earliest: its poll or its last extension was sent)
         self.hanging: dict[int, tuple[int, float]] = {}
         # Until then the session is not ended on purpose (a hang's lease must run out
         # while its session lives, or its end would release the message first).
@@ -159,6 +162,7 @@ class LoadClient:
             "ladd": self.lifecycle_add,
             "lwork": self.lifecycle_work,
             "llate": self.lifecycle_late_ack,
+            "lextend": self.lifecycle_extend,
         }
 
     # Sessions ---------------------------------------------------------------------------
@@ -573,6 +577,40 @@ class LoadClient:
             message_id = self.rng.choice(late)
             count, polled = self.hanging.pop(message_id)
             self._lifecycle_ack(message_id, count, polled, "done")
+
+    def lifecycle_extend(self) -> None:
+        """ExtendLease on a message hung on: a new lease (it hangs on from now), or 0,
+        which gives it back (a delivery spent: past max_deliveries, a dead letter)."""
+        if not self.hanging:
+            return
+        message_id = self.rng.choice(sorted(self.hanging))
+        lease_ms = self.rng.choice((0, int(LEASE_S * 1000)))
+        record: Record = {
+            "op": "lextend",
+            "ids": [message_id],
+            "lease_ms": lease_ms,
+            "polled": self.hanging[message_id][1],
+        }
+        reply = self._call(
+            record,
+            lambda timeout: self.stub.ExtendLease(
+                pb.ExtendLeaseRequest(
+                    token=self.token, message_ids=[message_id], ack_deadline_ms=lease_ms
+                ),
+                timeout=timeout,
+            ),
+        )
+        if reply is not None and reply.code == pb.CODE_OK:
+            record["results"] = [int(r.code) for r in reply.results]
+            if [r.message_id for r in reply.results] != [message_id] or not set(
+                record["results"]
+            ) <= set(EXPECTED["lack"]):
+                record["st"] = "failed"
+            elif record["results"] == [pb.CODE_OK] and lease_ms:
+                self.hanging[message_id] = (self.hanging[message_id][0], record["t0"])
+            elif record["results"] == [pb.CODE_OK]:
+                del self.hanging[message_id]
+        self._write(record)
 
     def _lifecycle_ack(self, message_id: int, count: int, polled: float, fate: str) -> None:
         done = fate == "done"
