@@ -322,3 +322,22 @@ def test_checker_flags_an_acked_lifecycle_message_still_there() -> None:
     acked = [*HUNG, lack(5, 3.2, 1, 2, pb.CODE_OK, polled=3)]
     found = problems(acked, lifecycle_final([(2, "l1.1", 1)], [(1, 2, EXPIRY)]))
     assert found == ["id 1: acked done (answered OK) and still there"]
+
+
+def test_checker_holds_an_extension_to_the_lease_it_set() -> None:
+    """An ExtendLease answered OK at 2 started a new lease: LEASE_EXPIRED for the message
+    at 2.6 is early; after 3 it is not."""
+
+    def extend(seq: int, t: float, code: int, polled: float) -> dict[str, Any]:
+        return record(
+            "lextend", "ok", seq, t, code=0, ids=[1], lease_ms=1000, polled=polled, results=[code]
+        )
+
+    extended = [*HUNG[:2], extend(3, 1.5, pb.CODE_OK, polled=1)]
+    end = lifecycle_final([(1, "l1.0", 2), (2, "l1.1", 1)], [])
+    late = [*extended, extend(4, 2.6, pb.CODE_LEASE_EXPIRED, polled=1.5)]
+    assert problems(late, end) == []
+    early = [*extended, extend(4, 1.9, pb.CODE_LEASE_EXPIRED, polled=1.5)]
+    assert problems(early, end) == [
+        "r0-c0 lextend seq 4: LEASE_EXPIRED 0.900 s after the poll, under the 1.0 s lease"
+    ]
