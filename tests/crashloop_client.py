@@ -144,6 +144,7 @@ class LoadClient:
         # Until then the session is not ended on purpose (a hang's lease must run out
         # while its session lives, or its end would release the message first).
         self.keep_session_until = -1.0
+        self.protected = 0  # the hang that is left to run out (never extended)
         self._ops: dict[str, Callable[[], object]] = {
             "add": self.add,
             "add_all": self.add_all,
@@ -551,6 +552,7 @@ class LoadClient:
             self.hanging[message_id] = (count, polled)
             if self.rng.random() < PROTECTED_HANGS:
                 self.keep_session_until = polled + LEASE_S + LATE_ACK_S
+                self.protected = message_id
 
     def _lifecycle_poll(self) -> tuple[int, int, float] | None:
         """Poll the lifecycle queue: (id, delivery count, when the poll was sent)."""
@@ -581,9 +583,10 @@ class LoadClient:
     def lifecycle_extend(self) -> None:
         """ExtendLease on a message hung on: a new lease (it hangs on from now), or 0,
         which gives it back (a delivery spent: past max_deliveries, a dead letter)."""
-        if not self.hanging:
+        hanging = sorted(i for i in self.hanging if i != self.protected)
+        if not hanging:
             return
-        message_id = self.rng.choice(sorted(self.hanging))
+        message_id = self.rng.choice(hanging)
         lease_ms = self.rng.choice((0, int(LEASE_S * 1000)))
         record: Record = {
             "op": "lextend",
