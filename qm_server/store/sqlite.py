@@ -135,17 +135,21 @@ class SqliteStore(Store):
         reserve_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
+        timed: bool = True,
     ) -> None:
         """`check_s`: how long the integrity check at open may take (0: none);
         `reserve_bytes`: the disk space set aside for draining a full disk (reserve.py);
         `clock`: Unix time in seconds, of first adds, leases, delays, ages and idempotency
         keys (a test passes a fake one and calls run_due);
-        `idempotency_window_s`: how long a repeat of an idempotent add answers the first."""
+        `idempotency_window_s`: how long a repeat of an idempotent add answers the first;
+        `timed`: run what falls due by itself (a test on a fake clock turns it off and
+        calls run_due, so that nothing expires behind its back)."""
         if durability not in SYNCHRONOUS:
             raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}")
         if idempotency_window_s < 0:
             raise ValueError("idempotency_window_s must be 0 or more")
         self._clock = clock
+        self._timed = timed
         self._idempotency_window_ms = int(idempotency_window_s * 1000)
         self._index = Index()
         # The one timer that runs run_due when something falls due (_arm); `_armed_for`
@@ -821,7 +825,7 @@ class SqliteStore(Store):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if due_ms and not self._writer.closed:
+        if due_ms and self._timed and not self._writer.closed:
             # A millisecond late rather than early: run_due then finds it due.
             delay = max(0.0, (due_ms + 1) / 1000 - self._clock())
             self._timer = asyncio.get_running_loop().call_later(delay, self._fire)
