@@ -682,33 +682,17 @@ class EngineMachine(RuleBasedStateMachine):
         self.restarted(lambda name: True)
 
     def restarted(self, released: Callable[[str], bool]) -> None:
-        """A new process: sessions died, what they held in the `released` queues is
-        ready again (counted), and past max_deliveries it is dead-lettered now (cause:
-        session end), as is anything ready that should have been but had no dead-letter
-        queue then."""
+        """A new process: sessions died, and what they held in the `released` queues is
+        ready again (counted). Nothing is dead-lettered at the start: being in flight is
+        not on disk, so the store cannot tell what the restart released from what was
+        ready already (a redriven message, say); a message in flight at its last allowed
+        delivery gets one more, and is dead-lettered when that one is released."""
         for session in self.sessions:
             session.ended = True
         self.expired = {}
         for name, message in self.held(lambda m: m.holder is not None):
             if released(name):
                 message.holder, message.lease = None, 0
-        for name in list(self.queues):
-            settings = self.settings[name]
-            target = settings.dead_letter_queue
-            if not settings.max_deliveries or target not in self.queues:
-                continue
-            for message in sorted(self.queues[name].values(), key=lambda m: m.id):
-                if message.holder or message.ready_at:
-                    continue
-                if message.delivery_count >= settings.max_deliveries:
-                    del self.queues[name][message.id]
-                    self.queues[target][message.id] = message
-                    message.dead = (
-                        name,
-                        message.delivery_count,
-                        self.clock.ms(),
-                        lifecycle.CAUSE_SESSION_END,
-                    )
 
     # Queues -------------------------------------------------------------------------------
 
@@ -1556,7 +1540,7 @@ def test_a_poison_message_backs_off_then_is_dead_lettered_with_its_history() -> 
     )
 
 
-def test_extend_to_zero_session_end_and_restart_dead_letter_with_their_cause() -> None:
+def test_extend_to_zero_and_session_end_dead_letter_and_a_restart_gives_one_more_try() -> None:
     replay(
         *dead_letter_queue_and(max_deliveries=1, dead_letter_queue=DEAD_LETTER_QUEUE),
         lambda m: m.add_all(0, "q1", ["a", "b", "c"]),
@@ -1570,8 +1554,11 @@ def test_extend_to_zero_session_end_and_restart_dead_letter_with_their_cause() -
         lambda m: m.poll(0, "q1"),
         lambda m: m.acknowledge(m.pick(0), [4], done=False),  # no dead-letter queue: stays
         lambda m: m.new_queue(0, DEAD_LETTER_QUEUE),
-        lambda m: m.restart(),  # in flight at the stop: dead-lettered at the start
-        dead_as(4, lifecycle.CAUSE_SESSION_END),
+        lambda m: m.poll(0, "q1"),
+        lambda m: m.restart(),  # in flight at the stop: ready again, not dead-lettered
+        lambda m: m.poll(0, "q1"),  # one delivery more...
+        lambda m: m.acknowledge(m.pick(0), [4], done=False),  # ...and now it goes
+        dead_as(4, lifecycle.CAUSE_ACK_ERROR),
     )
 
 
