@@ -12,7 +12,25 @@
 Every failure is a :class:`QMError` subclass named after the service's code.
 """
 
-from .client import DEFAULT_TIMEOUT, Message, QueueManagerClient, SessionLoss, health
+from ._lease_keeper import LeaseGuard
+from ._lifecycle import (
+    AddedIds,
+    DeadLetter,
+    LeaseResult,
+    QueueInfo,
+    QueueSettings,
+    QueueSummary,
+    RedriveResult,
+    RetryPolicy,
+)
+from .client import (
+    DEFAULT_MAX_LEASE,
+    DEFAULT_TIMEOUT,
+    Message,
+    QueueManagerClient,
+    SessionLoss,
+    health,
+)
 from .errors import (
     ClientClosed,
     DeadlineExceeded,
@@ -20,6 +38,8 @@ from .errors import (
     InternalError,
     InvalidArgument,
     KeyNotFound,
+    LeaseExpired,
+    LeaseLost,
     MapNotFound,
     MessageNotFound,
     MessageReleased,
@@ -39,13 +59,20 @@ from .maps import QMap
 from .subscribe import Subscription
 
 __all__ = [
+    "DEFAULT_MAX_LEASE",
     "DEFAULT_TIMEOUT",
+    "AddedIds",
     "ClientClosed",
+    "DeadLetter",
     "DeadlineExceeded",
     "FingerprintMismatch",
     "InternalError",
     "InvalidArgument",
     "KeyNotFound",
+    "LeaseExpired",
+    "LeaseGuard",
+    "LeaseLost",
+    "LeaseResult",
     "MapNotFound",
     "Message",
     "MessageNotFound",
@@ -55,10 +82,15 @@ __all__ = [
     "QMap",
     "QueueAlreadyExists",
     "QueueEmpty",
+    "QueueInfo",
     "QueueManagerClient",
     "QueueNotEmpty",
     "QueueNotFound",
+    "QueueSettings",
+    "QueueSummary",
+    "RedriveResult",
     "ResourceExhausted",
+    "RetryPolicy",
     "SessionLoss",
     "Subscription",
     "TransportError",

@@ -15,9 +15,11 @@ import grpc
 SERVICE = "qm.v1.QueueManagerService"
 
 # Calls whose repetition cannot change the outcome. Everything else (Add, Poll, Ack,
-# NewQueue, DestroyQueue, Logout, Auth...) is never retried on a gRPC status: a retry
-# after a lost answer could add twice, deliver twice, or report a first success as a
-# failure. (A CODE_UNAVAILABLE answer applied nothing, which allows more: _retry.py.)
+# NewQueue, DestroyQueue, Purge, Redrive, ExtendLease, Logout, Auth...) is never retried
+# on a gRPC status: a retry after a lost answer could add twice, deliver twice, purge
+# what came meanwhile, or report a first success as a failure (an ExtendLease to 0
+# repeated answers MESSAGE_NOT_FOUND). (A CODE_UNAVAILABLE answer applied nothing, which
+# allows more, and an Add with a request_id may be repeated: _retry.py.)
 IDEMPOTENT_METHODS = (
     "GetChallenge",
     "HeartBeat",
@@ -29,6 +31,12 @@ IDEMPOTENT_METHODS = (
     "MapGetList",
     "MapPut",
     "MapBatchPut",
+    "GetQueueInfo",
+    "ListDeadLetters",
+    "ListQueues",
+    "ListMaps",
+    # Sets the settings given: a repeat sets them again, with the same answer.
+    "UpdateQueue",
 )
 
 # The largest answer the server sends, framed (its --max-response-bytes, by default

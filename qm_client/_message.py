@@ -7,10 +7,14 @@ client only passes them on.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 from qm.v1 import queue_manager_pb2 as pb
+
+from .errors import QMError
 
 __all__ = ["Finisher", "Login", "Message"]
 
@@ -31,12 +35,18 @@ class Login:
     when it ends, so that the client can say which messages a lost session took with it.
 
     Compared by identity: a message can only be acked under the login it was delivered to.
+    ``lost`` are held messages whose lease the lease keeper lost, with why: their ack or
+    nack raises :class:`LeaseLost` instead of calling the server. ``finishing`` are held
+    messages whose ack or nack is under way: a refused extension of one of them means
+    the ack came first, not that its lease was lost.
     """
 
     token: str
     ttl: float
     generation: int
     held: dict[int, Message] = field(default_factory=dict)
+    lost: dict[int, QMError | None] = field(default_factory=dict)
+    finishing: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -45,14 +55,26 @@ class Message:
 
     Immutable because it is a record of one delivery: a redelivery is a new ``Message``
     with a higher ``delivery_count``. Call exactly one of :meth:`ack` or :meth:`nack`.
+
+    ``enqueued_at`` is when the message was first added (UTC; kept across redeliveries,
+    dead-lettering and redrive). ``lease_expires_at`` is when this delivery's lease runs
+    out unless acked or extended (the server's clock, UTC), ``None`` when the queue has no
+    ack deadline: the message is then held while the session lives.
     """
 
     element: str
     message_id: int
     delivery_count: int
     queue: str
+    enqueued_at: datetime
+    lease_expires_at: datetime | None
     _owner: Finisher = field(repr=False, compare=False)
     _login: Login = field(repr=False, compare=False)
+    _lease_ms: int | None = field(default=None, repr=False, compare=False)
+    """The lease asked for when it was delivered (``ack_deadline``), if any: the lease
+    keeper renews with the same length."""
+    _received_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
+    """When the client received it (monotonic seconds): ``max_lease`` counts from here."""
 
     def ack(self) -> None:
         """Done: the server removes the message for good.

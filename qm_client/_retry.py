@@ -11,8 +11,10 @@ repeats it, with the same backoff as gRPC's policy.
 
 Add and AddAll are the exception. Should "applied nothing" ever be wrong (a commit whose
 fsync failed can still be found on disk after a restart), a repeat would add the
-messages twice, and nothing in the request lets the server recognize a repeat. They are
-repeated only once the contract gives them a request id; until then their caller decides.
+messages twice. So they are repeated only when they carry a ``request_id``: the server
+then answers a repeat with the first call's ids and adds nothing (AIP-155). With one,
+they are also repeated after a gRPC ``UNAVAILABLE`` status, whose call may have been
+applied: that is what the request id is for. Without one, their caller decides.
 Calls that only make sense once (Auth, with its burnt challenge; Logout) and the Subscribe
 stream (which ends with the code; open a new one) are not made through this path.
 """
@@ -43,13 +45,25 @@ RETRIED_ON_UNAVAILABLE_ANSWER = frozenset(
         "MapDestroy",
         "MapGetList",
         "MapBatchPut",
+        # Lifecycle calls: an UNAVAILABLE answer applied nothing, and none of them
+        # depends on having been made once only.
+        "UpdateQueue",
+        "GetQueueInfo",
+        "ExtendLease",
+        "Purge",
+        "Redrive",
+        "ListDeadLetters",
+        "ListQueues",
+        "ListMaps",
     }
 )
 """RPCs made again after a ``CODE_UNAVAILABLE`` answer (named as in the proto)."""
 
-NOT_RETRIED_ON_UNAVAILABLE_ANSWER = frozenset(
-    {"GetChallenge", "Auth", "Logout", "Add", "AddAll", "Subscribe"}
-)
+RETRIED_WITH_REQUEST_ID = frozenset({"Add", "AddAll"})
+"""RPCs made again (after an UNAVAILABLE answer or status) only when they carry a
+``request_id``."""
+
+NOT_RETRIED_ON_UNAVAILABLE_ANSWER = frozenset({"GetChallenge", "Auth", "Logout", "Subscribe"})
 """The other RPCs, for the reasons in the module docstring."""
 
 
@@ -68,5 +82,12 @@ def answer_retry_delays() -> Iterator[float]:
         backoff = min(backoff * float(RETRY_POLICY["backoffMultiplier"]), ceiling)
 
 
-def retried_on_unavailable_answer(rpc: str) -> bool:
-    return rpc in RETRIED_ON_UNAVAILABLE_ANSWER
+def retried_on_unavailable_answer(rpc: str, request: object = None) -> bool:
+    """Whether a ``CODE_UNAVAILABLE`` answer to ``request`` (of method ``rpc``) is repeated."""
+    return rpc in RETRIED_ON_UNAVAILABLE_ANSWER or retried_by_request_id(rpc, request)
+
+
+def retried_by_request_id(rpc: str, request: object) -> bool:
+    """Whether ``request`` carries a request id that makes repeating it safe even after a
+    gRPC ``UNAVAILABLE`` status (the first call may have been applied)."""
+    return rpc in RETRIED_WITH_REQUEST_ID and bool(getattr(request, "request_id", ""))

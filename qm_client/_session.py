@@ -23,15 +23,18 @@ from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 
 from ._channel import open_channel
+from ._lifecycle import datetime_from_ms, required_datetime_from_ms
 from ._login import check_server_key, encrypt_password
 from ._message import Finisher, Login, Message
-from ._retry import answer_retry_delays, retried_on_unavailable_answer
+from ._retry import answer_retry_delays, retried_by_request_id, retried_on_unavailable_answer
 from .errors import (
     ClientClosed,
+    LeaseLost,
     MessageNotFound,
     MessageReleased,
     QMError,
     Unauthenticated,
+    Unavailable,
     error_for_code,
     error_for_rpc_error,
 )
@@ -191,7 +194,9 @@ class Session:
         session is safe for every method, except one that only makes sense in the session
         it names (``bound_to``: acks), which raises :class:`MessageReleased` instead.
         A call answered UNAVAILABLE was not applied either; it is repeated after a pause,
-        up to the retry policy's attempts, each with the full deadline.
+        up to the retry policy's attempts, each with the full deadline. An add with a
+        request id is also repeated after a gRPC UNAVAILABLE status: the server answers a
+        repeat of an applied one with its first ids.
         Returns the response with the login that answered it.
         """
         deadline = self.timeout if timeout is None else timeout
@@ -199,11 +204,21 @@ class Session:
         if bound_to is not None and bound_to is not login:
             raise MessageReleased("the session this message was delivered to has ended")
         rpc = type(request).__name__.removesuffix("Request")
-        pauses = answer_retry_delays() if retried_on_unavailable_answer(rpc) else iter(())
+        retried = retried_on_unavailable_answer(rpc, request)
+        pauses = answer_retry_delays() if retried else iter(())
+        by_request_id = retried_by_request_id(rpc, request)
         renewed = False
         while True:
             request.token = login.token
-            response = self.send(method, request, deadline)
+            try:
+                response = self.send(method, request, deadline)
+            except Unavailable as error:
+                if not by_request_id or (pause := next(pauses, None)) is None:
+                    raise
+                logger.debug("%s failed (%s); again in %.2f s", rpc, error, pause)
+                if self.closing.wait(pause):
+                    raise
+                continue
             if response.code == pb.CODE_UNAUTHENTICATED and not renewed:
                 login = self.renew(login)
                 renewed = True
@@ -291,18 +306,23 @@ class Session:
         queue: str,
         info: pb.ElementInfo | pb.PollResponse,
         owner: Finisher | None = None,
+        lease_ms: int | None = None,
     ) -> Message:
         """Record a delivery, so that a lost session can say what it released.
 
         ``owner`` finishes the message; by default the session itself, with an ``Ack`` call.
+        ``lease_ms`` is the ack deadline the call asked for, if it asked.
         """
         message = Message(
             element=info.element,
             message_id=info.message_id,
             delivery_count=info.delivery_count,
             queue=queue,
+            enqueued_at=required_datetime_from_ms(info.enqueued_at_ms),
+            lease_expires_at=datetime_from_ms(info.lease_expires_at_ms),
             _owner=self if owner is None else owner,
             _login=login,
+            _lease_ms=lease_ms,
         )
         with self._lock:
             login.held[message.message_id] = message
@@ -313,12 +333,46 @@ class Session:
         with self._lock:
             for message_id in message_ids:
                 login.held.pop(message_id, None)
+                login.lost.pop(message_id, None)
+                login.finishing.discard(message_id)
+
+    # -- leases lost --------------------------------------------------------------------
+
+    def mark_lost(self, message: Message, cause: QMError | None) -> bool:
+        """The lease keeper lost this message's lease: its ack or nack will say so.
+
+        ``False`` when the message is no longer held or its ack is under way: then the
+        refusal the keeper got is the ack's doing, and nothing was lost.
+        """
+        login, message_id = message._login, message.message_id
+        with self._lock:
+            if message_id not in login.held or message_id in login.finishing:
+                return False
+            login.lost[message_id] = cause
+            return True
+
+    def check_lease(self, message: Message) -> None:
+        """Before an ack or nack: raise :class:`LeaseLost` (and forget the message) if its
+        lease was lost, else note that it is being finished."""
+        login = message._login
+        with self._lock:
+            if message.message_id not in login.lost:
+                login.finishing.add(message.message_id)
+                return
+            cause = login.lost.pop(message.message_id)
+            login.held.pop(message.message_id, None)
+        why = "it reached max_lease" if cause is None else f"an extension failed: {cause}"
+        raise LeaseLost(
+            f"the lease of message {message.message_id} was lost while it was handled ({why})",
+            cause=cause,
+        )
 
     def _finish(self, message: Message, ack_type: pb.AckType) -> None:
         """Finish a message delivered to the session by a unary call (``Finisher``)."""
         login = message._login
         if not isinstance(login, Login):
             raise TypeError("message was not delivered by this client")
+        self.check_lease(message)
         request = pb.AckRequest(message_id=message.message_id, ack_type=ack_type)
         try:
             self.call(self.stub.Ack, request, bound_to=login)

@@ -6,14 +6,18 @@ shared session, not the client, so none of them imports this module:
 - ``_session.py``: the session (channel, current login, the unary call that logs in again
   and reports a lost session, the messages held);
 - ``_heartbeat.py``: the thread that keeps the session alive;
-- ``maps.py`` (``QMap``) and ``subscribe.py`` (``Subscription``): views built on it.
+- ``_lease_keeper.py``: the thread that extends the leases of messages being handled;
+- ``maps.py`` (``QMap``) and ``subscribe.py`` (``Subscription``): views built on it;
+- ``_lifecycle.py``: the typed records of queue settings, counts and dead letters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,16 +26,48 @@ from qm.v1 import queue_manager_pb2 as pb
 
 from ._channel import open_channel
 from ._heartbeat import Heartbeat
+from ._lease_keeper import LeaseGuard, LeaseKeeper
+from ._lifecycle import (
+    AddedIds,
+    DeadLetter,
+    LeaseResult,
+    QueueInfo,
+    QueueSettings,
+    QueueSummary,
+    RedriveResult,
+    dead_letter_from_pb,
+    lease_result_from_pb,
+    queue_info_from_pb,
+    redrive_result_from_pb,
+    settings_from_pb,
+    settings_to_pb,
+    summary_from_pb,
+)
 from ._message import Message
 from ._session import Session, SessionLoss
-from .errors import MessageNotFound, MessageReleased, error_for_rpc_error
+from .errors import LeaseLost, MessageNotFound, MessageReleased, QMError, error_for_rpc_error
 from .maps import QMap
 from .subscribe import Subscription
 
-__all__ = ["DEFAULT_TIMEOUT", "Message", "QueueManagerClient", "SessionLoss", "health"]
+__all__ = [
+    "DEFAULT_MAX_LEASE",
+    "DEFAULT_TIMEOUT",
+    "Message",
+    "QueueManagerClient",
+    "SessionLoss",
+    "health",
+]
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds every call may take before it fails with DeadlineExceeded (plus any wait)."""
+
+DEFAULT_MAX_LEASE = 3600.0
+"""Seconds the lease keeper extends a message's lease at most, from its delivery."""
+
+DEFAULT_PAGE_SIZE = 100
+"""Entries per call of the listing iterators."""
+
+_T = TypeVar("_T")
 
 
 class QueueManagerClient:
@@ -63,6 +99,12 @@ class QueueManagerClient:
         on_session_lost: Called (from whichever thread noticed) after the client logged in
             again because its session had ended. Without it, the loss is logged at
             WARNING on the ``qm_client`` logger.
+        max_lease: Seconds after its delivery past which the lease keeper stops extending
+            a message's lease (:meth:`keep_lease`): its handler is taken to be hung.
+        on_lease_lost: Called from the lease keeper's thread with the message and the
+            error (``None`` for ``max_lease``) when it loses a lease. Without it, the
+            loss is logged at WARNING. Either way the message's ack raises
+            :class:`LeaseLost`.
     """
 
     def __init__(
@@ -78,6 +120,8 @@ class QueueManagerClient:
         timeout: float = DEFAULT_TIMEOUT,
         heartbeat: bool = True,
         on_session_lost: Callable[[SessionLoss], None] | None = None,
+        max_lease: float = DEFAULT_MAX_LEASE,
+        on_lease_lost: Callable[[Message, QMError | None], None] | None = None,
     ) -> None:
         self.target = target
         self.username = username
@@ -93,6 +137,7 @@ class QueueManagerClient:
             on_session_lost=on_session_lost,
         )
         self._stub = self._session.stub
+        self._lease_keeper = LeaseKeeper(self._session, max_lease, on_lease_lost)
         self._heartbeat: Heartbeat | None = None
         if heartbeat:
             self._heartbeat = Heartbeat(self._session)
@@ -115,7 +160,8 @@ class QueueManagerClient:
         self.close()
 
     def close(self, *, logout: bool = True) -> None:
-        """Stop the heartbeat, log out and close the channel. Safe to call twice.
+        """Stop the heartbeat and the lease keeper, log out and close the channel. Safe to
+        call twice.
 
         ``logout=False`` leaves the session alive on the server until its ttl runs out
         (``qm token`` hands that session to another tool). A failed logout is logged, not
@@ -124,6 +170,7 @@ class QueueManagerClient:
         login = self._session.shut()
         if login is None:
             return
+        self._lease_keeper.stop()
         if self._heartbeat is not None:
             self._heartbeat.join()
         self._session.end(login, logout=logout)
@@ -140,34 +187,152 @@ class QueueManagerClient:
 
     # -- queues ---------------------------------------------------------------------------
 
-    def new_queue(self, name: str, *, exist_ok: bool = False) -> None:
+    def new_queue(
+        self, name: str, settings: QueueSettings | None = None, *, exist_ok: bool = False
+    ) -> None:
         """Create an empty queue; the only way a queue comes to exist.
 
-        Raises :class:`QueueAlreadyExists` unless ``exist_ok``.
+        ``settings`` (:class:`QueueSettings`) sets its lifecycle; unset fields take their
+        defaults, the seed's behaviour. Raises :class:`QueueAlreadyExists` unless
+        ``exist_ok`` (an existing queue keeps its own settings: :meth:`update_queue`).
         """
         accept = (pb.CODE_QUEUE_ALREADY_EXISTS,) if exist_ok else ()
-        self._session.call(self._stub.NewQueue, pb.NewQueueRequest(queue_name=name), accept=accept)
+        request = pb.NewQueueRequest(queue_name=name)
+        if settings is not None:
+            request.settings.CopyFrom(settings_to_pb(settings))
+        self._session.call(self._stub.NewQueue, request, accept=accept)
 
-    def add(self, queue: str, element: str) -> int:
-        """Append one message and return its id. Not retried: a retry could add it twice."""
+    def update_queue(self, name: str, settings: QueueSettings) -> QueueSettings:
+        """Change the settings that are not ``None``; returns every setting as it is now.
+
+        Messages in flight keep their lease; the rest follow the new settings from now on.
+        """
+        request = pb.UpdateQueueRequest(queue_name=name, settings=settings_to_pb(settings))
+        response, _ = self._session.call(self._stub.UpdateQueue, request)
+        return settings_from_pb(response.settings)
+
+    def queue_info(self, name: str) -> QueueInfo:
+        """A queue's settings and counts (:class:`QueueInfo`)."""
         response, _ = self._session.call(
-            self._stub.Add, pb.AddRequest(queue_name=queue, element=element)
+            self._stub.GetQueueInfo, pb.GetQueueInfoRequest(queue_name=name)
         )
+        return queue_info_from_pb(name, response)
+
+    def list_queues(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[QueueSummary]:
+        """Every queue the user may read, by name, a page per call (:class:`QueueSummary`).
+
+        Paged by name: a queue created or destroyed while the listing runs may or may not
+        be listed, and no other is skipped or repeated.
+        """
+        cursor = ""
+        while True:
+            request = pb.ListQueuesRequest(start_after=cursor, limit=page_size)
+            response, _ = self._session.call(self._stub.ListQueues, request)
+            yield from map(summary_from_pb, response.queues)
+            cursor = response.next_start_after
+            if not cursor:
+                return
+
+    def list_maps(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[str]:
+        """The names of every map the user may read, a page per call, as ``list_queues``."""
+        cursor = ""
+        while True:
+            request = pb.ListMapsRequest(start_after=cursor, limit=page_size)
+            response, _ = self._session.call(self._stub.ListMaps, request)
+            yield from response.names
+            cursor = response.next_start_after
+            if not cursor:
+                return
+
+    def purge(self, queue: str) -> int:
+        """Remove every ready and delayed message of ``queue`` in one step; returns how
+        many. Messages in flight stay with their holders."""
+        response, _ = self._session.call(self._stub.Purge, pb.PurgeRequest(queue_name=queue))
+        return response.purged
+
+    def dead_letters(
+        self, queue: str, *, page_size: int = DEFAULT_PAGE_SIZE
+    ) -> Iterator[DeadLetter]:
+        """The dead letters ``queue`` holds, by id, with their history, a page per call."""
+        after = 0
+        while True:
+            request = pb.ListDeadLettersRequest(queue_name=queue, after_id=after, limit=page_size)
+            response, _ = self._session.call(self._stub.ListDeadLetters, request)
+            yield from map(dead_letter_from_pb, response.dead_letters)
+            after = response.next_after_id
+            if not after:
+                return
+
+    def redrive(self, queue: str, ids: Iterable[int] | None = None) -> RedriveResult:
+        """Move dead letters of ``queue`` (all, or the ids given) back to their original
+        queues, ready at once, delivery count kept. Safe to repeat."""
+        request = pb.RedriveRequest(queue_name=queue, message_ids=list(ids or ()))
+        response, _ = self._session.call(self._stub.Redrive, request)
+        return redrive_result_from_pb(response)
+
+    def add(
+        self,
+        queue: str,
+        element: str,
+        *,
+        delay: float | None = None,
+        request_id: str | None = None,
+        idempotent: bool = False,
+    ) -> int:
+        """Append one message and return its id.
+
+        ``delay``: seconds before it is ready (default: the queue's ``delay_ms``).
+        ``request_id`` (or ``idempotent=True``, which makes one up) makes the add safe to
+        repeat: the client then repeats it after UNAVAILABLE, and the server answers a
+        repeat with the first id. Without either it is not repeated: a repeat could add it
+        twice.
+        """
+        request = pb.AddRequest(
+            queue_name=queue,
+            element=element,
+            delay_ms=None if delay is None else _millis(delay),
+            request_id=_request_id(request_id, idempotent),
+        )
+        response, _ = self._session.call(self._stub.Add, request)
         return response.message_id
 
-    def add_all(self, queue: str, elements: Iterable[str]) -> list[int]:
-        """Append several messages atomically (all or none); ids in the same order."""
-        request = pb.AddAllRequest(queue_name=queue, elements=list(elements))
-        response, _ = self._session.call(self._stub.AddAll, request)
-        return list(response.message_ids)
+    def add_all(
+        self,
+        queue: str,
+        elements: Iterable[str],
+        *,
+        delay: float | None = None,
+        request_id: str | None = None,
+        idempotent: bool = False,
+    ) -> AddedIds:
+        """Append several messages atomically (all or none); ids in the same order.
 
-    def poll(self, queue: str, *, wait: float = 0.0) -> Message | None:
+        ``delay``, ``request_id`` and ``idempotent`` as for :meth:`add`. The answer is a
+        ``list`` of ids that also says whether it was a replay (:class:`AddedIds`).
+        """
+        request = pb.AddAllRequest(
+            queue_name=queue,
+            elements=list(elements),
+            delay_ms=None if delay is None else _millis(delay),
+            request_id=_request_id(request_id, idempotent),
+        )
+        response, _ = self._session.call(self._stub.AddAll, request)
+        return AddedIds(
+            list(response.message_ids), replayed=response.replayed, request_id=request.request_id
+        )
+
+    def poll(
+        self, queue: str, *, wait: float = 0.0, ack_deadline: float | None = None
+    ) -> Message | None:
         """Take the oldest ready message, or ``None`` if none is ready within ``wait`` s.
 
-        The message stays in flight for the client's session until acked, nacked, or the session
-        ends. The server caps ``wait`` (20 s by default).
+        The message stays in flight for the client's session until acked, nacked, the
+        session ends, or its lease runs out: ``ack_deadline`` s (1 to 43,200), else the
+        queue's ``ack_deadline_ms`` (none by default). The server caps ``wait`` (20 s by
+        default).
         """
-        request = pb.PollRequest(queue_name=queue, wait_ms=_millis(wait))
+        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
+        request = pb.PollRequest(queue_name=queue, wait_ms=_millis(wait), ack_deadline_ms=lease_ms)
         response, login = self._session.call(
             self._stub.Poll,
             request,
@@ -176,22 +341,107 @@ class QueueManagerClient:
         )
         if response.code == pb.CODE_QUEUE_EMPTY:
             return None
-        return self._session.hold(login, queue, response)
+        return self._session.hold(login, queue, response, lease_ms=lease_ms)
 
-    def pull(self, queue: str, max_count: int, *, wait: float = 0.0) -> list[Message]:
+    def pull(
+        self,
+        queue: str,
+        max_count: int,
+        *,
+        wait: float = 0.0,
+        ack_deadline: float | None = None,
+    ) -> list[Message]:
         """Take up to ``max_count`` of the oldest ready messages; ``[]`` if none is ready.
 
         Waits up to ``wait`` s for the first one; returns what is ready then, not a full
-        batch.
+        batch. ``ack_deadline`` as for :meth:`poll`.
         """
-        request = pb.PullElementsRequest(queue_name=queue, number=max_count, wait_ms=_millis(wait))
+        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
+        request = pb.PullElementsRequest(
+            queue_name=queue, number=max_count, wait_ms=_millis(wait), ack_deadline_ms=lease_ms
+        )
         response, login = self._session.call(
             self._stub.PullElements,
             request,
             timeout=self._session.timeout + wait,
             accept=(pb.CODE_QUEUE_EMPTY,),
         )
-        return [self._session.hold(login, queue, info) for info in response.element_info]
+        return [
+            self._session.hold(login, queue, info, lease_ms=lease_ms)
+            for info in response.element_info
+        ]
+
+    def extend_lease(self, messages: Iterable[Message | int], deadline: float) -> list[LeaseResult]:
+        """Move the lease of messages held by the client's session to ``deadline`` s from
+        now (1 to 43,200); ``0`` gives them back at once (ready again, without retry
+        backoff; it counts as a delivery). A result per message, in order
+        (:class:`LeaseResult`); failures are in the results, not raised.
+
+        A ``Message`` delivered to a session that has since ended fails with
+        :class:`MessageReleased` without a call. To keep a lease alive while a handler
+        runs, :meth:`keep_lease` does this from a background thread.
+        """
+        login = self._session.current()
+        order: list[int] = []
+        stale: dict[int, LeaseResult] = {}
+        for item in messages:
+            if isinstance(item, Message):
+                order.append(item.message_id)
+                if item._login is not login:
+                    released = MessageReleased(
+                        f"message {item.message_id}: the session it was delivered to has ended"
+                    )
+                    stale[item.message_id] = LeaseResult(item.message_id, released, None)
+            else:
+                order.append(item)
+        ids = [i for i in order if i not in stale]
+        results: dict[int, LeaseResult] = dict(stale)
+        if ids:
+            request = pb.ExtendLeaseRequest(message_ids=ids, ack_deadline_ms=_millis(deadline))
+            response, _ = self._session.call(self._stub.ExtendLease, request, bound_to=login)
+            results.update(
+                (result.message_id, lease_result_from_pb(result)) for result in response.results
+            )
+            if request.ack_deadline_ms == 0:  # given back: no longer the session's to lose
+                self._session.unhold(login, [i for i in ids if results[i].ok])
+        return [results[i] for i in order]
+
+    def keep_lease(self, message: Message, *, max_lease: float | None = None) -> LeaseGuard:
+        """Keep ``message``'s lease alive from the lease keeper's thread until the returned
+        guard is released (use it as a context manager), at most ``max_lease`` s from its
+        delivery (default: the client's). A message without a lease needs no keeping: its
+        guard does nothing.
+
+        A lost lease shows on the guard (``lost``, ``cause``), goes to ``on_lease_lost``
+        (or the log), and makes the message's ack and nack raise :class:`LeaseLost`.
+        """
+        return self._lease_keeper.keep(message, max_lease)
+
+    def handle(
+        self,
+        message: Message,
+        handler: Callable[[Message], _T],
+        *,
+        max_lease: float | None = None,
+    ) -> _T:
+        """Run ``handler(message)`` with its lease kept alive; ack the message when the
+        handler returns, nack it when it raises (and re-raise). Returns what it returned.
+
+        Raises :class:`LeaseLost` when the lease was lost meanwhile (the message is, or
+        will be, delivered again; the handler's work on it does not count), and what
+        ``ack`` raises otherwise.
+        """
+        with self.keep_lease(message, max_lease=max_lease):
+            try:
+                result = handler(message)
+            except Exception:
+                # Lost or released, it comes back either way (the loss was reported by
+                # the keeper); the handler's error is the one to raise.
+                with contextlib.suppress(QMError):
+                    message.nack()
+                raise
+            message.ack()
+        return result
 
     def ack(self, message: Message) -> None:
         """Same as ``message.ack()``.
@@ -230,8 +480,16 @@ class QueueManagerClient:
         if not batch:
             return failed
         login = self._session.current()
-        current = [m for m in batch if m._login is login]
-        failed.extend(m for m in batch if m._login is not login)
+        current: list[Message] = []
+        for message in batch:
+            try:
+                if message._login is login:
+                    self._session.check_lease(message)
+                    current.append(message)
+                    continue
+            except LeaseLost:
+                pass
+            failed.append(message)
         if not current:
             return failed
         request = pb.BatchAckRequest(message_ids=[m.message_id for m in current], ack_type=ack_type)
@@ -271,13 +529,17 @@ class QueueManagerClient:
             self._stub.DestroyQueue, pb.DestroyQueueRequest(queue_name=queue, force=force)
         )
 
-    def subscribe(self, queue: str, max_unacked: int = 16) -> Subscription:
+    def subscribe(
+        self, queue: str, max_unacked: int = 16, *, ack_deadline: float | None = None
+    ) -> Subscription:
         """Stream messages as they arrive, at most ``max_unacked`` held at once.
 
         Iterate the returned object; ack or nack each message to make room for the next.
         Closing it (or leaving its ``with`` block) releases what it still holds.
+        ``ack_deadline`` as for :meth:`poll`, for every message pushed.
         """
-        return Subscription(self._session, queue, max_unacked)
+        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
+        return Subscription(self._session, queue, max_unacked, lease_ms)
 
     # -- maps -----------------------------------------------------------------------------
 
@@ -288,6 +550,13 @@ class QueueManagerClient:
 
 def _millis(seconds: float) -> int:
     return round(seconds * 1000)
+
+
+def _request_id(given: str | None, idempotent: bool) -> str:
+    """The request id to send: the caller's, one made up for ``idempotent``, or none."""
+    if given:
+        return given
+    return uuid.uuid4().hex if idempotent else ""
 
 
 def health(

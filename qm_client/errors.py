@@ -21,6 +21,7 @@ __all__ = [
     "InvalidArgument",
     "KeyNotFound",
     "LeaseExpired",
+    "LeaseLost",
     "MapNotFound",
     "MessageNotFound",
     "MessageReleased",
@@ -155,11 +156,29 @@ class KeyNotFound(QMError, KeyError):
         return QMError.__str__(self)
 
 
-class LeaseExpired(QMError):
+class LeaseExpired(MessageNotFound):
     """The lease of a delivered message ran out before its ack or extension: the message
-    is ready again (or delivered elsewhere) and this delivery's work no longer counts."""
+    is ready again (or delivered elsewhere) and this delivery's work no longer counts.
+
+    A :class:`MessageNotFound` too, as :class:`MessageReleased` is: code that handles "this
+    delivery is no longer mine" keeps working, and code that cares can tell them apart.
+    """
 
     code_name = "LEASE_EXPIRED"
+
+
+class LeaseLost(LeaseExpired):
+    """The client's lease keeper lost the lease of a message while its handler ran: an
+    extension was refused (``cause`` is that error), or the lease reached ``max_lease``
+    (``cause`` is ``None``). Raised locally by ``ack``/``nack`` of that message, without
+    a call: the message is, or soon will be, delivered again.
+    """
+
+    code_name = "LEASE_EXPIRED"
+
+    def __init__(self, message: str = "", *, cause: QMError | None = None) -> None:
+        super().__init__(message, code=pb.CODE_LEASE_EXPIRED)
+        self.cause = cause
 
 
 class ResourceExhausted(QMError):
@@ -173,9 +192,10 @@ class Unavailable(QMError):
 
     A ``CODE_UNAVAILABLE`` answer (``code`` set) means nothing was applied: the client
     already made the call again with backoff before raising this, for every call but
-    ``add`` and ``add_all``. A gRPC ``UNAVAILABLE`` status (``grpc_status`` set) means the
-    call may not have reached the server or its answer was lost: gRPC retried it only for
-    calls whose repetition cannot change the outcome (docs/client.md, "Retries").
+    ``add`` and ``add_all`` without a request id. A gRPC ``UNAVAILABLE`` status
+    (``grpc_status`` set) means the call may not have reached the server or its answer was
+    lost: gRPC retried it only for calls whose repetition cannot change the outcome, and
+    the client an add with a request id (docs/client.md, "Retries").
     """
 
     code_name = "UNAVAILABLE"

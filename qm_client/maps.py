@@ -2,9 +2,9 @@
 
 Each operation is one or more calls to the server, so the view keeps no cache: what it
 returns is what the server holds at that moment. Where a ``Mapping`` operation would be
-dishonest over the wire it is replaced: iteration pages (``MapGetList``) instead of
-fetching a key at a time, ``update`` is one atomic ``MapBatchPut``, ``clear`` deletes key
-by key (the map itself stays). The read-modify-write helpers inherited from
+dishonest over the wire it is replaced: iteration pages (``MapGetList`` by key cursor)
+instead of fetching a key at a time, ``update`` is one atomic ``MapBatchPut``, ``clear``
+deletes key by key (the map itself stays). The read-modify-write helpers inherited from
 ``MutableMapping`` (``pop``, ``setdefault``, ``popitem``) are two calls and not atomic.
 
 A missing *map* is not an empty mapping: reads raise :class:`MapNotFound`, because the
@@ -29,9 +29,10 @@ __all__ = ["QMap"]
 class QMap(MutableMapping[str, str]):
     """A live view of the server map ``name``; create it with ``client.map(name)``.
 
-    ``len()`` and iteration page through the map (``page_size`` entries per call), so they
-    cost a call per page, and a map changed while it is paged may show a key twice or not
-    at all. For one consistent snapshot use :meth:`to_dict`.
+    ``len()`` and iteration page through the map (``page_size`` entries per call) by key
+    cursor, so they cost a call per page. A map changed while it is paged shows every key
+    present throughout exactly once (keys added or removed meanwhile may or may not be
+    seen). For one consistent snapshot use :meth:`to_dict`.
     """
 
     def __init__(self, session: Session, name: str, *, page_size: int = 500) -> None:
@@ -95,8 +96,13 @@ class QMap(MutableMapping[str, str]):
         )
 
     def clear(self) -> None:
-        """Remove every key, one call each; the map itself remains. Not atomic."""
-        for key in list(self):  # paged: a map too big for one MapGetAll is cleared too
+        """Remove every key, one call each; the map itself remains. Not atomic.
+
+        Pages by key cursor while it removes (a page at a time in memory, so a map too big
+        for one MapGetAll is cleared too): removing keys does not move the cursor, as it
+        would move an offset.
+        """
+        for key in self:
             try:
                 del self[key]
             except KeyNotFound:
@@ -112,12 +118,31 @@ class QMap(MutableMapping[str, str]):
         return dict(response.map)
 
     def page(self, offset: int = 0, size: int | None = None) -> list[tuple[str, str]]:
-        """One page of entries in key order (``MapGetList``); ``[]`` past the end."""
+        """One page of entries in key order by offset (``MapGetList``); ``[]`` past the end.
+
+        Offsets shift when keys are added or removed; :meth:`page_after` does not."""
         request = pb.MapGetListRequest(
             map=self.name, offset=offset, size=self.page_size if size is None else size
         )
         response, _ = self._session.call(self._session.stub.MapGetList, request)
         return [(kv.key, kv.value) for kv in response.list]
+
+    def page_after(
+        self, key: str | None = None, size: int | None = None
+    ) -> tuple[list[tuple[str, str]], str | None]:
+        """One page of entries in key order after ``key`` (``None``: from the first key),
+        and the key to pass for the next page (``None`` once no entry follows).
+
+        Stable while the map changes: no entry present throughout is skipped or repeated.
+        """
+        # "" is a key like any other, so the first page is asked for by offset 0 (an
+        # unset cursor) rather than after "".
+        request = pb.MapGetListRequest(
+            map=self.name, size=self.page_size if size is None else size, start_after=key
+        )
+        response, _ = self._session.call(self._session.stub.MapGetList, request)
+        entries = [(kv.key, kv.value) for kv in response.list]
+        return entries, response.next_key if response.HasField("next_key") else None
 
     def exists(self) -> bool:
         """Whether the map exists (it may exist and be empty)."""
@@ -132,12 +157,14 @@ class QMap(MutableMapping[str, str]):
         self._session.call(self._session.stub.MapDestroy, pb.MapDestroyRequest(map=self.name))
 
     def _entries(self) -> Iterator[tuple[str, str]]:
-        # Only an empty page ends the map: the server returns fewer entries than asked
-        # whenever they would not fit in one answer (large values), not only at the end.
-        offset = 0
-        while page := self.page(offset):
+        # The server's next_key ends the map, not a short page: it returns fewer entries
+        # than asked whenever they would not fit in one answer (large values).
+        cursor: str | None = None
+        while True:
+            page, cursor = self.page_after(cursor)
             yield from page
-            offset += len(page)
+            if cursor is None:
+                return
 
 
 class _PagedItems(ItemsView[str, str]):

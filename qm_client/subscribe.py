@@ -43,14 +43,19 @@ class _Stream:
     opens a new stream, and messages of the old one can no longer be acked.
     """
 
-    def __init__(self, session: Session, queue: str, max_unacked: int) -> None:
+    def __init__(
+        self, session: Session, queue: str, max_unacked: int, ack_deadline_ms: int | None
+    ) -> None:
         self.login: Login = session.current()
         self.open_ids: set[int] = set()
         self.requests: queue_module.SimpleQueue[pb.SubscribeRequest | None] = (
             queue_module.SimpleQueue()
         )
         opening = pb.SubscribeOpen(
-            token=self.login.token, queue_name=queue, max_unacked=max_unacked
+            token=self.login.token,
+            queue_name=queue,
+            max_unacked=max_unacked,
+            ack_deadline_ms=ack_deadline_ms,
         )
         self.requests.put(pb.SubscribeRequest(open=opening))
         self.call = session.stub.Subscribe(self._request_iterator())
@@ -111,10 +116,17 @@ class Subscription:
     resumes.
     """
 
-    def __init__(self, session: Session, queue: str, max_unacked: int) -> None:
+    def __init__(
+        self,
+        session: Session,
+        queue: str,
+        max_unacked: int,
+        ack_deadline_ms: int | None = None,
+    ) -> None:
         self._session = session
         self.queue = queue
         self.max_unacked = max_unacked
+        self.ack_deadline_ms = ack_deadline_ms
         self.failed_acks: list[int] = []
         self._buffer: deque[Message] = deque()
         # Guards _stream, _closed, _reading and the stream's open_ids (acks come from any
@@ -122,7 +134,7 @@ class Subscription:
         self._lock = threading.Lock()
         self._closed = False
         self._reading = False  # the consumer's thread is reading the stream
-        self._stream = _Stream(session, queue, max_unacked)
+        self._stream = _Stream(session, queue, max_unacked, ack_deadline_ms)
 
     def __enter__(self) -> Self:
         return self
@@ -216,7 +228,9 @@ class Subscription:
             self.failed_acks.append(result.message_id)
         for info in response.element_info:
             # Acks for this message go through the stream, not the Ack RPC.
-            message = self._session.hold(stream.login, self.queue, info, owner=self)
+            message = self._session.hold(
+                stream.login, self.queue, info, owner=self, lease_ms=self.ack_deadline_ms
+            )
             with self._lock:
                 stream.open_ids.add(info.message_id)
             self._buffer.append(message)
@@ -226,7 +240,7 @@ class Subscription:
         stream.end()
         try:
             self._session.renew(stream.login)  # reports what the old session held
-            fresh = _Stream(self._session, self.queue, self.max_unacked)
+            fresh = _Stream(self._session, self.queue, self.max_unacked, self.ack_deadline_ms)
         except QMError:
             self._abort()
             raise
@@ -249,6 +263,9 @@ class Subscription:
             if message.message_id not in stream.open_ids:
                 raise MessageNotFound(f"message {message.message_id} was already finished")
             stream.open_ids.discard(message.message_id)
+            # A lost lease raises here, and nothing goes on the stream: the server releases
+            # the message when its lease ends.
+            self._session.check_lease(message)
             # Queued under the lock: close() marks the subscription closed before it
             # half-closes, so an ack that passed the checks goes out ahead of the end.
             ack = pb.SubscribeAck(message_ids=[message.message_id], ack_type=ack_type)

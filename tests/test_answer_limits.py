@@ -4,6 +4,7 @@ nothing is put in flight in an answer that could not be delivered."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,16 +102,42 @@ def test_pull_of_max_size_elements_is_all_delivered(stub: Stub, token: str) -> N
 
 
 def test_an_answer_filled_to_the_byte_reaches_a_default_client(stub: Stub, token: str) -> None:
-    # Ids 1..5 and delivery count 1: each entry's overhead is the same, so 4 elements of
-    # this size fill the room exactly, and a fifth byte each would not fit.
-    size = ROOM // 4 - (element_info_size(ROOM // 4, 1, 1) - ROOM // 4)
-    assert 4 * element_info_size(size, 1, 1) <= ROOM < 4 * element_info_size(size + 1, 1, 1)
+    # Ids 1..5, delivery count 1 and an enqueue time of this century (a 6-byte varint):
+    # each entry's overhead is the same, so 4 elements of this size fill the room
+    # exactly, and a fifth byte each would not fit.
+    now = int(time.time() * 1000)
+    size = ROOM // 4 - (element_info_size(ROOM // 4, 1, 1, now) - ROOM // 4)
+    assert 4 * element_info_size(size, 1, 1, now) <= ROOM
+    assert 4 * element_info_size(size + 1, 1, 1, now) > ROOM
     stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="edge"))
     add_each(stub, token, "edge", ["x" * size] * 5)
     pull = stub.PullElements(pb.PullElementsRequest(token=token, queue_name="edge", number=5))
     assert (pull.code, pull.number) == (pb.CODE_OK, 4)
     assert pull.ByteSize() + FRAME_BYTES <= MAX_ANSWER_BYTES
     assert in_flight(stub, token, "edge") == 4
+
+
+def test_many_leased_deliveries_fit_a_default_client(stub: Stub, token: str) -> None:
+    # Each delivery carries its enqueue time and lease end (about 14 bytes): elements
+    # sized so that 200 entries fill the room without them would overshoot by 2.8 KB.
+    count = 200
+    size = ROOM // count - (element_info_size(ROOM // count, 255, 1) - ROOM // count)
+    assert count * element_info_size(size, 255, 1) <= ROOM
+    stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="leased"))
+    for half in range(2):
+        elements = ["x" * size] * (count // 2 + half)
+        added = stub.AddAll(pb.AddAllRequest(token=token, queue_name="leased", elements=elements))
+        assert added.code == pb.CODE_OK, added.message
+    pull = stub.PullElements(
+        pb.PullElementsRequest(
+            token=token, queue_name="leased", number=count + 1, ack_deadline_ms=60_000
+        )
+    )
+    assert pull.code == pb.CODE_OK
+    assert all(e.enqueued_at_ms and e.lease_expires_at_ms for e in pull.element_info)
+    assert pull.ByteSize() + FRAME_BYTES <= MAX_ANSWER_BYTES
+    assert 0 < pull.number < count  # the times took the room of a few
+    assert in_flight(stub, token, "leased") == pull.number
 
 
 def test_subscribe_pushes_of_max_size_elements_are_all_delivered(stub: Stub, token: str) -> None:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
 
 def ok_json(result: subprocess.CompletedProcess[str]) -> Any:
     return json.loads(ok(result))
+
+
+def iso(ms: int) -> str:
+    """A proto time as ``qm`` prints it for people."""
+    when = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def failed(result: subprocess.CompletedProcess[str], status: int, code_name: str) -> str:
@@ -105,13 +112,25 @@ def test_poll_without_finishing_releases_on_exit(
     (message_id,) = qm.add_all("jobs", ["hello"])
     result = run_qm(server, "poll", "jobs")
     assert result.returncode == 0
-    assert result.stdout == f"{message_id}\thello\n"
+    fields = result.stdout.removesuffix("\n").split("\t")
+    assert fields[:3] == [str(message_id), "hello", "delivery 1"]
+    assert fields[4] == "no lease (held while qm runs)"
     assert "not acked" in result.stderr
     assert (qm.size("jobs"), qm.unacked("jobs")) == (1, 0)
     data = ok_json(run_qm(server, "--json", "poll", "jobs"))
+    (message,) = data["messages"]
+    assert fields[3] == f"enqueued {iso(message['enqueued_at_ms'])}"
     assert data == {
         "queue": "jobs",
-        "messages": [{"message_id": message_id, "element": "hello", "delivery_count": 2}],
+        "messages": [
+            {
+                "message_id": message_id,
+                "element": "hello",
+                "delivery_count": 2,
+                "enqueued_at_ms": message["enqueued_at_ms"],
+                "lease_expires_at_ms": 0,
+            }
+        ],
         "finished": None,
         "failed": [],
     }
@@ -121,7 +140,9 @@ def test_poll_ack_and_nack(server: ServerHandle, qm: QueueManagerClient) -> None
     qm.new_queue("jobs")
     ids = qm.add_all("jobs", ["a", "b", "c"])
     data = ok_json(run_qm(server, "--json", "poll", "jobs", "--nack"))
-    assert data["messages"] == [{"message_id": ids[0], "element": "a", "delivery_count": 1}]
+    assert [(m["message_id"], m["element"], m["delivery_count"]) for m in data["messages"]] == [
+        (ids[0], "a", 1)
+    ]
     assert data["finished"] == "nack"
     assert (qm.size("jobs"), qm.unacked("jobs")) == (3, 0)
     data = ok_json(run_qm(server, "--json", "poll", "jobs", "--count", "2", "--ack"))
@@ -130,7 +151,7 @@ def test_poll_ack_and_nack(server: ServerHandle, qm: QueueManagerClient) -> None
         (ids[1], 1),
     ]
     assert (data["finished"], data["failed"]) == ("ack", [])
-    assert ok(run_qm(server, "poll", "jobs", "--ack")) == f"{ids[2]}\tc\n"
+    assert ok(run_qm(server, "poll", "jobs", "--ack")).startswith(f"{ids[2]}\tc\tdelivery 1\t")
     assert (qm.size("jobs"), qm.unacked("jobs")) == (0, 0)
     empty = run_qm(server, "poll", "jobs", "--wait", "0.2")
     failed(empty, 3, "QUEUE_EMPTY")
@@ -312,7 +333,23 @@ def test_a_long_poll_cut_short_by_a_shutdown_exits_4_not_3(
     [
         [],
         ["queue"],
-        *(["queue", action] for action in ("create", "destroy", "size", "empty", "unacked")),
+        *(
+            ["queue", action]
+            for action in (
+                "create",
+                "update",
+                "info",
+                "list",
+                "purge",
+                "destroy",
+                "size",
+                "empty",
+                "unacked",
+            )
+        ),
+        ["dead"],
+        ["dead", "list"],
+        ["dead", "redrive"],
         ["add"],
         ["poll"],
         ["map"],

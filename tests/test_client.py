@@ -324,7 +324,8 @@ def test_messages_are_immutable_records(qm: QueueManagerClient, jobs: str) -> No
     with pytest.raises(AttributeError):
         message.element = "b"  # type: ignore[misc]
     assert repr(message) == (
-        f"Message(element='a', message_id={message.message_id}, delivery_count=1, queue='jobs')"
+        f"Message(element='a', message_id={message.message_id}, delivery_count=1, "
+        f"queue='jobs', enqueued_at={message.enqueued_at!r}, lease_expires_at=None)"
     )
 
 

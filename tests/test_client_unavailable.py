@@ -23,7 +23,11 @@ from conftest import ServerHandle
 from qm.v1 import queue_manager_pb2 as pb
 from qm_client import KeyNotFound, QueueManagerClient, Unavailable
 from qm_client._channel import RETRY_POLICY
-from qm_client._retry import NOT_RETRIED_ON_UNAVAILABLE_ANSWER, RETRIED_ON_UNAVAILABLE_ANSWER
+from qm_client._retry import (
+    NOT_RETRIED_ON_UNAVAILABLE_ANSWER,
+    RETRIED_ON_UNAVAILABLE_ANSWER,
+    RETRIED_WITH_REQUEST_ID,
+)
 from qm_server.store.sqlite import SqliteStore
 
 MAX_ATTEMPTS = RETRY_POLICY["maxAttempts"]
@@ -77,8 +81,13 @@ def outage(server: ServerHandle, qm: QueueManagerClient) -> Iterator[Outage]:
 
 def test_every_rpc_is_classed_as_retried_on_an_unavailable_answer_or_not() -> None:
     rpcs = set(pb.DESCRIPTOR.services_by_name["QueueManagerService"].methods_by_name)
-    assert RETRIED_ON_UNAVAILABLE_ANSWER.isdisjoint(NOT_RETRIED_ON_UNAVAILABLE_ANSWER)
-    assert rpcs == RETRIED_ON_UNAVAILABLE_ANSWER | NOT_RETRIED_ON_UNAVAILABLE_ANSWER
+    classes = (
+        RETRIED_ON_UNAVAILABLE_ANSWER,
+        RETRIED_WITH_REQUEST_ID,
+        NOT_RETRIED_ON_UNAVAILABLE_ANSWER,
+    )
+    assert sum(len(c) for c in classes) == len(rpcs)
+    assert rpcs == set().union(*classes)
 
 
 def test_a_poll_answered_unavailable_claimed_nothing_and_is_made_again(
@@ -138,6 +147,27 @@ def test_adds_answered_unavailable_are_not_made_again(
     assert outage.attempts["enqueue"] == 2  # once each
     assert qm.add("q", "d") > 0  # the store recovers at the next attempt
     assert qm.size("q") == 1
+
+
+def test_an_add_with_a_request_id_answered_unavailable_is_made_again(
+    qm: QueueManagerClient, outage: Outage
+) -> None:
+    outage.recover_at("enqueue", 3)
+    first = qm.add("q", "a", request_id="add-1")
+    assert outage.attempts["enqueue"] == 3
+    assert qm.size("q") == 1  # added once
+    assert qm.add("q", "a", request_id="add-1") == first  # and its first id is kept
+    assert qm.size("q") == 1
+
+
+def test_an_idempotent_add_all_answered_unavailable_is_made_again(
+    qm: QueueManagerClient, outage: Outage
+) -> None:
+    outage.recover_at("enqueue", 2)
+    batch = qm.add_all("q", ["b", "c"], idempotent=True)
+    assert outage.attempts["enqueue"] == 2
+    assert not batch.replayed
+    assert qm.size("q") == 2
 
 
 def test_repeats_stop_at_the_policy_limit(qm: QueueManagerClient, outage: Outage) -> None:

@@ -7,6 +7,7 @@ The servicer is called directly (no network), on an engine over the SQLite store
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -85,14 +86,18 @@ def test_pull_elements_answers_every_delivery_in_order(tmp_path: Path) -> None:
     async def scenario(engine: Engine, s: QueueManagerServicer) -> None:
         token = await log_in(engine)
         elements = [f"element {i} é" for i in range(100)]
+        before_ms = int(time.time() * 1000)
         ids = await fill(s, token, elements)
+        added_ms = int(time.time() * 1000)
         pulled = await s.PullElements(
             pb.PullElementsRequest(token=token, queue_name="q", number=100), NO_CONTEXT
         )
+        times = [e.enqueued_at_ms for e in pulled.element_info]
+        assert all(before_ms <= t <= added_ms for t in times)
         expected = pb.PullElementsResponse(
             element_info=[
-                pb.ElementInfo(element=e, message_id=i, delivery_count=1)
-                for e, i in zip(elements, ids, strict=True)
+                pb.ElementInfo(element=e, message_id=i, delivery_count=1, enqueued_at_ms=t)
+                for e, i, t in zip(elements, ids, times, strict=True)
             ],
             number=100,
         )

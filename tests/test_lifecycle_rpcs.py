@@ -618,3 +618,41 @@ def test_map_cursor_rules(stub: Stub, token: str) -> None:
     assert missing.code == pb.CODE_MAP_NOT_FOUND
     end = stub.MapGetList(pb.MapGetListRequest(token=token, map="m", size=5, start_after="k"))
     assert (end.code, list(end.list), end.HasField("next_key")) == (pb.CODE_OK, [], False)
+
+
+# Every new RPC: the token, then the name ---------------------------------------------
+
+NAMED_CALLS: dict[str, Callable[[Stub, str, str], Any]] = {
+    "UpdateQueue": lambda stub, token, name: stub.UpdateQueue(
+        pb.UpdateQueueRequest(token=token, queue_name=name)
+    ),
+    "GetQueueInfo": lambda stub, token, name: stub.GetQueueInfo(
+        pb.GetQueueInfoRequest(token=token, queue_name=name)
+    ),
+    "Purge": lambda stub, token, name: stub.Purge(pb.PurgeRequest(token=token, queue_name=name)),
+    "Redrive": lambda stub, token, name: stub.Redrive(
+        pb.RedriveRequest(token=token, queue_name=name)
+    ),
+    "ListDeadLetters": lambda stub, token, name: stub.ListDeadLetters(
+        pb.ListDeadLettersRequest(token=token, queue_name=name, limit=1)
+    ),
+}
+UNNAMED_CALLS: dict[str, Callable[[Stub, str], Any]] = {
+    "ExtendLease": lambda stub, token: stub.ExtendLease(
+        pb.ExtendLeaseRequest(token=token, message_ids=[1], ack_deadline_ms=1000)
+    ),
+    "ListQueues": lambda stub, token: stub.ListQueues(pb.ListQueuesRequest(token=token, limit=1)),
+    "ListMaps": lambda stub, token: stub.ListMaps(pb.ListMapsRequest(token=token, limit=1)),
+}
+
+
+def test_every_new_rpc_checks_the_token_then_the_name(stub: Stub, token: str) -> None:
+    for name, call in NAMED_CALLS.items():
+        assert call(stub, "nope", "q").code == pb.CODE_UNAUTHENTICATED, name
+        for bad in ("", "no space", "x" * 256):
+            reply = call(stub, token, bad)
+            assert reply.code == pb.CODE_INVALID_ARGUMENT, (name, bad)
+            assert "queue_name" in reply.message, name
+        assert call(stub, token, "missing").code == pb.CODE_QUEUE_NOT_FOUND, name
+    for name, unnamed in UNNAMED_CALLS.items():
+        assert unnamed(stub, "nope").code == pb.CODE_UNAUTHENTICATED, name

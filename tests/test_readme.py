@@ -34,15 +34,20 @@ def run_block(code: str, server: ServerHandle) -> str:
 
 
 def test_readme_has_the_examples() -> None:
-    assert len(python_blocks()) == 2
+    assert len(python_blocks()) == 3
 
 
 def test_front_page_client_example_runs(server: ServerHandle) -> None:
     run_block(python_blocks()[0], server)
 
 
+def test_dead_letter_example_runs(server: ServerHandle) -> None:
+    printed = run_block(python_blocks()[1], server)
+    assert printed == "poison emails 2 max_deliveries after ack error\n"
+
+
 def test_login_example_with_bare_stubs_runs(server: ServerHandle) -> None:
-    assert run_block(python_blocks()[1], server) == "hello True\n"
+    assert run_block(python_blocks()[2], server) == "hello True\n"
 
 
 def test_code_table_matches_the_proto() -> None:

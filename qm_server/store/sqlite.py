@@ -24,8 +24,10 @@ writes nothing (unless the queue's max_deliveries or retry backoff moves the mes
 Each queue's messages have a table of their own (sqlite_sql.MessageStatements says why).
 
 Sessions die with the process: this embedded store is the only owner of every session,
-so whatever was in flight at a stop or crash is released when the store opens again,
-its delivery counted (past max_deliveries it is dead-lettered then, cause "session end").
+so whatever was in flight at a stop or crash is ready again when the store opens, its
+delivery counted. Nothing is dead-lettered then: being in flight is not on disk, so a
+message the restart released cannot be told from one ready already (a redriven dead
+letter at its limit, say); one in flight at its last allowed delivery gets one more.
 Delivery counts, delays and backoff ready times, and dead letters with their history are
 on disk and survive.
 
@@ -135,17 +137,21 @@ class SqliteStore(Store):
         reserve_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
+        timed: bool = True,
     ) -> None:
         """`check_s`: how long the integrity check at open may take (0: none);
         `reserve_bytes`: the disk space set aside for draining a full disk (reserve.py);
         `clock`: Unix time in seconds, of first adds, leases, delays, ages and idempotency
         keys (a test passes a fake one and calls run_due);
-        `idempotency_window_s`: how long a repeat of an idempotent add answers the first."""
+        `idempotency_window_s`: how long a repeat of an idempotent add answers the first;
+        `timed`: run what falls due by itself (a test on a fake clock turns it off and
+        calls run_due, so that nothing expires behind its back)."""
         if durability not in SYNCHRONOUS:
             raise ValueError(f"durability must be one of {', '.join(SYNCHRONOUS)}")
         if idempotency_window_s < 0:
             raise ValueError("idempotency_window_s must be 0 or more")
         self._clock = clock
+        self._timed = timed
         self._idempotency_window_ms = int(idempotency_window_s * 1000)
         self._index = Index()
         # The one timer that runs run_due when something falls due (_arm); `_armed_for`
@@ -750,33 +756,6 @@ class SqliteStore(Store):
         given_back = sum(len(state.given_back) for state in self._index.queues.values())
         if given_back:
             log.info("%d messages delivered before the restart are ready again", given_back)
-        self._dead_letter_released_at_start()
-
-    def _dead_letter_released_at_start(self) -> None:
-        """What was in flight at the stop was released by the restart: past
-        max_deliveries, it goes to the dead-letter queue now, in one transaction."""
-        self.begin_batch()
-        moves = self._moves()
-        for state in list(self._index.queues.values()):
-            settings = state.settings
-            target = self._index.queues.get(settings.dead_letter_queue)
-            if not settings.max_deliveries or not state.given_back or target in (None, state):
-                continue
-            assert target is not None
-            rows = moves.read_rows(state, sorted(state.given_back))
-            dead = [row for row in rows if row[1] >= settings.max_deliveries]
-            if dead:
-                staging.begin(self._db)
-                moves.dead_letter(state, target, dead, lifecycle.CAUSE_SESSION_END, True)
-        if self._db.in_transaction:
-            try:
-                self._db.execute(sql.COMMIT)
-            except BaseException:
-                self._db.execute(sql.ROLLBACK)
-                self.reload()
-                raise
-            log.info("messages past max_deliveries at the restart were dead-lettered")
-        self._publish(self._batch.touched)
 
     def begin_batch(self) -> None:
         self._batch = Batch(self._now_ms())
@@ -821,7 +800,7 @@ class SqliteStore(Store):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if due_ms and not self._writer.closed:
+        if due_ms and self._timed and not self._writer.closed:
             # A millisecond late rather than early: run_due then finds it due.
             delay = max(0.0, (due_ms + 1) / 1000 - self._clock())
             self._timer = asyncio.get_running_loop().call_later(delay, self._fire)

@@ -178,9 +178,10 @@ def _fill_claims(
     start = 0
     for claim in claims:
         mine = rows[start : start + claim.limit]
+        deadline = batch.now_ms + claim.lease_ms if claim.lease_ms else 0
         if len(mine) > 1 and not _fits(mine, claim.max_bytes):
             # Nothing is put in flight that its answer could not carry to the client.
-            sizes = [element_info_size(utf8_size(p), i, n) for i, p, n, _ in mine]
+            sizes = [element_info_size(utf8_size(p), i, n, e, deadline) for i, p, n, e in mine]
             mine = mine[: _within_budget(sizes, claim.max_bytes)]
         start += len(mine)
         for message_id, _, count, _ in mine:
@@ -192,7 +193,6 @@ def _fill_claims(
             if heapq.heappop(state.given_back) != message_id:
                 raise RuntimeError(f"message {message_id} was not given back")
             recounts.append((count, message_id))
-        deadline = batch.now_ms + claim.lease_ms if claim.lease_ms else 0
         claim.deliveries.extend(Delivery(i, p, n, e, deadline) for i, p, n, e in mine)
         if mine:
             in_flight.hold(claim.session_id, state.id, [row[0] for row in mine], deadline)
