@@ -115,6 +115,7 @@ class PgStore(Store):
         )
         self._node = 0
         self._closed = False
+        self._stopping = False  # close() began: the due loop ends
         self._healthy = True
         self._reason = ""
         self._health_listener: HealthListener | None = None
@@ -169,6 +170,7 @@ class PgStore(Store):
     async def close(self) -> None:
         if self._closed:
             return
+        self._stopping = True
         if self._due_task is not None:
             self._due_task.cancel()
             await asyncio.gather(self._due_task, return_exceptions=True)
@@ -928,7 +930,7 @@ class PgStore(Store):
             self._sooner.set()
 
     async def _due_loop(self) -> None:
-        while not self._closed:
+        while not self._stopping:
             wait = DUE_POLL_S
             try:
                 await self.run_due()
