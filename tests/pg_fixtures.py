@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from qm_server.config import ServerConfig
 from qm_server.store import pg_driver
 
 URL = os.environ.get("QM_TEST_POSTGRESQL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -62,10 +63,10 @@ def pg_store(data_dir: Path, **options: Any) -> Any:
     return PgStore(URL, schema_of(data_dir), **options)
 
 
-def pg_url_config(data_dir: Path) -> dict[str, Any]:
-    """ServerConfig fields that point a server or `qm-server user` at the test's schema."""
+def pg_config(data_dir: Path, **fields: Any) -> ServerConfig:
+    """A configuration that points a server or `qm-server user` at the test's schema."""
     skip_unless_available()
-    return {"store": URL, "store_schema": schema_of(data_dir)}
+    return ServerConfig(data_dir=data_dir, store=URL, store_schema=schema_of(data_dir), **fields)
 
 
 def _drop_schemas() -> None:

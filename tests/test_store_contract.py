@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from pg_fixtures import pg_store, pg_url_config
+from pg_fixtures import pg_config, pg_store
 
 from qm_server import errors
 from qm_server.config import ServerConfig
@@ -365,15 +365,13 @@ def test_maps_outlive_a_restart(run: Callable[[Body], None]) -> None:
 DirectoryFactory = Callable[[Harness, Path], UserDirectory]
 DIRECTORIES: dict[str, DirectoryFactory] = {
     "store": lambda harness, data_dir: harness.store,
-    "beside": lambda harness, data_dir: open_user_directory(
-        ServerConfig(data_dir=data_dir, **store_config(harness.store, data_dir))
-    ),
+    "beside": lambda harness, data_dir: open_user_directory(config_of(harness.store, data_dir)),
 }
 
 
-def store_config(store: Store, data_dir: Path) -> dict[str, object]:
+def config_of(store: Store, data_dir: Path) -> ServerConfig:
     """The configuration that names this store (`qm-server user --store ...`)."""
-    return pg_url_config(data_dir) if getattr(store, "url", None) else {}
+    return pg_config(data_dir) if getattr(store, "url", None) else ServerConfig(data_dir=data_dir)
 
 
 UsersBody = Callable[[UserDirectory, Harness], Awaitable[None]]

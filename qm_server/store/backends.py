@@ -9,6 +9,7 @@ to install.
 from __future__ import annotations
 
 from qm_server.config import ServerConfig
+from qm_server.fsutil import DataDirRefused
 from qm_server.store.base import Store, UserDirectory
 from qm_server.store.sqlite import SqliteStore
 from qm_server.store.sqlite_users import open_sqlite_user_directory
@@ -16,9 +17,10 @@ from qm_server.store.sqlite_users import open_sqlite_user_directory
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 
-class StoreRefused(Exception):
+class StoreRefused(DataDirRefused):
     """The configured store cannot be used (an unknown URL, a missing driver): one line
-    for the operator, and the server exits with status 2."""
+    for the operator, and the server (or `qm-server user`) exits with status 2, as for a
+    data directory it refuses."""
 
 
 def is_postgresql(config: ServerConfig) -> bool:

@@ -295,8 +295,13 @@ COME_DUE = f"""
 """
 # Nodes whose heartbeat stopped: deleted by one node, whose transaction then releases
 # what their sessions held.
+# SKIP LOCKED: a node heartbeating at this moment is alive, and two sweeping nodes that
+# each find the other expired (after a long outage) skip each other instead of deadlocking.
 DEAD_NODES = f"""
-    DELETE FROM nodes WHERE expires_at <= {NOW} AND id <> %(node)s RETURNING id
+    DELETE FROM nodes WHERE id IN (
+        SELECT id FROM nodes WHERE expires_at <= {NOW} AND id <> %(node)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING id
 """
 REGISTER_NODE = f"INSERT INTO nodes (expires_at) VALUES ({NOW} + %(ttl)s) RETURNING id"
 HEARTBEAT = f"""

@@ -36,8 +36,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 from qm_server import errors, lifecycle
 from qm_server.answer_size import key_value_size
@@ -63,6 +63,8 @@ from qm_server.store.pg_migrate import current_version, migrate
 from qm_server.store.settings_json import settings_from_json, settings_to_json
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 Conn: TypeAlias = "psycopg.AsyncConnection[tuple[Any, ...]]"
 
@@ -979,7 +981,7 @@ class PgStore(Store):
             raise errors.Unavailable(f"the database is unavailable: {exc}") from exc
         self._set_healthy(True, "")
 
-    async def _tx(self, run: Callable[[Conn], Any], snapshot: bool = False) -> Any:
+    async def _tx(self, run: Callable[[Conn], Awaitable[T]], snapshot: bool = False) -> T:
         async with self._conn() as conn:
             if snapshot:
                 await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
