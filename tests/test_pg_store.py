@@ -75,6 +75,18 @@ def test_the_server_serves_queues_and_maps_from_postgresql(
         assert put.code == pb.CODE_OK
         assert stub.MapGet(pb.MapGetRequest(token=token, map="m", key="k")).value == "v"
     server.stop()
+    # It was PostgreSQL that served them.
+    from qm_server.store.pg_driver import psycopg
+
+    with psycopg.connect(URL) as conn:
+        conn.execute(
+            psycopg.sql.SQL("SET search_path TO {}").format(
+                psycopg.sql.Identifier(config.store_schema)
+            )
+        )
+        assert conn.execute("SELECT name FROM queues").fetchall() == [("q",)]
+        assert conn.execute("SELECT name FROM maps").fetchall() == [("m",)]
+        assert conn.execute("SELECT name FROM users").fetchall() == [("admin",)]
     # The admin the first start created lives in the database: a second start finds it.
     server = make_server(data_dir, store=config.store, store_schema=config.store_schema)
     with grpc.insecure_channel(server.target) as channel:
