@@ -220,3 +220,36 @@ def test_claims_walk_the_ready_index_past_any_number_of_waiting_rows(tmp_path: P
             await store.close()
 
     asyncio.run(main())
+
+
+def test_adds_at_once_on_many_connections_replay_their_own_ids(tmp_path: Path) -> None:
+    """Adds on several connections draw from the one sequence at the same time, so an
+    add's ids increase but may interleave with another's: a repeat answers exactly the
+    ids the first call got."""
+    from qm_server.store.base import IdempotencyKey
+
+    async def main() -> None:
+        store = pg_store(tmp_path, timed=False)
+        await store.open()
+        try:
+            await store.create_queue("q", ROOM)
+
+            def key(n: int) -> IdempotencyKey:
+                return IdempotencyKey("alice", f"r{n}", b"fp%d" % n)
+
+            adds = [store.enqueue("q", ["x"] * 500, idempotency=key(n)) for n in range(16)]
+            first = await asyncio.gather(*adds)
+            for added in first:
+                assert added.ids == sorted(added.ids) and not added.replayed
+            every = sorted(i for added in first for i in added.ids)
+            assert len(set(every)) == 16 * 500
+            again = await asyncio.gather(
+                *(store.enqueue("q", ["x"] * 500, idempotency=key(n)) for n in range(16))
+            )
+            assert [a.ids for a in again] == [a.ids for a in first]
+            assert all(a.replayed for a in again)
+            assert (await store.queue_counts("q")).ready == 16 * 500
+        finally:
+            await store.close()
+
+    asyncio.run(main())

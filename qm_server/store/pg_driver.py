@@ -6,6 +6,7 @@ from __future__ import annotations
 
 try:
     import psycopg
+    import psycopg.errors
     import psycopg.sql
     import psycopg_pool
 except ImportError as exc:  # pragma: no cover - the tests install the extra

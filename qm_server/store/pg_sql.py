@@ -107,8 +107,7 @@ MIGRATIONS: tuple[str, ...] = (
         username    text NOT NULL,
         request_id  text NOT NULL,
         fingerprint bytea NOT NULL,
-        first_id    bigint NOT NULL,
-        count       integer NOT NULL,
+        ids         bigint[] NOT NULL,
         created_at  bigint NOT NULL,
         PRIMARY KEY (username, request_id)
     );
@@ -371,14 +370,14 @@ DEAD_LETTERS_PAGE = """
 # Idempotency keys ---------------------------------------------------------------------------
 
 IDEMPOTENCY_KEY = """
-    SELECT fingerprint, first_id, count, created_at FROM idempotency_keys
+    SELECT fingerprint, ids, created_at FROM idempotency_keys
     WHERE username = %s AND request_id = %s FOR UPDATE
 """
 PUT_IDEMPOTENCY_KEY = f"""
-    INSERT INTO idempotency_keys (username, request_id, fingerprint, first_id, count, created_at)
-    VALUES (%(user)s, %(request)s, %(fingerprint)s, %(first)s, %(count)s, {NOW})
+    INSERT INTO idempotency_keys (username, request_id, fingerprint, ids, created_at)
+    VALUES (%(user)s, %(request)s, %(fingerprint)s, %(ids)s, {NOW})
     ON CONFLICT (username, request_id) DO UPDATE SET fingerprint = excluded.fingerprint,
-        first_id = excluded.first_id, count = excluded.count, created_at = excluded.created_at
+        ids = excluded.ids, created_at = excluded.created_at
 """
 PRUNE_IDEMPOTENCY_KEYS = f"""
     DELETE FROM idempotency_keys WHERE (username, request_id) IN (

@@ -78,6 +78,8 @@ DUE_POLL_S = 1.0
 DUE_CHUNK = 1000
 NAMES_CHUNK = 256
 CONNECT_TIMEOUT_S = 10.0
+# Runs of a transaction that the database rolls back for a deadlock.
+TX_ATTEMPTS = 3
 
 
 class PgStore(Store):
@@ -391,7 +393,7 @@ class PgStore(Store):
         row = await cursor.fetchone()
         if row is None:
             return None
-        fingerprint, first_id, count, created_at = row
+        fingerprint, ids, created_at = row
         if int(created_at) <= await self._now_ms(conn) - self._window_ms:
             return None  # expired: a new request, which replaces the row
         if bytes(fingerprint) != key.fingerprint:
@@ -399,26 +401,13 @@ class PgStore(Store):
                 f"request_id {key.request_id!r} was used for a different request "
                 "(another queue or other elements) within the idempotency window"
             )
-        first, n = int(first_id), int(count)
-        # Ids from a sequence are increasing but need not be consecutive: kept as a range
-        # only when they are (they are within one INSERT unless the sequence is cached
-        # per session, which this schema does not do).
-        return Enqueued(list(range(first, first + n)), True)
+        return Enqueued([int(i) for i in ids], True)
 
     async def _remember(self, conn: Conn, key: IdempotencyKey, ids: list[int]) -> None:
-        first = ids[0] if ids else 0
-        if ids and ids != list(range(first, first + len(ids))):
-            raise RuntimeError("message ids of one add are not consecutive")
-        await conn.execute(
-            sql.PUT_IDEMPOTENCY_KEY,
-            self._p(
-                user=key.user,
-                request=key.request_id,
-                fingerprint=key.fingerprint,
-                first=first,
-                count=len(ids),
-            ),
-        )
+        # The ids themselves: adds on other connections draw from the sequence at the
+        # same time, so one add's ids increase but need not be consecutive.
+        args = self._p(user=key.user, request=key.request_id, fingerprint=key.fingerprint, ids=ids)
+        await conn.execute(sql.PUT_IDEMPOTENCY_KEY, args)
         await conn.execute(
             sql.PRUNE_IDEMPOTENCY_KEYS,
             self._p(window=self._window_ms, limit=IDEMPOTENCY_PRUNE_BATCH),
@@ -976,21 +965,33 @@ class PgStore(Store):
         try:
             async with self._pool.connection() as conn:
                 yield conn
+        except psycopg.errors.TransactionRollback:
+            raise  # the database is fine; _tx runs it again
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
             self._set_healthy(False, f"PostgreSQL: {exc}")
             raise errors.Unavailable(f"the database is unavailable: {exc}") from exc
         self._set_healthy(True, "")
 
     async def _tx(self, run: Callable[[Conn], Awaitable[T]], snapshot: bool = False) -> T:
-        async with self._conn() as conn:
-            if snapshot:
-                await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                try:
-                    return await run(conn)
-                finally:
-                    await conn.execute("ROLLBACK")
-            async with conn.transaction():
-                return await run(conn)
+        """`run` in one transaction (a read-only snapshot if `snapshot`); run again, in a
+        new one, when the database rolled it back for a deadlock (rare: claims and
+        sweeps skip locked rows, but two nodes' releases may meet)."""
+        for attempt in range(TX_ATTEMPTS):
+            try:
+                async with self._conn() as conn:
+                    if snapshot:
+                        await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        try:
+                            return await run(conn)
+                        finally:
+                            await conn.execute("ROLLBACK")
+                    async with conn.transaction():
+                        return await run(conn)
+            except psycopg.errors.TransactionRollback:
+                if attempt == TX_ATTEMPTS - 1:
+                    raise
+                log.info("transaction rolled back by the database (deadlock); run again")
+        raise AssertionError("unreachable")
 
     def _set_healthy(self, healthy: bool, reason: str) -> None:
         if healthy == self._healthy:
