@@ -187,6 +187,26 @@ ENQUEUE = f"""
     FROM unnest(%(payloads)s::bytea[]) WITH ORDINALITY AS t(p, i) ORDER BY i
     RETURNING id
 """
+# An add without a request_id to a queue without max_length: one statement, one round
+# trip. It inserts nothing when the queue has a max_length (`bounded`), and the store
+# then takes the transactional way (ENQUEUE, after counting under the queue's lock).
+ENQUEUE_PLAIN = f"""
+    WITH q AS (
+        SELECT id, coalesce((settings::jsonb ->> 'max_length')::bigint, 0) AS bound,
+               greatest(coalesce(%(delay)s::bigint,
+                                 (settings::jsonb ->> 'delay_ms')::bigint, 0), 0) AS delay
+        FROM queues WHERE name = %(name)s FOR KEY SHARE
+    ), added AS (
+        INSERT INTO messages (id, queue_id, state, payload, enqueued_at, ready_at)
+        SELECT nextval('message_ids'), q.id, CASE WHEN q.delay > 0 THEN 2 ELSE 0 END, t.p,
+               {NOW}, {NOW} + q.delay
+        FROM q, unnest(%(payloads)s::bytea[]) WITH ORDINALITY AS t(p, i)
+        WHERE q.bound = 0
+        ORDER BY t.i
+        RETURNING id
+    )
+    SELECT q.bound, q.delay, array(SELECT id FROM added ORDER BY id) FROM q
+"""
 LIVE_COUNT = "SELECT count(*) FROM messages WHERE queue_id = %s AND state <> 1"
 
 # The claim: one statement. The oldest ready rows of the queue, locked and skipped when

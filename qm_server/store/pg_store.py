@@ -339,6 +339,11 @@ class PgStore(Store):
         delay_ms: int | None = None,
         idempotency: IdempotencyKey | None = None,
     ) -> Enqueued:
+        if idempotency is None:
+            plain = await self._enqueue_plain(name, elements, delay_ms)
+            if plain is not None:
+                return plain
+
         async def run(conn: Conn) -> tuple[Enqueued, int]:
             if idempotency is not None:
                 replayed = await self._replayed(conn, idempotency)
@@ -385,6 +390,28 @@ class PgStore(Store):
             self._notify({name})
         elif delay > 0:
             self._due_soon(delay)
+        return enqueued
+
+    async def _enqueue_plain(
+        self, name: str, elements: Sequence[str], delay_ms: int | None
+    ) -> Enqueued | None:
+        """The common add in one statement (pg_sql.ENQUEUE_PLAIN); None when the queue
+        has a max_length (nothing was added: the caller takes the transactional way)."""
+        async with self._conn() as conn:
+            args = self._p(name=name, delay=delay_ms, payloads=[e.encode() for e in elements])
+            cursor = await conn.execute(sql.ENQUEUE_PLAIN, args)
+            row = await cursor.fetchone()
+        if row is None:
+            raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        bound, delay, ids = row
+        if bound:
+            return None
+        enqueued = Enqueued([int(i) for i in ids], False)
+        if enqueued.ids and delay == 0:
+            self._hints[name] = self._hints.get(name, 0) + len(enqueued.ids)
+            self._notify({name})
+        elif enqueued.ids:
+            self._due_soon(int(delay))
         return enqueued
 
     async def _replayed(self, conn: Conn, key: IdempotencyKey) -> Enqueued | None:
