@@ -253,3 +253,34 @@ def test_adds_at_once_on_many_connections_replay_their_own_ids(tmp_path: Path) -
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_lost_connection_is_unavailable_and_unhealthy_until_calls_work_again(
+    tmp_path: Path,
+) -> None:
+    from qm_server import errors
+    from qm_server.store.pg_driver import psycopg
+
+    async def main() -> None:
+        store = pg_store(tmp_path, timed=False, pool_size=1)
+        health: list[bool] = []
+        store.set_health_listener(health.append)
+        await store.open()
+        try:
+            await store.create_queue("q", ROOM)
+            async with store._conn() as conn:
+                pid = conn.info.backend_pid
+            with psycopg.connect(URL, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            with pytest.raises(errors.Unavailable, match="database is unavailable"):
+                await store.enqueue("q", ["a"])
+            assert health == [False]
+            assert "PostgreSQL" in store.unhealthy_reason()
+            # The pool replaced the connection: the next call works, and says so.
+            assert (await store.enqueue("q", ["b"])).ids
+            assert health == [False, True]
+            assert await store.queue_counts("q") == QueueCounts(1, 0)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
