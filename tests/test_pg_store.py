@@ -179,9 +179,10 @@ def test_a_dead_nodes_messages_come_back_once_after_its_ttl(tmp_path: Path) -> N
         for store in survivors:
             await store.open()
         try:
-            await asyncio.gather(*(s.run_due() for s in survivors))
+            clock.ms += NODE_TTL_MS // 2
+            await asyncio.gather(*(s.run_due() for s in survivors))  # alive: renewed
             assert await survivors[0].queue_counts("q") == QueueCounts(0, 2)  # not yet
-            clock.ms += NODE_TTL_MS
+            clock.ms += NODE_TTL_MS // 2
             # Every survivor sweeps at once; each message is released exactly once.
             await asyncio.gather(*(s.run_due() for s in survivors))
             assert await survivors[0].queue_counts("q") == QueueCounts(2, 0)
@@ -192,6 +193,33 @@ def test_a_dead_nodes_messages_come_back_once_after_its_ttl(tmp_path: Path) -> N
         finally:
             for store in survivors:
                 await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_whose_own_heartbeat_lapsed_sweeps_nobody_that_round(tmp_path: Path) -> None:
+    """After an outage longer than the TTL every node's row has lapsed: the first node
+    back must not release the messages of the others, which are about to renew theirs."""
+    from qm_server.store.pg_store import NODE_TTL_MS
+
+    async def main() -> None:
+        clock = FakeClock()
+        one = pg_store(tmp_path, clock=clock, timed=False)
+        two = pg_store(tmp_path, clock=clock, timed=False)
+        await one.open()
+        await two.open()
+        try:
+            await one.create_queue("q", ROOM)
+            await one.enqueue("q", ["a"])
+            [a] = await one.claim("q", ALICE, 1, MIB)
+            clock.ms += 2 * NODE_TTL_MS  # the database was out of reach that long
+            await two.run_due()
+            assert await two.queue_counts("q") == QueueCounts(0, 1)
+            await one.run_due()  # back, and renewed
+            assert await one.ack(ALICE, [a.message_id], True) == [Code.OK]
+        finally:
+            await two.close()
+            await one.close()
 
     asyncio.run(main())
 

@@ -322,6 +322,8 @@ DEAD_NODES = f"""
         FOR UPDATE SKIP LOCKED)
     RETURNING id
 """
+# Whether this node's row was still alive when it came to renew it.
+NODE_ALIVE = f"SELECT expires_at > {NOW} FROM nodes WHERE id = %(node)s"
 REGISTER_NODE = f"INSERT INTO nodes (expires_at) VALUES ({NOW} + %(ttl)s) RETURNING id"
 HEARTBEAT = f"""
     INSERT INTO nodes (id, expires_at) OVERRIDING SYSTEM VALUE VALUES (%(node)s, {NOW} + %(ttl)s)

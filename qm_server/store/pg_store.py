@@ -626,9 +626,24 @@ class PgStore(Store):
 
     async def _run_due(self, conn: Conn) -> set[str]:
         ready: set[str] = set()
+        cursor = await conn.execute(sql.NODE_ALIVE, self._p(node=self._node))
+        row = await cursor.fetchone()
+        alive = row is not None and bool(row[0])
+        if row is None:
+            log.warning(
+                "this node was declared dead (no heartbeat for %d ms): what its sessions "
+                "held was released, and their acks of it are refused",
+                NODE_TTL_MS,
+            )
         await conn.execute(sql.HEARTBEAT, self._p(node=self._node, ttl=NODE_TTL_MS))
-        cursor = await conn.execute(sql.DEAD_NODES, self._p(node=self._node))
-        for (node,) in await cursor.fetchall():
+        # A node whose own heartbeat had lapsed (the database was out of reach, or this
+        # process stalled) sweeps nobody this round: the others were likely cut off too,
+        # and get a TTL to renew theirs rather than all releasing each other's messages.
+        dead = []
+        if alive:
+            cursor = await conn.execute(sql.DEAD_NODES, self._p(node=self._node))
+            dead = await cursor.fetchall()
+        for (node,) in dead:
             cursor = await conn.execute(sql.RELEASE_NODE, {"node": node})
             rows = await cursor.fetchall()
             if rows:
