@@ -11,6 +11,12 @@ random moment. After each restart the checker compares the server's state with e
 so far (no message in flight, queue sizes within what the logs allow, map values), and
 after the last round it drains every queue and runs every proof (crashloop_checker).
 
+The queues: `cl-a` and `cl-b` with the seed's settings, and the lifecycle queue `cl-l`
+(a one-second ack deadline, two deliveries, then the dead-letter queue `cl-dlq`), whose
+load and proofs are apart (crashloop_client.LIFECYCLE_SETTINGS, crashloop_checker's
+check_lifecycle). Every third round lasts a lease longer (`long_round_every`), so that
+leases run out in it while their sessions live; the kill still lands at a random moment.
+
 Work directory: `data/` (the server's, the same every round), `data-server.log`,
 `logs/rRRR-cC.jsonl` (one client process in one round) and `logs/rRRR-cC.err`.
 """
@@ -32,11 +38,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
-from crashloop_checker import Delivery, History, ServerState
+from crashloop_checker import Delivery, History, LifecycleState, ServerState
 from crashloop_client import (
     CALL_TIMEOUT_S,
+    DEAD_LETTER_QUEUE,
+    LATE_ACK_S,
+    LEASE_S,
+    LIFECYCLE_QUEUE,
+    LIFECYCLE_SETTINGS,
     MAPS,
     QUEUES,
     USERS,
@@ -49,6 +61,8 @@ from server_process import ServerProcess
 from qm.v1 import queue_manager_pb2 as pb
 
 READY_TIMEOUT_S = 60.0
+# The drain's lease on the lifecycle queue: long enough never to run out while it drains.
+DRAIN_LEASE_MS = 3_600_000
 CLIENT_EXIT_TIMEOUT_S = 60.0
 # Short, so that an idle client sees its session expire within a round; clients call
 # far more often than this, and one that stalls past it logs in again.
@@ -70,6 +84,13 @@ def read_state(stub: Stub, token: str, drain: bool, max_messages: int) -> Server
         if size.code != pb.CODE_OK or unchecked.code != pb.CODE_OK:
             raise RuntimeError(f"{queue}: Size {size.code}, GetUncheckNum {unchecked.code}")
         state.ready[queue], state.in_flight[queue] = size.size, unchecked.ack_num
+    for queue in (LIFECYCLE_QUEUE, DEAD_LETTER_QUEUE):
+        unchecked = stub.GetUncheckNum(
+            pb.GetUncheckNumRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S
+        )
+        if unchecked.code != pb.CODE_OK:
+            raise RuntimeError(f"{queue}: GetUncheckNum {unchecked.code}")
+        state.in_flight[queue] = unchecked.ack_num
     for name in MAPS:
         got = stub.MapGetAll(pb.MapGetAllRequest(token=token, map=name), timeout=CALL_TIMEOUT_S)
         if got.code not in (pb.CODE_OK, pb.CODE_MAP_NOT_FOUND):
@@ -101,7 +122,79 @@ def read_state(stub: Stub, token: str, drain: bool, max_messages: int) -> Server
                     for e in page.element_info
                 ]
             state.drained[queue] = items
+        state.lifecycle = read_lifecycle(stub, token, max_messages)
     return state
+
+
+def read_lifecycle(stub: Stub, token: str, max_messages: int) -> LifecycleState:
+    """The lifecycle queue drained (on leases that cannot run out meanwhile), its dead
+    letters listed page by page, and the counts GetQueueInfo gives for both."""
+    drained: list[Delivery] = []
+    for _ in range(max_messages + 1):
+        page = stub.PullElements(
+            pb.PullElementsRequest(
+                token=token,
+                queue_name=LIFECYCLE_QUEUE,
+                number=1000,
+                ack_deadline_ms=DRAIN_LEASE_MS,
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+        if page.code == pb.CODE_QUEUE_EMPTY:
+            break
+        if page.code != pb.CODE_OK:
+            raise RuntimeError(f"{LIFECYCLE_QUEUE}: PullElements answered {page.code}")
+        drained += [
+            Delivery(
+                e.message_id,
+                e.element,
+                e.delivery_count,
+                LIFECYCLE_QUEUE,
+                math.inf,
+                math.inf,
+                "drain",
+            )
+            for e in page.element_info
+        ]
+    letters: list[dict[str, Any]] = []
+    after = 0
+    while True:
+        listed = stub.ListDeadLetters(
+            pb.ListDeadLettersRequest(
+                token=token, queue_name=DEAD_LETTER_QUEUE, after_id=after, limit=1000
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+        if listed.code != pb.CODE_OK:
+            raise RuntimeError(f"{DEAD_LETTER_QUEUE}: ListDeadLetters answered {listed.code}")
+        letters += [
+            {
+                "id": d.message_id,
+                "original_queue": d.original_queue,
+                "delivery_count": d.delivery_count,
+                "cause": d.cause,
+                "element": d.element,
+            }
+            for d in listed.dead_letters
+        ]
+        after = listed.next_after_id
+        if not after:
+            break
+    infos = {}
+    for queue in (LIFECYCLE_QUEUE, DEAD_LETTER_QUEUE):
+        info = stub.GetQueueInfo(
+            pb.GetQueueInfoRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S
+        )
+        if info.code != pb.CODE_OK:
+            raise RuntimeError(f"{queue}: GetQueueInfo answered {info.code}")
+        infos[queue] = info
+    return LifecycleState(
+        drained,
+        letters,
+        dead_lettered=infos[LIFECYCLE_QUEUE].dead_lettered,
+        dead_letter_queue_ready=infos[DEAD_LETTER_QUEUE].ready,
+        delayed=infos[LIFECYCLE_QUEUE].delayed + infos[DEAD_LETTER_QUEUE].delayed,
+    )
 
 
 # The loop ------------------------------------------------------------------------------
@@ -114,6 +207,9 @@ class Options:
     clients: int = 3
     seed: int = 0
     max_kill_delay_s: float = 1.5  # the kill lands uniformly in [0, this] after clients start
+    # Every this many rounds, one lasts a lease and a bit longer (the kill comes that
+    # much later), so that leases run out in it while their sessions live (0: never).
+    long_round_every: int = 3
     budget_s: float = 3600.0  # no new round starts after this
     client_max_s: float = 120.0  # a client stops by itself after this (the kill comes first)
     client_max_ops: int = 100_000
@@ -235,9 +331,15 @@ def _create_queues(server: ServerProcess) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = Stub(channel)
         token = login(stub)
-        for queue in QUEUES:
+        plain = pb.QueueSettings()
+        for queue, settings in [
+            *((q, plain) for q in QUEUES),
+            (DEAD_LETTER_QUEUE, plain),  # first: cl-l names it
+            (LIFECYCLE_QUEUE, LIFECYCLE_SETTINGS),
+        ]:
             reply = stub.NewQueue(
-                pb.NewQueueRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S
+                pb.NewQueueRequest(token=token, queue_name=queue, settings=settings),
+                timeout=CALL_TIMEOUT_S,
             )
             if reply.code not in (pb.CODE_OK, pb.CODE_QUEUE_ALREADY_EXISTS):
                 raise RuntimeError(f"NewQueue {queue}: {reply.code} {reply.message}")
@@ -294,7 +396,10 @@ def run(options: Options) -> Report:
             report.client_processes += len(procs)
             try:
                 _wait_ready(procs, READY_TIMEOUT_S)
-                time.sleep(rng.uniform(0, options.max_kill_delay_s))  # the random moment
+                delay = rng.uniform(0, options.max_kill_delay_s)  # the random moment
+                if options.long_round_every and round_no % options.long_round_every == 1:
+                    delay += LEASE_S + LATE_ACK_S + 0.2
+                time.sleep(delay)
             finally:
                 server.kill()
             report.kills += 1
@@ -363,6 +468,42 @@ def _figures(report: Report, history: History, state: ServerState) -> None:
         "calls of the worker": sum(1 for r in history.records if r["client"] % 2),
         "left at the end": sum(len(items) for items in state.drained.values()),
         "map writes": len(history.writes),
+        **_lifecycle_figures(history, state.lifecycle),
+    }
+
+
+def _lifecycle_figures(history: History, end: LifecycleState | None) -> dict[str, int]:
+    assert end is not None
+    deliveries = history.lifecycle_deliveries()
+    results = Counter(
+        code for r in history.lifecycle_acks() if r["st"] != "unknown" for code in r["results"]
+    )
+    causes = Counter(str(d["cause"]) for d in end.dead_letters)
+    return {
+        "lifecycle adds (OK)": sum(
+            len(r["ids"]) for r in history.records if r["op"] == "ladd" and r["st"] == "ok"
+        ),
+        "lifecycle deliveries": len(deliveries),
+        "lifecycle redeliveries": sum(1 for d in deliveries if d.count > 1),
+        "lifecycle acks OK": results[pb.CODE_OK],
+        "late acks answered LEASE_EXPIRED": results[pb.CODE_LEASE_EXPIRED],
+        "late acks answered MESSAGE_NOT_FOUND": results[pb.CODE_MESSAGE_NOT_FOUND],
+        "dead-letter moves": len(end.dead_letters),
+        "of which after lease expiry": causes["max_deliveries after lease expiry"],
+        "of which after ack error": causes["max_deliveries after ack error"],
+        "of which after session end": causes["max_deliveries after session end"],
+        "of which after extend to 0": causes["max_deliveries after extend to 0"],
+        "lease extensions (OK)": sum(
+            1
+            for r in history.records
+            if r["op"] == "lextend" and r.get("results") == [pb.CODE_OK] and r["lease_ms"]
+        ),
+        "given back by ExtendLease 0 (OK)": sum(
+            1
+            for r in history.records
+            if r["op"] == "lextend" and r.get("results") == [pb.CODE_OK] and not r["lease_ms"]
+        ),
+        "left in the lifecycle queue": len(end.drained),
     }
 
 

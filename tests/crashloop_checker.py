@@ -28,6 +28,20 @@ processes (one clock for the machine); a call took effect at some instant betwee
 - Map keys hold the value of their last write answered OK or of a write whose answer was
   lost; a MapBatchPut with a lost answer took effect for all its keys or none.
 - Every answered call got a code this well-formed load expects.
+
+The lifecycle queue (crashloop_client.LIFECYCLE_SETTINGS), proved by `check_lifecycle`:
+- Nothing lost between a queue and its dead-letter queue: every message added to it with
+  an OK answer is at the end acked done, still in it, or in the dead-letter queue with
+  its history (original queue, deliveries, cause); none is in both; none acked done with
+  an OK answer is in either; each holds the element its add sent.
+- A message moves only past max_deliveries: its history's delivery_count reaches it.
+- Delivery counts never go down: a delivery answered before another was sent has the
+  smaller count; the drain's count is above every count seen, a dead letter's at least.
+- No lease runs out early: an ack or ExtendLease answered LEASE_EXPIRED was answered at
+  least the lease after its poll (or the extension before it) was sent. No delivery
+  follows a done-ack answered OK.
+- GetQueueInfo agrees: the queue's dead_lettered and the dead-letter queue's ready count
+  the dead letters listed, and nothing is left delayed.
 """
 
 from __future__ import annotations
@@ -41,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crashloop_client import QUEUES
+from crashloop_client import DEAD_LETTER_QUEUE, LEASE_S, LIFECYCLE_QUEUE, LIFECYCLE_SETTINGS, QUEUES
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -63,6 +77,25 @@ class Delivery:
 
 
 @dataclass
+class LifecycleState:
+    """The lifecycle queue at the end: drained, and the dead letters it left."""
+
+    drained: list[Delivery]
+    dead_letters: list[dict[str, Any]]  # id, original_queue, delivery_count, cause, element
+    dead_lettered: int = 0  # GetQueueInfo(cl-l).dead_lettered
+    dead_letter_queue_ready: int = 0  # GetQueueInfo(cl-dlq).ready
+    delayed: int = 0  # of both
+
+
+RELEASE_CAUSES = (
+    "max_deliveries after ack error",
+    "max_deliveries after lease expiry",
+    "max_deliveries after session end",
+    "max_deliveries after extend to 0",
+)
+
+
+@dataclass
 class ServerState:
     """What the server holds right after a restart (before any client ran)."""
 
@@ -70,6 +103,7 @@ class ServerState:
     in_flight: dict[str, int]
     maps: dict[str, dict[str, str]]
     drained: dict[str, list[Delivery]] | None = None  # per queue, in drain order
+    lifecycle: LifecycleState | None = None  # with drained
 
 
 def _who(r: Record) -> str:
@@ -427,6 +461,122 @@ class History:
         problems += self.check_maps(state.maps)
         if state.drained is not None:
             problems += self.check_drained(state.drained)
+        if state.lifecycle is not None:
+            problems += self.check_lifecycle(state.lifecycle)
+        return problems
+
+    # The lifecycle queue ----------------------------------------------------------------
+
+    def lifecycle_deliveries(self) -> list[Delivery]:
+        return [
+            Delivery(message_id, element, count, r["q"], r["t0"], r["t1"], _who(r), _session(r))
+            for r in self.records
+            if r["op"] == "lpoll" and r["st"] == "ok"
+            for message_id, element, count in r.get("got", [])
+        ]
+
+    def lifecycle_acks(self) -> list[Record]:
+        return [r for r in self.records if r["op"] == "lack"]
+
+    def check_lifecycle_history(self) -> list[str]:
+        """What the logs alone show: no early expiry, counts that only grow."""
+        problems: list[str] = []
+        extensions = [r for r in self.records if r["op"] == "lextend"]
+        for r in self.lifecycle_acks() + extensions:
+            # `polled`: when the lease began at the earliest (the poll, or an extension).
+            if r.get("results") == [pb.CODE_LEASE_EXPIRED] and r["t1"] - r["polled"] < LEASE_S:
+                problems.append(
+                    f"{_who(r)}: LEASE_EXPIRED {r['t1'] - r['polled']:.3f} s after the poll, "
+                    f"under the {LEASE_S} s lease"
+                )
+        by_id: dict[int, list[Delivery]] = defaultdict(list)
+        for d in self.lifecycle_deliveries():
+            by_id[d.message_id].append(d)
+        for ds in by_id.values():
+            for a in ds:
+                for b in ds:
+                    if a.t1 < b.t0 and b.count <= a.count:
+                        problems.append(
+                            f"{b.where}: id {b.message_id} delivery_count {b.count} after "
+                            f"{a.count} at {a.where}"
+                        )
+        done = self.lifecycle_done()[0]
+        for d in self.lifecycle_deliveries():
+            if d.message_id in done and d.t0 > done[d.message_id]:
+                problems.append(f"{d.where}: id {d.message_id} delivered after its done-ack")
+        return problems
+
+    def lifecycle_done(self) -> tuple[dict[int, float], set[int]]:
+        """Ids acked done with an OK answer (-> when), and with a lost answer."""
+        ok: dict[int, float] = {}
+        unknown: set[int] = set()
+        for r in self.lifecycle_acks():
+            if not r["done"]:
+                continue
+            if r["st"] == "unknown":
+                unknown.update(r["ids"])
+            elif r.get("results") == [pb.CODE_OK]:
+                ok[r["ids"][0]] = r["t1"]
+        return ok, unknown
+
+    def check_lifecycle(self, end: LifecycleState) -> list[str]:
+        problems = self.check_lifecycle_history()
+        added = {
+            message_id: element
+            for r in self.records
+            if r["op"] == "ladd" and r["st"] == "ok"
+            for message_id, element in zip(r["ids"], r["elements"], strict=True)
+        }
+        sent = {e for r in self.records if r["op"] == "ladd" for e in r["elements"]}
+        done_ok, done_unknown = self.lifecycle_done()
+        left = {d.message_id: d for d in end.drained}
+        dead = {int(d["id"]): d for d in end.dead_letters}
+        seen: dict[int, int] = {}
+        for d in self.lifecycle_deliveries():
+            seen[d.message_id] = max(seen.get(d.message_id, 0), d.count)
+        for message_id in sorted(set(left) & set(dead)):
+            problems.append(
+                f"id {message_id}: both in {LIFECYCLE_QUEUE} and in {DEAD_LETTER_QUEUE}"
+            )
+        for message_id in sorted(added):
+            there = message_id in left or message_id in dead
+            if not there and message_id not in done_ok and message_id not in done_unknown:
+                problems.append(
+                    f"id {message_id}: added to {LIFECYCLE_QUEUE} (answered OK), never acked "
+                    "done, and in neither queue at the end"
+                )
+        for message_id in sorted(done_ok):
+            if message_id in left or message_id in dead:
+                problems.append(f"id {message_id}: acked done (answered OK) and still there")
+        for message_id, element in [
+            *((i, d.element) for i, d in left.items()),
+            *((i, str(d["element"])) for i, d in dead.items()),
+        ]:
+            if element not in sent or added.get(message_id, element) != element:
+                problems.append(f"id {message_id}: holds {element!r}, not what its add sent")
+        for message_id, d in left.items():
+            if d.count <= seen.get(message_id, 0):
+                problems.append(
+                    f"id {message_id}: delivery_count {d.count} in the drain, "
+                    f"{seen[message_id]} seen before"
+                )
+        limit = LIFECYCLE_SETTINGS.max_deliveries
+        for message_id, letter in dead.items():
+            history = (letter["original_queue"], letter["cause"])
+            if history[0] != LIFECYCLE_QUEUE or history[1] not in RELEASE_CAUSES:
+                problems.append(f"dead letter {message_id}: history {history}")
+            count = int(letter["delivery_count"])
+            if count < max(limit, seen.get(message_id, 0)):
+                problems.append(
+                    f"dead letter {message_id}: delivery_count {count}, under max_deliveries "
+                    f"{limit} or the {seen.get(message_id, 0)} seen"
+                )
+        counts = (end.dead_lettered, end.dead_letter_queue_ready, end.delayed)
+        if counts != (len(dead), len(dead), 0):
+            problems.append(
+                f"GetQueueInfo: dead_lettered, ready in {DEAD_LETTER_QUEUE}, delayed {counts}, "
+                f"with {len(dead)} dead letters listed"
+            )
         return problems
 
     def check_maps(self, maps: dict[str, dict[str, str]]) -> list[str]:

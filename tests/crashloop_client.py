@@ -8,6 +8,12 @@ pause that lets the session expire, a scratch queue created, filled and destroye
 calls the worker is not allowed to make. Some calls get a deadline too short for their
 answer, so answers are lost while the server lives on.
 
+The lifecycle queue `cl-l` (LIFECYCLE_SETTINGS: a one-second ack deadline, two deliveries
+then the dead-letter queue `cl-dlq`) gets a load of its own, logged under op names of its
+own (`ladd`, `lpoll`, `lack`, `lextend`) and proved apart (crashloop_checker.check_lifecycle):
+a worker that acks at once, nacks, or hangs past its lease and acks late, and extends the
+lease of what it hangs on, or gives it back (ExtendLease to 0).
+
 Each operation is one JSON line: `ok` (answered with an expected code), `failed`
 (another code), `expired` (answered CODE_UNAUTHENTICATED: the session lapsed; the
 client logs in again) or `unknown` (no answer). The client stops at an unknown outcome
@@ -37,6 +43,14 @@ Stub = pb_grpc.QueueManagerServiceStub
 Record = dict[str, Any]
 
 QUEUES = ("cl-a", "cl-b")
+LIFECYCLE_QUEUE = "cl-l"
+DEAD_LETTER_QUEUE = "cl-dlq"
+LEASE_S = 1.0  # the shortest ack deadline the server allows
+LATE_ACK_S = 0.3  # a protected hang is acked late within about this after its lease
+PROTECTED_HANGS = 0.5  # the share of hangs whose session is not ended on purpose
+LIFECYCLE_SETTINGS = pb.QueueSettings(
+    ack_deadline_ms=int(LEASE_S * 1000), max_deliveries=2, dead_letter_queue=DEAD_LETTER_QUEUE
+)
 MAPS = ("clm-0", "clm-1")
 USERS = {"admin": "crash-loop-pw", "worker": "crash-loop-worker-pw"}
 # The worker's grants (`qm-server user grant worker ...`): no manage on the shared queues.
@@ -64,6 +78,10 @@ MIX = {
     "expire": 1,
     "scratch": 2,
     "denied": 3,
+    "ladd": 6,
+    "lwork": 10,
+    "llate": 4,
+    "lextend": 2,
 }
 # Codes that are a correct answer to a well-formed call of this load, per operation.
 EXPECTED = {
@@ -74,6 +92,10 @@ EXPECTED = {
     "ack_destroyed": {pb.CODE_MESSAGE_NOT_FOUND},
     "denied": {pb.CODE_PERMISSION_DENIED},
     "expire": {pb.CODE_UNAUTHENTICATED},
+    "lpoll": {pb.CODE_OK, pb.CODE_QUEUE_EMPTY},
+    # In time, or not: the lease may run out under load, and once it did, another session
+    # may have finished the message (then it is unknown to this one).
+    "lack": {pb.CODE_OK, pb.CODE_LEASE_EXPIRED, pb.CODE_MESSAGE_NOT_FOUND},
 }
 
 
@@ -116,6 +138,13 @@ class LoadClient:
         self.session = 0
         self.token = ""
         self.held: dict[int, int] = {}  # id -> delivery count, delivered to the session
+        # cl-l deliveries left to hang: id -> (delivery count, when its lease began at the
+        # earliest: its poll or its last extension was sent)
+        self.hanging: dict[int, tuple[int, float]] = {}
+        # Until then the session is not ended on purpose (a hang's lease must run out
+        # while its session lives, or its end would release the message first).
+        self.keep_session_until = -1.0
+        self.protected = 0  # the hang that is left to run out (never extended)
         self._ops: dict[str, Callable[[], object]] = {
             "add": self.add,
             "add_all": self.add_all,
@@ -131,6 +160,10 @@ class LoadClient:
             "expire": self.expire,
             "scratch": self.scratch,
             "denied": self.denied,
+            "ladd": self.lifecycle_add,
+            "lwork": self.lifecycle_work,
+            "llate": self.lifecycle_late_ack,
+            "lextend": self.lifecycle_extend,
         }
 
     # Sessions ---------------------------------------------------------------------------
@@ -148,18 +181,27 @@ class LoadClient:
             raise ServerGone from exc
         self.session += 1
         self.held.clear()
+        self.hanging.clear()
         record.update(st="ok", t1=time.monotonic(), session=self.session)
         self._write(record)
 
     def run(self, max_ops: int, until: float) -> int:
         """Run until the server is gone, max_ops or the time is up; returns ops done."""
         kinds, weights = list(MIX), list(MIX.values())
+        # A hang from the start of the round: its lease runs out before the kill in most
+        # rounds longer than the lease.
+        try:
+            self.lifecycle_hang()
+        except ServerGone:
+            return 1
         for done in range(max_ops):
             if time.monotonic() > until:
                 return done
             kind = self.rng.choices(kinds, weights)[0]
             if kind in ("ack", "nack", "batch_ack") and not self.held:
                 kind = "pull"
+            if kind in ("relogin", "expire") and time.monotonic() < self.keep_session_until:
+                kind = "llate"  # the session must outlive the hang's lease
             try:
                 self._ops[kind]()
             except ServerGone:
@@ -467,6 +509,132 @@ class LoadClient:
                 patient=True,
             )
             self._write(record)
+
+    # The lifecycle queue ---------------------------------------------------------------
+
+    def lifecycle_add(self) -> None:
+        elements = [f"{self._tag()}.{j}" for j in range(self.rng.randint(1, 3))]
+        record: Record = {"op": "ladd", "q": LIFECYCLE_QUEUE, "elements": elements}
+        reply = self._call(
+            record,
+            lambda timeout: self.stub.AddAll(
+                pb.AddAllRequest(token=self.token, queue_name=LIFECYCLE_QUEUE, elements=elements),
+                timeout=timeout,
+            ),
+        )
+        if reply is not None and reply.code == pb.CODE_OK:
+            record["ids"] = list(reply.message_ids)
+        self._write(record)
+
+    def lifecycle_work(self) -> None:
+        """Take one message on its lease; ack it done at once, nack it, or hang past the
+        lease (kept in `hanging`, acked late by lifecycle_late_ack, or never)."""
+        got = self._lifecycle_poll()
+        if got is None:
+            return
+        message_id, count, polled = got
+        fate = self.rng.choice(("done", "done", "nack", "hang"))
+        if fate == "hang":
+            self.hanging[message_id] = (count, polled)
+        else:
+            self._lifecycle_ack(message_id, count, polled, fate)
+
+    def lifecycle_hang(self) -> None:
+        """Take a message (adding one to an empty queue first) and hang on it: the load
+        goes on meanwhile, which keeps the session alive, as a worker's client heartbeats
+        while its handler hangs; lifecycle_late_ack acks it once its lease ran out."""
+        got = self._lifecycle_poll()
+        if got is None:
+            self.lifecycle_add()
+            got = self._lifecycle_poll()
+        if got is not None:
+            message_id, count, polled = got
+            self.hanging[message_id] = (count, polled)
+            if self.rng.random() < PROTECTED_HANGS:
+                self.keep_session_until = polled + LEASE_S + LATE_ACK_S
+                self.protected = message_id
+
+    def _lifecycle_poll(self) -> tuple[int, int, float] | None:
+        """Poll the lifecycle queue: (id, delivery count, when the poll was sent)."""
+        record: Record = {"op": "lpoll", "q": LIFECYCLE_QUEUE}
+        reply = self._call(
+            record,
+            lambda timeout: self.stub.Poll(
+                pb.PollRequest(token=self.token, queue_name=LIFECYCLE_QUEUE), timeout=timeout
+            ),
+        )
+        got = reply is not None and reply.code == pb.CODE_OK
+        if got:
+            record["got"] = [[reply.message_id, reply.element, reply.delivery_count]]
+            record["lease_ms"] = reply.lease_expires_at_ms
+        self._write(record)
+        if not got or record["st"] != "ok":
+            return None
+        return reply.message_id, reply.delivery_count, record["t0"]
+
+    def lifecycle_late_ack(self) -> None:
+        """Ack done a message held past its lease (if one is): LEASE_EXPIRED, mostly."""
+        late = [i for i, (_, t) in self.hanging.items() if time.monotonic() - t > LEASE_S]
+        if late:
+            message_id = self.rng.choice(late)
+            count, polled = self.hanging.pop(message_id)
+            self._lifecycle_ack(message_id, count, polled, "done")
+
+    def lifecycle_extend(self) -> None:
+        """ExtendLease on a message hung on: a new lease (it hangs on from now), or 0,
+        which gives it back (a delivery spent: past max_deliveries, a dead letter)."""
+        hanging = sorted(i for i in self.hanging if i != self.protected)
+        if not hanging:
+            return
+        message_id = self.rng.choice(hanging)
+        lease_ms = self.rng.choice((0, int(LEASE_S * 1000)))
+        record: Record = {
+            "op": "lextend",
+            "ids": [message_id],
+            "lease_ms": lease_ms,
+            "polled": self.hanging[message_id][1],
+        }
+        reply = self._call(
+            record,
+            lambda timeout: self.stub.ExtendLease(
+                pb.ExtendLeaseRequest(
+                    token=self.token, message_ids=[message_id], ack_deadline_ms=lease_ms
+                ),
+                timeout=timeout,
+            ),
+        )
+        if reply is not None and reply.code == pb.CODE_OK:
+            record["results"] = [int(r.code) for r in reply.results]
+            if [r.message_id for r in reply.results] != [message_id] or not set(
+                record["results"]
+            ) <= set(EXPECTED["lack"]):
+                record["st"] = "failed"
+            elif record["results"] == [pb.CODE_OK] and lease_ms:
+                self.hanging[message_id] = (self.hanging[message_id][0], record["t0"])
+            elif record["results"] == [pb.CODE_OK]:
+                del self.hanging[message_id]
+        self._write(record)
+
+    def _lifecycle_ack(self, message_id: int, count: int, polled: float, fate: str) -> None:
+        done = fate == "done"
+        record: Record = {
+            "op": "lack",
+            "ids": [message_id],
+            "counts": [count],
+            "done": done,
+            "polled": polled,
+        }
+        ack_type = pb.ACK_TYPE_DONE if done else pb.ACK_TYPE_ERROR
+        reply = self._call(
+            record,
+            lambda timeout: self.stub.Ack(
+                pb.AckRequest(token=self.token, message_id=message_id, ack_type=ack_type),
+                timeout=timeout,
+            ),
+        )
+        if reply is not None:
+            record["results"] = [int(reply.code)]
+        self._write(record)
 
     def denied(self) -> None:
         """The worker may not create the shared queues nor destroy maps (no manage)."""

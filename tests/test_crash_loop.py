@@ -1,7 +1,10 @@
 """SIGKILL qm-server at random moments under mixed load from client processes; prove that
 nothing answered OK was lost, no id repeats, acked messages stay gone and maps hold what
-was written. The runner is tests/crashloop.py, the load tests/crashloop_client.py and the
-proofs tests/crashloop_checker.py; scripts/crash_loop runs more rounds.
+was written, and, on a queue with an ack deadline and a dead-letter queue, that leases
+run out and messages move to the dead-letter queue without one being lost between the
+two, in both, or counted down. The runner is tests/crashloop.py, the load
+tests/crashloop_client.py and the proofs tests/crashloop_checker.py; scripts/crash_loop
+runs more rounds.
 
 The checker's own tests below feed it made-up histories with one fault each, so that a
 clean crash-loop run means something."""
@@ -13,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from crashloop import Options, run
-from crashloop_checker import Delivery, History, ServerState
+from crashloop_checker import Delivery, History, LifecycleState, ServerState
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -45,8 +48,16 @@ def test_crash_loop(tmp_path: Path) -> None:
         "calls denied to the worker",
         "calls of the worker",
         "map writes",
+        "lifecycle redeliveries",
+        "dead-letter moves",
+        "of which after ack error",
+        "of which after session end",
     )
     assert [name for name in exercised if figures[name] == 0] == [], report.summary()
+    # Leases ran out while their sessions lived: told to a late ack, or seen in the cause
+    # of a dead letter (the long rounds give them the time).
+    expiries = figures["late acks answered LEASE_EXPIRED"] + figures["of which after lease expiry"]
+    assert expiries > 0, report.summary()
 
 
 def record(
@@ -208,3 +219,125 @@ def test_checker_flags_a_delivery_count_that_skips() -> None:
 def test_checker_flags_an_answer_the_load_does_not_expect() -> None:
     denied = record("denied", "failed", 1, 0, q="cl-a", code=pb.CODE_OK)
     assert problems([denied], final()) == ["r0-c0 denied seq 1: answered code 0 "]
+
+
+# The lifecycle queue (crashloop_checker.check_lifecycle) ---------------------------------
+
+EXPIRY = "max_deliveries after lease expiry"
+
+
+def ladd(seq: int, t: float, ids: list[int]) -> dict[str, Any]:
+    elements = [f"l{seq}.{n}" for n in range(len(ids))]
+    return record("ladd", "ok", seq, t, q="cl-l", elements=elements, ids=ids, code=0)
+
+
+def lpoll(seq: int, t: float, message_id: int, count: int) -> dict[str, Any]:
+    return record("lpoll", "ok", seq, t, q="cl-l", code=0, got=[[message_id, "l1.0", count]])
+
+
+def lack(
+    seq: int, t: float, message_id: int, count: int, code: int, polled: float
+) -> dict[str, Any]:
+    return record(
+        "lack",
+        "ok",
+        seq,
+        t,
+        ids=[message_id],
+        counts=[count],
+        done=True,
+        polled=polled,
+        results=[code],
+        code=code,
+    )
+
+
+def lifecycle_final(
+    left: list[tuple[int, str, int]], dead: list[tuple[int, int, str]]
+) -> ServerState:
+    """The lifecycle queue at the end: `left` (id, element, count) drained from it, and
+    `dead` (id, delivery count, cause) of element "l1.0" in the dead-letter queue."""
+    state = final()
+    letters = [
+        {
+            "id": i,
+            "original_queue": "cl-l",
+            "delivery_count": n,
+            "cause": cause,
+            "element": "l1.0",
+        }
+        for i, n, cause in dead
+    ]
+    drained = [Delivery(i, e, c, "cl-l", math.inf, math.inf, "drain") for i, e, c in left]
+    state.lifecycle = LifecycleState(drained, letters, len(letters), len(letters), 0)
+    return state
+
+
+# Id 1 hangs past its lease (acked late: LEASE_EXPIRED), is delivered again, and that
+# lease runs out too: dead-lettered. Id 2 is never taken.
+HUNG = [
+    ladd(1, 0, [1, 2]),
+    lpoll(2, 1, 1, 1),
+    lack(3, 2.6, 1, 1, pb.CODE_LEASE_EXPIRED, polled=1),
+    lpoll(4, 3, 1, 2),
+]
+
+
+def test_checker_accepts_a_clean_lifecycle() -> None:
+    assert problems(HUNG, lifecycle_final([(2, "l1.1", 1)], [(1, 2, EXPIRY)])) == []
+
+
+def test_checker_flags_a_message_lost_between_its_queue_and_the_dead_letter_queue() -> None:
+    assert problems(HUNG, lifecycle_final([(2, "l1.1", 1)], [])) == [
+        "id 1: added to cl-l (answered OK), never acked done, and in neither queue at the end"
+    ]
+
+
+def test_checker_flags_a_message_in_both_queues() -> None:
+    found = problems(HUNG, lifecycle_final([(1, "l1.0", 3), (2, "l1.1", 1)], [(1, 2, EXPIRY)]))
+    assert found == ["id 1: both in cl-l and in cl-dlq"]
+
+
+def test_checker_flags_an_early_expiry_and_a_dead_letter_under_max_deliveries() -> None:
+    early = [*HUNG[:2], lack(3, 1.0, 1, 1, pb.CODE_LEASE_EXPIRED, polled=1), HUNG[3]]
+    found = problems(early, lifecycle_final([(2, "l1.1", 1)], [(1, 2, EXPIRY)]))
+    assert found == [
+        "r0-c0 lack seq 3: LEASE_EXPIRED 0.500 s after the poll, under the 1.0 s lease"
+    ]
+    found = problems(HUNG[:2], lifecycle_final([(2, "l1.1", 1)], [(1, 1, EXPIRY)]))
+    assert found == ["dead letter 1: delivery_count 1, under max_deliveries 2 or the 1 seen"]
+
+
+def test_checker_flags_a_delivery_count_that_goes_down() -> None:
+    lower = [*HUNG, lpoll(5, 5, 1, 1)]
+    found = problems(lower, lifecycle_final([(1, "l1.0", 2), (2, "l1.1", 1)], []))
+    assert found == [
+        "r0-c0 lpoll seq 5: id 1 delivery_count 1 after 1 at r0-c0 lpoll seq 2",
+        "r0-c0 lpoll seq 5: id 1 delivery_count 1 after 2 at r0-c0 lpoll seq 4",
+        "id 1: delivery_count 2 in the drain, 2 seen before",
+    ]
+
+
+def test_checker_flags_an_acked_lifecycle_message_still_there() -> None:
+    acked = [*HUNG, lack(5, 3.2, 1, 2, pb.CODE_OK, polled=3)]
+    found = problems(acked, lifecycle_final([(2, "l1.1", 1)], [(1, 2, EXPIRY)]))
+    assert found == ["id 1: acked done (answered OK) and still there"]
+
+
+def test_checker_holds_an_extension_to_the_lease_it_set() -> None:
+    """An ExtendLease answered OK at 2 started a new lease: LEASE_EXPIRED for the message
+    at 2.6 is early; after 3 it is not."""
+
+    def extend(seq: int, t: float, code: int, polled: float) -> dict[str, Any]:
+        return record(
+            "lextend", "ok", seq, t, code=0, ids=[1], lease_ms=1000, polled=polled, results=[code]
+        )
+
+    extended = [*HUNG[:2], extend(3, 1.5, pb.CODE_OK, polled=1)]
+    end = lifecycle_final([(1, "l1.0", 2), (2, "l1.1", 1)], [])
+    late = [*extended, extend(4, 2.6, pb.CODE_LEASE_EXPIRED, polled=1.5)]
+    assert problems(late, end) == []
+    early = [*extended, extend(4, 1.9, pb.CODE_LEASE_EXPIRED, polled=1.5)]
+    assert problems(early, end) == [
+        "r0-c0 lextend seq 4: LEASE_EXPIRED 0.900 s after the poll, under the 1.0 s lease"
+    ]

@@ -6,6 +6,15 @@ noticed lazily while messages are in flight, a restart between a pull and its ac
 model below is the contract in its simplest form (dicts and lists), so any difference
 between it and the engine after any sequence of calls is a bug in one of the two.
 
+The lifecycle is in the model too, on one fake clock that the engine (monotonic seconds)
+and the store (Unix seconds) both read: queues made with settings (ack deadline,
+max_deliveries into a dead-letter queue, retry backoff, a default delay), adds with a
+delay, claims with a lease of their own, ExtendLease (0 gives back), Purge, and the
+store's one timer, which the machine records instead of arming (ModelStore) and fires as
+a rule (`timer_fires`): lease expiries, late acks answered LEASE_EXPIRED, backoffs and
+delays coming due, dead letters with their history and cause. The model predicts every
+answer exactly: ids, delivery counts, first add times, lease ends, counts, dead letters.
+
 Most rules make one call and wait for its answer; `concurrently` runs several sessions'
 calls at once (producers, consumers with long polls, Subscribe streams), cancels claims
 midway and crashes the store mid-round, and checks that the answers fit some order of
@@ -18,6 +27,7 @@ thread resolves its futures on the loop that opened it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import tempfile
 import threading
@@ -26,9 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import hypothesis
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -39,10 +51,11 @@ from hypothesis.stateful import (
 
 from conftest import FAST_AUTH, encrypt_password
 from qm.v1 import queue_manager_pb2 as pb
-from qm_server import errors
+from qm_server import errors, lifecycle
 from qm_server.auth import KeyPair, PasswordHasher
 from qm_server.engine import Engine
-from qm_server.store.base import Delivery, UserRecord
+from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, RetryPolicy, SettingsChange
+from qm_server.store.base import DeadLetter, Delivery, LeaseOutcome, UserRecord
 from qm_server.store.sqlite import SqliteStore
 
 T = TypeVar("T")
@@ -75,6 +88,59 @@ LIVE_PICKS = 8
 # Binary-exact steps, so that "idle exactly the ttl" (not yet expired) is reachable and
 # float rounding cannot make the model and the engine disagree at the boundary.
 CLOCK_STEPS = st.sampled_from([0.5, 2.5, 5.0, 10.0, 12.0, 30.0])
+# The store's clock is Unix time: the fake clock's seconds plus this. Every time below is
+# a multiple of half a second, so that seconds and milliseconds convert exactly.
+EPOCH_S = 1_700_000_000.0
+# Where the queues with max_deliveries put their dead letters: one of the queues, which
+# itself has none (so dead letters do not travel on), and which may be missing (then a
+# message past max_deliveries stays where it is).
+DEAD_LETTER_QUEUE = "jobs.x"
+LEASES = st.sampled_from([None, None, 1000, 2500])  # a claim's own ack deadline
+EXTENSIONS = st.sampled_from([0, 1000, 5000])
+DELAYS = st.sampled_from([None, None, 0, 1000, 2500])  # an add's delay_ms
+RETRIES = st.builds(
+    RetryPolicy,
+    initial_delay_ms=st.sampled_from([1000, 2500]),
+    multiplier=st.sampled_from([1.0, 2.0]),
+    max_delay_ms=st.sampled_from([0, 10_000]),  # 0: the initial delay
+)
+
+
+def settings_strategy(name: str) -> st.SearchStrategy[SettingsChange | None]:
+    """A queue's settings: mostly none (the seed's queue), else some of each kind. Drawn
+    the same whatever the machine holds, so that no draw depends on a concurrent round."""
+    dead_letters = name != DEAD_LETTER_QUEUE
+    return st.one_of(
+        st.none(),
+        st.builds(
+            SettingsChange,
+            ack_deadline_ms=st.sampled_from([None, 1000, 2500, 5000]),
+            max_deliveries=st.sampled_from([None, 1, 2, 3]) if dead_letters else st.none(),
+            retry=st.none() | RETRIES,
+            delay_ms=st.sampled_from([None, None, 2500]),
+        ).map(
+            lambda c: (
+                dataclasses.replace(c, dead_letter_queue=DEAD_LETTER_QUEUE)
+                if c.max_deliveries
+                else c
+            )
+        ),
+    )
+
+
+def event(name: str) -> None:
+    """Count what a run reached (shown by --hypothesis-show-statistics); nothing in the
+    fixed sequences below, which run outside Hypothesis."""
+    if currently_in_test_context():
+        hypothesis.event(name)
+
+
+def backoff_ms(retry: RetryPolicy, delivery_count: int) -> int:
+    """The wait after an error ack on the delivery_count-th delivery (the proto's rule)."""
+    if not retry.initial_delay_ms:
+        return 0
+    cap = retry.max_delay_ms or retry.initial_delay_ms
+    return int(min(retry.initial_delay_ms * retry.multiplier ** (delivery_count - 1), cap))
 
 
 # A memory-backed directory when there is one: every commit fsyncs, and on a shared disk
@@ -88,6 +154,24 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+    def unix(self) -> float:
+        """The same instant as the store reads it."""
+        return EPOCH_S + self.now
+
+    def ms(self) -> int:
+        return int(self.unix() * 1000)
+
+
+class ModelStore(SqliteStore):
+    """The store, with its one timer recorded instead of armed: on a fake clock a real
+    timer would fire at a real moment, in the middle of any rule. The machine fires it
+    as a rule of its own (`timer_fires`), at the fake time it was armed for."""
+
+    armed_ms = 0
+
+    def _arm(self, due_ms: int) -> None:
+        self.armed_ms = due_ms
 
 
 @dataclass(eq=False)
@@ -114,6 +198,11 @@ class ModelMessage:
     # A claim cancelled while it committed gives its messages back with their count
     # raised; which messages it took nobody saw, so the next delivery may count more.
     count_raised_maybe: bool = False
+    enqueued_at: int = 0  # the store's clock, ms
+    lease: int = 0  # when its holder's lease ends (ms); 0: none
+    ready_at: int = 0  # delayed or backing off until then (ms); 0: not waiting
+    # As a dead letter: (original queue, delivery count then, when, cause).
+    dead: tuple[str, int, int, str] | None = None
 
 
 def expect_error(outcome: object, expected: type[errors.QmError]) -> None:
@@ -129,12 +218,14 @@ def utf8_order(pairs: dict[str, str]) -> list[tuple[str, str]]:
     return sorted(pairs.items(), key=lambda kv: kv[0].encode())
 
 
-async def open_engine(data_dir: Path, clock: FakeClock) -> tuple[SqliteStore, Engine]:
-    store = SqliteStore(data_dir)
+async def open_engine(data_dir: Path, clock: FakeClock) -> tuple[ModelStore, Engine]:
+    store = ModelStore(data_dir, clock=clock.unix)
     await store.open()
     if await store.get_user("admin") is None:
         await store.create_user(UserRecord("admin", PASSWORD_HASH, is_admin=True))
-    engine = Engine(store, KEY, session_ttl_s=TTL_S, auth=FAST_AUTH, clock=clock)
+    engine = Engine(
+        store, KEY, session_ttl_s=TTL_S, auth=FAST_AUTH, clock=clock, wall_clock=clock.unix
+    )
     return store, engine
 
 
@@ -356,7 +447,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.data_dir = Path(tempfile.mkdtemp(prefix="qm-model-", dir=SCRATCH))
         self.clock = FakeClock()
-        self.store: SqliteStore | None = None
+        self.store: ModelStore | None = None
         self.engine_: Engine | None = None
         self.store, self.engine_ = self.loop.run_until_complete(
             open_engine(self.data_dir, self.clock)
@@ -364,6 +455,11 @@ class EngineMachine(RuleBasedStateMachine):
         self.sessions: list[ModelSession] = []
         self.observer: ModelSession | None = None
         self.queues: dict[str, dict[int, ModelMessage]] = {}
+        self.settings: dict[str, QueueSettings] = {}
+        # message id -> (session, queue) whose lease on it ran out: that session's late
+        # ack or extension is told LEASE_EXPIRED, until the message is deleted, the
+        # session ends, or another lease on it runs out.
+        self.expired: dict[int, tuple[ModelSession, str]] = {}
         self.maps: dict[str, dict[str, str]] = {}
         self.issued: list[int] = []  # every message id ever returned, in order
         self.crashed_dirs: list[Path] = []  # data directories left behind by a crash
@@ -434,11 +530,59 @@ class EngineMachine(RuleBasedStateMachine):
         return self.clock.now - session.last_active > TTL_S
 
     def end(self, session: ModelSession) -> None:
+        """The session ends (logout, expiry): what it held is released, and who it was
+        is forgotten by the expired leases."""
         session.ended = True
-        for queue in self.queues.values():
-            for message in queue.values():
-                if message.holder is session:
-                    message.holder = None
+        for name, message in self.held(lambda m: m.holder is session):
+            self.release(name, message, lifecycle.CAUSE_SESSION_END, backoff=False)
+        self.expired = {i: e for i, e in self.expired.items() if e[0] is not session}
+
+    def held(self, which: Callable[[ModelMessage], bool]) -> list[tuple[str, ModelMessage]]:
+        """(queue, message) of the messages that match, in id order (a list: releasing
+        them moves some to the dead-letter queue)."""
+        found = [(n, m) for n, q in self.queues.items() for m in q.values() if which(m)]
+        return sorted(found, key=lambda pair: pair[1].id)
+
+    def release(self, name: str, message: ModelMessage, cause: str, backoff: bool) -> None:
+        """A message no longer in flight and not done: moved to the dead-letter queue
+        with its history past max_deliveries (if that queue exists), else waiting out
+        the retry backoff after an error ack, else ready again at its place."""
+        settings = self.settings[name]
+        message.holder, message.lease = None, 0
+        target = settings.dead_letter_queue
+        count = message.delivery_count
+        if settings.max_deliveries and target in self.queues and count >= settings.max_deliveries:
+            del self.queues[name][message.id]
+            self.queues[target][message.id] = message
+            message.dead = (name, count, self.clock.ms(), cause)
+            event(f"dead-lettered: {cause}")
+        elif backoff and (wait := backoff_ms(settings.retry, count)):
+            message.ready_at = self.clock.ms() + wait
+            event("backed off")
+
+    def due(self) -> None:
+        """What the store's run_due does at the clock's time: leases that ran out (their
+        holders remembered), then delayed and backed-off messages whose time came."""
+        now = self.clock.ms()
+        expired = self.held(lambda m: m.holder is not None and 0 < m.lease <= now)
+        for name, message in sorted(expired, key=lambda pair: pair[1].lease):
+            assert message.holder is not None
+            self.expired[message.id] = (message.holder, name)
+            event("lease expired")
+            self.release(name, message, lifecycle.CAUSE_LEASE_EXPIRY, backoff=False)
+        for _, message in self.held(lambda m: 0 < m.ready_at <= now):
+            message.ready_at = 0
+            event("came due")
+
+    def next_due(self) -> int:
+        """When the store's timer should fire next (ms); 0 for never."""
+        times = [m.lease for q in self.queues.values() for m in q.values() if m.lease]
+        times += [m.ready_at for q in self.queues.values() for m in q.values() if m.ready_at]
+        return min(times, default=0)
+
+    def delete(self, name: str, message_id: int) -> None:
+        del self.queues[name][message_id]
+        self.expired.pop(message_id, None)
 
     def touch(self, session: ModelSession) -> bool:
         """Whether the engine accepts the token now; using it counts as activity, and an
@@ -465,8 +609,12 @@ class EngineMachine(RuleBasedStateMachine):
 
     def ready(self, name: str) -> list[ModelMessage]:
         return sorted(
-            (m for m in self.queues[name].values() if m.holder is None), key=lambda m: m.id
+            (m for m in self.queues[name].values() if m.holder is None and not m.ready_at),
+            key=lambda m: m.id,
         )
+
+    def is_default(self, name: str) -> bool:
+        return self.settings[name].is_default
 
     # Sessions and time --------------------------------------------------------------------
 
@@ -489,15 +637,37 @@ class EngineMachine(RuleBasedStateMachine):
             expect_ok(outcome)
             self.end(session)
 
-    @rule(seconds=CLOCK_STEPS, sweep=st.booleans())
-    def advance_clock(self, seconds: float, sweep: bool) -> None:
-        """Without the sweep, idle sessions linger until used: the lazy path."""
+    @rule(seconds=CLOCK_STEPS, sweep=st.booleans(), due=st.booleans())
+    def advance_clock(self, seconds: float, sweep: bool, due: bool = False) -> None:
+        """Without the sweep, idle sessions linger until used: the lazy path. Without
+        `due`, the store's timer has not fired yet: a lease past its end still holds (an
+        ack in time for the store is in time)."""
         self.clock.now += seconds
+        if due:
+            self.run_due()
         if sweep:
             expect_ok(self.call(self.engine.expire_idle_sessions()))
             for session in self.sessions:
                 if not session.ended and self.idle(session):
                     self.end(session)
+
+    def run_due(self) -> None:
+        assert self.store is not None
+        expect_ok(self.call(self.store.run_due()))
+        self.due()
+
+    @rule()
+    def timer_fires(self) -> None:
+        """The store's timer fires: it was armed no later than the first thing due, and
+        for something (never for nothing while something waits); the clock moves to it."""
+        assert self.store is not None
+        armed, expected = self.store.armed_ms, self.next_due()
+        if expected:
+            assert 0 < armed <= expected, (armed, expected)
+        if not armed:
+            return
+        self.clock.now = max(self.clock.now, armed / 1000 - EPOCH_S)
+        self.run_due()
 
     @rule()
     def restart(self) -> None:
@@ -509,34 +679,57 @@ class EngineMachine(RuleBasedStateMachine):
         self.store, self.engine_ = self.loop.run_until_complete(
             open_engine(self.data_dir, self.clock)
         )
+        self.restarted(lambda name: True)
+
+    def restarted(self, released: Callable[[str], bool]) -> None:
+        """A new process: sessions died, and what they held in the `released` queues is
+        ready again (counted). Nothing is dead-lettered at the start: being in flight is
+        not on disk, so the store cannot tell what the restart released from what was
+        ready already (a redriven message, say); a message in flight at its last allowed
+        delivery gets one more, and is dead-lettered when that one is released."""
         for session in self.sessions:
             session.ended = True
-        for queue in self.queues.values():
-            for message in queue.values():
-                message.holder = None
+        self.expired = {}
+        for name, message in self.held(lambda m: m.holder is not None):
+            if released(name):
+                message.holder, message.lease = None, 0
 
     # Queues -------------------------------------------------------------------------------
 
-    @initialize(names=st.sets(QUEUE_NAMES, min_size=2), elements=st.lists(TEXTS, max_size=6))
-    def fill_queues(self, names: set[str], elements: list[str]) -> None:
+    @initialize(
+        names=st.sets(QUEUE_NAMES, min_size=2),
+        elements=st.lists(TEXTS, max_size=6),
+        data=st.data(),
+    )
+    def fill_queues(self, names: set[str], elements: list[str], data: st.DataObject) -> None:
         """Start with queues and messages: with some twenty rules to choose from, most
-        sequences would otherwise never get a message delivered twice."""
-        for name in sorted(names):
-            self.new_queue(0, name)
+        sequences would otherwise never get a message delivered twice. The dead-letter
+        queue comes first, so that the others may name it."""
+        for name in sorted(names, key=lambda n: (n != DEAD_LETTER_QUEUE, n)):
+            self.new_queue(0, name, data.draw(settings_strategy(name), label=name))
         if elements:
-            self.enqueue(0, min(names), elements)
+            self.enqueue(0, data.draw(st.sampled_from(sorted(names)), label="fill"), elements)
+
+    @rule(who=WHO, name=QUEUE_NAMES, data=st.data())
+    def new_queue_with_settings(self, who: int, name: str, data: st.DataObject) -> None:
+        self.new_queue(who, name, data.draw(settings_strategy(name), label="settings"))
 
     @rule(who=WHO, name=QUEUE_NAMES)
-    def new_queue(self, who: int, name: str) -> None:
+    def new_queue(self, who: int, name: str, change: SettingsChange | None = None) -> None:
         session = self.pick(who)
-        outcome = self.call(self.engine.new_queue(session.token, name))
+        outcome = self.call(self.engine.new_queue(session.token, name, change))
         if self.refused(session, outcome):
             return
         if name in self.queues:
             expect_error(outcome, errors.QueueAlreadyExists)
             return
+        settings = (change or SettingsChange()).applied_to(DEFAULT_SETTINGS)
+        if settings.dead_letter_queue and settings.dead_letter_queue not in self.queues:
+            expect_error(outcome, errors.QueueNotFound)
+            return
         expect_ok(outcome)
         self.queues[name] = {}
+        self.settings[name] = settings
 
     @rule(who=WHO, name=QUEUE_NAMES, force=st.booleans())
     def destroy_queue(self, who: int, name: str, force: bool) -> None:
@@ -552,10 +745,32 @@ class EngineMachine(RuleBasedStateMachine):
             return
         expect_ok(outcome)
         del self.queues[name]
+        self.expired = {i: e for i, e in self.expired.items() if e[1] != name}
 
-    def enqueue(self, who: int, name: str, elements: list[str]) -> None:
+    @rule(who=WHO, name=QUEUE_NAMES)
+    def purge(self, who: int, name: str) -> None:
+        """Ready and delayed messages go, in one step; those in flight stay held."""
         session = self.pick(who)
-        outcome = self.call(self.engine.add(session.token, name, elements))
+        outcome = self.call(self.engine.admin.purge(session.token, name))
+        if self.refused(session, outcome):
+            return
+        if name not in self.queues:
+            expect_error(outcome, errors.QueueNotFound)
+            return
+        queue = self.queues[name]
+        gone = [i for i, m in queue.items() if m.holder is None]
+        assert expect_ok(outcome) == len(gone), name
+        event(f"purged {'some' if gone else 'none'}")
+        for message_id in gone:
+            del queue[message_id]
+        # The store forgets the expired leases taken from this queue but on what it holds.
+        self.expired = {i: e for i, e in self.expired.items() if e[1] != name or i in queue}
+
+    def enqueue(
+        self, who: int, name: str, elements: list[str], delay_ms: int | None = None
+    ) -> None:
+        session = self.pick(who)
+        outcome = self.call(self.engine.enqueue(session.token, name, elements, delay_ms))
         if self.refused(session, outcome):
             return
         if not elements:
@@ -564,27 +779,35 @@ class EngineMachine(RuleBasedStateMachine):
         if name not in self.queues:
             expect_error(outcome, errors.QueueNotFound)
             return
-        ids = expect_ok(outcome)
+        enqueued = expect_ok(outcome)
+        ids = enqueued.ids
+        assert not enqueued.replayed
         assert len(ids) == len(elements)
         # Unique across queues and never reused, even after a restart: each new id is
         # larger than every id handed out before.
         floor = self.issued[-1] if self.issued else 0
         assert ids == sorted(ids) and len(set(ids)) == len(ids) and ids[0] > floor, ids
         self.issued.extend(ids)
+        now = self.clock.ms()
+        delay = self.settings[name].delay_ms if delay_ms is None else delay_ms
         for message_id, element in zip(ids, elements, strict=True):
-            self.queues[name][message_id] = ModelMessage(message_id, element)
+            message = ModelMessage(message_id, element, enqueued_at=now)
+            message.ready_at = now + delay if delay else 0
+            self.queues[name][message_id] = message
 
-    @rule(who=WHO, name=QUEUE_NAMES, element=TEXTS)
-    def add(self, who: int, name: str, element: str) -> None:
-        self.enqueue(who, name, [element])
+    @rule(who=WHO, name=QUEUE_NAMES, element=TEXTS, delay=DELAYS)
+    def add(self, who: int, name: str, element: str, delay: int | None = None) -> None:
+        self.enqueue(who, name, [element], delay)
 
-    @rule(who=WHO, name=QUEUE_NAMES, elements=st.lists(TEXTS, max_size=4))
-    def add_all(self, who: int, name: str, elements: list[str]) -> None:
-        self.enqueue(who, name, elements)
+    @rule(who=WHO, name=QUEUE_NAMES, elements=st.lists(TEXTS, max_size=4), delay=DELAYS)
+    def add_all(self, who: int, name: str, elements: list[str], delay: int | None = None) -> None:
+        self.enqueue(who, name, elements, delay)
 
-    def take(self, session: ModelSession, name: str, number: int) -> list[int]:
+    def take(
+        self, session: ModelSession, name: str, number: int, lease_ms: int | None = None
+    ) -> list[int]:
         """The ids delivered, so that a worker can ack exactly what it got."""
-        outcome = self.call(self.engine.take(session.token, name, number, 0))
+        outcome = self.call(self.engine.take(session.token, name, number, 0, lease_ms))
         if self.refused(session, outcome):
             return []
         if number < 1:
@@ -599,39 +822,45 @@ class EngineMachine(RuleBasedStateMachine):
             return []
         got = expect_ok(outcome)
         assert [d.message_id for d in got] == [m.id for m in taken], (got, taken)
+        lease = self.settings[name].ack_deadline_ms if lease_ms is None else lease_ms
         for message, delivery in zip(taken, got, strict=True):
             if message.count_raised_maybe and delivery.delivery_count > message.delivery_count:
                 message.delivery_count = delivery.delivery_count - 1
             message.count_raised_maybe = False
             message.delivery_count += 1
             message.holder = session
-        expected = [Delivery(m.id, m.element, m.delivery_count) for m in taken]
-        # The model keeps no clock: first add times and lease ends are the store's tests'.
-        assert [d[:3] for d in got] == [d[:3] for d in expected]
+            message.lease = self.clock.ms() + lease if lease else 0
+        expected = [
+            Delivery(m.id, m.element, m.delivery_count, m.enqueued_at, m.lease) for m in taken
+        ]
+        assert got == expected
         return [m.id for m in taken]
 
-    @rule(who=WHO, name=QUEUE_NAMES)
-    def poll(self, who: int, name: str) -> None:
-        self.take(self.pick(who), name, 1)
+    @rule(who=WHO, name=QUEUE_NAMES, lease=LEASES)
+    def poll(self, who: int, name: str, lease: int | None = None) -> None:
+        self.take(self.pick(who), name, 1, lease)
 
-    @rule(who=WHO, name=QUEUE_NAMES, number=st.integers(min_value=0, max_value=4))
-    def pull(self, who: int, name: str, number: int) -> None:
-        self.take(self.pick(who), name, number)
+    @rule(who=WHO, name=QUEUE_NAMES, number=st.integers(min_value=0, max_value=4), lease=LEASES)
+    def pull(self, who: int, name: str, number: int, lease: int | None = None) -> None:
+        self.take(self.pick(who), name, number, lease)
 
     @rule(
         who=WHO,
         name=QUEUE_NAMES,
         number=st.integers(min_value=1, max_value=4),
         data=st.data(),
+        lease=LEASES,
     )
-    def work(self, who: int, name: str, number: int, data: st.DataObject) -> None:
+    def work(
+        self, who: int, name: str, number: int, data: st.DataObject, lease: int | None = None
+    ) -> None:
         """A worker's cycle: pull, then ack some done, nack some, keep the rest.
 
         Separate pull and ack rules rarely meet (another session, a restart or an expiry
         comes between, or swarm testing disabled one of them), so redelivery would be rare.
         """
         session = self.pick(who)
-        ids = self.take(session, name, number)
+        ids = self.take(session, name, number, lease)
         # As many fates as the most a pull may bring, whatever it brought: how many came
         # back depends on the concurrent rounds before, and a draw shaped by it would make
         # Hypothesis see the same choices lead to different draws (FlakyStrategyDefinition).
@@ -643,6 +872,33 @@ class EngineMachine(RuleBasedStateMachine):
             chosen = [i for i, f in zip(ids, fates, strict=True) if f == fate]
             if chosen:
                 self.acknowledge(session, chosen, done)
+
+    @rule(
+        who=WHO,
+        name=QUEUE_NAMES,
+        number=st.integers(min_value=1, max_value=3),
+        lease=LEASES,
+        done=st.booleans(),
+    )
+    def slow_work(self, who: int, name: str, number: int, lease: int | None, done: bool) -> None:
+        """A worker that takes longer than its lease: the timer fires (its lease, or
+        whatever falls due first, runs out) before it acks, late or not."""
+        session = self.pick(who)
+        ids = self.take(session, name, number, lease)
+        self.timer_fires()
+        if ids:
+            self.acknowledge(session, ids, done)
+
+    @rule(who=WHO, name=QUEUE_NAMES)
+    def poison(self, who: int, name: str) -> None:
+        """A message that always fails: taken and error-acked again and again, the timer
+        firing between (its backoff), until it is dead-lettered or the queue is empty."""
+        session = self.pick(who)
+        for _ in range(4):
+            ids = self.take(session, name, 1)
+            if ids:
+                self.acknowledge(session, ids, done=False)
+            self.timer_fires()
 
     @rule(who=WHO, name=QUEUE_NAMES, number=st.integers(min_value=1, max_value=3))
     def drain(self, who: int, name: str, number: int) -> None:
@@ -662,15 +918,58 @@ class EngineMachine(RuleBasedStateMachine):
             return
         expected: list[errors.Code] = []
         for message_id in ids:
-            found = self.find(message_id)
-            mine = found is not None and found[1].holder is session
-            expected.append(errors.Code.OK if mine else errors.Code.MESSAGE_NOT_FOUND)
-            if found is not None and mine:
-                queue, message = found
+            name, message = self.holding(session, message_id)
+            expected.append(self.code(session, message_id, message))
+            if message is not None:
                 if done:
-                    del queue[message_id]
+                    self.delete(name, message_id)
                 else:
-                    message.holder = None
+                    self.release(name, message, lifecycle.CAUSE_ACK_ERROR, backoff=True)
+        assert expect_ok(outcome) == expected, ids
+
+    def holding(self, session: ModelSession, message_id: int) -> tuple[str, ModelMessage | None]:
+        """The message's queue and the message, if the session holds it."""
+        for name, queue in self.queues.items():
+            message = queue.get(message_id)
+            if message is not None and message.holder is session:
+                return name, message
+        return "", None
+
+    def code(
+        self, session: ModelSession, message_id: int, held: ModelMessage | None
+    ) -> errors.Code:
+        """An ack's or an extension's answer for one id."""
+        if held is not None:
+            return errors.Code.OK
+        expired = self.expired.get(message_id)
+        if expired is not None and expired[0] is session:
+            event("answered LEASE_EXPIRED")
+            return errors.Code.LEASE_EXPIRED
+        return errors.Code.MESSAGE_NOT_FOUND
+
+    @rule(who=WHO, data=st.data(), lease_ms=EXTENSIONS)
+    def extend_lease(self, who: int, data: st.DataObject, lease_ms: int) -> None:
+        """ExtendLease: a new lease end for what the session holds; 0 gives it back (as
+        a lease expiry does: no backoff, dead-lettered past max_deliveries)."""
+        session = self.pick(who)
+        count = data.draw(st.integers(min_value=1, max_value=3), label="count")
+        ids = list(dict.fromkeys(self.draw_ack_id(data, session) for _ in range(count)))
+        self.extend(session, ids, lease_ms)
+
+    def extend(self, session: ModelSession, ids: list[int], lease_ms: int) -> None:
+        outcome = self.call(self.engine.extend_lease(session.token, ids, lease_ms))
+        if self.refused(session, outcome):
+            return
+        expected: list[LeaseOutcome] = []
+        for message_id in ids:
+            name, message = self.holding(session, message_id)
+            code = self.code(session, message_id, message)
+            end = self.clock.ms() + lease_ms if message is not None and lease_ms else 0
+            expected.append(LeaseOutcome(code, end))
+            if message is not None and lease_ms:
+                message.lease = end
+            elif message is not None:
+                self.release(name, message, lifecycle.CAUSE_EXTEND_TO_ZERO, backoff=False)
         assert expect_ok(outcome) == expected, ids
 
     def draw_ack_id(self, data: st.DataObject, session: ModelSession) -> int:
@@ -712,8 +1011,38 @@ class EngineMachine(RuleBasedStateMachine):
         if name not in self.queues:
             expect_error(outcome, errors.QueueNotFound)
             return
-        ready = len(self.ready(name))
-        assert expect_ok(outcome) == (ready, len(self.queues[name]) - ready), name
+        in_flight = sum(m.holder is not None for m in self.queues[name].values())
+        assert expect_ok(outcome) == (len(self.ready(name)), in_flight), name
+
+    def check_info(self, name: str) -> None:
+        """GetQueueInfo and ListDeadLetters: settings, every count, and each dead letter
+        with its history."""
+        token = self.observer_token()
+        outcome = self.call(self.engine.admin.queue_info(token, name))
+        if name not in self.queues:
+            expect_error(outcome, errors.QueueNotFound)
+            return
+        info = expect_ok(outcome).info
+        queue = self.queues[name].values()
+        ready = self.ready(name)
+        assert info.settings == self.settings[name], name
+        assert (info.counts.ready, info.counts.in_flight, info.counts.delayed) == (
+            len(ready),
+            sum(m.holder is not None for m in queue),
+            sum(m.ready_at > 0 for m in queue),
+        ), name
+        dead = [m for q in self.queues.values() for m in q.values() if m.dead]
+        assert info.dead_lettered == sum(m.dead[0] == name for m in dead if m.dead), name
+        assert info.dead_letters_held == sum(m.dead is not None for m in queue), name
+        assert info.holding_sessions == len({m.holder for m in queue if m.holder}), name
+        oldest = min((m.enqueued_at for m in ready), default=0)
+        assert info.oldest_ready_enqueued_at_ms == oldest, name
+        letters, _ = expect_ok(self.call(self.engine.admin.dead_letters(token, name, 0, 100)))
+        assert letters == [
+            DeadLetter(m.id, *m.dead[:2], m.enqueued_at, *m.dead[2:], m.element)
+            for m in sorted(queue, key=lambda m: m.id)
+            if m.dead
+        ], name
 
     # Concurrent calls -------------------------------------------------------------------
 
@@ -730,7 +1059,10 @@ class EngineMachine(RuleBasedStateMachine):
         only after a cancelled claim), a message delivered again only after its holder
         gave it back, never after a done-ack, every ack of what a session holds found.
         """
-        names = sorted(self.queues)
+        # Queues with the seed's settings only: their messages never move on their own
+        # (dead letters, backoff), so the order of the answers alone tells the outcome.
+        # Those with settings are the sequential rules' (and are released by a crash).
+        names = sorted(n for n in self.queues if self.is_default(n))
         if not names:
             return
         live = [s for s in self.sessions if not (s.ended or s.observer or self.idle(s))]
@@ -783,7 +1115,8 @@ class EngineMachine(RuleBasedStateMachine):
                 assert e.ids == sorted(e.ids) and e.ids[0] > floor, (floor, e.ids)
                 added += e.ids
                 for message_id, element in zip(e.ids, e.elements, strict=True):
-                    self.queues[e.queue][message_id] = ModelMessage(message_id, element)
+                    message = ModelMessage(message_id, element, enqueued_at=self.clock.ms())
+                    self.queues[e.queue][message_id] = message
         assert len(set(added)) == len(added), added
         self.issued.extend(sorted(added))
         cancelled = {e.queue for e in events if e.kind == "cancelled"}
@@ -828,7 +1161,7 @@ class EngineMachine(RuleBasedStateMachine):
             message.delivery_count, message.count_raised_maybe = previous, False
             assert holder is not None
             if self.acked(events, holder, message_id, done=True):
-                del queue[message_id]
+                self.delete(delivered[0].queue, message_id)
             elif self.gave_back(events, holder, message_id):
                 message.holder = None
             else:
@@ -869,8 +1202,8 @@ class EngineMachine(RuleBasedStateMachine):
         self.store, self.engine_ = self.loop.run_until_complete(
             open_engine(self.data_dir, self.clock)
         )
-        for session in self.sessions:
-            session.ended = True
+        # The queues with settings were not part of the round: the model knows them.
+        self.restarted(lambda name: not self.is_default(name))
         self.observer = None
         unknown = run.events[run.known or 0 :]
         maybe_acked = {i for e in unknown if e.kind == "ack" and e.done for i in e.ids}
@@ -878,6 +1211,8 @@ class EngineMachine(RuleBasedStateMachine):
         maybe_added = [e for e in unknown if e.kind == "add"] + list(run.pending_adds.values())
         reader = self.new_session(observer=False)
         for name, queue in self.queues.items():
+            if not self.is_default(name):
+                continue
             outcome = self.call(self.engine.take(reader.token, name, 1000, 0))
             got = [] if isinstance(outcome, errors.QueueEmpty) else expect_ok(outcome)
             if got:
@@ -885,7 +1220,11 @@ class EngineMachine(RuleBasedStateMachine):
                 assert expect_ok(self.call(self.engine.ack(reader.token, ids, pb.ACK_TYPE_ERROR)))
             assert [d.message_id for d in got] == sorted(d.message_id for d in got)
             present = {d.message_id: d for d in got}
-            lost = [i for i in queue if i not in present and i not in maybe_acked]
+            lost = [
+                i
+                for i, m in queue.items()
+                if i not in present and i not in maybe_acked and not m.ready_at
+            ]
             assert not lost, f"{name}: ids {lost} answered and lost in the crash"
             extra = {d.element for i, d in present.items() if i not in queue}
             for add in maybe_added:
@@ -894,17 +1233,25 @@ class EngineMachine(RuleBasedStateMachine):
                     assert all(there) or not any(there), f"{name}: an add applied in part"
                     extra -= set(add.elements)
             assert not extra, f"{name}: {extra} were never added"
+            kept: dict[int, ModelMessage] = {i: m for i, m in queue.items() if m.ready_at}
             for message_id, delivery in present.items():
-                if message_id in queue:
-                    message = queue[message_id]
-                    assert delivery.element == message.element
-                    assert delivery.delivery_count > message.delivery_count, message_id
+                message = queue.get(message_id) or ModelMessage(
+                    message_id, delivery.element, enqueued_at=self.clock.ms()
+                )
+                assert delivery.lease_expires_at_ms == 0
+                assert (delivery.element, delivery.enqueued_at_ms) == (
+                    message.element,
+                    message.enqueued_at,
+                )
+                assert delivery.delivery_count > message.delivery_count, message_id
+                message.delivery_count, message.holder = delivery.delivery_count, None
+                message.lease = 0
+                message.count_raised_maybe = False
+                kept[message_id] = message
             new = sorted(i for i in present if i not in queue)
             self.issued.extend(new)
             self.issued.sort()
-            self.queues[name] = {
-                d.message_id: ModelMessage(d.message_id, d.element, d.delivery_count) for d in got
-            }
+            self.queues[name] = kept
 
     # Maps ---------------------------------------------------------------------------------
 
@@ -1039,6 +1386,7 @@ class EngineMachine(RuleBasedStateMachine):
     def engine_matches_model(self) -> None:
         for name in QUEUES:
             self.check_counts(name, self.call(self.engine.counts(self.observer_token(), name)))
+            self.check_info(name)
         for name in MAPS:
             self.check_map(name, self.call(self.engine.map_get_all(self.observer_token(), name)))
             if name in self.maps:
@@ -1142,3 +1490,111 @@ def test_map_pages_follow_utf8_byte_order() -> None:
         lambda m: m.map_get_list(0, "m1", 3, 4),
         lambda m: m.map_get_list(0, "m1", 2**31 - 1, 1),
     )
+
+
+def dead_letter_queue_and(**settings: Any) -> list[Step]:
+    """Steps that make jobs.x, then q1 with these settings."""
+    return [
+        lambda m: m.new_queue(0, DEAD_LETTER_QUEUE),
+        lambda m: m.new_queue(0, "q1", SettingsChange(**settings)),
+    ]
+
+
+def dead_as(message_id: int, cause: str) -> Step:
+    """A step that checks the model (which the engine matched) has the message dead-
+    lettered into jobs.x for that cause: the sequence reached what it is named for."""
+
+    def check(m: EngineMachine) -> None:
+        message = m.queues[DEAD_LETTER_QUEUE][message_id]
+        assert message.dead is not None and message.dead[3] == cause, message
+
+    return check
+
+
+def test_a_late_ack_is_told_lease_expired_and_the_message_is_delivered_again() -> None:
+    replay(
+        *dead_letter_queue_and(ack_deadline_ms=2500),
+        lambda m: m.add(0, "q1", "a"),
+        lambda m: m.poll(0, "q1"),
+        lambda m: m.advance_clock(2.5, sweep=False, due=False),  # the timer has not fired
+        lambda m: m.extend(m.pick(0), [1], 1000),  # in time for the store: extended
+        lambda m: m.timer_fires(),
+        lambda m: m.acknowledge(m.pick(0), [1], done=True),  # LEASE_EXPIRED
+        lambda m: m.acknowledge(m.pick(0), [1], done=False),  # LEASE_EXPIRED too
+        lambda m: m.extend(m.pick(0), [1], 5000),  # LEASE_EXPIRED
+        lambda m: m.poll(0, "q1", 1000),  # delivered again, a lease of its own
+        lambda m: m.acknowledge(m.pick(0), [1], done=True),
+    )
+
+
+def test_a_poison_message_backs_off_then_is_dead_lettered_with_its_history() -> None:
+    retry = RetryPolicy(initial_delay_ms=1000, multiplier=2.0, max_delay_ms=10_000)
+    replay(
+        *dead_letter_queue_and(max_deliveries=3, dead_letter_queue=DEAD_LETTER_QUEUE, retry=retry),
+        lambda m: m.add_all(0, "q1", ["poison", "fine"]),
+        lambda m: m.poison(0, "q1"),
+        dead_as(1, lifecycle.CAUSE_ACK_ERROR),
+        lambda m: m.poll(0, DEAD_LETTER_QUEUE),
+        lambda m: m.acknowledge(m.pick(0), [1], done=False),  # in jobs.x: no backoff
+        lambda m: m.purge(0, DEAD_LETTER_QUEUE),
+    )
+
+
+def test_extend_to_zero_and_session_end_dead_letter_and_a_restart_gives_one_more_try() -> None:
+    replay(
+        *dead_letter_queue_and(max_deliveries=1, dead_letter_queue=DEAD_LETTER_QUEUE),
+        lambda m: m.add_all(0, "q1", ["a", "b", "c"]),
+        lambda m: m.pull(0, "q1", 3),
+        lambda m: m.extend(m.pick(0), [1], 0),  # extend to 0
+        lambda m: m.logout(0),  # session end: 2 and 3
+        dead_as(1, lifecycle.CAUSE_EXTEND_TO_ZERO),
+        dead_as(3, lifecycle.CAUSE_SESSION_END),
+        lambda m: m.destroy_queue(0, DEAD_LETTER_QUEUE, True),
+        lambda m: m.add(0, "q1", "d"),
+        lambda m: m.poll(0, "q1"),
+        lambda m: m.acknowledge(m.pick(0), [4], done=False),  # no dead-letter queue: stays
+        lambda m: m.new_queue(0, DEAD_LETTER_QUEUE),
+        lambda m: m.poll(0, "q1"),
+        lambda m: m.restart(),  # in flight at the stop: ready again, not dead-lettered
+        lambda m: m.poll(0, "q1"),  # one delivery more...
+        lambda m: m.acknowledge(m.pick(0), [4], done=False),  # ...and now it goes
+        dead_as(4, lifecycle.CAUSE_ACK_ERROR),
+    )
+
+
+def test_delays_come_due_in_order_and_purge_takes_ready_and_delayed() -> None:
+    replay(
+        *dead_letter_queue_and(delay_ms=2500),
+        lambda m: m.add(0, "q1", "late"),
+        lambda m: m.add(0, "q1", "now", 0),
+        lambda m: m.add(0, "q1", "soon", 1000),
+        lambda m: m.pull(0, "q1", 3),  # only "now"
+        lambda m: m.timer_fires(),  # "soon"
+        lambda m: m.timer_fires(),  # "late"
+        lambda m: m.add(0, "q1", "later", 2500),
+        lambda m: m.purge(0, "q1"),  # 2 ready + 1 delayed; "now" stays held
+    )
+
+
+def test_a_redriven_message_is_not_dead_lettered_again_by_a_restart() -> None:
+    """A dead letter redriven to its queue is ready there, delivered no more times than
+    when it was dead-lettered, and was in flight for nobody: a restart releases nothing
+    of it, so it must stay in its queue. (Dead-lettering is for a message "delivered that
+    many times and released again"; issue 13.)"""
+    machine = EngineMachine()
+    try:
+        machine.new_queue(0, DEAD_LETTER_QUEUE)
+        change = SettingsChange(max_deliveries=1, dead_letter_queue=DEAD_LETTER_QUEUE)
+        machine.new_queue(0, "q1", change)
+        machine.add(0, "q1", "a")
+        machine.poll(0, "q1")
+        machine.acknowledge(machine.pick(0), [1], done=False)  # dead-lettered: ack error
+        token = machine.pick(0).token
+        assert machine.call(machine.engine.admin.redrive(token, DEAD_LETTER_QUEUE, [])) == (1, [])
+        assert machine.call(machine.engine.counts(token, "q1")) == (1, 0)
+        machine.restart()
+        token = machine.new_session(observer=False).token
+        assert machine.call(machine.engine.counts(token, DEAD_LETTER_QUEUE)) == (0, 0)
+        assert machine.call(machine.engine.counts(token, "q1")) == (1, 0)
+    finally:
+        machine.teardown()

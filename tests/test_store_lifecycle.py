@@ -713,6 +713,10 @@ def test_delays_and_backoff_keep_their_ready_time_across_a_restart(
 def test_counts_and_dead_letters_survive_a_restart_which_releases_what_was_in_flight(
     run: Callable[[Body], None],
 ) -> None:
+    """A restart releases what was in flight but cannot tell it from what was released
+    before (being in flight is not on disk): it dead-letters nothing, and a message in
+    flight at its last allowed delivery gets one more, dead-lettered at its release."""
+
     async def body(h: Harness, clock: FakeClock) -> None:
         s = h.store
         await queue_with_dlq(s)
@@ -723,15 +727,37 @@ def test_counts_and_dead_letters_survive_a_restart_which_releases_what_was_in_fl
         await s.claim("q", ALICE, 2, MIB)  # x and y, each delivered twice now
         await s.ack(ALICE, [y], False)  # dead-lettered
         clock.advance(10)
-        s = await h.reopen()  # x was in flight: released, past max_deliveries
-        assert await s.queue_counts("q") == counts(1)
-        assert await s.queue_counts("dlq") == counts(2)
+        s = await h.reopen()  # x was in flight: released, ready again
+        assert await s.queue_counts("q") == counts(2)
         assert await s.dead_letters("dlq", 0, 10, MIB) == [
-            DeadLetter(x, "q", 2, T0, T0 + 20, lifecycle.CAUSE_SESSION_END, "x"),
             DeadLetter(y, "q", 2, T0, T0 + 10, lifecycle.CAUSE_ACK_ERROR, "y"),
         ]
-        assert shape(await s.claim("q", ALICE, 2, MIB)) == [(z, "z", 2)]
-        assert shape(await s.claim("dlq", ALICE, 2, MIB)) == [(x, "x", 3), (y, "y", 3)]
+        assert shape(await s.claim("q", ALICE, 2, MIB)) == [(x, "x", 3), (z, "z", 2)]
+        await s.release_session(ALICE)  # both past max_deliveries now
+        assert await s.queue_counts("q") == counts(0)
+        assert [d.message_id for d in await s.dead_letters("dlq", 0, 10, MIB)] == [x, y, z]
+        assert shape(await s.claim("dlq", ALICE, 3, MIB)) == [
+            (x, "x", 4),
+            (y, "y", 3),
+            (z, "z", 3),
+        ]
+
+    run(body)
+
+
+def test_a_restart_dead_letters_nothing_that_was_redriven(run: Callable[[Body], None]) -> None:
+    async def body(h: Harness, clock: FakeClock) -> None:
+        s = h.store
+        await queue_with_dlq(s)
+        [x] = (await s.enqueue("q", ["x"])).ids
+        for _ in range(2):
+            await s.claim("q", ALICE, 1, MIB)
+            await s.ack(ALICE, [x], False)
+        assert await s.queue_counts("dlq") == counts(1)
+        assert await s.redrive("dlq", None, lambda _: True) == (1, [])
+        s = await h.reopen()
+        assert await s.queue_counts("q") == counts(1)
+        assert await s.queue_counts("dlq") == counts(0)
 
     run(body)
 

@@ -190,12 +190,12 @@ class Store(UserDirectory):
         """Create or migrate the schema, then release what was in flight.
 
         In the embedded store sessions do not outlive the server process that owns them,
-        so whatever was in flight at a stop or crash is released (ready again, its
-        delivery counted, or dead-lettered past max_deliveries) and redelivered:
-        at-least-once. Delivery counts, delayed and backed-off messages with their ready
-        times, and dead letters with their history survive. A store shared by several
-        processes keeps each delivery's owner session, lease deadline and delivery count
-        in its database and releases only what expired.
+        so whatever was in flight at a stop or crash is ready again (its delivery
+        counted; the SQLite store dead-letters nothing then, sqlite.py says why) and
+        redelivered: at-least-once. Delivery counts, delayed and backed-off messages
+        with their ready times, and dead letters with their history survive. A store
+        shared by several processes keeps each delivery's owner session, lease deadline
+        and delivery count in its database and releases only what expired.
         """
 
     @abc.abstractmethod

@@ -24,8 +24,10 @@ writes nothing (unless the queue's max_deliveries or retry backoff moves the mes
 Each queue's messages have a table of their own (sqlite_sql.MessageStatements says why).
 
 Sessions die with the process: this embedded store is the only owner of every session,
-so whatever was in flight at a stop or crash is released when the store opens again,
-its delivery counted (past max_deliveries it is dead-lettered then, cause "session end").
+so whatever was in flight at a stop or crash is ready again when the store opens, its
+delivery counted. Nothing is dead-lettered then: being in flight is not on disk, so a
+message the restart released cannot be told from one ready already (a redriven dead
+letter at its limit, say); one in flight at its last allowed delivery gets one more.
 Delivery counts, delays and backoff ready times, and dead letters with their history are
 on disk and survive.
 
@@ -754,33 +756,6 @@ class SqliteStore(Store):
         given_back = sum(len(state.given_back) for state in self._index.queues.values())
         if given_back:
             log.info("%d messages delivered before the restart are ready again", given_back)
-        self._dead_letter_released_at_start()
-
-    def _dead_letter_released_at_start(self) -> None:
-        """What was in flight at the stop was released by the restart: past
-        max_deliveries, it goes to the dead-letter queue now, in one transaction."""
-        self.begin_batch()
-        moves = self._moves()
-        for state in list(self._index.queues.values()):
-            settings = state.settings
-            target = self._index.queues.get(settings.dead_letter_queue)
-            if not settings.max_deliveries or not state.given_back or target in (None, state):
-                continue
-            assert target is not None
-            rows = moves.read_rows(state, sorted(state.given_back))
-            dead = [row for row in rows if row[1] >= settings.max_deliveries]
-            if dead:
-                staging.begin(self._db)
-                moves.dead_letter(state, target, dead, lifecycle.CAUSE_SESSION_END, True)
-        if self._db.in_transaction:
-            try:
-                self._db.execute(sql.COMMIT)
-            except BaseException:
-                self._db.execute(sql.ROLLBACK)
-                self.reload()
-                raise
-            log.info("messages past max_deliveries at the restart were dead-lettered")
-        self._publish(self._batch.touched)
 
     def begin_batch(self) -> None:
         self._batch = Batch(self._now_ms())
