@@ -87,7 +87,9 @@ class PgStore(Store):
 
     releases_in_flight_at_open = False
     """Opening does not release what other nodes' sessions hold (the module says how
-    what a dead node held comes back)."""
+    what a dead node held comes back). Unlike the embedded store, which cannot tell at a
+    start what was in flight, this one knows each delivery's holder, so a clean stop
+    ends its sessions as release_session does: past max_deliveries, dead-lettered."""
 
     def __init__(
         self,
