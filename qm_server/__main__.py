@@ -51,8 +51,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 async def serve(config: ServerConfig, port_file: Path | None) -> int:
-    server = QueueManagerServer(config)
     try:
+        server = QueueManagerServer(config)
         port = await server.start()
     except (BindError, DataDirInUse, DataDirRefused, errors.Unavailable) as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
