@@ -6,6 +6,10 @@ qm-server user remove NAME [--data-dir DIR]
 qm-server user list [--data-dir DIR]
 qm-server user grant|revoke NAME ACTIONS KIND PATTERN [--data-dir DIR]
 qm-server check [--data-dir DIR]
+qm-server --version
+
+Every flag can also come from its environment variable (QM_LISTEN, QM_DATA_DIR, ...; see
+flags.environment_defaults).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from qm_server import errors
+from qm_server import __version__, errors
 from qm_server.config import ServerConfig
-from qm_server.flags import add_setting_flags, settings_from_args
+from qm_server.flags import ENV_RULE, add_setting_flags, environment_defaults, settings_from_args
 from qm_server.fsutil import DataDirInUse, DataDirRefused
 from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite_file, sqlite_users
@@ -32,11 +36,14 @@ CHECK_OK, CHECK_DAMAGED, CHECK_FAILED = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qm-server", description="queue manager: durable work queues and maps over gRPC"
+        prog="qm-server",
+        description="queue manager: durable work queues and maps over gRPC. " + ENV_RULE,
     )
+    parser.add_argument("--version", action="version", version=f"qm-server {__version__}")
     add_setting_flags(parser)
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="Python logging level")
+    environment_defaults(parser)
     commands = parser.add_subparsers(dest="command")
     add_user_commands(commands)
     check = commands.add_parser(
