@@ -26,7 +26,6 @@ from qm_server import __version__, errors
 from qm_server.config import ServerConfig
 from qm_server.flags import ENV_RULE, add_setting_flags, environment_defaults, settings_from_args
 from qm_server.fsutil import DataDirInUse, DataDirRefused
-from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite_file, sqlite_users
 from qm_server.user_commands import add_user_commands, manage_users
 
@@ -57,7 +56,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return settings_from_args(args, ServerConfig)
 
 
+SERVER_EXTRA = "serving needs the server extra: pip install 'queue-manager[server]'"
+
+
 async def serve(config: ServerConfig, port_file: Path | None) -> int:
+    # Imported here rather than at the top, so that in a client-only install (no server
+    # extra) --version, `user` and `check` work and serving says what to install (main).
+    from qm_server.server import BindError, QueueManagerServer
+
     server = QueueManagerServer(config)
     try:
         port = await server.start()
@@ -128,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:  # limits that contradict each other
         parser.error(str(exc))
+    try:
+        import qm_server.server  # noqa: F401  (what serve() imports)
+    except ModuleNotFoundError as exc:  # a client-only install: grpc_reflection is absent
+        print(f"qm-server: {exc}; {SERVER_EXTRA}", file=sys.stderr)
+        return 2
     return asyncio.run(serve(config, args.port_file))
 
 

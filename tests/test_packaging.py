@@ -179,28 +179,92 @@ def test_a_client_install_pulls_none_of_the_servers_dependencies(
 
 # A client-only install, imitated: the server's packages and its extra cannot be imported
 # (grpc itself imports grpc_reflection when it can, so its presence alone proves nothing).
-WITHOUT_THE_SERVER = """
+def without(*packages: str) -> str:
+    """Code that makes importing any of packages fail as if they were not installed."""
+    return f"""
 import sys
 from importlib.abc import MetaPathFinder
 
 class Absent(MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("qm_server", "grpc_reflection"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        if name.split(".")[0] in {packages!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 
 sys.meta_path.insert(0, Absent())
 """
 
 
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
 def test_the_client_works_without_the_server_or_its_extra() -> None:
-    code = WITHOUT_THE_SERVER + (
-        "import qm_client, qm_client.cli\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'qm_server'))\n"
-        "qm_client.cli.main(['--version'])\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    result = run_python(
+        without("qm_server", "grpc_reflection")
+        + "import qm_client, qm_client.cli\n"
+        + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'qm_server'))\n"
+        + "qm_client.cli.main(['--version'])\n"
     )
     assert result.stdout == f"[]\nqm {PROJECT['version']}\n", result.stderr
     assert result.returncode == 0
+
+
+def test_qm_server_without_its_extra_says_what_to_install(tmp_path: Path) -> None:
+    """--version and `check` work; serving ends with exit status 2 and the extra to add."""
+    result = run_python(
+        without("grpc_reflection")
+        + "from qm_server.__main__ import main\n"
+        + f"print(main(['check', '--data-dir', {str(tmp_path)!r}]))\n"
+        + f"print(main(['--rsa-bits', '2048', '--data-dir', {str(tmp_path)!r}]))\n"
+        + "main(['--version'])\n"
+    )
+    assert result.stdout == f"2\n2\nqm-server {PROJECT['version']}\n", result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "qm-server: No module named 'grpc_reflection'; serving needs the server extra: "
+        "pip install 'queue-manager[server]'"
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing created before the refusal
+
+
+def test_scripts_serve_installs_the_server_extra_alone() -> None:
+    serve = (ROOT / "scripts" / "serve").read_text()
+    assert "QM_EXTRAS=${QM_EXTRAS:-server} " in serve
+    extras = PROJECT["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["server"]] == ["grpcio-reflection"]
+    for tools in ("dev", "bench"):  # a test or bench venv can serve too
+        assert "queue-manager[server]" in extras[tools]
+
+
+def test_scripts_setup_installs_only_extras_not_yet_installed(tmp_path: Path) -> None:
+    """The stamp remembers which extras are in .venv: scripts/serve after scripts/test
+    installs nothing, and a changed pyproject.toml installs again."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "setup", tmp_path / "scripts" / "setup")
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    log = tmp_path / "pip.log"
+    python.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')  # records what pip would install
+    python.chmod(0o755)
+
+    def setup(extras: str) -> list[str]:
+        env = {"PATH": "/usr/bin:/bin", "QM_SKIP_NODE": "1", "QM_SKIP_STRACE": "1"}
+        log.unlink(missing_ok=True)
+        subprocess.run(
+            ["bash", "scripts/setup"], cwd=tmp_path, env={**env, "QM_EXTRAS": extras}, check=True
+        )
+        return log.read_text().splitlines() if log.exists() else []
+
+    install = "-m pip install --quiet --disable-pip-version-check -e .[{}]"
+    assert setup("dev,bench") == [install.format("dev,bench")]
+    assert setup("server") == []  # dev includes it
+    assert setup("dev") == []
+    assert setup("bench,dev") == []
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'changed'\n")
+    assert setup("server") == [install.format("server")]
+    assert setup("server") == []
+    assert setup("dev") == [install.format("dev")]
+    assert setup("server,dev") == []
+    assert setup("postgresql") == [install.format("postgresql")]
+    assert setup("server") == []  # still there: pip removes nothing
