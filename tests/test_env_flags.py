@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from server_process import ServerProcess, qm_server
 
 from qm_server.__main__ import build_parser, config_from_args
 from qm_server.flags import env_name
-from server_process import ServerProcess, qm_server
 
 
 @pytest.fixture(autouse=True)
