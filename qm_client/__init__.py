@@ -23,6 +23,7 @@ from ._lifecycle import (
     RedriveResult,
     RetryPolicy,
 )
+from ._version import __version__
 from .client import (
     DEFAULT_MAX_LEASE,
     DEFAULT_TIMEOUT,
@@ -97,5 +98,6 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
+    "__version__",
     "health",
 ]

@@ -38,6 +38,7 @@ from ._cli_context import (
     report,
 )
 from ._lifecycle import DeadLetter, QueueInfo, QueueSettings, RetryPolicy
+from ._version import __version__
 from .client import DEFAULT_TIMEOUT, Message, QueueManagerClient, health
 from .errors import QMError, QueueEmpty, ResourceExhausted, Unavailable
 
@@ -536,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         "3 poll found nothing ready, 4 UNAVAILABLE: server unreachable, shutting down or "
         "its store failing (a long poll cut short by a shutdown too); try again later",
     )
+    parser.add_argument("--version", action="version", version=f"qm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def leaf(

@@ -6,6 +6,10 @@ qm-server user remove NAME [--data-dir DIR]
 qm-server user list [--data-dir DIR]
 qm-server user grant|revoke NAME ACTIONS KIND PATTERN [--data-dir DIR]
 qm-server check [--data-dir DIR]
+qm-server --version
+
+Every flag can also come from its environment variable (QM_LISTEN, QM_DATA_DIR, ...; see
+flags.environment_defaults).
 """
 
 from __future__ import annotations
@@ -18,11 +22,10 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from qm_server import errors
+from qm_server import __version__, errors
 from qm_server.config import ServerConfig
-from qm_server.flags import add_setting_flags, settings_from_args
+from qm_server.flags import ENV_RULE, add_setting_flags, environment_defaults, settings_from_args
 from qm_server.fsutil import DataDirInUse, DataDirRefused
-from qm_server.server import BindError, QueueManagerServer
 from qm_server.store import sqlite_file, sqlite_users
 from qm_server.user_commands import add_user_commands, manage_users
 
@@ -32,11 +35,14 @@ CHECK_OK, CHECK_DAMAGED, CHECK_FAILED = 0, 1, 2
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qm-server", description="queue manager: durable work queues and maps over gRPC"
+        prog="qm-server",
+        description="queue manager: durable work queues and maps over gRPC. " + ENV_RULE,
     )
+    parser.add_argument("--version", action="version", version=f"qm-server {__version__}")
     add_setting_flags(parser)
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", help="Python logging level")
+    environment_defaults(parser)
     commands = parser.add_subparsers(dest="command")
     add_user_commands(commands)
     check = commands.add_parser(
@@ -50,9 +56,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return settings_from_args(args, ServerConfig)
 
 
+SERVER_EXTRA = "serving needs the server extra: pip install 'queue-manager[server]'"
+
+
 async def serve(config: ServerConfig, port_file: Path | None) -> int:
-    server = QueueManagerServer(config)
+    # Imported here rather than at the top, so that in a client-only install (no server
+    # extra) --version, `user` and `check` work and serving says what to install (main).
+    from qm_server.server import BindError, QueueManagerServer
+
     try:
+        server = QueueManagerServer(config)
         port = await server.start()
     except (BindError, DataDirInUse, DataDirRefused, errors.Unavailable) as exc:
         print(f"qm-server: {exc}", file=sys.stderr)
@@ -121,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:  # limits that contradict each other
         parser.error(str(exc))
+    try:
+        import qm_server.server  # noqa: F401  (what serve() imports)
+    except ModuleNotFoundError as exc:  # a client-only install: grpc_reflection is absent
+        print(f"qm-server: {exc}; {SERVER_EXTRA}", file=sys.stderr)
+        return 2
     return asyncio.run(serve(config, args.port_file))
 
 

@@ -192,6 +192,17 @@ class ServerConfig:
     """What `qm-server` runs with; the command line fills it."""
 
     data_dir: Path = setting(Path("qm-data"), "where the database and the key live")
+    # Empty: the embedded SQLite store in data_dir. A postgresql:// URL: the PostgreSQL
+    # store (store/pg_store.py), which several nodes may share; data_dir then keeps the key.
+    store: str = setting(
+        "",
+        "postgresql://user@host/db to keep queues, maps and users in PostgreSQL "
+        "(default: the embedded SQLite database in --data-dir)",
+        metavar="URL",
+    )
+    store_schema: str = setting(
+        "qm", "the PostgreSQL schema that holds the store's tables (created if missing)"
+    )
     listen: str = setting(
         "127.0.0.1:50051", "address to serve on (port 0: any free)", metavar="HOST:PORT"
     )

@@ -3,13 +3,20 @@
 A setting is declared once (name, default, help, flag) on its dataclass; this module walks
 the dataclasses to add one flag per setting and to build the configuration back from the
 parsed arguments, so nothing here lists a limit by name.
+
+Every flag can also be set by an environment variable (`environment_defaults`): the way
+containers and service managers configure a process. The variable only changes the flag's
+default, so a flag on the command line wins, and a bad value is refused as the flag's would
+be (exit status 2), naming the variable.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, cast, get_type_hints
 
@@ -56,6 +63,62 @@ def settings_from_args(args: argparse.Namespace, cls: type[T]) -> T:
         elif "help" in f.metadata:
             values[f.name] = getattr(args, _dest(cls, f))
     return cls(**values)
+
+
+ENV_PREFIX = "QM_"
+ENV_RULE = (
+    "Every flag can also be set by an environment variable: QM_ and the flag's name "
+    "upper-cased, dashes as underscores (--data-dir: QM_DATA_DIR); a flag given on the "
+    "command line wins over its variable."
+)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def env_name(flag: str) -> str:
+    """QM_DATA_DIR for --data-dir."""
+    return ENV_PREFIX + flag.removeprefix("--").upper().replace("-", "_")
+
+
+def environment_defaults(
+    parser: argparse.ArgumentParser, environ: Mapping[str, str] = os.environ
+) -> None:
+    """Name each long flag's variable in its help, and take the variable's value, when set
+    and not empty, as the flag's default. Called once all flags are added, so the rule
+    covers every flag, those made from config.py and the others alike; --help and
+    --version are left alone. An empty variable counts as unset, as a shell's `QM_X=`
+    usually means."""
+    for action in parser._actions:
+        longs = [o for o in action.option_strings if o.startswith("--")]
+        if not longs or action.default == argparse.SUPPRESS:
+            continue
+        name = env_name(longs[0])
+        action.help = f"{action.help or ''} [env: {name}]".lstrip()
+        if environ.get(name, "") != "":
+            action.default = _from_environment(parser, action, name, environ[name])
+
+
+def _from_environment(
+    parser: argparse.ArgumentParser, action: argparse.Action, name: str, text: str
+) -> Any:
+    """The value text gives the flag, converted and checked as argparse would check it on
+    the command line; a bad one ends the program with a usage error naming the variable."""
+    if action.nargs == 0:  # store_true
+        if text.strip().lower() in _TRUE:
+            return True
+        if text.strip().lower() in _FALSE:
+            return False
+        parser.error(f"{name}: {text!r} is not a boolean (use one of 1, true, 0, false)")
+    convert = action.type if callable(action.type) else str
+    try:
+        value = convert(text)
+    except (TypeError, ValueError):
+        type_name = getattr(convert, "__name__", "")
+        parser.error(f"{name}: invalid {type_name} value: {text!r}")
+    if action.choices is not None and value not in action.choices:
+        choices = ", ".join(map(repr, action.choices))
+        parser.error(f"{name}: invalid choice: {text!r} (choose from {choices})")
+    return value
 
 
 _METAVARS = {int: "N", float: "SECONDS", str: "TEXT", Path: "PATH"}

@@ -23,8 +23,8 @@ from qm_server.datadir import (
 from qm_server.engine import Engine
 from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
 from qm_server.servicer import QueueManagerServicer
+from qm_server.store.backends import open_store
 from qm_server.store.base import Store, UserRecord
-from qm_server.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,7 @@ class QueueManagerServer:
 
     def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
         self.config = config
-        self.store = store or SqliteStore(
-            config.data_dir,
-            config.durability,
-            check_s=config.start_check_s,
-            reserve_bytes=config.disk_reserve_bytes,
-            idempotency_window_s=config.idempotency_window_s,
-        )
+        self.store = store or open_store(config)
         self.port = 0
         self.keys: KeyPair | None = None
         self.engine: Engine | None = None
@@ -158,8 +152,9 @@ class QueueManagerServer:
 
     async def _start_locked(self) -> int:
         config = self.config
-        check_database_belongs(config.data_dir, config.new_database)
-        check_key_belongs(config.data_dir, config.new_key)
+        if not config.store:  # the embedded database and its key share the directory
+            check_database_belongs(config.data_dir, config.new_database)
+            check_key_belongs(config.data_dir, config.new_key)
         make_files_private(config.data_dir)
         # From the first moment the store can fail: a failure reported before the server
         # serves must still turn it NOT_SERVING once it does.

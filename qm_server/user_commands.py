@@ -64,7 +64,11 @@ def read_password(args: argparse.Namespace) -> str:
 def manage_users(args: argparse.Namespace) -> int:
     """One user command on the directory of --data-dir (given after `user ACTION` or
     before `user`), which must hold a store already."""
-    config = ServerConfig(data_dir=args.user_data_dir or args.data_dir)
+    config = ServerConfig(
+        data_dir=args.user_data_dir or args.data_dir,
+        store=getattr(args, "store", ""),  # given before `user`, as --store-schema
+        store_schema=getattr(args, "store_schema", "qm"),
+    )
     try:
         directory = open_user_directory(config)
     except DataDirRefused as exc:

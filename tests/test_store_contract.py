@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from pg_fixtures import pg_config, pg_store
 
 from qm_server import errors
 from qm_server.config import ServerConfig
@@ -26,7 +27,9 @@ from qm_server.store.base import Delivery, QueueCounts, Store, UserDirectory, Us
 from qm_server.store.sqlite import SqliteStore
 
 StoreFactory = Callable[[Path], Store]
-STORES: dict[str, StoreFactory] = {"sqlite": SqliteStore}
+# The PostgreSQL store takes a schema of its own per test (tests/pg_fixtures.py), and
+# skips, saying why, where no PostgreSQL is reachable.
+STORES: dict[str, StoreFactory] = {"sqlite": SqliteStore, "postgresql": pg_store}
 
 ALICE, BOB = 11, 22  # two sessions
 MIB = 1 << 20
@@ -362,8 +365,15 @@ def test_maps_outlive_a_restart(run: Callable[[Body], None]) -> None:
 DirectoryFactory = Callable[[Harness, Path], UserDirectory]
 DIRECTORIES: dict[str, DirectoryFactory] = {
     "store": lambda harness, data_dir: harness.store,
-    "beside": lambda harness, data_dir: open_user_directory(ServerConfig(data_dir=data_dir)),
+    "beside": lambda harness, data_dir: open_user_directory(config_of(harness.store, data_dir)),
 }
+
+
+def config_of(store: Store, data_dir: Path) -> ServerConfig:
+    """The configuration that names this store (`qm-server user --store ...`)."""
+    return pg_config(data_dir) if getattr(store, "url", None) else ServerConfig(data_dir=data_dir)
+
+
 UsersBody = Callable[[UserDirectory, Harness], Awaitable[None]]
 
 READ_Q = Grant("read", "queue", "q")

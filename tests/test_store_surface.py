@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from pg_fixtures import pg_store
 from test_store_contract import STORES
 from test_store_faults import FailingWrites
 
@@ -35,6 +36,9 @@ ClockedFactory = Callable[[Path, Callable[[], float], float], Store]
 CLOCKED_STORES: dict[str, ClockedFactory] = {
     "sqlite": lambda path, clock, window_s: SqliteStore(
         path, clock=clock, idempotency_window_s=window_s
+    ),
+    "postgresql": lambda path, clock, window_s: pg_store(
+        path, clock=clock, idempotency_window_s=window_s, timed=False
     ),
 }
 
