@@ -126,6 +126,7 @@ class Engine:
         self._permissions: dict[str, Permissions] = {}
         self._sweeper: asyncio.Task[None] | None = None
         store.set_ready_listener(self.signals.wake)
+        store.set_queue_gone_listener(self._queue_gone)  # destroyed on another node
         # Map reads in progress hold at most this many bytes of answers (byte_budget.py).
         self._reads = ByteBudget(self.limits.max_reads_in_progress_bytes)
         # UpdateQueue, GetQueueInfo, Purge, Redrive and the listings (queue_admin.py).

@@ -379,6 +379,13 @@ class Store(UserDirectory):
         """`listener(queue_name)` after messages become ready in that queue (add, nack,
         release), so that waiting consumers wake up. Called on the event loop."""
 
+    def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(queue_name)` when another node sharing this store destroyed the
+        queue, so that this node's waits and streams on it end as a local destroy ends
+        them. Called on the event loop. A store that only one server uses never calls
+        it (the engine handles its own destroys), hence this default."""
+        del listener
+
     # Maps -------------------------------------------------------------------------------
 
     @abc.abstractmethod

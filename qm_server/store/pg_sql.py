@@ -362,6 +362,13 @@ DELETE_IDS = """
     history AS (DELETE FROM dead_letters d USING gone WHERE d.id = gone.id)
     SELECT count(*) FROM gone
 """
+# The fallback's recheck (pg_store._recheck): of the queues named, which exist and which
+# hold a ready message (one index probe each).
+RECHECK_QUEUES = """
+    SELECT n.name, q.id IS NOT NULL,
+        EXISTS (SELECT 1 FROM messages m WHERE m.queue_id = q.id AND m.state = 0)
+    FROM unnest(%s::text[]) AS n(name) LEFT JOIN queues q ON q.name = n.name
+"""
 PURGE = """
     WITH gone AS (DELETE FROM messages WHERE queue_id = %s AND state <> 1 RETURNING id),
     history AS (DELETE FROM dead_letters d USING gone WHERE d.id = gone.id)
