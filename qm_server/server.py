@@ -22,6 +22,7 @@ from qm_server.datadir import (
 )
 from qm_server.engine import Engine
 from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
+from qm_server.server_key import load_server_key
 from qm_server.servicer import QueueManagerServicer
 from qm_server.store.backends import open_store
 from qm_server.store.base import Store, UserRecord
@@ -161,8 +162,9 @@ class QueueManagerServer:
         self.store.set_health_listener(self._on_store_health)
         try:
             await self.store.open()
-            # Only once the database exists: a key without one means it was lost.
-            self.keys = KeyPair.load_or_create(config.data_dir, config.auth.rsa_bits)
+            # Only once the database exists: a key without one means it was lost. Servers
+            # sharing a store share the key it holds (server_key.py).
+            self.keys = await load_server_key(self.store, config.data_dir, config.auth.rsa_bits)
             await self._ensure_admin()
             return await self._serve(self.keys)
         except BaseException:

@@ -23,6 +23,7 @@ from pg_fixtures import pg_config, pg_store
 from conftest import ADMIN_PASSWORD, ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
+from qm_server.auth import KEY_FILE, KeyPair
 from qm_server.quotas import Room
 from qm_server.store.pg_store import DUE_POLL_S
 
@@ -208,3 +209,50 @@ async def burst_of_adds(tmp_path: Path) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+def test_every_node_shows_the_same_server_key(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    nodes = start_nodes(make_server, tmp_path, count=3)
+    challenges = [n.stub.GetChallenge(pb.GetChallengeRequest()) for n in nodes]
+    assert len({c.fingerprint for c in challenges}) == 1
+    assert len({c.public_key_pem for c in challenges}) == 1
+    # The key is the store's: no node made one of its own in its data directory.
+    assert not any((n.handle.data_dir / KEY_FILE).exists() for n in nodes)
+
+
+def test_the_first_node_carries_its_data_directorys_key_into_the_store(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    own = KeyPair.load_or_create(ensure_dir_of(tmp_path / "node0"), 1024)
+    a, b = start_nodes(make_server, tmp_path)
+    for node in (a, b):
+        assert node.stub.GetChallenge(pb.GetChallengeRequest()).fingerprint == own.fingerprint
+
+
+def ensure_dir_of(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
+
+
+def test_nodes_starting_together_create_one_shared_secret(tmp_path: Path) -> None:
+    async def main() -> None:
+        stores = [pg_store(tmp_path / "s", timed=False, notify=False) for _ in range(5)]
+        for store in stores:
+            await store.open()
+        try:
+            values = await asyncio.gather(
+                *(
+                    s.shared_secret("k", lambda i=i: f"made by {i}".encode())
+                    for i, s in enumerate(stores)
+                )
+            )
+            assert len(set(values)) == 1
+            again = await stores[0].shared_secret("k", lambda: b"never")
+            assert again == values[0]
+        finally:
+            for store in stores:
+                await store.close()
+
+    asyncio.run(main())

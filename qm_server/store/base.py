@@ -379,6 +379,14 @@ class Store(UserDirectory):
         """`listener(queue_name)` after messages become ready in that queue (add, nack,
         release), so that waiting consumers wake up. Called on the event loop."""
 
+    async def shared_secret(self, name: str, create: Callable[[], bytes]) -> bytes | None:
+        """The value every server sharing this store uses under `name` (the server's key
+        pair): created with `create()` by the first that asks, then read by all. None
+        from a store that only one server uses: the server keeps its own (a file in its
+        data directory), hence this default."""
+        del name, create
+        return None
+
     def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
         """`listener(queue_name)` when another node sharing this store destroyed the
         queue, so that this node's waits and streams on it end as a local destroy ends

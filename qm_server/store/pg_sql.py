@@ -137,6 +137,14 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN 1 + varint_size(element_info_inner(bytes, id, n, enqueued, lease))
             + element_info_inner(bytes, id, n, enqueued, lease);
     """,
+    # 2: values every node shares, created once by the first node that needs them (the
+    # server's key pair: pg_store.shared_secret).
+    """
+    CREATE TABLE cluster_secrets (
+        name  text PRIMARY KEY,
+        value bytea NOT NULL
+    );
+    """,
 )
 
 # Queues -------------------------------------------------------------------------------------
@@ -362,6 +370,9 @@ DELETE_IDS = """
     history AS (DELETE FROM dead_letters d USING gone WHERE d.id = gone.id)
     SELECT count(*) FROM gone
 """
+GET_SECRET = "SELECT value FROM cluster_secrets WHERE name = %s"
+PUT_SECRET = "INSERT INTO cluster_secrets (name, value) VALUES (%s, %s)"
+
 # The fallback's recheck (pg_store._recheck): of the queues named, which exist and which
 # hold a ready message (one index probe each).
 RECHECK_QUEUES = """

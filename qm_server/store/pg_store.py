@@ -225,6 +225,25 @@ class PgStore(Store):
     def set_ready_listener(self, listener: Callable[[str], None]) -> None:
         self._ready_listener = listener
 
+    async def shared_secret(self, name: str, create: Callable[[], bytes]) -> bytes | None:
+        """Created once, under an advisory lock: nodes starting together queue on it, the
+        first stores `create()`, the others read what it stored."""
+
+        async def run(conn: Conn) -> bytes:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('qm-secret:' || %s || ':' || %s))",
+                (self.schema, name),
+            )
+            cursor = await conn.execute(sql.GET_SECRET, (name,))
+            row = await cursor.fetchone()
+            if row is not None:
+                return bytes(row[0])
+            value = await asyncio.to_thread(create)  # an RSA key takes a while
+            await conn.execute(sql.PUT_SECRET, (name, value))
+            return value
+
+        return await self._tx(run)
+
     def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
         self._gone_listener = listener
 
