@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from qm_server import handlers, health
 from qm_server.auth import KeyPair, PasswordHasher, random_password
+from qm_server.challenges import shared_challenges
 from qm_server.config import ServerConfig
 from qm_server.datadir import (
     INITIAL_PASSWORD_FILE,
@@ -180,6 +182,7 @@ class QueueManagerServer:
             session_ttl_s=config.session_ttl_s,
             limits=config.limits,
             auth=config.auth,
+            challenges=await shared_challenges(self.store, config.auth.challenge_ttl_s, time.time),
         )
         server = grpc.aio.server(
             options=grpc_options(config),

@@ -20,10 +20,11 @@ from typing import Any
 import grpc
 from pg_fixtures import pg_config, pg_store
 
-from conftest import ADMIN_PASSWORD, ServerHandle, login
+from conftest import ADMIN_PASSWORD, ServerHandle, encrypt_password, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server.auth import KEY_FILE, KeyPair
+from qm_server.challenges import SignedChallenges
 from qm_server.quotas import Room
 from qm_server.store.pg_store import DUE_POLL_S
 
@@ -256,3 +257,68 @@ def test_nodes_starting_together_create_one_shared_secret(tmp_path: Path) -> Non
                 await store.close()
 
     asyncio.run(main())
+
+
+def test_a_challenge_from_one_node_logs_in_on_another_once(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    a, b = start_nodes(make_server, tmp_path)
+    challenge = a.stub.GetChallenge(pb.GetChallengeRequest())
+    assert len(challenge.challenge) == 32
+    request = pb.AuthRequest(username="admin", password=encrypt_password(challenge, ADMIN_PASSWORD))
+    reply = b.stub.Auth(request)
+    assert reply.code == pb.CODE_OK, reply.message
+    # The token works on the node that logged it in.
+    made = b.stub.NewQueue(pb.NewQueueRequest(token=reply.token, queue_name="q"))
+    assert made.code == pb.CODE_OK
+    # Burnt: the same answer is refused on every node, the one that issued it included.
+    for node in (a, b):
+        assert node.stub.Auth(request).code == pb.CODE_UNAUTHENTICATED
+
+
+def test_signed_challenges_are_one_use_bounded_in_time_and_unforgeable(tmp_path: Path) -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        stores = [
+            pg_store(tmp_path / "s", clock=clock, timed=False, notify=False) for _ in range(4)
+        ]
+        for store in stores:
+            await store.open()
+        try:
+            key = b"k" * 32
+            nodes = [SignedChallenges(key, 60.0, s, clock) for s in stores]
+            challenge = nodes[0].issue()
+            assert len(challenge) == 32
+            # Every node tries it at once: exactly one login gets it.
+            burnt = await asyncio.gather(*(n.burn(challenge) for n in nodes))
+            assert sorted(burnt) == [False, False, False, True]
+            # Altered, another cluster's, or cut short: refused, and nothing is stored.
+            fresh = nodes[1].issue()
+            altered = fresh[:12] + bytes([fresh[12] ^ 1]) + fresh[13:]
+            assert not await nodes[2].burn(altered)
+            assert not await SignedChallenges(b"x" * 32, 60.0, stores[0], clock).burn(fresh)
+            assert not await nodes[2].burn(fresh[:31])
+            assert await nodes[2].burn(fresh)
+            # Expired by the store's clock: refused although never used.
+            late = nodes[3].issue()
+            clock.ms += 60_000
+            assert not await nodes[0].burn(late)
+            # Used ones are forgotten once expired (their expiry alone refuses them).
+            await stores[0]._prune_challenges()
+            async with stores[0]._conn() as conn:
+                cursor = await conn.execute("SELECT count(*) FROM used_challenges")
+                assert await cursor.fetchone() == (0,)
+            assert not await nodes[0].burn(challenge)
+        finally:
+            for store in stores:
+                await store.close()
+
+    asyncio.run(main())
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.ms = 1_800_000_000_000
+
+    def __call__(self) -> float:
+        return self.ms / 1000

@@ -387,6 +387,13 @@ class Store(UserDirectory):
         del name, create
         return None
 
+    async def burn_challenge(self, nonce: bytes, expires_at_ms: int) -> bool:
+        """Use a login challenge (challenges.SignedChallenges): True the first time a nonce
+        is used before `expires_at_ms` (Unix ms, by the store's clock); False for a nonce
+        already used, on any server sharing the store, or for one already expired. Only
+        a store whose shared_secret is not None is asked."""
+        raise NotImplementedError("a store of one server keeps no login challenges")
+
     def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
         """`listener(queue_name)` when another node sharing this store destroyed the
         queue, so that this node's waits and streams on it end as a local destroy ends

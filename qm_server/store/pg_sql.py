@@ -145,6 +145,14 @@ MIGRATIONS: tuple[str, ...] = (
         value bytea NOT NULL
     );
     """,
+    # 3: login challenges used on any node (challenges.SignedChallenges), until expired.
+    """
+    CREATE TABLE used_challenges (
+        nonce      bytea PRIMARY KEY,
+        expires_at bigint NOT NULL
+    );
+    CREATE INDEX used_challenges_expiry ON used_challenges (expires_at);
+    """,
 )
 
 # Queues -------------------------------------------------------------------------------------
@@ -372,6 +380,18 @@ DELETE_IDS = """
 """
 GET_SECRET = "SELECT value FROM cluster_secrets WHERE name = %s"
 PUT_SECRET = "INSERT INTO cluster_secrets (name, value) VALUES (%s, %s)"
+
+# A challenge's one use: refused when its nonce was used or its expiry has passed.
+BURN_CHALLENGE = f"""
+    INSERT INTO used_challenges (nonce, expires_at)
+    SELECT %(nonce)s, %(expires)s WHERE %(expires)s::bigint > {NOW}
+    ON CONFLICT (nonce) DO NOTHING
+"""
+PRUNE_CHALLENGES = f"""
+    DELETE FROM used_challenges WHERE nonce IN (
+        SELECT nonce FROM used_challenges WHERE expires_at <= {NOW}
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+"""
 
 # The fallback's recheck (pg_store._recheck): of the queues named, which exist and which
 # hold a ready message (one index probe each).

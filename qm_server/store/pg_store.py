@@ -244,6 +244,18 @@ class PgStore(Store):
 
         return await self._tx(run)
 
+    async def burn_challenge(self, nonce: bytes, expires_at_ms: int) -> bool:
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                sql.BURN_CHALLENGE, self._p(nonce=nonce, expires=expires_at_ms)
+            )
+            return cursor.rowcount == 1
+
+    async def _prune_challenges(self) -> None:
+        """Used challenges past their expiry: refused by their expiry alone now."""
+        async with self._conn() as conn:
+            await conn.execute(sql.PRUNE_CHALLENGES, self._p(limit=DUE_CHUNK))
+
     def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
         self._gone_listener = listener
 
@@ -1039,6 +1051,7 @@ class PgStore(Store):
             try:
                 await self.run_due()
                 await self._recheck()
+                await self._prune_challenges()
                 async with self._conn() as conn:
                     cursor = await conn.execute(sql.NEXT_DUE, self._p())
                     row = await cursor.fetchone()
