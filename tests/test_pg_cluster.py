@@ -122,6 +122,32 @@ def test_without_notify_the_fallback_still_delivers_within_its_period(
     print(f"cross-node wake-up latency without notify (ms): {latency * 1000:.1f}")
 
 
+def test_a_nack_on_one_node_wakes_a_long_poll_on_another_within_milliseconds(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    a, b = start_nodes(make_server, tmp_path)
+    assert a.stub.NewQueue(pb.NewQueueRequest(token=a.token, queue_name="q")).code == 0
+    added = a.stub.Add(pb.AddRequest(token=a.token, queue_name="q", element="again"))
+    taken = a.stub.Poll(pb.PollRequest(token=a.token, queue_name="q", wait_ms=1000))
+    assert taken.message_id == added.message_id
+    answer: list[pb.PollResponse] = []
+    at: list[float] = []
+
+    def run() -> None:
+        answer.append(b.stub.Poll(pb.PollRequest(token=b.token, queue_name="q", wait_ms=10_000)))
+        at.append(time.monotonic())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_until(lambda: b.waiting() == 1)
+    nack = pb.AckRequest(token=a.token, message_id=added.message_id, ack_type=pb.ACK_TYPE_ERROR)
+    assert a.stub.Ack(nack).code == pb.CODE_OK
+    nacked_at = time.monotonic()
+    thread.join()
+    assert (answer[0].message_id, answer[0].delivery_count) == (added.message_id, 2)
+    assert at[0] - nacked_at < DUE_POLL_S / 4, at[0] - nacked_at
+
+
 class Stream:
     """A Subscribe stream: responses read in a thread, acks sent from the test."""
 
@@ -167,7 +193,9 @@ def test_streams_on_another_node_get_its_adds_and_end_with_its_destroy(
     try:
         wait_until(lambda: b.waiting() == 1)
         added = a.stub.Add(pb.AddRequest(token=a.token, queue_name="q", element="pushed"))
+        added_at = time.monotonic()
         pushed = stream.next()
+        assert time.monotonic() - added_at < DUE_POLL_S / 4  # woken, not rechecked
         assert pushed is not None
         assert [e.message_id for e in pushed.element_info] == [added.message_id]
         # The stream's window is full: it waits for an ack, not on the queue. A destroy
