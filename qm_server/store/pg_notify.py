@@ -79,6 +79,8 @@ class ClusterSignals:
         self._listener = asyncio.ensure_future(self._listen())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._listening.wait(), CONNECT_TIMEOUT_S)
+        with contextlib.suppress(psycopg.Error):
+            await self._connect_sender()  # now, not on the first add's path
 
     async def stop(self) -> None:
         self._stopping = True
@@ -114,12 +116,16 @@ class ClusterSignals:
                 await self._drop_sender()
             await asyncio.sleep(COALESCE_S)
 
-    async def _send(self, payloads: list[str]) -> None:
+    async def _connect_sender(self) -> psycopg.AsyncConnection[Any]:
         if self._sender is None or self._sender.closed:
             self._sender = await psycopg.AsyncConnection.connect(
                 self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
             )
-        await self._sender.execute(
+        return self._sender
+
+    async def _send(self, payloads: list[str]) -> None:
+        sender = await self._connect_sender()
+        await sender.execute(
             "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) AS p", (self.channel, payloads)
         )
         self.sent += len(payloads)
