@@ -47,22 +47,32 @@ class KeyPair:
     def load_or_create(cls, data_dir: Path, bits: int) -> KeyPair:
         path = data_dir / KEY_FILE
         if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, rsa.RSAPrivateKey):
-                raise ValueError(f"{path} does not hold an RSA private key")
-            return cls(key)
-        key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+            return cls.from_pem(path.read_bytes(), str(path))
+        pem = new_private_pem(bits)
         write_private_file(path, pem)
+        return cls.from_pem(pem, str(path))
+
+    @classmethod
+    def from_pem(cls, pem: bytes, where: str) -> KeyPair:
+        """The key pair of a PEM private key (`where` it came from, for the error)."""
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise ValueError(f"{where} does not hold an RSA private key")
         return cls(key)
 
     def decrypt(self, ciphertext: bytes) -> bytes:
         """RSA-OAEP-SHA256 only; raises ValueError on anything that does not decrypt."""
         return self._private_key.decrypt(ciphertext, _OAEP)
+
+
+def new_private_pem(bits: int) -> bytes:
+    """A new RSA private key, PEM (PKCS#8, unencrypted: its file or row is private)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 class ChallengeBook:

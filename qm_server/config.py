@@ -203,6 +203,11 @@ class ServerConfig:
     store_schema: str = setting(
         "qm", "the PostgreSQL schema that holds the store's tables (created if missing)"
     )
+    store_no_notify: bool = setting(
+        False,
+        "do not wake other nodes through LISTEN/NOTIFY (for a PostgreSQL-compatible "
+        "database without it): they find new messages by polling, within a second",
+    )
     listen: str = setting(
         "127.0.0.1:50051", "address to serve on (port 0: any free)", metavar="HOST:PORT"
     )

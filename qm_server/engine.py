@@ -30,6 +30,7 @@ from qm_server.answer_size import entries_room
 from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, PasswordHasher
 from qm_server.background import Background, outliving_caller
 from qm_server.byte_budget import ByteBudget
+from qm_server.challenges import Challenges, MemoryChallenges
 from qm_server.config import AuthSettings, Limits
 from qm_server.delivery import Deliverer
 from qm_server.idempotency import idempotency_key
@@ -88,6 +89,7 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         sessions: SessionRegistry | None = None,
         wall_clock: Callable[[], float] = time.time,
+        challenges: Challenges | None = None,
     ) -> None:
         """`clock` times sessions and waits; `wall_clock` (Unix time, as the store's)
         gives the age of a queue's oldest message."""
@@ -98,8 +100,9 @@ class Engine:
         self._auth = auth or AuthSettings()
         self._clock = clock
         self._sessions = sessions or MemorySessions()
-        self._challenges = ChallengeBook(
-            self._auth.challenge_ttl_s, self._auth.max_pending_challenges, clock
+        # Servers sharing a store pass theirs (challenges.py); one server keeps its own.
+        self._challenges = challenges or MemoryChallenges(
+            ChallengeBook(self._auth.challenge_ttl_s, self._auth.max_pending_challenges, clock)
         )
         self._hasher = PasswordHasher.from_settings(self._auth)
         self._login_guard = LoginGuard(self._auth, clock)
@@ -126,6 +129,7 @@ class Engine:
         self._permissions: dict[str, Permissions] = {}
         self._sweeper: asyncio.Task[None] | None = None
         store.set_ready_listener(self.signals.wake)
+        store.set_queue_gone_listener(self._queue_gone)  # destroyed on another node
         # Map reads in progress hold at most this many bytes of answers (byte_budget.py).
         self._reads = ByteBudget(self.limits.max_reads_in_progress_bytes)
         # UpdateQueue, GetQueueInfo, Purge, Redrive and the listings (queue_admin.py).
@@ -194,7 +198,7 @@ class Engine:
         # Throttled or crowded: refused before any expensive work (login_guard.py).
         async with self._login_guard.admit(username, peer):
             envelope = await self._crypto(self._open_envelope, ciphertext)
-            fresh = envelope is not None and self._challenges.burn(envelope.challenge)
+            fresh = envelope is not None and await self._challenges.burn(envelope.challenge)
             record = await self.store.get_user(username) if username else None
             stored = record.password_hash if record is not None and fresh else None
             password = envelope.password if envelope is not None else ""

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from qm_server import handlers, health
 from qm_server.auth import KeyPair, PasswordHasher, random_password
+from qm_server.challenges import shared_challenges
 from qm_server.config import ServerConfig
 from qm_server.datadir import (
     INITIAL_PASSWORD_FILE,
@@ -22,6 +24,7 @@ from qm_server.datadir import (
 )
 from qm_server.engine import Engine
 from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
+from qm_server.server_key import load_server_key
 from qm_server.servicer import QueueManagerServicer
 from qm_server.store.backends import open_store
 from qm_server.store.base import Store, UserRecord
@@ -161,8 +164,9 @@ class QueueManagerServer:
         self.store.set_health_listener(self._on_store_health)
         try:
             await self.store.open()
-            # Only once the database exists: a key without one means it was lost.
-            self.keys = KeyPair.load_or_create(config.data_dir, config.auth.rsa_bits)
+            # Only once the database exists: a key without one means it was lost. Servers
+            # sharing a store share the key it holds (server_key.py).
+            self.keys = await load_server_key(self.store, config.data_dir, config.auth.rsa_bits)
             await self._ensure_admin()
             return await self._serve(self.keys)
         except BaseException:
@@ -178,6 +182,7 @@ class QueueManagerServer:
             session_ttl_s=config.session_ttl_s,
             limits=config.limits,
             auth=config.auth,
+            challenges=await shared_challenges(self.store, config.auth.challenge_ttl_s, time.time),
         )
         server = grpc.aio.server(
             options=grpc_options(config),

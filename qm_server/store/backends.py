@@ -58,6 +58,7 @@ def _pg_store(config: ServerConfig) -> Store:
         config.store,
         config.store_schema,
         idempotency_window_s=config.idempotency_window_s,
+        notify=not config.store_no_notify,
     )
 
 

@@ -379,6 +379,28 @@ class Store(UserDirectory):
         """`listener(queue_name)` after messages become ready in that queue (add, nack,
         release), so that waiting consumers wake up. Called on the event loop."""
 
+    async def shared_secret(self, name: str, create: Callable[[], bytes]) -> bytes | None:
+        """The value every server sharing this store uses under `name` (the server's key
+        pair): created with `create()` by the first that asks, then read by all. None
+        from a store that only one server uses: the server keeps its own (a file in its
+        data directory), hence this default."""
+        del name, create
+        return None
+
+    async def burn_challenge(self, nonce: bytes, expires_at_ms: int) -> bool:
+        """Use a login challenge (challenges.SignedChallenges): True the first time a nonce
+        is used before `expires_at_ms` (Unix ms, by the store's clock); False for a nonce
+        already used, on any server sharing the store, or for one already expired. Only
+        a store whose shared_secret is not None is asked."""
+        raise NotImplementedError("a store of one server keeps no login challenges")
+
+    def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
+        """`listener(queue_name)` when another node sharing this store destroyed the
+        queue, so that this node's waits and streams on it end as a local destroy ends
+        them. Called on the event loop. A store that only one server uses never calls
+        it (the engine handles its own destroys), hence this default."""
+        del listener
+
     # Maps -------------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -137,6 +137,22 @@ MIGRATIONS: tuple[str, ...] = (
         RETURN 1 + varint_size(element_info_inner(bytes, id, n, enqueued, lease))
             + element_info_inner(bytes, id, n, enqueued, lease);
     """,
+    # 2: values every node shares, created once by the first node that needs them (the
+    # server's key pair: pg_store.shared_secret).
+    """
+    CREATE TABLE cluster_secrets (
+        name  text PRIMARY KEY,
+        value bytea NOT NULL
+    );
+    """,
+    # 3: login challenges used on any node (challenges.SignedChallenges), until expired.
+    """
+    CREATE TABLE used_challenges (
+        nonce      bytea PRIMARY KEY,
+        expires_at bigint NOT NULL
+    );
+    CREATE INDEX used_challenges_expiry ON used_challenges (expires_at);
+    """,
 )
 
 # Queues -------------------------------------------------------------------------------------
@@ -361,6 +377,28 @@ DELETE_IDS = """
     WITH gone AS (DELETE FROM messages WHERE id = ANY(%(ids)s) RETURNING id),
     history AS (DELETE FROM dead_letters d USING gone WHERE d.id = gone.id)
     SELECT count(*) FROM gone
+"""
+GET_SECRET = "SELECT value FROM cluster_secrets WHERE name = %s"
+PUT_SECRET = "INSERT INTO cluster_secrets (name, value) VALUES (%s, %s)"
+
+# A challenge's one use: refused when its nonce was used or its expiry has passed.
+BURN_CHALLENGE = f"""
+    INSERT INTO used_challenges (nonce, expires_at)
+    SELECT %(nonce)s, %(expires)s WHERE %(expires)s::bigint > {NOW}
+    ON CONFLICT (nonce) DO NOTHING
+"""
+PRUNE_CHALLENGES = f"""
+    DELETE FROM used_challenges WHERE nonce IN (
+        SELECT nonce FROM used_challenges WHERE expires_at <= {NOW}
+        LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+"""
+
+# The fallback's recheck (pg_store._recheck): of the queues named, which exist and which
+# hold a ready message (one index probe each).
+RECHECK_QUEUES = """
+    SELECT n.name, q.id IS NOT NULL,
+        EXISTS (SELECT 1 FROM messages m WHERE m.queue_id = q.id AND m.state = 0)
+    FROM unnest(%s::text[]) AS n(name) LEFT JOIN queues q ON q.name = n.name
 """
 PURGE = """
     WITH gone AS (DELETE FROM messages WHERE queue_id = %s AND state <> 1 RETURNING id),

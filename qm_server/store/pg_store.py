@@ -60,6 +60,7 @@ from qm_server.store.base import (
 )
 from qm_server.store.pg_driver import psycopg, psycopg_pool
 from qm_server.store.pg_migrate import current_version, migrate
+from qm_server.store.pg_notify import GONE, READY, ClusterSignals
 from qm_server.store.settings_json import settings_from_json, settings_to_json
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,13 @@ class PgStore(Store):
         idempotency_window_s: float = DEFAULT_IDEMPOTENCY_WINDOW_S,
         timed: bool = True,
         pool_size: int = 10,
+        notify: bool = True,
     ) -> None:
         """`clock`: None for the database's clock; a test's fake one (Unix seconds) is
         used for every time instead. `timed`: run what falls due in the background (a
-        test on a fake clock turns it off and calls run_due)."""
+        test on a fake clock turns it off and calls run_due). `notify`: wake other nodes
+        through LISTEN/NOTIFY (pg_notify.py); off for a PostgreSQL-compatible database
+        without it, when the fallback alone wakes them, within DUE_POLL_S."""
         if idempotency_window_s < 0:
             raise ValueError("idempotency_window_s must be 0 or more")
         self.url = url
@@ -126,6 +130,20 @@ class PgStore(Store):
         self._reason = ""
         self._health_listener: HealthListener | None = None
         self._ready_listener: Callable[[str], None] | None = None
+        self._gone_listener: Callable[[str], None] | None = None
+        self._signals = (
+            ClusterSignals(
+                url,
+                schema,
+                lambda: self._node,
+                on_ready=lambda name: self._wake({name}),
+                on_gone=self._gone,
+                on_gap=lambda: self._due_soon(0, recheck=True),
+            )
+            if notify
+            else None
+        )
+        self._recheck_at = 0.0  # monotonic time of the next fallback recheck
         self._hints: dict[str, int] = {}
         self._due_task: asyncio.Task[None] | None = None
         self._sooner = asyncio.Event()
@@ -170,6 +188,8 @@ class PgStore(Store):
                 log.info("schema %s: %d migrations applied", self.schema, applied)
             cursor = await conn.execute(sql.REGISTER_NODE, self._p(ttl=NODE_TTL_MS))
             self._node = int(_one(await cursor.fetchone()))
+        if self._signals is not None:
+            await self._signals.start()
         if self._timed:
             self._due_task = asyncio.ensure_future(self._due_loop())
 
@@ -185,6 +205,8 @@ class PgStore(Store):
                 # This node's sessions end with it: what they held is ready again now.
                 ready = await self._tx(self._release_node)
                 self._notify(ready)
+        if self._signals is not None:
+            await self._signals.stop()
         self._closed = True
         await self._pool.close()
 
@@ -202,6 +224,40 @@ class PgStore(Store):
 
     def set_ready_listener(self, listener: Callable[[str], None]) -> None:
         self._ready_listener = listener
+
+    async def shared_secret(self, name: str, create: Callable[[], bytes]) -> bytes | None:
+        """Created once, under an advisory lock: nodes starting together queue on it, the
+        first stores `create()`, the others read what it stored."""
+
+        async def run(conn: Conn) -> bytes:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext('qm-secret:' || %s || ':' || %s))",
+                (self.schema, name),
+            )
+            cursor = await conn.execute(sql.GET_SECRET, (name,))
+            row = await cursor.fetchone()
+            if row is not None:
+                return bytes(row[0])
+            value = await asyncio.to_thread(create)  # an RSA key takes a while
+            await conn.execute(sql.PUT_SECRET, (name, value))
+            return value
+
+        return await self._tx(run)
+
+    async def burn_challenge(self, nonce: bytes, expires_at_ms: int) -> bool:
+        async with self._conn() as conn:
+            cursor = await conn.execute(
+                sql.BURN_CHALLENGE, self._p(nonce=nonce, expires=expires_at_ms)
+            )
+            return cursor.rowcount == 1
+
+    async def _prune_challenges(self) -> None:
+        """Used challenges past their expiry: refused by their expiry alone now."""
+        async with self._conn() as conn:
+            await conn.execute(sql.PRUNE_CHALLENGES, self._p(limit=DUE_CHUNK))
+
+    def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
+        self._gone_listener = listener
 
     # Queues -----------------------------------------------------------------------------
 
@@ -331,6 +387,8 @@ class PgStore(Store):
 
         await self._tx(run)
         self._hints.pop(name, None)
+        if self._signals is not None:
+            self._signals.announce(GONE, {name})
 
     # Messages ---------------------------------------------------------------------------
 
@@ -477,6 +535,7 @@ class PgStore(Store):
                 raise errors.QueueNotFound(f"queue {name!r} does not exist")
             self._hints[name] = 0
             return []
+        self._hints.setdefault(name, 1)  # a queue this node serves: the recheck watches it
         deliveries = [
             Delivery(int(i), bytes(p).decode(), int(n), int(e), int(d)) for i, p, n, e, d in rows
         ]
@@ -786,7 +845,7 @@ class PgStore(Store):
 
     def ready_hint(self, name: str) -> int:
         # What this node last saw: 0 after a claim found nothing, until an add or a
-        # release here. Adds on other nodes do not reach it yet (the next stage's NOTIFY).
+        # release here, another node's notification, or the fallback's recheck.
         return self._hints.get(name, 1)
 
     # Maps -------------------------------------------------------------------------------
@@ -956,19 +1015,43 @@ class PgStore(Store):
 
     # What falls due, in the background --------------------------------------------------
 
-    def _due_soon(self, in_ms: int) -> None:
+    def _due_soon(self, in_ms: int, recheck: bool = False) -> None:
         """Something of this node falls due in about `in_ms`: wake the due loop if it
-        sleeps past that."""
+        sleeps past that. `recheck`: run the fallback's recheck then too."""
+        if recheck:
+            self._recheck_at = 0.0
         if self._due_task is None:
             return
         if time.monotonic() + in_ms / 1000 < self._wake_at:
             self._sooner.set()
+
+    async def _recheck(self) -> None:
+        """The fallback for lost notifications, at most once per DUE_POLL_S: queues this
+        node thought empty (where its waiters park) that hold ready messages wake their
+        waiters; queues this node served that are gone end their streams. One statement
+        over the queues this node knows, whatever the number of waiters."""
+        if time.monotonic() < self._recheck_at:
+            return
+        self._recheck_at = time.monotonic() + DUE_POLL_S
+        names = list(self._hints)
+        if not names:
+            return
+        async with self._conn() as conn:
+            cursor = await conn.execute(sql.RECHECK_QUEUES, (names,))
+            rows = await cursor.fetchall()
+        for name, exists, ready in rows:
+            if not exists:
+                self._gone(str(name))
+            elif ready and self._hints.get(str(name)) == 0:
+                self._wake({str(name)})
 
     async def _due_loop(self) -> None:
         while not self._stopping:
             wait = DUE_POLL_S
             try:
                 await self.run_due()
+                await self._recheck()
+                await self._prune_challenges()
                 async with self._conn() as conn:
                     cursor = await conn.execute(sql.NEXT_DUE, self._p())
                     row = await cursor.fetchone()
@@ -995,10 +1078,23 @@ class PgStore(Store):
         return await _scalar(conn, f"SELECT {sql.NOW}", self._p())
 
     def _notify(self, names: set[str]) -> None:
+        """Messages became ready here (the write committed): wake this node's waiters
+        and tell the other nodes."""
+        self._wake(names)
+        if self._signals is not None:
+            self._signals.announce(READY, names)
+
+    def _wake(self, names: set[str]) -> None:
         for name in names:
             self._hints[name] = max(1, self._hints.get(name, 0))
             if self._ready_listener is not None:
                 self._ready_listener(name)
+
+    def _gone(self, name: str) -> None:
+        """Another node destroyed the queue: end this node's waits and streams on it."""
+        self._hints.pop(name, None)
+        if self._gone_listener is not None:
+            self._gone_listener(name)
 
     @contextlib.asynccontextmanager
     async def _conn(self) -> AsyncIterator[Conn]:
