@@ -196,7 +196,9 @@ async def run(args: argparse.Namespace) -> int:
                 name, checkout, work, stores.get(name), nodes.get(name, 1), schemas
             )
             series.append(Series(target))
-            print(f"{name}: pids {' '.join(str(s.pid) for s in target.nodes)}", flush=True)
+            pids = " ".join(str(s.pid) for s in target.nodes)
+            where = f", schema {target.db.app_name}" if target.db else ""
+            print(f"{name}: pids {pids}{where}", file=sys.stderr, flush=True)
         opts = RunOptions(args.duration, args.scale, 100, args.client_procs, work)
         for i in range(args.rounds):
             line = []
