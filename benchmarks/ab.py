@@ -90,10 +90,15 @@ def start_target(
         return Target(name, server, ADMIN_USER, ADMIN_PASSWORD, stateful=True)
     schema = fresh_schema()
     schemas.append((store, schema))
-    servers = [
-        start_checkout(name if i == 0 else f"{name}-{i + 1}", checkout, work, store, schema)
-        for i in range(nodes)
-    ]
+    servers: list[ServerProcess] = []
+    try:
+        for i in range(nodes):
+            node = name if i == 0 else f"{name}-{i + 1}"
+            servers.append(start_checkout(node, checkout, work, store, schema))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
     return Target(
         name,
         servers[0],

@@ -50,7 +50,8 @@ def start_ours(
         if schema is None:
             raise ValueError("a PostgreSQL store needs the run's schema")
         env["PGAPPNAME"] = schema
-        where = ["--store", store, "--store-schema", schema]
+        # The data dir too: each server locks its own (the store is the shared part).
+        where += ["--store", store, "--store-schema", schema]
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout)
     command = qm_server_command() if checkout is None else [sys.executable, "-m", "qm_server"]
