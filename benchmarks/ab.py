@@ -129,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=N",
         help="run checkout NAME (on --store) as N servers on one schema, the load spread over them",
     )
+    parser.add_argument(
+        "--analyze-after-fill",
+        action="store_true",
+        help="PostgreSQL store: ANALYZE the messages table once a scenario's backlog is in",
+    )
     parser.add_argument("--scenario", choices=sorted([*SCENARIOS, "e2e"]), default="add")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6)
@@ -204,7 +209,9 @@ async def run(args: argparse.Namespace) -> int:
             pids = " ".join(str(s.pid) for s in target.nodes)
             where = f", schema {target.db.app_name}" if target.db else ""
             print(f"{name}: pids {pids}{where}", file=sys.stderr, flush=True)
-        opts = RunOptions(args.duration, args.scale, 100, args.client_procs, work)
+        opts = RunOptions(
+            args.duration, args.scale, 100, args.client_procs, work, args.analyze_after_fill
+        )
         for i in range(args.rounds):
             line = []
             for s in series if i % 2 == 0 else series[::-1]:

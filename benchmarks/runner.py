@@ -63,6 +63,9 @@ class RunOptions:
     client_procs: int
     """Client processes used when concurrency > 1; the tasks are split among them."""
     log_dir: Path
+    analyze_after_fill: bool = False
+    """PostgreSQL store: ANALYZE its messages table once the backlog is in (fresh
+    statistics for the claim's plan; autovacuum would take up to a minute)."""
 
 
 @dataclass
@@ -142,6 +145,8 @@ async def _prepare_queue(
         if scenario.needs_backlog:
             # Extra room so that windows held by the last tasks never starve the others.
             await admin.fill(queue, units + tasks * scenario.batch, opts.element_size)
+    if opts.analyze_after_fill and target.db is not None:
+        target.db.analyze()
 
 
 async def _drop_queue(target: Target, queue: str) -> None:
