@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.peers.e2e import run_once
+from benchmarks.pgstore import DbProbe, drop_schema, fresh_schema
 from benchmarks.procs import ServerProcess
 from benchmarks.runner import RunOptions, Target, measure
 from benchmarks.scenarios import SCENARIOS
@@ -39,6 +40,8 @@ class Series:
     target: Target
     rates: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)
+    db_cpu_us: list[float] = field(default_factory=list)
+    db_xacts: list[float] = field(default_factory=list)
 
 
 def parse_checkout(text: str) -> tuple[str, Path]:
@@ -52,16 +55,85 @@ def parse_checkout(text: str) -> tuple[str, Path]:
     return name, checkout
 
 
-def start_checkout(name: str, checkout: Path, work: Path) -> ServerProcess:
+def parse_pair(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` for --store and --nodes."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def start_checkout(
+    name: str, checkout: Path, work: Path, store: str | None = None, schema: str | None = None
+) -> ServerProcess:
     """Our server as that checkout has it, importing only that checkout's code."""
     run_dir = work / name
-    run_dir.mkdir()
-    return start_ours(run_dir / "data", run_dir, name=name, checkout=checkout)
+    run_dir.mkdir(exist_ok=True)
+    return start_ours(
+        run_dir / "data", run_dir, name=name, checkout=checkout, store=store, schema=schema
+    )
+
+
+def start_target(
+    name: str,
+    checkout: Path,
+    work: Path,
+    store: str | None,
+    nodes: int,
+    schemas: list[tuple[str, str]],
+) -> Target:
+    """One checkout as ``nodes`` servers: on SQLite one; on PostgreSQL that many on one
+    fresh schema (recorded in ``schemas`` to be dropped), started one after the other so
+    that the first applies the migrations."""
+    if store is None:
+        server = start_checkout(name, checkout, work)
+        return Target(name, server, ADMIN_USER, ADMIN_PASSWORD, stateful=True)
+    schema = fresh_schema()
+    schemas.append((store, schema))
+    servers: list[ServerProcess] = []
+    try:
+        for i in range(nodes):
+            node = name if i == 0 else f"{name}-{i + 1}"
+            servers.append(start_checkout(node, checkout, work, store, schema))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return Target(
+        name,
+        servers[0],
+        ADMIN_USER,
+        ADMIN_PASSWORD,
+        stateful=True,
+        more_nodes=tuple(servers[1:]),
+        db=DbProbe(store, schema),
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scripts/bench-ab", description=__doc__.splitlines()[0])
     parser.add_argument("checkouts", nargs="+", type=parse_checkout, metavar="NAME=PATH")
+    parser.add_argument(
+        "--store",
+        type=parse_pair,
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="run checkout NAME on the PostgreSQL store at URL (a fresh schema, dropped after)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=parse_pair,
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="run checkout NAME (on --store) as N servers on one schema, the load spread over them",
+    )
+    parser.add_argument(
+        "--analyze-after-fill",
+        action="store_true",
+        help="PostgreSQL store: ANALYZE the messages table once a scenario's backlog is in",
+    )
     parser.add_argument("--scenario", choices=sorted([*SCENARIOS, "e2e"]), default="add")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6)
@@ -83,13 +155,16 @@ class Figure:
     rate: float
     cpu_us: float
     note: str = ""
+    db_cpu_us: float = float("nan")
+    db_xacts: float = float("nan")
 
 
 async def measure_e2e(target: Target, n: int, depth: int) -> Figure:
     """One e2e run (produce n, consume and ack n) against the target, with the server's
     CPU time per message read around it (the run's own queue is set up inside it)."""
     system = "ours" if target.stateful else "floor"
-    cpu0 = target.server.cpu_seconds()
+    db0 = target.db.sample() if target.db else None
+    cpu0 = target.cpu_seconds()
     r = await run_once(
         system,
         "127.0.0.1",
@@ -100,27 +175,43 @@ async def measure_e2e(target: Target, n: int, depth: int) -> Figure:
         depth,
         E2E_TIMEOUT_S,
     )
-    cpu_s = target.server.cpu_seconds() - cpu0
-    return Figure(r.status, r.rate, cpu_s * 1e6 / max(r.consumed, 1), r.note)
+    cpu_s = target.cpu_seconds() - cpu0
+    units = max(r.consumed, 1)
+    f = Figure(r.status, r.rate, cpu_s * 1e6 / units, r.note)
+    if db0 is not None and target.db is not None:
+        db_cpu, xacts = DbProbe.delta(db0, target.db.sample())
+        f.db_cpu_us, f.db_xacts = db_cpu * 1e6 / units, xacts / units
+    return f
 
 
 async def measure_one(target: Target, args: argparse.Namespace, opts: RunOptions) -> Figure:
     if args.scenario == "e2e":
         return await measure_e2e(target, args.e2e_n, args.e2e_in_flight)
     m = await measure(target, SCENARIOS[args.scenario], args.concurrency, opts)
-    return Figure(m.status, m.rate, m.cpu_us_per_unit, m.note)
+    return Figure(
+        m.status, m.rate, m.cpu_us_per_unit, m.note, m.db_cpu_us_per_unit, m.db_xacts_per_unit
+    )
 
 
 async def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="qm-bench-ab-"))
     series: list[Series] = []
+    schemas: list[tuple[str, str]] = []
+    stores, nodes = dict(args.store), {k: int(v) for k, v in args.nodes}
     try:
         floor = start_floor(work, 100)
         series.append(Series(Target("floor", floor, ADMIN_USER, "-", stateful=False)))
         for name, checkout in args.checkouts:
-            server = start_checkout(name, checkout, work)
-            series.append(Series(Target(name, server, ADMIN_USER, ADMIN_PASSWORD, stateful=True)))
-        opts = RunOptions(args.duration, args.scale, 100, args.client_procs, work)
+            target = start_target(
+                name, checkout, work, stores.get(name), nodes.get(name, 1), schemas
+            )
+            series.append(Series(target))
+            pids = " ".join(str(s.pid) for s in target.nodes)
+            where = f", schema {target.db.app_name}" if target.db else ""
+            print(f"{name}: pids {pids}{where}", file=sys.stderr, flush=True)
+        opts = RunOptions(
+            args.duration, args.scale, 100, args.client_procs, work, args.analyze_after_fill
+        )
         for i in range(args.rounds):
             line = []
             for s in series if i % 2 == 0 else series[::-1]:
@@ -130,11 +221,18 @@ async def run(args: argparse.Namespace) -> int:
                     return 1
                 s.rates.append(m.rate)
                 s.cpu_us.append(m.cpu_us)
+                s.db_cpu_us.append(m.db_cpu_us)
+                s.db_xacts.append(m.db_xacts)
                 line.append(f"{s.target.name} {m.rate:,.0f}/s")
             print(f"round {i + 1}/{args.rounds}: " + " | ".join(line), flush=True)
     finally:
         for s in series:
-            s.target.server.stop()
+            for node in s.target.nodes:
+                node.stop()
+            if s.target.db is not None:
+                s.target.db.close()
+        for url, schema in schemas:
+            drop_schema(url, schema)
     print(report(series))
     return 0
 
@@ -159,6 +257,15 @@ def report(series: Sequence[Series]) -> str:
             + " | "
             + " ".join(us_text(c) for c in s.cpu_us)
         )
+    for s in series:
+        if s.target.db is not None:
+            lines.append(
+                f"{s.target.name:<12} database, median per unit: backends' CPU "
+                f"{us_text(statistics.median(s.db_cpu_us))} us, transactions "
+                f"{statistics.median(s.db_xacts):.3f} (per round: "
+                + " ".join(f"{x:.3f}" for x in s.db_xacts)
+                + ")"
+            )
     return "\n".join(lines)
 
 

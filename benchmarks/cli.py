@@ -24,6 +24,7 @@ from benchmarks.backlog import BacklogResult, run_backlog
 from benchmarks.big_reads import BigReadsResult, run_big_reads
 from benchmarks.delayed import CLAIM_SCENARIOS, DelayedResult, run_delayed
 from benchmarks.peers.e2e import E2EOptions, E2ERow, run_e2e
+from benchmarks.pgstore import DbProbe, drop_schema, fresh_schema
 from benchmarks.procs import ServerProcess, ServerStartError
 from benchmarks.report import (
     build_rows,
@@ -112,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="poll_ack",
         help=f"how {DELAYED} claims the ready messages (default poll_ack)",
     )
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="run our server on the PostgreSQL store at URL (postgresql://127.0.0.1/test), in "
+        "a fresh schema dropped afterwards; the backlog, big-reads and delayed scenarios "
+        "keep SQLite",
+    )
     p.add_argument("--json", type=Path, help="write every figure, raw runs included, here")
     p.add_argument("--keep", action="store_true", help="keep the work dir (data, logs)")
     return p
@@ -152,15 +160,20 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
     backlog: BacklogResult | None = None
     big_reads: BigReadsResult | None = None
     delayed: DelayedResult | None = None
+    schema = fresh_schema() if args.store else None
+    db: DbProbe | None = None
     try:
         floor = start_floor(work, args.element_size)
-        ours = start_ours(work / "data", work)
+        ours = start_ours(work / "data", work, store=args.store, schema=schema)
+        if args.store and schema:
+            db = DbProbe(args.store, schema)
+            print(f"ours on {args.store}, schema {schema}", flush=True)
         print(
             f"floor pid {floor.pid} on {floor.address}; ours pid {ours.pid} on {ours.address} "
             f"(started in {ours.started_s:.1f} s); work dir {work}",
             flush=True,
         )
-        t_ours = Target("ours", ours, ADMIN_USER, ADMIN_PASSWORD, stateful=True)
+        t_ours = Target("ours", ours, ADMIN_USER, ADMIN_PASSWORD, stateful=True, db=db)
         t_floor = Target("floor", floor, ADMIN_USER, "-", stateful=False)
         grid = [
             (SCENARIOS[s], c) for s in args.scenarios if s in SCENARIOS for c in args.concurrency
@@ -202,6 +215,10 @@ async def _run(args: argparse.Namespace, work: Path) -> int:
         for s in (ours, floor):
             if s is not None:
                 s.stop()
+        if db is not None:
+            db.close()
+        if args.store and schema:
+            drop_schema(args.store, schema)
     if args.backlog:
         backlog = await run_backlog(args.backlog, args.element_size, work)
         failed = failed or bool(backlog.error)

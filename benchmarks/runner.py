@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.admin import AdminClient
+from benchmarks.pgstore import DbProbe
 from benchmarks.procs import RESULT_GRACE_S, RssSampler, ServerProcess, spawn_client
 from benchmarks.scenarios import LoadResult, LoadSpec, Scenario
 from benchmarks.stats import percentile
@@ -39,6 +40,18 @@ class Target:
     password: str
     stateful: bool
     """False for the floor: it needs no queue and no backlog."""
+    more_nodes: tuple[ServerProcess, ...] = ()
+    """Further servers on the same PostgreSQL schema: the load processes are spread over
+    ``server`` and these in turn, and the CPU figure is that of all of them."""
+    db: DbProbe | None = None
+    """The PostgreSQL store's database side, read around the window like the CPU."""
+
+    @property
+    def nodes(self) -> tuple[ServerProcess, ...]:
+        return (self.server, *self.more_nodes)
+
+    def cpu_seconds(self) -> float:
+        return sum(s.cpu_seconds() for s in self.nodes)
 
 
 @dataclass(frozen=True)
@@ -50,6 +63,9 @@ class RunOptions:
     client_procs: int
     """Client processes used when concurrency > 1; the tasks are split among them."""
     log_dir: Path
+    analyze_after_fill: bool = False
+    """PostgreSQL store: ANALYZE its messages table once the backlog is in (fresh
+    statistics for the claim's plan; autovacuum would take up to a minute)."""
 
 
 @dataclass
@@ -65,6 +81,10 @@ class Measurement:
     p99_ms: float = math.nan
     cpu_us_per_unit: float = math.nan
     rss_mb: float = math.nan
+    db_cpu_us_per_unit: float = math.nan
+    """CPU of the server's PostgreSQL backends per unit (PostgreSQL store only)."""
+    db_xacts_per_unit: float = math.nan
+    """Database transactions (commits + rollbacks) per unit (PostgreSQL store only)."""
     errors: int = 0
     note: str = ""
 
@@ -125,6 +145,8 @@ async def _prepare_queue(
         if scenario.needs_backlog:
             # Extra room so that windows held by the last tasks never starve the others.
             await admin.fill(queue, units + tasks * scenario.batch, opts.element_size)
+    if opts.analyze_after_fill and target.db is not None:
+        target.db.analyze()
 
 
 async def _drop_queue(target: Target, queue: str) -> None:
@@ -153,7 +175,7 @@ async def measure(
         await _prepare_queue(target, scenario, queue, units, concurrency, opts, prepare)
         specs = [
             LoadSpec(
-                address=target.server.address,
+                address=target.nodes[i % len(target.nodes)].address,
                 username=target.username,
                 password=target.password,
                 scenario=scenario.name,
@@ -164,13 +186,16 @@ async def measure(
                 element_size=opts.element_size,
                 batch=scenario.batch,
             )
-            for tasks, share in zip(split(concurrency, procs_n), split(units, procs_n), strict=True)
+            for i, (tasks, share) in enumerate(
+                zip(split(concurrency, procs_n), split(units, procs_n), strict=True)
+            )
         ]
         procs = [await _spawn(spec, log_path) for spec in specs]
         await asyncio.gather(*(_read_tagged(p, "READY", READY_TIMEOUT_S) for p in procs))
         sampler = RssSampler(target.server)
         sampler.start()
-        cpu0 = target.server.cpu_seconds()
+        db0 = target.db.sample() if target.db else None
+        cpu0 = target.cpu_seconds()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(b"GO\n")
@@ -178,10 +203,15 @@ async def measure(
         raw = await asyncio.gather(
             *(_read_tagged(p, "RESULT", opts.duration_s + RESULT_GRACE_S) for p in procs)
         )
-        cpu1 = target.server.cpu_seconds()
+        cpu1 = target.cpu_seconds()
+        db1 = target.db.sample() if target.db else None
         peak = await sampler.stop()
         results = [LoadResult(**json.loads(r)) for r in raw]
         _combine(m, results, cpu1 - cpu0, peak)
+        if db0 is not None and db1 is not None and m.units:
+            db_cpu, xacts = DbProbe.delta(db0, db1)
+            m.db_cpu_us_per_unit = db_cpu * 1e6 / m.units
+            m.db_xacts_per_unit = xacts / m.units
     except NotImplementedByServer as e:
         m.status, m.note = "n/a", str(e)
     except Exception as e:  # one broken row must not lose the rest of the run

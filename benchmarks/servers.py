@@ -34,13 +34,24 @@ def start_ours(
     timeout_s: float = 60.0,
     name: str = "ours",
     checkout: Path | None = None,
+    store: str | None = None,
+    schema: str | None = None,
 ) -> ServerProcess:
     """This checkout's server, or another checkout's (scripts/bench-ab). That one runs
     with its checkout as working directory: `python -m` puts the working directory first
-    on sys.path, so run from here it would import this checkout whatever PYTHONPATH says."""
+    on sys.path, so run from here it would import this checkout whatever PYTHONPATH says.
+    With ``store`` (a postgresql:// URL) it runs on the PostgreSQL store in ``schema``,
+    its connections named after the schema (benchmarks/pgstore.py finds them by it)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port_file = work_dir / f"{name}.port"
     env = {"QM_ADMIN_PASSWORD": ADMIN_PASSWORD}
+    where = ["--data-dir", str(data_dir)]
+    if store is not None:
+        if schema is None:
+            raise ValueError("a PostgreSQL store needs the run's schema")
+        env["PGAPPNAME"] = schema
+        # The data dir too: each server locks its own (the store is the shared part).
+        where += ["--store", store, "--store-schema", schema]
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout)
     command = qm_server_command() if checkout is None else [sys.executable, "-m", "qm_server"]
@@ -48,8 +59,7 @@ def start_ours(
         *command,
         "--listen",
         "127.0.0.1:0",
-        "--data-dir",
-        str(data_dir),
+        *where,
         "--port-file",
         str(port_file),
     ]

@@ -7,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pg_fixtures
+
 from benchmarks.peers.e2e import DURABILITY, E2ERow
 from benchmarks.report import check_targets
+from qm_server.store import pg_driver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,3 +151,28 @@ def test_bench_ab_runs_e2e_with_server_cpu_per_message() -> None:
     table = {line.split()[0]: line.split() for line in lines[2:]}
     assert set(table) == {"floor", "here"}
     assert float(table["here"][2]) > 0  # server CPU per message, read around the run
+
+
+def test_bench_ab_runs_the_postgresql_store_as_two_nodes_and_drops_its_schema() -> None:
+    pg_fixtures.skip_unless_available()
+    proc = run_script(
+        "bench-ab",
+        *("here=" + str(ROOT), "pg=" + str(ROOT)),
+        *("--store", "pg=" + pg_fixtures.URL, "--nodes", "pg=2"),
+        *("--scenario", "poll_ack", "--rounds", "1", "--duration", "1", "--scale", "0.01"),
+        *("--concurrency", "2", "--client-procs", "2"),
+        timeout_s=180,
+    )
+    lines = proc.stdout.splitlines()
+    table = {line.split()[0]: line.split() for line in lines[2:]}
+    assert set(table) == {"floor", "here", "pg"}
+    assert lines[-1].startswith("pg           database, median per unit: backends' CPU ")
+    pids = [line for line in proc.stderr.splitlines() if line.startswith("pg: pids ")]
+    assert len(pids) == 1
+    words = pids[0].replace(",", "").split()
+    assert len(words) == 6  # "pg: pids A B schema S": two servers on the one schema
+    with pg_driver.psycopg.connect(pg_fixtures.URL) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (words[-1],)
+        ).fetchone()
+    assert left == (0,)
