@@ -58,6 +58,7 @@ from qm_server.store.base import (
     Store,
     UserRecord,
 )
+from qm_server.store.listing import visible_names
 from qm_server.store.pg_driver import psycopg, psycopg_pool
 from qm_server.store.pg_migrate import current_version, migrate
 from qm_server.store.pg_notify import GONE, READY, ClusterSignals
@@ -77,7 +78,6 @@ NODE_TTL_MS = 15_000
 DUE_POLL_S = 1.0
 # Rows one statement of run_due moves at most (it loops until none is left).
 DUE_CHUNK = 1000
-NAMES_CHUNK = 256
 CONNECT_TIMEOUT_S = 10.0
 # Runs of a transaction that the database rolls back for a deadlock.
 TX_ATTEMPTS = 3
@@ -351,23 +351,14 @@ class PgStore(Store):
     async def _visible_names(
         self, statement: str, start_after: str, limit: int, visible: Callable[[str], bool]
     ) -> list[str]:
-        """Names after the cursor, a chunk at a time, filtered on the event loop (where
-        `visible` may read the caller's grants)."""
-        found: list[str] = []
-        cursor_name = start_after
-        while len(found) < limit:
+        """Names after the cursor (listing.visible_names)."""
+
+        async def names_after(cursor_name: str, count: int) -> list[str]:
             async with self._conn() as conn:
-                cursor = await conn.execute(statement, (cursor_name, NAMES_CHUNK))
-                names = [str(row[0]) for row in await cursor.fetchall()]
-            for name in names:
-                if visible(name):
-                    found.append(name)
-                    if len(found) == limit:
-                        break
-            if len(names) < NAMES_CHUNK:
-                break
-            cursor_name = names[-1]
-        return found
+                cursor = await conn.execute(statement, (cursor_name, count))
+                return [str(row[0]) for row in await cursor.fetchall()]
+
+        return await visible_names(names_after, start_after, limit, visible)
 
     async def destroy_queue(self, name: str, force: bool) -> None:
         async def run(conn: Conn) -> None:

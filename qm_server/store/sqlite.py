@@ -102,6 +102,7 @@ from qm_server.store.base import (
     UserRecord,
 )
 from qm_server.store.inflight import InFlight
+from qm_server.store.listing import visible_names
 from qm_server.store.reserve import RESERVE_FILE, DiskReserve
 from qm_server.store.settings_json import settings_to_json
 from qm_server.store.sqlite_due import Moves
@@ -122,8 +123,6 @@ DEFAULT_IDEMPOTENCY_WINDOW_S = 600.0
 # Expired idempotency keys deleted by each idempotent add at most: more than the one it
 # adds, so they cannot pile up, and few, so that no commit deletes many.
 IDEMPOTENCY_PRUNE_BATCH = 8
-# ListMaps reads names this many at a time while it looks for visible ones.
-MAP_NAMES_CHUNK = 256
 
 
 class SqliteStore(Store):
@@ -284,21 +283,11 @@ class SqliteStore(Store):
     async def list_maps(
         self, start_after: str, limit: int, visible: Callable[[str], bool]
     ) -> list[str]:
-        # Names are read a chunk at a time on a reader (committed maps only) and filtered
-        # here, on the event loop, where `visible` may safely read the caller's grants.
-        found: list[str] = []
-        cursor = start_after
-        while len(found) < limit:
-            names = await self._read(_map_names_after(cursor, MAP_NAMES_CHUNK))
-            for name in names:
-                if visible(name):
-                    found.append(name)
-                    if len(found) == limit:
-                        break
-            if len(names) < MAP_NAMES_CHUNK:
-                break
-            cursor = names[-1]
-        return found
+        # Committed maps only: names are read on a reader connection.
+        async def names_after(cursor: str, count: int) -> list[str]:
+            return await self._read(_map_names_after(cursor, count))
+
+        return await visible_names(names_after, start_after, limit, visible)
 
     async def destroy_queue(self, name: str, force: bool) -> None:
         def run() -> None:
