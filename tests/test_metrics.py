@@ -277,3 +277,11 @@ def test_a_taken_metrics_port_exits_2(tmp_path: Path) -> None:
         )
     assert result.returncode == 2, result.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+
+
+def test_the_metrics_endpoint_stops_with_the_server(watched: ServerHandle) -> None:
+    port = metrics_port(watched)
+    assert value(scrape(port), "qm_store_healthy") == 1
+    watched.stop()
+    with pytest.raises(OSError):
+        scrape(port)
