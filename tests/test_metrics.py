@@ -142,6 +142,7 @@ def test_subscribe_streams_counted_at_open_and_end(watched: ServerHandle) -> Non
         assert value(open_, "qm_subscriptions") == 1
         stream.responses.cancel()
         ended = wait_for(port, lambda s: value(s, "qm_subscribe_streams_ended_total") == 1)
+    assert value(ended, "qm_subscribe_streams_ended_total") == 1
     assert value(ended, "qm_subscribe_streams_opened_total") == 1
     assert value(ended, "qm_subscriptions") == 0
 
