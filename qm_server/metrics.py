@@ -2,8 +2,9 @@
 
 Each server has a registry of its own, so that servers in one process (tests, embedding)
 never share or clash. What a call costs is kept small: `CallMetrics.record` is one dict
-lookup, one list increment and one histogram observe, done in the servicer's `_answer`,
-where the method and the domain code are already at hand. Everything else is read when
+lookup and a few plain increments (a bisect finds the latency bucket), done in the
+servicer's `_answer`, where the method and the domain code are already at hand; the
+histogram is built from those numbers at scrape time. Everything else is read when
 Prometheus scrapes, not per call: the engine's counts (sessions, streams, parked polls,
 login failures), the store's published queue counts and its health, through collectors.
 The SQLite store reports each group commit (its size and duration, fsync included) from
@@ -15,11 +16,18 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from itertools import accumulate
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from qm.v1 import queue_manager_pb2 as pb
@@ -63,27 +71,23 @@ class MetricsAddressError(ValueError):
 
 
 class _Method:
-    """One RPC's counts by code (a list indexed by code) and its latency histogram."""
+    """One RPC's calls by code (a list indexed by code) and latency histogram (counts per
+    bucket, and their sum). Plain numbers changed on the event loop only, without the
+    locks of prometheus-client's own metrics: read whole at scrape time."""
 
-    __slots__ = ("codes", "name", "observe")
+    __slots__ = ("buckets", "codes", "name", "seconds")
 
-    def __init__(self, name: str, observe: Callable[[float], None]) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
         self.codes = [0] * _CODE_SLOTS
-        self.observe = observe
+        self.buckets = [0] * (len(CALL_BUCKETS) + 1)  # the last: past every bound (+Inf)
+        self.seconds = 0.0
 
 
 class CallMetrics:
     """Calls by method and code, and their latency by method."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._latency = Histogram(
-            "qm_call_duration_seconds",
-            "Time to answer a unary call, by method (long polls include their wait)",
-            ["method"],
-            buckets=CALL_BUCKETS,
-            registry=registry,
-        )
         self._methods: dict[type, _Method] = {}
         self.subscribe_opened = Counter(
             "qm_subscribe_streams_opened", "Subscribe streams opened", registry=registry
@@ -97,23 +101,35 @@ class CallMetrics:
         method = self._methods.get(response_type) or self._add(response_type)
         if 0 <= code < _CODE_SLOTS:
             method.codes[code] += 1
-        method.observe(seconds)
+        # The first bound at or above: Prometheus buckets count values <= their bound.
+        method.buckets[bisect_left(CALL_BUCKETS, seconds)] += 1
+        method.seconds += seconds
 
     def _add(self, response_type: type) -> _Method:
-        name = response_type.__name__.removesuffix("Response")
-        method = _Method(name, self._latency.labels(name).observe)
+        method = _Method(response_type.__name__.removesuffix("Response"))
         self._methods[response_type] = method
         return method
 
-    def family(self) -> Metric:
+    def families(self) -> Iterable[Metric]:
         calls = CounterMetricFamily(
             "qm_calls", "Unary calls answered, by method and code", labels=["method", "code"]
+        )
+        latency = HistogramMetricFamily(
+            "qm_call_duration_seconds",
+            "Time to answer a unary call, by method (long polls include their wait)",
+            labels=["method"],
         )
         for method in list(self._methods.values()):
             for code, count in enumerate(list(method.codes)):
                 if count:
                     calls.add_metric([method.name, _CODE_NAMES.get(code, str(code))], count)
-        return calls
+            cumulative = list(accumulate(list(method.buckets)))
+            bounds = [*(repr(float(b)) for b in CALL_BUCKETS), "+Inf"]
+            latency.add_metric(
+                [method.name], list(zip(bounds, cumulative, strict=True)), method.seconds
+            )
+        yield calls
+        yield latency
 
 
 class _StateCollector(Collector):
@@ -134,7 +150,7 @@ class _StateCollector(Collector):
         self._max_queues = max_queues
 
     def collect(self) -> Iterable[Metric]:
-        yield self._calls.family()
+        yield from self._calls.families()
         stats = self._engine.stats()
         yield _gauge("qm_sessions", "Live sessions", stats.sessions)
         yield _gauge("qm_subscriptions", "Open Subscribe streams", stats.subscriptions)

@@ -86,6 +86,9 @@ def test_calls_queues_sessions_and_logins_move_with_load(watched: ServerHandle) 
         assert missing.code == pb.CODE_QUEUE_NOT_FOUND
         polled = stub.Poll(pb.PollRequest(token=token, queue_name="jobs"))
         assert polled.code == pb.CODE_OK
+        stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="idle"))
+        waited = stub.Poll(pb.PollRequest(token=token, queue_name="idle", wait_ms=600))
+        assert waited.code == pb.CODE_QUEUE_EMPTY, waited.message
 
         after = scrape(port)
     assert value(after, "qm_calls_total", method="Add", code="OK") == 4
@@ -93,13 +96,18 @@ def test_calls_queues_sessions_and_logins_move_with_load(watched: ServerHandle) 
     assert value(after, "qm_calls_total", method="Auth", code="OK") == 1
     assert value(after, "qm_calls_total", method="Auth", code="UNAUTHENTICATED") == 1
     assert value(after, "qm_calls_total", method="Poll", code="OK") == 1
+    assert value(after, "qm_calls_total", method="Poll", code="QUEUE_EMPTY") == 1
     assert value(after, "qm_call_duration_seconds_count", method="Add") == 4
     assert value(after, "qm_call_duration_seconds_bucket", method="Add", le="+Inf") == 4
     assert value(after, "qm_call_duration_seconds_sum", method="Add") > 0
+    # The long poll waited 0.6 s: in the bucket up to 1 s, not in the one up to 0.5 s.
+    assert value(after, "qm_call_duration_seconds_bucket", method="Poll", le="0.5") == 1
+    assert value(after, "qm_call_duration_seconds_bucket", method="Poll", le="1.0") == 2
+    assert value(after, "qm_call_duration_seconds_sum", method="Poll") >= 0.6
     assert value(after, "qm_queue_messages", queue="jobs", state="ready") == 2
     assert value(after, "qm_queue_messages", queue="jobs", state="in_flight") == 1
     assert value(after, "qm_queue_messages", queue="jobs", state="delayed") == 1
-    assert value(after, "qm_queues") == 1
+    assert value(after, "qm_queues") == 2
     assert value(after, "qm_queues_not_exported") == 0
     assert value(after, "qm_sessions") == 1
     assert value(after, "qm_login_failures_total") == 1
