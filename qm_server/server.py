@@ -24,7 +24,7 @@ from qm_server.datadir import (
 )
 from qm_server.engine import Engine
 from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
-from qm_server.metrics import MetricsAddressError, ServerMetrics
+from qm_server.metrics import MetricsAddressError, ServerMetrics, parse_address
 from qm_server.server_key import load_server_key
 from qm_server.servicer import QueueManagerServicer
 from qm_server.store.backends import open_store
@@ -142,6 +142,11 @@ class QueueManagerServer:
 
     async def start(self) -> int:
         """Lock the data directory, open the store, bind, and serve; returns the port."""
+        if self.config.metrics_listen:  # a malformed address: refused before any file
+            try:
+                parse_address(self.config.metrics_listen)
+            except MetricsAddressError as exc:
+                raise BindError(str(exc)) from None
         ensure_dir(self.config.data_dir)
         self._data_dir_lock = lock_data_dir(self.config.data_dir)
         try:

@@ -267,6 +267,7 @@ def test_a_malformed_metrics_address_exits_2(tmp_path: Path, address: str) -> No
     )
     assert result.returncode == 2, result.stderr
     assert "--metrics-listen" in result.stderr
+    assert not (tmp_path / "d").exists()  # refused before the data directory is made
 
 
 def test_a_taken_metrics_port_exits_2(tmp_path: Path) -> None:
