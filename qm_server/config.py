@@ -211,6 +211,12 @@ class ServerConfig:
     listen: str = setting(
         "127.0.0.1:50051", "address to serve on (port 0: any free)", metavar="HOST:PORT"
     )
+    # Empty: no metrics endpoint at all (metrics.py).
+    metrics_listen: str = setting(
+        "",
+        "serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+        metavar="HOST:PORT",
+    )
     session_ttl_s: float = setting(
         30.0,
         "idle time after which a session expires and its messages are released",

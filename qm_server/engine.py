@@ -67,6 +67,17 @@ NAME_FIELD = {"queue": "queue_name", "map": "map"}
 
 
 @dataclass(frozen=True)
+class EngineStats:
+    """What the engine holds and has refused, read for metrics at scrape time."""
+
+    sessions: int
+    subscriptions: int
+    waiting_polls: int
+    login_failures: int
+    login_refusals: int
+
+
+@dataclass(frozen=True)
 class Challenge:
     public_key_pem: str
     fingerprint: str
@@ -277,6 +288,17 @@ class Engine:
 
     def session_count(self) -> int:
         return self._sessions.count()
+
+    def stats(self) -> EngineStats:
+        """Plain counts, each read in one step: safe from a metrics thread."""
+        guard = self._login_guard
+        return EngineStats(
+            sessions=self._sessions.count(),
+            subscriptions=self._subscription_usage.total,
+            waiting_polls=self._poll_usage.total,
+            login_failures=guard.failures,
+            login_refusals=guard.refusals,
+        )
 
     async def _end_session(self, session: Session, why: str) -> None:
         if session.ended:

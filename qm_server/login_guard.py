@@ -71,6 +71,10 @@ class LoginGuard:
             settings.user_failures_ceiling, backoff, clock, forget_after_s=forget
         )
         self._lines: dict[str, _Line] = {}
+        # Since the start, for metrics: failed logins, and logins refused unjudged
+        # (throttled, or too many in progress from one host).
+        self.failures = 0
+        self.refusals = 0
 
     @contextlib.asynccontextmanager
     async def admit(self, username: str, host: str) -> AsyncIterator[None]:
@@ -87,6 +91,7 @@ class LoginGuard:
                     host,
                     line.calls,
                 )
+            self.refusals += 1
             raise errors.ResourceExhausted(
                 "too many logins in progress from this address; retry shortly"
             )
@@ -114,9 +119,11 @@ class LoginGuard:
                         throttle.failures(key),
                         "this user from this host" if throttle is self._pairs else "this host",
                     )
+                self.refusals += 1
                 raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
 
     def failed(self, username: str, host: str, reason: str) -> None:
+        self.failures += 1
         user = _shown(username)
         log.warning("login failed for user %r from %s: %s", user, host, reason)
         user_failures = self._users.failures(user) + 1

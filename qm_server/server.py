@@ -24,6 +24,7 @@ from qm_server.datadir import (
 )
 from qm_server.engine import Engine
 from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
+from qm_server.metrics import MetricsAddressError, ServerMetrics, parse_address
 from qm_server.server_key import load_server_key
 from qm_server.servicer import QueueManagerServicer
 from qm_server.store.backends import open_store
@@ -136,10 +137,16 @@ class QueueManagerServer:
         self._stopped = asyncio.Event()
         self._health_update: asyncio.Task[None] | None = None
         self._data_dir_lock: int | None = None  # the descriptor holding qm.lock
+        self.metrics: ServerMetrics | None = None  # with --metrics-listen only
         self.failed_to_stop = False
 
     async def start(self) -> int:
         """Lock the data directory, open the store, bind, and serve; returns the port."""
+        if self.config.metrics_listen:  # a malformed address: refused before any file
+            try:
+                parse_address(self.config.metrics_listen)
+            except MetricsAddressError as exc:
+                raise BindError(str(exc)) from None
         ensure_dir(self.config.data_dir)
         self._data_dir_lock = lock_data_dir(self.config.data_dir)
         try:
@@ -188,16 +195,28 @@ class QueueManagerServer:
             options=grpc_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        handlers.register(QueueManagerServicer(self.engine), server)
+        if config.metrics_listen:
+            self.metrics = ServerMetrics(self.engine, self.store, lambda: self._store_healthy)
+        calls = self.metrics.calls if self.metrics is not None else None
+        handlers.register(QueueManagerServicer(self.engine, calls), server)
         self._health.add_to(server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         port = bind(server, config)
+        if self.metrics is not None:
+            try:
+                self.metrics.serve(config.metrics_listen)
+            except MetricsAddressError as exc:
+                raise BindError(str(exc)) from None
         self.port = port
         self._server = server
-        await self.engine.start()
-        await server.start()
+        try:
+            await self.engine.start()
+            await server.start()
+        except BaseException:
+            await self._stop_metrics()
+            raise
         await self._set_serving(self._store_healthy)
         log.info(
             "serving %s on %s (port %d), data directory %s, key fingerprint %s",
@@ -231,8 +250,14 @@ class QueueManagerServer:
             self.failed_to_stop = True
             raise
         finally:
+            await self._stop_metrics()
             self._unlock_data_dir()
             self._stopped.set()
+
+    async def _stop_metrics(self) -> None:
+        # Its HTTP server notices a shutdown within half a second: not on the loop.
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
 
     async def wait_stopped(self) -> None:
         """Until stop() has finished: drained, store closed."""

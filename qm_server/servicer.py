@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 from urllib.parse import unquote
 
 import grpc
@@ -22,6 +23,7 @@ from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_server import errors, handlers
 from qm_server.engine import Engine
+from qm_server.metrics import CallMetrics
 from qm_server.subscribe_stream import SubscribeStream
 from qm_server.wire import add_element_info, add_results, settings_change, settings_message
 
@@ -42,6 +44,28 @@ async def _answer(response_type: type[R], call: Callable[[], Awaitable[R]]) -> R
         return response_type(code=pb.CODE_INTERNAL, message=f"internal error (incident {incident})")
 
 
+class _Answerer(Protocol):
+    def __call__(
+        self, response_type: type[R], call: Callable[[], Awaitable[R]]
+    ) -> Awaitable[R]: ...
+
+
+def _measured(calls: CallMetrics) -> _Answerer:
+    """`_answer`, counted by method and code and timed: here rather than in a gRPC
+    interceptor, which would wrap every call in a handler and a coroutine of its own and
+    would have to read the code back out of the response; here both are at hand."""
+    record = calls.record
+    clock = time.perf_counter
+
+    async def answer(response_type: type[R], call: Callable[[], Awaitable[R]]) -> R:
+        started = clock()
+        response = await _answer(response_type, call)
+        record(response_type, response.code, clock() - started)  # type: ignore[attr-defined]
+        return response
+
+    return answer
+
+
 def _lease_of(request: pb.PollRequest | pb.PullElementsRequest) -> int | None:
     """The call's own ack deadline, or None for the queue's."""
     return request.ack_deadline_ms if request.HasField("ack_deadline_ms") else None
@@ -56,8 +80,11 @@ def peer_host(context: Context) -> str:
 
 
 class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, calls: CallMetrics | None = None) -> None:
         self._engine = engine
+        self._calls = calls
+        # Without metrics, the bare `_answer`: nothing is added to a call.
+        self._answer: _Answerer = _answer if calls is None else _measured(calls)
 
     async def GetChallenge(
         self, request: pb.GetChallengeRequest, context: Context
@@ -72,7 +99,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 challenge_ttl_ms=c.ttl_ms,
             )
 
-        return await _answer(pb.GetChallengeResponse, call)
+        return await self._answer(pb.GetChallengeResponse, call)
 
     async def Auth(self, request: pb.AuthRequest, context: Context) -> pb.AuthResponse:
         async def call() -> pb.AuthResponse:
@@ -81,7 +108,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             )
             return pb.AuthResponse(token=token, session_ttl_ms=ttl_ms)
 
-        return await _answer(pb.AuthResponse, call)
+        return await self._answer(pb.AuthResponse, call)
 
     async def HeartBeat(
         self, request: pb.HeartBeatRequest, context: Context
@@ -90,14 +117,14 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             await self._engine.heartbeat(request.token)
             return pb.HeartBeatResponse()
 
-        return await _answer(pb.HeartBeatResponse, call)
+        return await self._answer(pb.HeartBeatResponse, call)
 
     async def Logout(self, request: pb.LogoutRequest, context: Context) -> pb.LogoutResponse:
         async def call() -> pb.LogoutResponse:
             await self._engine.logout(request.token)
             return pb.LogoutResponse()
 
-        return await _answer(pb.LogoutResponse, call)
+        return await self._answer(pb.LogoutResponse, call)
 
     async def NewQueue(self, request: pb.NewQueueRequest, context: Context) -> pb.NewQueueResponse:
         async def call() -> pb.NewQueueResponse:
@@ -105,7 +132,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             await self._engine.new_queue(request.token, request.queue_name, change)
             return pb.NewQueueResponse()
 
-        return await _answer(pb.NewQueueResponse, call)
+        return await self._answer(pb.NewQueueResponse, call)
 
     async def Add(self, request: pb.AddRequest, context: Context) -> pb.AddResponse:
         async def call() -> pb.AddResponse:
@@ -118,7 +145,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             )
             return pb.AddResponse(message_id=added.ids[0], replayed=added.replayed)
 
-        return await _answer(pb.AddResponse, call)
+        return await self._answer(pb.AddResponse, call)
 
     async def AddAll(self, request: pb.AddAllRequest, context: Context) -> pb.AddAllResponse:
         async def call() -> pb.AddAllResponse:
@@ -134,7 +161,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             )
             return pb.AddAllResponse(message_ids=added.ids, replayed=added.replayed)
 
-        return await _answer(pb.AddAllResponse, call)
+        return await self._answer(pb.AddAllResponse, call)
 
     async def Poll(self, request: pb.PollRequest, context: Context) -> pb.PollResponse:
         async def call() -> pb.PollResponse:
@@ -149,7 +176,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 lease_expires_at_ms=d.lease_expires_at_ms,
             )
 
-        return await _answer(pb.PollResponse, call)
+        return await self._answer(pb.PollResponse, call)
 
     async def PullElements(
         self, request: pb.PullElementsRequest, context: Context
@@ -166,7 +193,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             add_element_info(response.element_info, deliveries)
             return response
 
-        return await _answer(pb.PullElementsResponse, call)
+        return await self._answer(pb.PullElementsResponse, call)
 
     async def Ack(self, request: pb.AckRequest, context: Context) -> pb.AckResponse:
         async def call() -> pb.AckResponse:
@@ -181,7 +208,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 )
             return pb.AckResponse()
 
-        return await _answer(pb.AckResponse, call)
+        return await self._answer(pb.AckResponse, call)
 
     async def BatchAck(self, request: pb.BatchAckRequest, context: Context) -> pb.BatchAckResponse:
         async def call() -> pb.BatchAckResponse:
@@ -191,21 +218,21 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             add_results(response.results, zip(message_ids, codes, strict=True))
             return response
 
-        return await _answer(pb.BatchAckResponse, call)
+        return await self._answer(pb.BatchAckResponse, call)
 
     async def Size(self, request: pb.SizeRequest, context: Context) -> pb.SizeResponse:
         async def call() -> pb.SizeResponse:
             ready, _ = await self._engine.counts(request.token, request.queue_name)
             return pb.SizeResponse(size=ready)
 
-        return await _answer(pb.SizeResponse, call)
+        return await self._answer(pb.SizeResponse, call)
 
     async def IsEmpty(self, request: pb.IsEmptyRequest, context: Context) -> pb.IsEmptyResponse:
         async def call() -> pb.IsEmptyResponse:
             ready, _ = await self._engine.counts(request.token, request.queue_name)
             return pb.IsEmptyResponse(empty=ready == 0)
 
-        return await _answer(pb.IsEmptyResponse, call)
+        return await self._answer(pb.IsEmptyResponse, call)
 
     async def DestroyQueue(
         self, request: pb.DestroyQueueRequest, context: Context
@@ -214,7 +241,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             await self._engine.destroy_queue(request.token, request.queue_name, request.force)
             return pb.DestroyQueueResponse()
 
-        return await _answer(pb.DestroyQueueResponse, call)
+        return await self._answer(pb.DestroyQueueResponse, call)
 
     async def GetUncheckNum(
         self, request: pb.GetUncheckNumRequest, context: Context
@@ -223,14 +250,14 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             _, in_flight = await self._engine.counts(request.token, request.queue_name)
             return pb.GetUncheckNumResponse(ack_num=in_flight)
 
-        return await _answer(pb.GetUncheckNumResponse, call)
+        return await self._answer(pb.GetUncheckNumResponse, call)
 
     async def MapPut(self, request: pb.MapPutRequest, context: Context) -> pb.MapPutResponse:
         async def call() -> pb.MapPutResponse:
             await self._engine.map_put(request.token, request.map, [(request.key, request.value)])
             return pb.MapPutResponse()
 
-        return await _answer(pb.MapPutResponse, call)
+        return await self._answer(pb.MapPutResponse, call)
 
     async def MapRemove(
         self, request: pb.MapRemoveRequest, context: Context
@@ -239,14 +266,14 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             await self._engine.map_remove(request.token, request.map, request.key)
             return pb.MapRemoveResponse()
 
-        return await _answer(pb.MapRemoveResponse, call)
+        return await self._answer(pb.MapRemoveResponse, call)
 
     async def MapGet(self, request: pb.MapGetRequest, context: Context) -> pb.MapGetResponse:
         async def call() -> pb.MapGetResponse:
             value = await self._engine.map_get(request.token, request.map, request.key)
             return pb.MapGetResponse(value=value)
 
-        return await _answer(pb.MapGetResponse, call)
+        return await self._answer(pb.MapGetResponse, call)
 
     async def MapGetAll(
         self, request: pb.MapGetAllRequest, context: Context
@@ -255,7 +282,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             entries = await self._engine.map_get_all(request.token, request.map)
             return pb.MapGetAllResponse(map=entries)
 
-        return await _answer(pb.MapGetAllResponse, call)
+        return await self._answer(pb.MapGetAllResponse, call)
 
     async def MapDestroy(
         self, request: pb.MapDestroyRequest, context: Context
@@ -264,7 +291,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             await self._engine.map_destroy(request.token, request.map)
             return pb.MapDestroyResponse()
 
-        return await _answer(pb.MapDestroyResponse, call)
+        return await self._answer(pb.MapDestroyResponse, call)
 
     async def MapGetList(
         self, request: pb.MapGetListRequest, context: Context
@@ -281,7 +308,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 next_key=next_key,
             )
 
-        return await _answer(pb.MapGetListResponse, call)
+        return await self._answer(pb.MapGetListResponse, call)
 
     async def MapBatchPut(
         self, request: pb.MapBatchPutRequest, context: Context
@@ -295,7 +322,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             await self._engine.map_put(request.token, request.map, pairs)
             return pb.MapBatchPutResponse()
 
-        return await _answer(pb.MapBatchPutResponse, call)
+        return await self._answer(pb.MapBatchPutResponse, call)
 
     # Lifecycle RPCs: the rules are the engine's (queue_admin.py for the admin ones).
 
@@ -310,7 +337,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             settings_message(settings, response.settings)
             return response
 
-        return await _answer(pb.UpdateQueueResponse, call)
+        return await self._answer(pb.UpdateQueueResponse, call)
 
     async def GetQueueInfo(
         self, request: pb.GetQueueInfoRequest, context: Context
@@ -331,7 +358,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             settings_message(info.settings, response.settings)
             return response
 
-        return await _answer(pb.GetQueueInfoResponse, call)
+        return await self._answer(pb.GetQueueInfoResponse, call)
 
     async def ExtendLease(
         self, request: pb.ExtendLeaseRequest, context: Context
@@ -350,14 +377,14 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 )
             return response
 
-        return await _answer(pb.ExtendLeaseResponse, call)
+        return await self._answer(pb.ExtendLeaseResponse, call)
 
     async def Purge(self, request: pb.PurgeRequest, context: Context) -> pb.PurgeResponse:
         async def call() -> pb.PurgeResponse:
             purged = await self._engine.admin.purge(request.token, request.queue_name)
             return pb.PurgeResponse(purged=purged)
 
-        return await _answer(pb.PurgeResponse, call)
+        return await self._answer(pb.PurgeResponse, call)
 
     async def Redrive(self, request: pb.RedriveRequest, context: Context) -> pb.RedriveResponse:
         async def call() -> pb.RedriveResponse:
@@ -368,7 +395,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             add_results(response.results, results)
             return response
 
-        return await _answer(pb.RedriveResponse, call)
+        return await self._answer(pb.RedriveResponse, call)
 
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Context
@@ -391,7 +418,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 )
             return response
 
-        return await _answer(pb.ListDeadLettersResponse, call)
+        return await self._answer(pb.ListDeadLettersResponse, call)
 
     async def ListQueues(
         self, request: pb.ListQueuesRequest, context: Context
@@ -411,7 +438,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                 )
             return response
 
-        return await _answer(pb.ListQueuesResponse, call)
+        return await self._answer(pb.ListQueuesResponse, call)
 
     async def ListMaps(self, request: pb.ListMapsRequest, context: Context) -> pb.ListMapsResponse:
         async def call() -> pb.ListMapsResponse:
@@ -420,7 +447,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             )
             return pb.ListMapsResponse(names=names, next_start_after=next_start_after)
 
-        return await _answer(pb.ListMapsResponse, call)
+        return await self._answer(pb.ListMapsResponse, call)
 
     async def Subscribe(
         self, request_iterator: AsyncIterator[pb.SubscribeRequest], context: Context
@@ -430,6 +457,10 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         stream = SubscribeStream(self._engine, handlers.checked(request_iterator, context))
         # The stubs type the callback as a class of their own; any callable is accepted.
         context.add_done_callback(cast(Any, lambda _: stream.call_ended()))
+        calls = self._calls
+        if calls is not None:  # counted at open and at end, however it ends
+            calls.subscribe_opened.inc()
+            context.add_done_callback(cast(Any, lambda _: calls.subscribe_ended.inc()))
         # Closing this generator closes the stream's at once, which stops the stream.
         async with contextlib.aclosing(stream.responses()) as responses:
             async for response in responses:

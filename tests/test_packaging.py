@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import qm_client
 import qm_server
@@ -140,12 +141,13 @@ def third_party_imports(package: str) -> set[str]:
 
 def distributions_of(modules: set[str]) -> set[str]:
     owners = metadata.packages_distributions()
-    return {dist.lower() for module in modules for dist in owners[module]}
+    # Named as installed (prometheus_client), compared as required (prometheus-client).
+    return {canonicalize_name(dist) for module in modules for dist in owners[module]}
 
 
 def declared(requirements: list[str], extra: str | None) -> set[str]:
     """The distributions required by the base install (extra None) or by one extra alone."""
-    names = set()
+    names: set[str] = set()
     for line in requirements:
         req = Requirement(line)
         if extra is None:
@@ -153,7 +155,7 @@ def declared(requirements: list[str], extra: str | None) -> set[str]:
         else:
             wanted = req.marker is not None and req.marker.evaluate({"extra": extra})
         if wanted:
-            names.add(req.name.lower())
+            names.add(canonicalize_name(req.name))
     return names
 
 
@@ -174,7 +176,7 @@ def test_a_client_install_pulls_none_of_the_servers_dependencies(
     assert client_needs <= base, client_needs - base
     assert server_needs <= base | server, server_needs - base - server
     server_only = server_needs - client_needs
-    assert server_only == {"grpcio-reflection"}
+    assert server_only == {"grpcio-reflection", "prometheus-client"}
     assert postgresql == {"psycopg", "psycopg-pool"}
     assert base.isdisjoint(server_only)
     assert base == client_needs, base - client_needs  # nothing the client does not import
@@ -234,7 +236,10 @@ def test_scripts_serve_installs_the_server_extra_alone() -> None:
     serve = (ROOT / "scripts" / "serve").read_text()
     assert "QM_EXTRAS=${QM_EXTRAS:-server} " in serve
     extras = PROJECT["optional-dependencies"]
-    assert [Requirement(r).name for r in extras["server"]] == ["grpcio-reflection"]
+    assert [Requirement(r).name for r in extras["server"]] == [
+        "grpcio-reflection",
+        "prometheus-client",
+    ]
     for tools in ("dev", "bench"):  # a test or bench venv can serve too
         assert "queue-manager[server]" in extras[tools]
 

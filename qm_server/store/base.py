@@ -374,6 +374,17 @@ class Store(UserDirectory):
         already, and the waiter must claim again to learn that it is gone.
         """
 
+    def published_counts(self) -> dict[str, QueueCounts] | None:
+        """Every queue's counts as last committed, for metrics: a copy, cheap, and safe to
+        take from any thread; None from a store that cannot tell without a query."""
+        return None
+
+    def set_commit_observer(self, observer: Callable[[int, float], None]) -> None:
+        """`observer(operations, seconds)` after each commit of a store that groups
+        operations into commits (the commit's size and duration, fsync included), on the
+        thread that committed; a store without group commit ignores it."""
+        del observer
+
     @abc.abstractmethod
     def set_ready_listener(self, listener: Callable[[str], None]) -> None:
         """`listener(queue_name)` after messages become ready in that queue (add, nack,

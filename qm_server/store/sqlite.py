@@ -600,6 +600,13 @@ class SqliteStore(Store):
             raise errors.QueueNotFound(f"queue {name!r} does not exist")
         return counts
 
+    def published_counts(self) -> dict[str, QueueCounts] | None:
+        # dict() copies in one step under the GIL, whatever the event loop does meanwhile.
+        return dict(self._published)
+
+    def set_commit_observer(self, observer: Callable[[int, float], None]) -> None:
+        self._writer.commit_observer = observer
+
     def ready_hint(self, name: str) -> int:
         counts = self._published.get(name)
         # An unknown queue (destroyed, say, while a waiter claimed): 1, so that a waiter

@@ -140,6 +140,8 @@ class Writer:
         self.commits = 0
         self.health_listener: HealthListener = lambda healthy: None
         self.ready_listener: Callable[[str], None] = lambda name: None
+        # (operations, seconds) after each commit, on this thread (metrics).
+        self.commit_observer: Callable[[int, float], None] | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -284,10 +286,13 @@ class Writer:
                     return
                 outcomes.append((op.future, ok, value))
             hooks.before_commit()
+            started = time.perf_counter()
             if self.db.in_transaction:
-                self.db.execute(sql.COMMIT)
+                self.db.execute(sql.COMMIT)  # the fsync, in durability full
             self._in_flight.commit()
             self.commits += 1
+            if self.commit_observer is not None:
+                self.commit_observer(len(batch), time.perf_counter() - started)
         except Exception as exc:  # the whole transaction is lost: nothing answered OK
             self._fail(exc)
             self._refuse(batch, errors.Unavailable(f"the store could not commit: {exc}"))
