@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import cast
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import errors
 from qm_server.engine import Engine
 from qm_server.subscription import Subscription
-from qm_server.wire import add_element_info, code_of
+from qm_server.wire import add_element_info, add_results, code_of
 
 
 class SubscribeStream:
@@ -83,15 +82,12 @@ class SubscribeStream:
                 raise errors.InvalidArgument("only ack may follow open")
             ids = list(request.ack.message_ids)
             codes, refill = await subscription.ack(ids, request.ack.ack_type)
-            missing: list[pb.AckResult] = []
-            if any(codes):  # rare: a consumer acks what its stream no longer holds
-                missing = [
-                    pb.AckResult(message_id=i, code=cast(pb.Code, int(code)))
-                    for i, code in zip(ids, codes, strict=True)
-                    if code
-                ]
-            if missing or refill:
-                response = pb.SubscribeResponse(ack_results=missing)
+            failed = any(codes)  # rare: a consumer acks what its stream no longer holds
+            if failed or refill:
+                response = pb.SubscribeResponse()
+                if failed:  # only the acks that were not OK are echoed
+                    outcomes = zip(ids, codes, strict=True)
+                    add_results(response.ack_results, (o for o in outcomes if o[1]))
                 add_element_info(response.element_info, refill)
                 await self._outbox.put(response)
         await self._outbox.put(None)  # the client closed its side: end the stream

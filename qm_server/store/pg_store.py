@@ -572,7 +572,7 @@ class PgStore(Store):
     async def _codes(
         self, conn: Conn, session_id: int, message_ids: Sequence[int], done: set[int]
     ) -> list[Code]:
-        """OK for the ids done; for the others, LEASE_EXPIRED when this session held them
+        """OK for the ids done; for the others, LEASE_EXPIRED when the calling session held them
         until their lease ran out, else MESSAGE_NOT_FOUND."""
         missing = [m for m in message_ids if m not in done]
         expired: set[int] = set()
