@@ -32,6 +32,7 @@ __all__ = [
     "QueueNotEmpty",
     "QueueNotFound",
     "ResourceExhausted",
+    "SessionNotFound",
     "TransportError",
     "Unauthenticated",
     "Unavailable",
@@ -181,6 +182,12 @@ class LeaseLost(LeaseExpired):
         self.cause = cause
 
 
+class SessionNotFound(QMError):
+    """EndSession of a session id that is not live (it ended, or never was)."""
+
+    code_name = "SESSION_NOT_FOUND"
+
+
 class ResourceExhausted(QMError):
     """A configured limit was hit (size, batch, count, login attempts)."""
 
@@ -251,6 +258,7 @@ _BY_NAME: dict[str, type[QMError]] = {
         MapNotFound,
         KeyNotFound,
         LeaseExpired,
+        SessionNotFound,
         ResourceExhausted,
         Unavailable,
         InternalError,

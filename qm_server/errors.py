@@ -29,6 +29,7 @@ class Code(IntEnum):
     UNAVAILABLE = 12
     INTERNAL = 13
     LEASE_EXPIRED = 14
+    SESSION_NOT_FOUND = 15
 
 
 class QmError(Exception):
@@ -77,6 +78,10 @@ class LeaseExpired(QmError):
 
 class MapNotFound(QmError):
     code = Code.MAP_NOT_FOUND
+
+
+class SessionNotFound(QmError):
+    code = Code.SESSION_NOT_FOUND
 
 
 class KeyNotFound(QmError):

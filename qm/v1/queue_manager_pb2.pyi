@@ -24,6 +24,7 @@ class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODE_UNAVAILABLE: _ClassVar[Code]
     CODE_INTERNAL: _ClassVar[Code]
     CODE_LEASE_EXPIRED: _ClassVar[Code]
+    CODE_SESSION_NOT_FOUND: _ClassVar[Code]
 
 class AckType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +45,7 @@ CODE_RESOURCE_EXHAUSTED: Code
 CODE_UNAVAILABLE: Code
 CODE_INTERNAL: Code
 CODE_LEASE_EXPIRED: Code
+CODE_SESSION_NOT_FOUND: Code
 ACK_TYPE_DONE: AckType
 ACK_TYPE_ERROR: AckType
 
@@ -202,12 +204,44 @@ class HeartBeatRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ...) -> None: ...
 
 class HeartBeatResponse(_message.Message):
-    __slots__ = ("code", "message")
+    __slots__ = ("code", "message", "session")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     code: Code
     message: str
-    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
+    session: SessionStatus
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., session: _Optional[_Union[SessionStatus, _Mapping]] = ...) -> None: ...
+
+class SessionStatus(_message.Message):
+    __slots__ = ("session_id", "expires_in_ms", "messages_held", "subscriptions")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_MS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_HELD_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    expires_in_ms: int
+    messages_held: int
+    subscriptions: int
+    def __init__(self, session_id: _Optional[int] = ..., expires_in_ms: _Optional[int] = ..., messages_held: _Optional[int] = ..., subscriptions: _Optional[int] = ...) -> None: ...
+
+class SessionSummary(_message.Message):
+    __slots__ = ("session_id", "username", "peer", "created_at_ms", "last_active_at_ms", "messages_held", "subscriptions")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVE_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_HELD_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTIONS_FIELD_NUMBER: _ClassVar[int]
+    session_id: int
+    username: str
+    peer: str
+    created_at_ms: int
+    last_active_at_ms: int
+    messages_held: int
+    subscriptions: int
+    def __init__(self, session_id: _Optional[int] = ..., username: _Optional[str] = ..., peer: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., last_active_at_ms: _Optional[int] = ..., messages_held: _Optional[int] = ..., subscriptions: _Optional[int] = ...) -> None: ...
 
 class LogoutRequest(_message.Message):
     __slots__ = ("token",)
@@ -789,6 +823,46 @@ class ListMapsResponse(_message.Message):
     names: _containers.RepeatedScalarFieldContainer[str]
     next_start_after: str
     def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., next_start_after: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("token", "start_after", "limit", "username")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    START_AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    start_after: int
+    limit: int
+    username: str
+    def __init__(self, token: _Optional[str] = ..., start_after: _Optional[int] = ..., limit: _Optional[int] = ..., username: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("code", "message", "sessions", "next_start_after")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_START_AFTER_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionSummary]
+    next_start_after: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., sessions: _Optional[_Iterable[_Union[SessionSummary, _Mapping]]] = ..., next_start_after: _Optional[int] = ...) -> None: ...
+
+class EndSessionRequest(_message.Message):
+    __slots__ = ("token", "session_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    session_id: int
+    def __init__(self, token: _Optional[str] = ..., session_id: _Optional[int] = ...) -> None: ...
+
+class EndSessionResponse(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: Code
+    message: str
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SubscribeOpen(_message.Message):
     __slots__ = ("token", "queue_name", "max_unacked", "ack_deadline_ms")

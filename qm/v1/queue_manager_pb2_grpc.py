@@ -189,6 +189,16 @@ class QueueManagerServiceStub:
                 request_serializer=qm_dot_v1_dot_queue__manager__pb2.ListMapsRequest.SerializeToString,
                 response_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListMapsResponse.FromString,
                 _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/qm.v1.QueueManagerService/ListSessions',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.EndSession = channel.unary_unary(
+                '/qm.v1.QueueManagerService/EndSession',
+                request_serializer=qm_dot_v1_dot_queue__manager__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=qm_dot_v1_dot_queue__manager__pb2.EndSessionResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.stream_stream(
                 '/qm.v1.QueueManagerService/Subscribe',
                 request_serializer=qm_dot_v1_dot_queue__manager__pb2.SubscribeRequest.SerializeToString,
@@ -224,8 +234,9 @@ class QueueManagerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def HeartBeat(self, request, context):
-        """qm.heart_beat: keeps an idle session alive. CODE_UNAUTHENTICATED when the session is
-        gone (log in again; its in-flight messages were released). Safe to repeat.
+        """qm.heart_beat: keeps an idle session alive and answers its status (time left,
+        messages held). CODE_UNAUTHENTICATED when the session is gone (log in again; its
+        in-flight messages were released). Safe to repeat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -472,6 +483,24 @@ class QueueManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSessions(self, request, context):
+        """(new) Live sessions, paged by id: user, peer, age, last activity, messages held,
+        subscriptions. Admins only (CODE_PERMISSION_DENIED otherwise). Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndSession(self, request, context):
+        """(new) Ends another session as Logout ends one's own: its streams and waits end with
+        CODE_UNAUTHENTICATED and its in-flight messages go back to ready. Admins only.
+        CODE_SESSION_NOT_FOUND for an id that is not live. Safe to repeat (the repeat answers
+        CODE_SESSION_NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Subscribe(self, request_iterator, context):
         """(new) A streaming consumer. The client sends SubscribeOpen first, then SubscribeAck
         messages; the server pushes ready messages as they arrive while fewer than
@@ -638,6 +667,16 @@ def add_QueueManagerServiceServicer_to_server(servicer, server):
                     servicer.ListMaps,
                     request_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListMapsRequest.FromString,
                     response_serializer=qm_dot_v1_dot_queue__manager__pb2.ListMapsResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.ListSessionsRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'EndSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSession,
+                    request_deserializer=qm_dot_v1_dot_queue__manager__pb2.EndSessionRequest.FromString,
+                    response_serializer=qm_dot_v1_dot_queue__manager__pb2.EndSessionResponse.SerializeToString,
             ),
             'Subscribe': grpc.stream_stream_rpc_method_handler(
                     servicer.Subscribe,
@@ -1460,6 +1499,60 @@ class QueueManagerService:
             '/qm.v1.QueueManagerService/ListMaps',
             qm_dot_v1_dot_queue__manager__pb2.ListMapsRequest.SerializeToString,
             qm_dot_v1_dot_queue__manager__pb2.ListMapsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/ListSessions',
+            qm_dot_v1_dot_queue__manager__pb2.ListSessionsRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qm.v1.QueueManagerService/EndSession',
+            qm_dot_v1_dot_queue__manager__pb2.EndSessionRequest.SerializeToString,
+            qm_dot_v1_dot_queue__manager__pb2.EndSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,8 +76,9 @@ class QueueManagerServiceStub:
     CODE_RESOURCE_EXHAUSTED. Not repeatable: the challenge is burnt.
     """
     HeartBeat: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.HeartBeatRequest, _queue_manager_pb2.HeartBeatResponse]
-    """qm.heart_beat: keeps an idle session alive. CODE_UNAUTHENTICATED when the session is
-    gone (log in again; its in-flight messages were released). Safe to repeat.
+    """qm.heart_beat: keeps an idle session alive and answers its status (time left,
+    messages held). CODE_UNAUTHENTICATED when the session is gone (log in again; its
+    in-flight messages were released). Safe to repeat.
     """
     Logout: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.LogoutRequest, _queue_manager_pb2.LogoutResponse]
     """(new) Ends the session now; its in-flight messages go back to ready.
@@ -205,6 +206,16 @@ class QueueManagerServiceStub:
     """(new) Queues the caller may read, paged by name. Read-only."""
     ListMaps: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.ListMapsRequest, _queue_manager_pb2.ListMapsResponse]
     """(new) Maps the caller may read, paged by name. Read-only."""
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.ListSessionsRequest, _queue_manager_pb2.ListSessionsResponse]
+    """(new) Live sessions, paged by id: user, peer, age, last activity, messages held,
+    subscriptions. Admins only (CODE_PERMISSION_DENIED otherwise). Read-only.
+    """
+    EndSession: _grpc.UnaryUnaryMultiCallable[_queue_manager_pb2.EndSessionRequest, _queue_manager_pb2.EndSessionResponse]
+    """(new) Ends another session as Logout ends one's own: its streams and waits end with
+    CODE_UNAUTHENTICATED and its in-flight messages go back to ready. Admins only.
+    CODE_SESSION_NOT_FOUND for an id that is not live. Safe to repeat (the repeat answers
+    CODE_SESSION_NOT_FOUND).
+    """
     Subscribe: _grpc.StreamStreamMultiCallable[_queue_manager_pb2.SubscribeRequest, _queue_manager_pb2.SubscribeResponse]
     """(new) A streaming consumer. The client sends SubscribeOpen first, then SubscribeAck
     messages; the server pushes ready messages as they arrive while fewer than
@@ -238,8 +249,9 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     CODE_RESOURCE_EXHAUSTED. Not repeatable: the challenge is burnt.
     """
     HeartBeat: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.HeartBeatRequest, _queue_manager_pb2.HeartBeatResponse]  # type: ignore[assignment]
-    """qm.heart_beat: keeps an idle session alive. CODE_UNAUTHENTICATED when the session is
-    gone (log in again; its in-flight messages were released). Safe to repeat.
+    """qm.heart_beat: keeps an idle session alive and answers its status (time left,
+    messages held). CODE_UNAUTHENTICATED when the session is gone (log in again; its
+    in-flight messages were released). Safe to repeat.
     """
     Logout: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.LogoutRequest, _queue_manager_pb2.LogoutResponse]  # type: ignore[assignment]
     """(new) Ends the session now; its in-flight messages go back to ready.
@@ -367,6 +379,16 @@ class QueueManagerServiceAsyncStub(QueueManagerServiceStub):
     """(new) Queues the caller may read, paged by name. Read-only."""
     ListMaps: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.ListMapsRequest, _queue_manager_pb2.ListMapsResponse]  # type: ignore[assignment]
     """(new) Maps the caller may read, paged by name. Read-only."""
+    ListSessions: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.ListSessionsRequest, _queue_manager_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """(new) Live sessions, paged by id: user, peer, age, last activity, messages held,
+    subscriptions. Admins only (CODE_PERMISSION_DENIED otherwise). Read-only.
+    """
+    EndSession: _aio.UnaryUnaryMultiCallable[_queue_manager_pb2.EndSessionRequest, _queue_manager_pb2.EndSessionResponse]  # type: ignore[assignment]
+    """(new) Ends another session as Logout ends one's own: its streams and waits end with
+    CODE_UNAUTHENTICATED and its in-flight messages go back to ready. Admins only.
+    CODE_SESSION_NOT_FOUND for an id that is not live. Safe to repeat (the repeat answers
+    CODE_SESSION_NOT_FOUND).
+    """
     Subscribe: _aio.StreamStreamMultiCallable[_queue_manager_pb2.SubscribeRequest, _queue_manager_pb2.SubscribeResponse]  # type: ignore[assignment]
     """(new) A streaming consumer. The client sends SubscribeOpen first, then SubscribeAck
     messages; the server pushes ready messages as they arrive while fewer than
@@ -415,8 +437,9 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _queue_manager_pb2.HeartBeatRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_queue_manager_pb2.HeartBeatResponse, _abc.Awaitable[_queue_manager_pb2.HeartBeatResponse]]:
-        """qm.heart_beat: keeps an idle session alive. CODE_UNAUTHENTICATED when the session is
-        gone (log in again; its in-flight messages were released). Safe to repeat.
+        """qm.heart_beat: keeps an idle session alive and answers its status (time left,
+        messages held). CODE_UNAUTHENTICATED when the session is gone (log in again; its
+        in-flight messages were released). Safe to repeat.
         """
 
     @_abc_1.abstractmethod
@@ -706,6 +729,28 @@ class QueueManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queue_manager_pb2.ListMapsResponse, _abc.Awaitable[_queue_manager_pb2.ListMapsResponse]]:
         """(new) Maps the caller may read, paged by name. Read-only."""
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _queue_manager_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.ListSessionsResponse, _abc.Awaitable[_queue_manager_pb2.ListSessionsResponse]]:
+        """(new) Live sessions, paged by id: user, peer, age, last activity, messages held,
+        subscriptions. Admins only (CODE_PERMISSION_DENIED otherwise). Read-only.
+        """
+
+    @_abc_1.abstractmethod
+    def EndSession(
+        self,
+        request: _queue_manager_pb2.EndSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_manager_pb2.EndSessionResponse, _abc.Awaitable[_queue_manager_pb2.EndSessionResponse]]:
+        """(new) Ends another session as Logout ends one's own: its streams and waits end with
+        CODE_UNAUTHENTICATED and its in-flight messages go back to ready. Admins only.
+        CODE_SESSION_NOT_FOUND for an id that is not live. Safe to repeat (the repeat answers
+        CODE_SESSION_NOT_FOUND).
+        """
 
     @_abc_1.abstractmethod
     def Subscribe(
