@@ -78,6 +78,16 @@ class FloorServicer(pb_grpc.QueueManagerServiceServicer):
     async def Logout(self, request: pb.LogoutRequest, context: Ctx) -> pb.LogoutResponse:
         return pb.LogoutResponse()
 
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Ctx
+    ) -> pb.ListSessionsResponse:
+        return pb.ListSessionsResponse()
+
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: Ctx
+    ) -> pb.EndSessionResponse:
+        return pb.EndSessionResponse()
+
     async def NewQueue(self, request: pb.NewQueueRequest, context: Ctx) -> pb.NewQueueResponse:
         return pb.NewQueueResponse()
 

@@ -126,6 +126,22 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
 
         return await self._answer(pb.LogoutResponse, call)
 
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: Context
+    ) -> pb.ListSessionsResponse:
+        async def call() -> pb.ListSessionsResponse:
+            raise errors.Internal("ListSessions is not built yet")
+
+        return await self._answer(pb.ListSessionsResponse, call)
+
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: Context
+    ) -> pb.EndSessionResponse:
+        async def call() -> pb.EndSessionResponse:
+            raise errors.Internal("EndSession is not built yet")
+
+        return await self._answer(pb.EndSessionResponse, call)
+
     async def NewQueue(self, request: pb.NewQueueRequest, context: Context) -> pb.NewQueueResponse:
         async def call() -> pb.NewQueueResponse:
             change = settings_change(request.settings) if request.HasField("settings") else None
