@@ -130,7 +130,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
         async def call() -> pb.ListSessionsResponse:
-            raise errors.Internal("ListSessions is not built yet")
+            raise errors.QmError("ListSessions is not built yet")
 
         return await self._answer(pb.ListSessionsResponse, call)
 
@@ -138,7 +138,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.EndSessionRequest, context: Context
     ) -> pb.EndSessionResponse:
         async def call() -> pb.EndSessionResponse:
-            raise errors.Internal("EndSession is not built yet")
+            raise errors.QmError("EndSession is not built yet")
 
         return await self._answer(pb.EndSessionResponse, call)
 
