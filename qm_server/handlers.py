@@ -6,11 +6,15 @@ field) raise inside grpcio, which answers UNKNOWN and logs a traceback for what 
 client's mistake. Here each request parser returns a `Malformed` marker instead, and the
 method is answered with gRPC INVALID_ARGUMENT naming the problem: the service never got to
 judge the request, so per the contract it is a gRPC status, not a response code.
+
+Every method, unary or streaming, first tags its task with the call (call_context.py), so
+that each log line about the call carries its request id, malformed requests' included.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +23,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
 from qm.v1 import queue_manager_pb2 as pb
+from qm_server import call_context
 
 SERVICE = pb.DESCRIPTOR.services_by_name["QueueManagerService"]
 
@@ -48,13 +53,30 @@ def _parser(message_type: type[Message]) -> Callable[[bytes], Message | Malforme
     return parse
 
 
-def _guard_unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
+def _guard_unary(behavior: Callable[..., Any], rpc: str) -> Callable[..., Any]:
     async def handle(
         request: Message | Malformed, context: grpc.aio.ServicerContext[Any, Any]
     ) -> Any:
+        call_context.enter(context, rpc)
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
         return await behavior(request, context)
+
+    return handle
+
+
+def _tagged_stream(behavior: Callable[..., AsyncGenerator[Any]], rpc: str) -> Callable[..., Any]:
+    """A streaming method, its task tagged with the call first. An async generator in
+    turn (grpc runs any other callable as a synchronous handler), closing the method's
+    at once when it is closed, as grpc would have closed the method's itself."""
+
+    async def handle(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        call_context.enter(context, rpc)
+        async with contextlib.aclosing(behavior(requests, context)) as responses:
+            async for response in responses:
+                yield response
 
     return handle
 
@@ -70,11 +92,15 @@ def register(servicer: object, server: grpc.aio.Server) -> None:
         serialize = response_type.SerializeToString
         if method.client_streaming and method.server_streaming:
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                behavior, request_deserializer=parse, response_serializer=serialize
+                _tagged_stream(behavior, method.name),
+                request_deserializer=parse,
+                response_serializer=serialize,
             )
         elif not method.client_streaming and not method.server_streaming:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _guard_unary(behavior), request_deserializer=parse, response_serializer=serialize
+                _guard_unary(behavior, method.name),
+                request_deserializer=parse,
+                response_serializer=serialize,
             )
         else:  # pragma: no cover - the contract has no such method
             raise TypeError(f"unsupported streaming shape for {method.name}")

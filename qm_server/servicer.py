@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
-from qm_server import errors, handlers
+from qm_server import call_context, errors, handlers
 from qm_server.engine import Engine
 from qm_server.metrics import CallMetrics
 from qm_server.subscribe_stream import SubscribeStream
@@ -39,7 +39,9 @@ async def _answer(response_type: type[R], call: Callable[[], Awaitable[R]]) -> R
     except errors.QmError as exc:
         return response_type(code=int(exc.code), message=str(exc))
     except Exception:
-        incident = uuid.uuid4().hex[:12]
+        # The call's request id (call_context.py): the client's own if it sent one.
+        info = call_context.current()
+        incident = info.request_id if info is not None else uuid.uuid4().hex[:12]
         log.exception("internal error %s in %s", incident, response_type.__name__)
         return response_type(code=pb.CODE_INTERNAL, message=f"internal error (incident {incident})")
 
