@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from qm.v1 import queue_manager_pb2 as pb
-from qm_server import errors
+from qm_server import audit, errors
 from qm_server.answer_size import entries_room
 from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, PasswordHasher
 from qm_server.background import Background, outliving_caller
@@ -234,7 +234,7 @@ class Engine:
         self._make_room(room, self._sessions.count(), self._session_usage.of(record.name))
         token, session = self._sessions.create(record.name, record.password_hash, self._clock())
         self._session_usage.add(record.name)
-        log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
+        audit.record(audit.Event.LOGIN_OK, user=record.name, session=f"{session.id:x}")
         return token, int(self.session_ttl_s * 1000)
 
     async def _crypto(self, work: Callable[..., T], *args: object) -> T:
@@ -267,7 +267,7 @@ class Engine:
         if session is None or session.ended:
             raise errors.Unauthenticated("unknown or expired token; log in again")
         if not session.waiting and now - session.last_active > self.session_ttl_s:
-            self.in_background(self._end_session(session, "expired"))
+            self.in_background(self._end_session(session, audit.EndReason.EXPIRED))
             raise errors.Unauthenticated(SESSION_EXPIRED)
         session.last_active = now
         return session
@@ -284,7 +284,7 @@ class Engine:
         self.session(token)
 
     async def logout(self, token: str) -> None:
-        await self._end_session(self.session(token), "logged out")
+        await self._end_session(self.session(token), audit.EndReason.LOGGED_OUT)
 
     def session_count(self) -> int:
         return self._sessions.count()
@@ -300,13 +300,13 @@ class Engine:
             login_refusals=guard.refusals,
         )
 
-    async def _end_session(self, session: Session, why: str) -> None:
+    async def _end_session(self, session: Session, why: audit.EndReason, by: str = "") -> None:
         if session.ended:
             return
         session.ended = True
         self._sessions.remove(session)
         self._session_usage.remove(session.username)
-        log.info("session %x of %s %s", session.id, session.username, why)
+        audit.session_ended(session.username, session.id, why, by)
         for subscription in self._subscriptions.get(session.id, set()).copy():
             subscription.poke()
         # Its parked long polls answer UNAUTHENTICATED now, not at their deadline.
@@ -339,9 +339,9 @@ class Engine:
         for session in self._sessions.all():
             user = self._permissions.get(session.username)
             if user is None:
-                await self._end_session(session, "ended: the user was removed")
+                await self._end_session(session, audit.EndReason.USER_REMOVED)
             elif user.credential != session.credential:
-                await self._end_session(session, "ended: the user's password changed")
+                await self._end_session(session, audit.EndReason.PASSWORD_CHANGED)
 
     def _room(self, username: str, noun: str, limit: int, per_user: int) -> Room:
         """What the user may hold of a resource: all of `limit` for an admin; for anyone
@@ -353,12 +353,9 @@ class Engine:
 
     @staticmethod
     def _make_room(room: Room, in_all: int, of_user: int) -> None:
-        """Room.check, logged when it refuses, so that an operator sees who hits limits."""
-        try:
+        """Room.check, logged when it refuses (Room.refusals_logged)."""
+        with room.refusals_logged():
             room.check(in_all, of_user)
-        except errors.ResourceExhausted as exc:
-            log.warning("refused user %s one more of its %s: %s", room.user, room.noun, exc)
-            raise
 
     def _permissions_of(self, username: str) -> Permissions:
         """The user's grants as last loaded (none for a user no longer known)."""
@@ -366,13 +363,8 @@ class Engine:
 
     def authorize(self, session: Session, action: str, kind: str, name: str) -> None:
         if not self._permissions_of(session.username).allows(action, kind, name):
-            log.warning(
-                "permission denied: user %s (session %x) may not %s %s %r",
-                session.username,
-                session.id,
-                action,
-                kind,
-                name,
+            audit.record(
+                audit.Event.PERMISSION_DENIED, user=session.username, action=action, **{kind: name}
             )
             raise errors.PermissionDenied(
                 f"user {session.username!r} may not {action} {kind} {name!r}"
@@ -380,7 +372,7 @@ class Engine:
 
     async def expire_idle_sessions(self) -> None:
         for session in self._sessions.idle_since(self._clock() - self.session_ttl_s):
-            await self._end_session(session, "expired")
+            await self._end_session(session, audit.EndReason.EXPIRED)
 
     # Queues -----------------------------------------------------------------------------
 
@@ -393,19 +385,21 @@ class Engine:
         room = self._room(
             session.username, "queues", self.limits.max_queues, self.limits.max_queues_per_user
         )
-        try:
+        with room.refusals_logged():
             await self.store.create_queue(name, room, settings)
-        except errors.ResourceExhausted as exc:
-            log.warning("refused user %s a new queue: %s", session.username, exc)
-            raise
+        audit.record(audit.Event.QUEUE_CREATED, user=session.username, queue=name)
 
     async def destroy_queue(self, token: str, name: str, force: bool) -> None:
-        self._caller(token, "manage", "queue", name)
+        user = self._caller(token, "manage", "queue", name).username
         # The store destroys it even if this call is cancelled meanwhile (a client's
         # deadline): its waiters and streams must hear of it all the same.
         await outliving_caller(
-            self.store.destroy_queue(name, force), lambda _: self._queue_gone(name)
+            self.store.destroy_queue(name, force), lambda _: self._destroyed(user, name)
         )
+        self._destroyed(user, name)
+
+    def _destroyed(self, user: str, name: str) -> None:
+        audit.record(audit.Event.QUEUE_DESTROYED, user=user, queue=name)
         self._queue_gone(name)
 
     def _queue_gone(self, name: str) -> None:
@@ -604,11 +598,10 @@ class Engine:
         room = self._room(
             session.username, "maps", self.limits.max_maps, self.limits.max_maps_per_user
         )
-        try:
-            await self.store.map_put(name, pairs, room)
-        except errors.ResourceExhausted as exc:
-            log.warning("refused user %s a new map: %s", session.username, exc)
-            raise
+        with room.refusals_logged():
+            created = await self.store.map_put(name, pairs, room)
+        if created:
+            audit.record(audit.Event.MAP_CREATED, user=session.username, map=name)
 
     async def map_remove(self, token: str, name: str, key: str) -> None:
         self._caller(token, "write", "map", name)
@@ -657,8 +650,9 @@ class Engine:
         return offset_page(fetched, size, room, self.limits.max_element_bytes)
 
     async def map_destroy(self, token: str, name: str) -> None:
-        self._caller(token, "manage", "map", name)
+        user = self._caller(token, "manage", "map", name).username
         await self.store.map_destroy(name)
+        audit.record(audit.Event.MAP_DESTROYED, user=user, map=name)
 
 
 def check_lease(lease_ms: int | None) -> None:

@@ -23,8 +23,9 @@ behind; a call checks the throttle when its turn comes, before any expensive wor
 flood from one host then holds at most one crypto worker, and its refused calls cost
 almost nothing.
 
-Every refusal and failure is logged with the user and host (never a password or token),
-so that an operator can see an attack; a refusal once per backoff, not once per call.
+Every refusal and failure is an audit event (audit.py: login.failed, login.throttled) with
+the user and the peer (never a password or token), so that an operator can see an
+attack; a refusal once per backoff, not once per call.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from qm_server import errors
+from qm_server import audit, errors
 from qm_server.auth import LoginThrottle
 from qm_server.config import AuthSettings
 
@@ -84,12 +85,12 @@ class LoginGuard:
         if line.calls > self._settings.logins_waiting_per_host:
             if not line.refusal_logged:  # once while the line stays full or busy
                 line.refusal_logged = True
-                log.warning(
-                    "login refused for user %r from %s: %d logins from this host in "
-                    "progress (further refusals while they last are not logged)",
-                    _shown(username),
-                    host,
-                    line.calls,
+                audit.record(
+                    audit.Event.LOGIN_THROTTLED,
+                    user=_shown(username),
+                    reason="logins in progress from this host (further refusals while "
+                    "they last are not logged)",
+                    in_progress=line.calls,
                 )
             self.refusals += 1
             raise errors.ResourceExhausted(
@@ -110,14 +111,14 @@ class LoginGuard:
             wait = throttle.retry_after(key)
             if wait > 0:
                 if throttle.first_refusal(key):
-                    log.warning(
-                        "login refused for user %r from %s: throttled for %.1f s after %d "
-                        "failures (%s)",
-                        _shown(username),
-                        host,
-                        wait,
-                        throttle.failures(key),
-                        "this user from this host" if throttle is self._pairs else "this host",
+                    audit.record(
+                        audit.Event.LOGIN_THROTTLED,
+                        user=_shown(username),
+                        reason="failures of this user from this host"
+                        if throttle is self._pairs
+                        else "failures from this host",
+                        failures=throttle.failures(key),
+                        retry_after_s=round(wait, 1),
                     )
                 self.refusals += 1
                 raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
@@ -125,7 +126,7 @@ class LoginGuard:
     def failed(self, username: str, host: str, reason: str) -> None:
         self.failures += 1
         user = _shown(username)
-        log.warning("login failed for user %r from %s: %s", user, host, reason)
+        audit.record(audit.Event.LOGIN_FAILED, user=user, reason=reason)
         user_failures = self._users.failures(user) + 1
         self._users.failed(user)
         if user_failures == self._settings.user_failures_ceiling + 1:

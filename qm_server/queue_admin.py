@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from qm_server import errors
+from qm_server import audit, errors
 from qm_server.config import Limits
 from qm_server.errors import Code
 from qm_server.lifecycle import QueueSettings, SettingsChange
@@ -98,8 +98,10 @@ class QueueAdmin:
         return QueueReport(info, age, self._subscriptions_on(name))
 
     async def purge(self, token: str, name: str) -> int:
-        self._caller(token, "manage", "queue", name)
-        return await self._store.purge(name)
+        user = self._caller(token, "manage", "queue", name).username
+        purged = await self._store.purge(name)
+        audit.record(audit.Event.QUEUE_PURGED, user=user, queue=name, purged=purged)
+        return purged
 
     async def redrive(
         self, token: str, name: str, message_ids: Sequence[int]

@@ -11,10 +11,15 @@ server-wide limits alone.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from qm_server import errors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,16 @@ class Room:
                 f"the server holds {in_all} {self.noun}: the limit is {self.limit}, "
                 f"of which the last {self.reserve} are kept for admins"
             )
+
+    @contextlib.contextmanager
+    def refusals_logged(self) -> Iterator[None]:
+        """A refusal (ResourceExhausted) of what is done inside, logged with the user it
+        refused, so that an operator sees who hits limits."""
+        try:
+            yield
+        except errors.ResourceExhausted as exc:
+            log.warning("refused user %s one more of its %s: %s", self.user, self.noun, exc)
+            raise
 
 
 class Usage:

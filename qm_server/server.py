@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_reflection.v1alpha import reflection
 
-from qm_server import handlers, health
+from qm_server import audit, handlers, health
 from qm_server.auth import KeyPair, PasswordHasher, random_password
 from qm_server.challenges import shared_challenges
 from qm_server.config import ServerConfig
@@ -290,7 +290,8 @@ class QueueManagerServer:
             write_private_file(path, (password + "\n").encode())
             print(f"qm-server: created user admin with password {password} (also in {path})")
             log.warning("created user admin; its generated password is in %s", path)
-        await self.store.create_user(UserRecord("admin", hashed, is_admin=True))
+        if await self.store.create_user(UserRecord("admin", hashed, is_admin=True)):
+            audit.record(audit.Event.USER_ADDED, user="admin", admin=True)
 
 
 @dataclass

@@ -4,7 +4,9 @@ They speak only the UserDirectory interface (store/base.py), so they work on whi
 store the configuration names (store/backends.py), and beside a running server: each
 change is one transaction of its own, which the server sees at the next login or grant
 reload. Exit statuses: 0 done, 1 refused (no such user, a name taken, a bad action),
-2 the store could not be used (nothing changed).
+2 the store could not be used (nothing changed). Each change done is also an audit event
+on stderr (audit.py: user.added, user.removed, user.password_changed, grant.added,
+grant.revoked), in qm-server's --log-format.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import getpass
 import sys
 from pathlib import Path
 
-from qm_server import errors
+from qm_server import audit, errors
+from qm_server.audit import Event
 from qm_server.auth import PasswordHasher
 from qm_server.config import AuthSettings, ServerConfig
 from qm_server.fsutil import DataDirRefused
@@ -103,6 +106,7 @@ async def change_users(directory: UserDirectory, args: argparse.Namespace, passw
         if not await directory.delete_user(args.name):
             return no_user(args.name)
         print(f"removed user {args.name}")
+        audit.record(Event.USER_REMOVED, user=args.name)
         return 0
     # Refused before the slow hash when it is known already; the call refuses it again
     # should another command have changed it meanwhile.
@@ -116,10 +120,12 @@ async def change_users(directory: UserDirectory, args: argparse.Namespace, passw
         if not await directory.create_user(UserRecord(args.name, hashed, args.admin)):
             return name_taken(args.name)
         print(f"added user {args.name}")
+        audit.record(Event.USER_ADDED, user=args.name, admin=args.admin)
     else:
         if not await directory.set_password(args.name, hashed, make_admin=args.admin):
             return no_user(args.name)
         print(f"changed password of user {args.name}")
+        audit.record(Event.USER_PASSWORD_CHANGED, user=args.name, admin=args.admin)
     return 0
 
 
@@ -137,6 +143,7 @@ async def change_grants(directory: UserDirectory, args: argparse.Namespace) -> i
             return no_user(args.name)
         for grant in grants:
             print(f"granted {grant} to {args.name}")
+            audit.record(Event.GRANT_ADDED, user=args.name, **_fields(grant))
         return 0
     held = await directory.remove_grants(args.name, grants)
     if held is None:
@@ -144,9 +151,14 @@ async def change_grants(directory: UserDirectory, args: argparse.Namespace) -> i
     for grant, was_held in zip(grants, held, strict=True):
         if was_held:
             print(f"revoked {grant} from {args.name}")
+            audit.record(Event.GRANT_REVOKED, user=args.name, **_fields(grant))
         else:
             print(f"{args.name} did not hold {grant}")
     return 0
+
+
+def _fields(grant: Grant) -> dict[str, str]:
+    return {"action": grant.action, "kind": grant.kind, "pattern": grant.pattern}
 
 
 def no_user(name: str) -> int:

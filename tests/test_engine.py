@@ -15,7 +15,7 @@ from user_directory import as_user_command
 
 from conftest import FAST_AUTH, encrypt_password
 from qm.v1 import queue_manager_pb2 as pb
-from qm_server import errors
+from qm_server import audit, errors
 from qm_server.auth import KeyPair, LoginThrottle, PasswordHasher
 from qm_server.engine import Engine
 from qm_server.permissions import Grant, Permissions
@@ -688,7 +688,7 @@ def test_a_reload_cut_short_while_ending_a_session_still_stops_revoked_streams(
         ending = asyncio.Event()
         original = engine._end_session
 
-        async def hangs(session: Session, why: str) -> None:
+        async def hangs(session: Session, why: audit.EndReason, by: str = "") -> None:
             ending.set()
             await asyncio.Event().wait()  # a release that never finishes
 

@@ -289,8 +289,9 @@ def test_ready_hint_is_one_for_an_unknown_queue(run: Callable[[Body], None]) -> 
 
 def test_map_put_creates_overwrites_and_is_capped(run: Callable[[Body], None]) -> None:
     async def body(h: Harness) -> None:
-        await h.store.map_put("m", [("k", "v1"), ("j", "w")], maps(1))
-        await h.store.map_put("m", [("k", "v2")], maps(1))
+        # True when the put created the map (its map.created audit event).
+        assert await h.store.map_put("m", [("k", "v1"), ("j", "w")], maps(1)) is True
+        assert await h.store.map_put("m", [("k", "v2")], maps(1)) is False
         assert await h.store.map_get("m", "k") == "v2"
         with pytest.raises(errors.ResourceExhausted):
             await h.store.map_put("other", [("k", "v")], maps(1))

@@ -415,9 +415,10 @@ class Store(UserDirectory):
     # Maps -------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> None:
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> bool:
         """Set all pairs or none, creating the map (and recording its creator, as
-        create_queue does). ResourceExhausted when a new map does not fit `room`."""
+        create_queue does); True when this call created it. ResourceExhausted when a new
+        map does not fit `room`."""
 
     @abc.abstractmethod
     async def map_remove(self, name: str, key: str) -> None:

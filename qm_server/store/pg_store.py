@@ -849,28 +849,27 @@ class PgStore(Store):
 
     # Maps -------------------------------------------------------------------------------
 
-    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> None:
-        async def run(conn: Conn) -> None:
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> bool:
+        async def run(conn: Conn) -> bool:
             cursor = await conn.execute(sql.MAP_ID, (name,))
             row = await cursor.fetchone()
             if row is None:
                 await conn.execute(sql.LOCK_MAP_SET)
                 cursor = await conn.execute(sql.MAP_ID, (name,))
                 row = await cursor.fetchone()
-            if row is None:
+            if created := row is None:
                 cursor = await conn.execute(sql.COUNT_MAPS, (room.user,))
                 total, owned = _row(await cursor.fetchone())
                 room.check(int(total), int(owned) if room.user else 0)
                 cursor = await conn.execute(sql.INSERT_MAP, (name, room.user))
                 row = await cursor.fetchone()
             map_id = int(_one(row))
-            keys = [k.encode() for k, _ in pairs]
-            values = [v.encode() for _, v in pairs]
             # A key given twice: the last value wins, as with one put after another.
-            last = dict(zip(keys, values, strict=True))
+            last = {k.encode(): v.encode() for k, v in pairs}
             await conn.execute(sql.PUT_ENTRIES, (map_id, list(last), list(last.values())))
+            return created
 
-        await self._tx(run)
+        return await self._tx(run)
 
     async def map_remove(self, name: str, key: str) -> None:
         async def run(conn: Conn) -> None:

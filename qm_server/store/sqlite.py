@@ -615,12 +615,11 @@ class SqliteStore(Store):
 
     # Maps -------------------------------------------------------------------------------
 
-    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> None:
-
-        def run() -> None:
+    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> bool:
+        def run() -> bool:
             index = self._index
             map_id = index.maps.get(name)
-            if map_id is None:
+            if created := map_id is None:
                 owner = room.user
                 room.check(len(index.maps), index.owned_maps[owner] if owner else 0)
                 map_id = self._db.execute(sql.INSERT_MAP, (name, owner)).lastrowid
@@ -630,8 +629,9 @@ class SqliteStore(Store):
                     index.owned_maps[owner] += 1
             self._db.executemany(sql.PUT_ENTRY, [(map_id, k, v) for k, v in pairs])
             index.maps[name] = map_id
+            return created
 
-        await self._submit(run, grows=True)
+        return await self._submit(run, grows=True)
 
     async def map_remove(self, name: str, key: str) -> None:
         def run() -> None:
