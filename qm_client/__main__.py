@@ -1,5 +1,5 @@
 """``python -m qm_client`` runs the ``qm`` command line."""
 
-from qm_client.cli import main
+from qm_client._cli_entry import main
 
 raise SystemExit(main())

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sqlite3
 import sys
 from pathlib import Path
 
-from qm_server import __version__, errors
+from qm_server import __version__, errors, logs
 from qm_server.config import ServerConfig
 from qm_server.flags import ENV_RULE, add_setting_flags, environment_defaults, settings_from_args
 from qm_server.fsutil import DataDirInUse, DataDirRefused
@@ -120,12 +119,14 @@ def check_database(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logs.quiet_grpc_core()  # before anything imports grpc
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ModuleNotFoundError:
+        print(f"qm-server: {logs.JSON_NEEDS}", file=sys.stderr)
+        return 2
     if args.command == "user":
         return manage_users(args)
     if args.command == "check":

@@ -279,6 +279,13 @@ class ServerConfig:
         flag="--idempotency-window",
         metavar="SECONDS",
     )
+    # Read by qm-server's main, which configures logging before anything else (logs.py).
+    log_format: str = setting(
+        "text",
+        "text: lines for people; json: one JSON object per line, with the request id, "
+        "RPC and peer of the call a line is about and an audit event's fields as keys",
+        choices=("text", "json"),
+    )
     tls: TlsSettings = field(default_factory=TlsSettings)
     # Plaintext is allowed on loopback addresses only, unless this is set.
     allow_plaintext: bool = setting(

@@ -176,7 +176,7 @@ def test_a_client_install_pulls_none_of_the_servers_dependencies(
     assert client_needs <= base, client_needs - base
     assert server_needs <= base | server, server_needs - base - server
     server_only = server_needs - client_needs
-    assert server_only == {"grpcio-reflection", "prometheus-client"}
+    assert server_only == {"grpcio-reflection", "prometheus-client", "python-json-logger"}
     assert postgresql == {"psycopg", "psycopg-pool"}
     assert base.isdisjoint(server_only)
     assert base == client_needs, base - client_needs  # nothing the client does not import
@@ -239,6 +239,7 @@ def test_scripts_serve_installs_the_server_extra_alone() -> None:
     assert [Requirement(r).name for r in extras["server"]] == [
         "grpcio-reflection",
         "prometheus-client",
+        "python-json-logger",
     ]
     for tools in ("dev", "bench"):  # a test or bench venv can serve too
         assert "queue-manager[server]" in extras[tools]
