@@ -15,8 +15,8 @@ line), else a random one. It is also the incident id of a CODE_INTERNAL answer.
 from __future__ import annotations
 
 import logging
+import os
 import re
-import secrets
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,7 +49,7 @@ def request_id_of(metadata: Any) -> str:
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _SANE_ID.fullmatch(value):
             return value
-    return secrets.token_hex(8)
+    return os.urandom(8).hex()
 
 
 def enter(context: grpc.aio.ServicerContext[Any, Any], rpc: str) -> CallInfo:

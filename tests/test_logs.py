@@ -101,6 +101,12 @@ def test_json_log_of_a_scenario(json_server: ServerProcess, tmp_path: Path) -> N
             pb.NewQueueRequest(token=bob, queue_name="jobs"), metadata=metadata("deny-1")
         )
         assert denied.code == pb.CODE_PERMISSION_DENIED
+        opening = pb.SubscribeOpen(token=bob, queue_name="jobs", max_unacked=1)
+        stream = stub.Subscribe(
+            iter([pb.SubscribeRequest(open=opening)]), metadata=metadata("sub-1"), timeout=30
+        )
+        assert next(stream).code == pb.CODE_PERMISSION_DENIED
+        stream.cancel()
         token, jobs = admin, "jobs"
         calls: list[tuple[str, Any, Any]] = [
             ("create-q", stub.NewQueue, pb.NewQueueRequest(token=token, queue_name=jobs)),
@@ -141,6 +147,7 @@ def test_json_log_of_a_scenario(json_server: ServerProcess, tmp_path: Path) -> N
     event("guess-2", "login.throttled", user="mallory")
     event("login-bob", "login.ok", user="bob")
     event("deny-1", "permission.denied", user="bob", action="manage", queue="jobs")
+    event("sub-1", "permission.denied", user="bob", action="read", rpc="Subscribe")
     event("create-q", "queue.created", user="admin", queue="jobs", rpc="NewQueue")
     event("purge", "queue.purged", user="admin", queue="jobs", purged=1)
     event("destroy-q", "queue.destroyed", user="admin", queue="jobs")
@@ -156,7 +163,7 @@ def test_json_log_of_a_scenario(json_server: ServerProcess, tmp_path: Path) -> N
     assert guess[1]["level"] == "WARNING" and "mallory" in guess[1]["message"]
     # Denials of calls without a sane id: ids of the server's own, all different.
     denials = [e for e in events if e["event"] == "permission.denied"]
-    made = [e["request_id"] for e in denials[1:]]
+    made = [e["request_id"] for e in denials[2:]]
     assert len(made) == 2 and len(set(made)) == 2
     assert all(re.fullmatch(r"[0-9a-f]{16}", m) for m in made)
     # Lines not about a call have no request id.
