@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 LOGIN_FAILED = "login failed: unknown user, wrong password, or a bad or used challenge"
 SESSION_EXPIRED = "the session expired; log in again"
+CHANGED_MEANWHILE = "the user was removed or given a new password during the login"
 # The argument that names what a permission is about, by kind, for check_name's message.
 NAME_FIELD = {"queue": "queue_name", "map": "map"}
 
@@ -227,6 +228,7 @@ class Engine:
         now = self._permissions.get(record.name)
         if now is None or now.credential != record.password_hash:
             # Removed, or given a new password, after its record was read, during the hash.
+            audit.record(audit.Event.LOGIN_FAILED, user=record.name, reason=CHANGED_MEANWHILE)
             raise errors.Unauthenticated(LOGIN_FAILED)
         room = self._room(
             record.name, "sessions", self.limits.max_sessions, self.limits.max_sessions_per_user

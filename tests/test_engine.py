@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from conftest import FAST_AUTH, encrypt_password
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server import audit, errors
 from qm_server.auth import KeyPair, LoginThrottle, PasswordHasher
-from qm_server.engine import Engine
+from qm_server.engine import CHANGED_MEANWHILE, Engine
 from qm_server.permissions import Grant, Permissions
 from qm_server.sessions import Session
 from qm_server.store.base import Delivery, UserDirectory, UserRecord
@@ -496,9 +497,12 @@ def test_a_long_poll_parked_before_a_revocation_takes_nothing_after_it(tmp_path:
     run(tmp_path, scenario)
 
 
-def test_a_user_removed_while_logging_in_gets_no_session(tmp_path: Path) -> None:
+def test_a_user_removed_while_logging_in_gets_no_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The user record was read before the slow password hash; a `user remove` committed
     during the hash still got an OK login and a token."""
+    caplog.set_level(logging.INFO, logger="qm_server.audit")
 
     async def scenario(engine: Engine, clock: FakeClock) -> None:
         hasher = engine._hasher
@@ -515,6 +519,8 @@ def test_a_user_removed_while_logging_in_gets_no_session(tmp_path: Path) -> None
         assert engine.session_count() == 0
 
     run(tmp_path, scenario)
+    failed = [vars(r) for r in caplog.records if getattr(r, "event", "") == "login.failed"]
+    assert [(f["user"], f["reason"]) for f in failed] == [("admin", CHANGED_MEANWHILE)]
 
 
 def test_a_password_change_ends_the_user_s_sessions(tmp_path: Path) -> None:

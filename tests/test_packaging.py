@@ -232,6 +232,18 @@ def test_qm_server_without_its_extra_says_what_to_install(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []  # nothing created before the refusal
 
 
+def test_json_logs_without_the_extra_say_what_to_install(tmp_path: Path) -> None:
+    result = run_python(
+        without("pythonjsonlogger")
+        + "from qm_server.__main__ import main\n"
+        + f"print(main(['--log-format', 'json', 'check', '--data-dir', {str(tmp_path)!r}]))\n"
+    )
+    assert result.stdout == "2\n", result.stderr
+    assert result.stderr == (
+        "qm-server: --log-format json needs the server extra: pip install 'queue-manager[server]'\n"
+    )
+
+
 def test_scripts_serve_installs_the_server_extra_alone() -> None:
     serve = (ROOT / "scripts" / "serve").read_text()
     assert "QM_EXTRAS=${QM_EXTRAS:-server} " in serve
