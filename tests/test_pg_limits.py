@@ -1,0 +1,128 @@
+"""Limits and login throttles of nodes sharing one PostgreSQL schema hold for the cluster,
+not per node: failed logins are counted in the database (store/pg_login_failures.py),
+queues and maps are counted there under a lock (pg_store.create_queue, map_put).
+
+The nodes are in-process servers on one schema (tests/test_pg_cluster.py's start_nodes);
+the test's client is one host (ipv4:127.0.0.1) to both.
+
+Every throttle here starts with a backoff of 1 s, so the call that must be refused is
+sent right after the failures, its request prepared beforehand; were it delayed past
+that second (a stalled machine), the throttle would rightly let it through, and the
+test skips, saying so, rather than fail or pass on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from test_pg_cluster import Node, start_nodes
+
+from conftest import FAST_AUTH, ServerHandle, encrypt_password
+from qm.v1 import queue_manager_pb2 as pb
+
+BACKOFF_S = 1.0  # the first backoff of every throttle
+
+
+def prepared(node: Node, user: str, password: str) -> pb.AuthRequest:
+    """An Auth request for `node`, ready to send (its challenge is good for a minute)."""
+    challenge = node.stub.GetChallenge(pb.GetChallengeRequest())
+    return pb.AuthRequest(username=user, password=encrypt_password(challenge, password))
+
+
+def refused_in_time(reply: pb.AuthResponse, took_s: float) -> None:
+    """The login sent `took_s` after the last failure was refused (skip: sent too late)."""
+    if reply.code != pb.CODE_RESOURCE_EXHAUSTED and took_s >= BACKOFF_S:
+        pytest.skip(f"the machine stalled {took_s:.1f} s: the backoff had ended")
+    assert reply.code == pb.CODE_RESOURCE_EXHAUSTED, reply
+
+
+def test_failures_on_one_node_throttle_the_same_user_and_host_on_another(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    a, b = start_nodes(make_server, tmp_path)
+    on_a = [prepared(a, "admin", f"guess-{i}") for i in range(5)]
+    on_b = prepared(b, "admin", "guess-b")
+    codes = [a.stub.Auth(request).code for request in on_a]
+    failed_at = time.monotonic()
+    reply = b.stub.Auth(on_b)
+    took = time.monotonic() - failed_at
+    assert codes == [pb.CODE_UNAUTHENTICATED] * 5
+    refused_in_time(reply, took)
+
+
+def test_the_host_throttle_holds_across_nodes(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """Four failures allowed per host, whatever the user: two on each node are four."""
+    auth = dataclasses.replace(FAST_AUTH, host_failures_before_backoff=4)
+    a, b = start_nodes(make_server, tmp_path, auth=auth)
+    nodes = [a, b] * 2
+    attempts = [prepared(node, f"user-{i}", "guess") for i, node in enumerate(nodes)]
+    fifth = prepared(a, "user-4", "guess")
+    codes = [node.stub.Auth(request).code for node, request in zip(nodes, attempts, strict=True)]
+    failed_at = time.monotonic()
+    reply = a.stub.Auth(fifth)
+    took = time.monotonic() - failed_at
+    assert codes == [pb.CODE_UNAUTHENTICATED] * 4
+    refused_in_time(reply, took)
+
+
+def test_max_queues_holds_across_nodes_even_when_two_create_at_once(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    limit = 4
+    a, b = start_nodes(make_server, tmp_path, max_queues=limit)
+    created = [new_queue(node, f"q{i}") for i, node in enumerate([a, b] * 2)]
+    assert created == [pb.CODE_OK] * limit
+    assert (new_queue(a, "over"), new_queue(b, "over")) == (pb.CODE_RESOURCE_EXHAUSTED,) * 2
+    # One slot left, two nodes creating at once: one of them gets it, never both.
+    destroyed = a.stub.DestroyQueue(pb.DestroyQueueRequest(token=a.token, queue_name="q3"))
+    assert destroyed.code == pb.CODE_OK
+    for round_ in range(10):
+        names = (f"a{round_}", f"b{round_}")
+        codes = new_queues_at_once([(a, names[0]), (b, names[1])])
+        assert sorted(codes) == [pb.CODE_OK, pb.CODE_RESOURCE_EXHAUSTED], (round_, codes)
+        winner = names[codes.index(pb.CODE_OK)]
+        request = pb.DestroyQueueRequest(token=b.token, queue_name=winner)
+        assert b.stub.DestroyQueue(request).code == pb.CODE_OK
+
+
+def test_max_maps_holds_across_nodes(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    a, b = start_nodes(make_server, tmp_path, max_maps=3)
+    codes = [map_put(node, f"m{i}") for i, node in enumerate([a, b, a, b])]
+    assert codes == [pb.CODE_OK] * 3 + [pb.CODE_RESOURCE_EXHAUSTED]
+    assert map_put(a, "m0") == pb.CODE_OK  # an existing map takes no new slot
+
+
+def new_queue(node: Node, name: str) -> int:
+    reply = node.stub.NewQueue(pb.NewQueueRequest(token=node.token, queue_name=name))
+    return int(reply.code)
+
+
+def map_put(node: Node, name: str) -> int:
+    request = pb.MapPutRequest(token=node.token, map=name, key="k", value="v")
+    return int(node.stub.MapPut(request).code)
+
+
+def new_queues_at_once(calls: list[tuple[Node, str]]) -> list[int]:
+    """NewQueue on each (node, name), from threads released together; the codes, in order."""
+    start = threading.Barrier(len(calls))
+    answers: list[int] = [-1] * len(calls)
+
+    def run(index: int) -> None:
+        start.wait(timeout=10)
+        answers[index] = new_queue(*calls[index])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return answers
