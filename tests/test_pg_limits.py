@@ -13,6 +13,7 @@ test skips, saying so, rather than fail or pass on it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -20,10 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pg_fixtures import URL, schema_of
 from test_pg_cluster import Node, start_nodes
 
-from conftest import FAST_AUTH, ServerHandle, encrypt_password
+from conftest import FAST_AUTH, ServerHandle, encrypt_password, login
 from qm.v1 import queue_manager_pb2 as pb
+from qm_server.auth import PasswordHasher
+from qm_server.permissions import Grant
+from qm_server.store.base import UserRecord
 
 BACKOFF_S = 1.0  # the first backoff of every throttle
 
@@ -99,6 +104,36 @@ def test_max_maps_holds_across_nodes(
     codes = [map_put(node, f"m{i}") for i, node in enumerate([a, b, a, b])]
     assert codes == [pb.CODE_OK] * 3 + [pb.CODE_RESOURCE_EXHAUSTED]
     assert map_put(a, "m0") == pb.CODE_OK  # an existing map takes no new slot
+
+
+def test_a_user_s_queue_quota_holds_across_nodes(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    a, b = start_nodes(make_server, tmp_path, max_queues_per_user=2)
+    add_manager(tmp_path, "alice", "alice-secret")
+    tokens = [login(node.stub, "alice", "alice-secret") for node in (a, b)]
+    codes = [
+        node.stub.NewQueue(pb.NewQueueRequest(token=token, queue_name=f"alice-{i}")).code
+        for i, (node, token) in enumerate(zip([a, b, a], [*tokens, tokens[0]], strict=True))
+    ]
+    assert codes == [pb.CODE_OK, pb.CODE_OK, pb.CODE_RESOURCE_EXHAUSTED]
+    assert new_queue(b, "admins-have-no-quota") == pb.CODE_OK
+
+
+def add_manager(tmp_path: Path, name: str, password: str) -> None:
+    """A user who may manage every queue, added as `qm-server --store URL user` adds one."""
+    from qm_server.store.pg_users import PgUserDirectory
+
+    async def main() -> None:
+        users = PgUserDirectory(URL, schema_of(tmp_path / "cluster"))
+        try:
+            hashed = PasswordHasher.from_settings(FAST_AUTH).hash(password)
+            assert await users.create_user(UserRecord(name, hashed, is_admin=False))
+            assert await users.add_grants(name, [Grant("manage", "queue", "*")]) == [True]
+        finally:
+            await users.close()
+
+    asyncio.run(main())
 
 
 def new_queue(node: Node, name: str) -> int:
