@@ -39,8 +39,16 @@ def prepared(node: Node, user: str, password: str) -> pb.AuthRequest:
     return pb.AuthRequest(username=user, password=encrypt_password(challenge, password))
 
 
-def refused_in_time(reply: pb.AuthResponse, took_s: float) -> None:
-    """The login sent `took_s` after the last failure was refused (skip: sent too late)."""
+def failures_then_refusal(
+    failing: list[tuple[Node, pb.AuthRequest]], last: Node, request: pb.AuthRequest
+) -> None:
+    """Send the failing logins, then `request` to `last` at once: it must be refused
+    (skip: sent after the backoff had ended)."""
+    codes = [node.stub.Auth(failed).code for node, failed in failing]
+    failed_at = time.monotonic()
+    reply = last.stub.Auth(request)
+    took_s = time.monotonic() - failed_at
+    assert codes == [pb.CODE_UNAUTHENTICATED] * len(failing)
     if reply.code != pb.CODE_RESOURCE_EXHAUSTED and took_s >= BACKOFF_S:
         pytest.skip(f"the machine stalled {took_s:.1f} s: the backoff had ended")
     assert reply.code == pb.CODE_RESOURCE_EXHAUSTED, reply
@@ -50,14 +58,8 @@ def test_failures_on_one_node_throttle_the_same_user_and_host_on_another(
     make_server: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
     a, b = start_nodes(make_server, tmp_path)
-    on_a = [prepared(a, "admin", f"guess-{i}") for i in range(5)]
-    on_b = prepared(b, "admin", "guess-b")
-    codes = [a.stub.Auth(request).code for request in on_a]
-    failed_at = time.monotonic()
-    reply = b.stub.Auth(on_b)
-    took = time.monotonic() - failed_at
-    assert codes == [pb.CODE_UNAUTHENTICATED] * 5
-    refused_in_time(reply, took)
+    on_a = [(a, prepared(a, "admin", f"guess-{i}")) for i in range(5)]
+    failures_then_refusal(on_a, b, prepared(b, "admin", "guess-b"))
 
 
 def test_the_host_throttle_holds_across_nodes(
@@ -66,15 +68,8 @@ def test_the_host_throttle_holds_across_nodes(
     """Four failures allowed per host, whatever the user: two on each node are four."""
     auth = dataclasses.replace(FAST_AUTH, host_failures_before_backoff=4)
     a, b = start_nodes(make_server, tmp_path, auth=auth)
-    nodes = [a, b] * 2
-    attempts = [prepared(node, f"user-{i}", "guess") for i, node in enumerate(nodes)]
-    fifth = prepared(a, "user-4", "guess")
-    codes = [node.stub.Auth(request).code for node, request in zip(nodes, attempts, strict=True)]
-    failed_at = time.monotonic()
-    reply = a.stub.Auth(fifth)
-    took = time.monotonic() - failed_at
-    assert codes == [pb.CODE_UNAUTHENTICATED] * 4
-    refused_in_time(reply, took)
+    spread = [(node, prepared(node, f"user-{i}", "guess")) for i, node in enumerate([a, b] * 2)]
+    failures_then_refusal(spread, a, prepared(a, "user-4", "guess"))
 
 
 def test_max_queues_holds_across_nodes_even_when_two_create_at_once(
