@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -80,25 +81,33 @@ def test_max_queues_holds_across_nodes_even_when_two_create_at_once(
     created = [new_queue(node, f"q{i}") for i, node in enumerate([a, b] * 2)]
     assert created == [pb.CODE_OK] * limit
     assert (new_queue(a, "over"), new_queue(b, "over")) == (pb.CODE_RESOURCE_EXHAUSTED,) * 2
-    # One slot left, two nodes creating at once: one of them gets it, never both.
-    destroyed = a.stub.DestroyQueue(pb.DestroyQueueRequest(token=a.token, queue_name="q3"))
-    assert destroyed.code == pb.CODE_OK
-    for round_ in range(10):
-        names = (f"a{round_}", f"b{round_}")
-        codes = new_queues_at_once([(a, names[0]), (b, names[1])])
-        assert sorted(codes) == [pb.CODE_OK, pb.CODE_RESOURCE_EXHAUSTED], (round_, codes)
-        winner = names[codes.index(pb.CODE_OK)]
-        request = pb.DestroyQueueRequest(token=b.token, queue_name=winner)
-        assert b.stub.DestroyQueue(request).code == pb.CODE_OK
+    assert destroy_queue(a, "q3") == pb.CODE_OK
+    one_takes_the_last_slot(a, b, new_queue, destroy_queue)
 
 
-def test_max_maps_holds_across_nodes(
+def test_max_maps_holds_across_nodes_even_when_two_create_at_once(
     make_server: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
     a, b = start_nodes(make_server, tmp_path, max_maps=3)
     codes = [map_put(node, f"m{i}") for i, node in enumerate([a, b, a, b])]
     assert codes == [pb.CODE_OK] * 3 + [pb.CODE_RESOURCE_EXHAUSTED]
     assert map_put(a, "m0") == pb.CODE_OK  # an existing map takes no new slot
+    assert destroy_map(b, "m2") == pb.CODE_OK
+    one_takes_the_last_slot(a, b, map_put, destroy_map)
+
+
+def one_takes_the_last_slot(
+    a: Node, b: Node, create: Callable[[Node, str], int], destroy: Callable[[Node, str], int]
+) -> None:
+    """With one slot left, `a` and `b` create at once, ten times: one of them gets it,
+    never both (it is destroyed again for the next round)."""
+    for round_ in range(10):
+        names = (f"a{round_}", f"b{round_}")
+        codes = at_once(
+            [functools.partial(create, a, names[0]), functools.partial(create, b, names[1])]
+        )
+        assert sorted(codes) == [pb.CODE_OK, pb.CODE_RESOURCE_EXHAUSTED], (round_, codes)
+        assert destroy(b, names[codes.index(pb.CODE_OK)]) == pb.CODE_OK
 
 
 def test_a_user_s_queue_quota_holds_across_nodes(
@@ -136,19 +145,28 @@ def new_queue(node: Node, name: str) -> int:
     return int(reply.code)
 
 
+def destroy_queue(node: Node, name: str) -> int:
+    request = pb.DestroyQueueRequest(token=node.token, queue_name=name)
+    return int(node.stub.DestroyQueue(request).code)
+
+
+def destroy_map(node: Node, name: str) -> int:
+    return int(node.stub.MapDestroy(pb.MapDestroyRequest(token=node.token, map=name)).code)
+
+
 def map_put(node: Node, name: str) -> int:
     request = pb.MapPutRequest(token=node.token, map=name, key="k", value="v")
     return int(node.stub.MapPut(request).code)
 
 
-def new_queues_at_once(calls: list[tuple[Node, str]]) -> list[int]:
-    """NewQueue on each (node, name), from threads released together; the codes, in order."""
+def at_once(calls: list[Callable[[], int]]) -> list[int]:
+    """The calls, from threads released together; their answers, in order."""
     start = threading.Barrier(len(calls))
     answers: list[int] = [-1] * len(calls)
 
     def run(index: int) -> None:
         start.wait(timeout=10)
-        answers[index] = new_queue(*calls[index])
+        answers[index] = calls[index]()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
     for thread in threads:
