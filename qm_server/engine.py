@@ -117,7 +117,8 @@ class Engine:
             ChallengeBook(self._auth.challenge_ttl_s, self._auth.max_pending_challenges, clock)
         )
         self._hasher = PasswordHasher.from_settings(self._auth)
-        self._login_guard = LoginGuard(self._auth, clock)
+        # Failed logins are counted where the store says: shared, when servers share it.
+        self._login_guard = LoginGuard(self._auth, clock, store.login_failures(self._auth))
         # Password hashing and RSA decryption are slow and CPU-bound: a small pool caps
         # how many run at once, so a login flood cannot starve the event loop's callers.
         self._crypto_pool = ThreadPoolExecutor(
@@ -219,11 +220,11 @@ class Engine:
             # reveal its outcome: a burst gets no more answers than the same guesses one
             # at a time. (With one login per host judged at a time this cannot happen;
             # checked again all the same, so that it holds if that ever changes.)
-            self._login_guard.check(username, peer)
+            await self._login_guard.check(username, peer)
             if not ok or record is None:
-                self._login_guard.failed(username, peer, _failure(envelope, fresh, record))
+                await self._login_guard.failed(username, peer, _failure(envelope, fresh, record))
                 raise errors.Unauthenticated(LOGIN_FAILED)
-            self._login_guard.succeeded(username, peer)
+            await self._login_guard.succeeded(username, peer)
         await self.refresh_permissions()
         now = self._permissions.get(record.name)
         if now is None or now.credential != record.password_hash:
@@ -293,13 +294,12 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """Plain counts, each read in one step: safe from a metrics thread."""
-        guard = self._login_guard
         return EngineStats(
             sessions=self._sessions.count(),
             subscriptions=self._subscription_usage.total,
             waiting_polls=self._poll_usage.total,
-            login_failures=guard.failures,
-            login_refusals=guard.refusals,
+            login_failures=self._login_guard.failures,
+            login_refusals=self._login_guard.refusals,
         )
 
     async def _end_session(self, session: Session, why: audit.EndReason, by: str = "") -> None:

@@ -23,6 +23,10 @@ behind; a call checks the throttle when its turn comes, before any expensive wor
 flood from one host then holds at most one crypto worker, and its refused calls cost
 almost nothing.
 
+Where the counts live (login_failures.py): in memory for one server; in the store when
+servers share one, so that the budgets hold across the cluster, not per server. The line
+per host stays in each server: it guards that server's CPU.
+
 Every refusal and failure is an audit event (audit.py: login.failed, login.throttled) with
 the user and the peer (never a password or token), so that an operator can see an
 attack; a refusal once per backoff, not once per call.
@@ -37,8 +41,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from qm_server import audit, errors
-from qm_server.auth import LoginThrottle
 from qm_server.config import AuthSettings
+from qm_server.login_failures import LoginFailures, MemoryLoginFailures
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +61,15 @@ class _Line:
 
 
 class LoginGuard:
-    def __init__(self, settings: AuthSettings, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: AuthSettings,
+        clock: Callable[[], float],
+        failures: LoginFailures | None = None,
+    ) -> None:
+        """`failures`: where the counts live; None keeps them in memory (one server)."""
         self._settings = settings
-        forget = settings.forget_failures_after_s
-        backoff = settings.max_backoff_s
-        self._pairs = LoginThrottle(
-            settings.failures_before_backoff, backoff, clock, forget_after_s=forget
-        )
-        self._hosts = LoginThrottle(
-            settings.host_failures_before_backoff, backoff, clock, forget_after_s=forget
-        )
-        # Only counted, never refused on: see the module docstring.
-        self._users = LoginThrottle(
-            settings.user_failures_ceiling, backoff, clock, forget_after_s=forget
-        )
+        self._failures = failures or MemoryLoginFailures(settings, clock)
         self._lines: dict[str, _Line] = {}
         # Since the start, for metrics: failed logins, and logins refused unjudged
         # (throttled, or too many in progress from one host).
@@ -99,36 +98,37 @@ class LoginGuard:
         line.calls += 1
         try:
             async with line.turn:
-                self.check(username, host)
+                await self.check(username, host)
                 yield
         finally:
             line.calls -= 1
             self._forget_if_idle(host, line)
 
-    def check(self, username: str, host: str) -> None:
+    async def check(self, username: str, host: str) -> None:
         """ResourceExhausted while the (user, host) pair or the host is backing off."""
-        for throttle, key in ((self._pairs, _pair(username, host)), (self._hosts, host)):
-            wait = throttle.retry_after(key)
-            if wait > 0:
-                if throttle.first_refusal(key):
-                    audit.record(
-                        audit.Event.LOGIN_THROTTLED,
-                        user=_shown(username),
-                        reason="failures of this user from this host"
-                        if throttle is self._pairs
-                        else "failures from this host",
-                        failures=throttle.failures(key),
-                        retry_after_s=round(wait, 1),
-                    )
-                self.refusals += 1
-                raise errors.ResourceExhausted(f"too many failed logins; retry in {wait:.1f} s")
+        refusal = await self._failures.refusal(_shown(username), host)
+        if refusal is None:
+            return
+        if refusal.first:
+            audit.record(
+                audit.Event.LOGIN_THROTTLED,
+                user=_shown(username),
+                reason="failures from this host"
+                if refusal.by_host
+                else "failures of this user from this host",
+                failures=refusal.failures,
+                retry_after_s=round(refusal.retry_after_s, 1),
+            )
+        self.refusals += 1
+        raise errors.ResourceExhausted(
+            f"too many failed logins; retry in {refusal.retry_after_s:.1f} s"
+        )
 
-    def failed(self, username: str, host: str, reason: str) -> None:
+    async def failed(self, username: str, host: str, reason: str) -> None:
         self.failures += 1
         user = _shown(username)
         audit.record(audit.Event.LOGIN_FAILED, user=user, reason=reason)
-        user_failures = self._users.failures(user) + 1
-        self._users.failed(user)
+        user_failures = await self._failures.failed(user, host)
         if user_failures == self._settings.user_failures_ceiling + 1:
             log.warning(
                 "user %r had %d failed logins from all hosts within %.0f s: each host now "
@@ -137,13 +137,10 @@ class LoginGuard:
                 user_failures,
                 self._settings.forget_failures_after_s,
             )
-        under_attack = user_failures > self._settings.user_failures_ceiling
-        self._pairs.failed(_pair(username, host), 1 if under_attack else None)
-        self._hosts.failed(host)
 
-    def succeeded(self, username: str, host: str) -> None:
+    async def succeeded(self, username: str, host: str) -> None:
         """Clears the pair only: see the module docstring for the host and the user."""
-        self._pairs.succeeded(_pair(username, host))
+        await self._failures.succeeded(_shown(username), host)
 
     def _forget_if_idle(self, host: str, line: _Line) -> None:
         if line.calls == 0 and self._lines.get(host) is line:
@@ -152,7 +149,3 @@ class LoginGuard:
 
 def _shown(username: str) -> str:
     return username[:MAX_NAME_CHARS]
-
-
-def _pair(username: str, host: str) -> str:
-    return f"{host} {_shown(username)}"

@@ -30,7 +30,6 @@ from qm_server import errors
 from qm_server.auth import PasswordHasher
 from qm_server.config import AuthSettings
 from qm_server.engine import Engine
-from qm_server.login_guard import LoginGuard
 from qm_server.store.base import UserRecord
 
 Stub = pb_grpc.QueueManagerServiceStub
@@ -135,53 +134,6 @@ def test_failures_throttling_and_denials_are_logged_without_secrets(
     text = "\n".join(record.getMessage() for record in caplog.records)
     for secret in (wrong, handle.admin_password, "bob-secret", admin, bob):
         assert secret not in text
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def refused(guard: LoginGuard, user: str, host: str) -> bool:
-    try:
-        guard.check(user, host)
-    except errors.ResourceExhausted:
-        return True
-    return False
-
-
-def test_a_guess_spread_over_many_hosts_is_slowed_but_a_fresh_host_gets_in() -> None:
-    settings = dataclasses.replace(FAST_AUTH, user_failures_ceiling=12)
-    guard = LoginGuard(settings, FakeClock())
-    for host in range(3):  # 4 failures each: below the pair's 5, the ceiling not reached
-        for _ in range(4):
-            guard.failed("admin", f"h{host}", "wrong password")
-    assert not any(refused(guard, "admin", f"h{host}") for host in range(3))
-    guard.failed("admin", "h3", "wrong password")  # the 13th: past the ceiling
-    assert refused(guard, "admin", "h3")  # one failure is all a host gets now
-    assert not refused(guard, "admin", "h0")
-    guard.failed("admin", "h0", "wrong password")  # its next failure backs it off at once
-    assert refused(guard, "admin", "h0")
-    assert not refused(guard, "admin", "h4")  # a host that never failed is never refused
-    assert not refused(guard, "bob", "h1")  # nor is another user on those hosts
-
-
-def test_a_host_s_count_survives_its_successes_and_fades_when_quiet() -> None:
-    """A valid account must not reset its host's count between guesses at others."""
-    settings = dataclasses.replace(FAST_AUTH, host_failures_before_backoff=3)
-    clock = FakeClock()
-    guard = LoginGuard(settings, clock)
-    for user in ("u1", "u2"):
-        guard.failed(user, "h", "no such user")
-        guard.succeeded("mine", "h")
-    guard.failed("u3", "h", "no such user")
-    assert refused(guard, "u4", "h")
-    clock.now += settings.forget_failures_after_s + 1
-    guard.failed("u4", "h", "no such user")  # counted from one again: no backoff
-    assert not refused(guard, "u5", "h")
 
 
 def test_a_login_abandoned_while_it_hashes_keeps_its_host_s_turn_until_the_hash_ends(

@@ -21,8 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from qm_server.config import AuthSettings
 from qm_server.errors import Code
 from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
+from qm_server.login_failures import LoginFailures
 from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
 
@@ -404,6 +406,13 @@ class Store(UserDirectory):
         already used, on any server sharing the store, or for one already expired. Only
         a store whose shared_secret is not None is asked."""
         raise NotImplementedError("a store of one server keeps no login challenges")
+
+    def login_failures(self, settings: AuthSettings) -> LoginFailures | None:
+        """Failed-login counts that every server sharing this store sees, so that login
+        throttles hold across them (login_failures.py). None from a store that only one
+        server uses: the server counts in its memory, hence this default."""
+        del settings
+        return None
 
     def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
         """`listener(queue_name)` when another node sharing this store destroyed the

@@ -153,6 +153,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX used_challenges_expiry ON used_challenges (expires_at);
     """,
+    # 4: failed logins counted for every node (store/pg_login_failures.py).
+    """
+    CREATE TABLE login_failures (
+        kind           smallint NOT NULL,
+        key            text COLLATE "C" NOT NULL,
+        failures       integer NOT NULL,
+        refused_until  bigint NOT NULL,
+        last_failure   bigint NOT NULL,
+        refusal_logged boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (kind, key)
+    );
+    CREATE INDEX login_failures_last ON login_failures (last_failure);
+    """,
 )
 
 # Queues -------------------------------------------------------------------------------------

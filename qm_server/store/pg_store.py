@@ -41,8 +41,10 @@ from typing import Any, TypeAlias, TypeVar
 
 from qm_server import errors, lifecycle
 from qm_server.answer_size import key_value_size
+from qm_server.config import AuthSettings
 from qm_server.errors import Code
 from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
+from qm_server.login_failures import LoginFailures
 from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
 from qm_server.store import pg_sql as sql
@@ -60,6 +62,7 @@ from qm_server.store.base import (
 )
 from qm_server.store.listing import visible_names
 from qm_server.store.pg_driver import psycopg, psycopg_pool
+from qm_server.store.pg_login_failures import PgLoginFailures
 from qm_server.store.pg_migrate import current_version, migrate
 from qm_server.store.pg_notify import GONE, READY, ClusterSignals
 from qm_server.store.settings_json import settings_from_json, settings_to_json
@@ -263,6 +266,9 @@ class PgStore(Store):
         """Used challenges past their expiry: refused by their expiry alone now."""
         async with self._conn() as conn:
             await conn.execute(sql.PRUNE_CHALLENGES, self._p(limit=DUE_CHUNK))
+
+    def login_failures(self, settings: AuthSettings) -> LoginFailures | None:
+        return PgLoginFailures(settings, self._conn, self._p)  # every node counts here
 
     def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
         self._gone_listener = listener
