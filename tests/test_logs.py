@@ -305,3 +305,14 @@ def test_server_main_imports_no_grpc_before_it_quiets_it() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
     )
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_readme_names_every_audit_event() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| `event` |") :].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| (.+?) \|", table, flags=re.MULTILINE)[2:]
+    named = {name for row in rows for name in re.findall(r"`([a-z_]+\.[a-z_]+)`", row)}
+    assert named == {event.value for event in audit.Event}
+    reasons = re.search(r"^\| `session\.ended` \|.*$", table, flags=re.MULTILINE)
+    assert reasons is not None
+    assert {r.value for r in audit.EndReason} <= set(re.findall(r"`(\w+)`", reasons[0]))
