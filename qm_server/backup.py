@@ -89,10 +89,12 @@ def back_up(data_dir: Path, dest: Path) -> list[str]:
         copied = [DB_FILE, *_copy_files(data_dir, work)]
         _copy_database(source, work / DB_FILE)
         fsync_dir(work)
-        work.rename(dest)  # an empty dest is replaced; a non-empty one fails here
+        work.rename(dest)  # an empty dest is replaced; one filled meanwhile fails here
         fsync_dir(parent)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, DEST filled meanwhile, ...
+            raise BackupRefused(f"cannot write {dest}: {exc}") from None
         raise
     return copied
 

@@ -231,3 +231,26 @@ def test_postgresql_store_points_at_pg_dump(tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert "pg_dump --schema=jobs" in refused.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_a_dest_filled_during_the_copy_is_left_alone(
+    tmp_path: Path, processes: list[ServerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is the last step: if DEST got files meanwhile, it fails and the copy
+    is removed (in-process, to fill DEST at the right moment)."""
+    from qm_server import backup
+
+    start(processes, tmp_path / "data")
+    dest = tmp_path / "dest"
+    copy_files = backup._copy_files
+
+    def copy_then_fill(data_dir: Path, work: Path) -> list[str]:
+        dest.mkdir()
+        (dest / "theirs").write_text("")
+        return copy_files(data_dir, work)
+
+    monkeypatch.setattr(backup, "_copy_files", copy_then_fill)
+    with pytest.raises(backup.BackupRefused, match=f"cannot write {dest}: "):
+        backup.back_up(tmp_path / "data", dest)
+    assert os.listdir(dest) == ["theirs"]
+    assert sorted(os.listdir(tmp_path)) == ["data", "data-server.log", "data.port", "dest"]
