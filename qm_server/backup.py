@@ -54,8 +54,12 @@ def add_backup_command(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "backup",
         help="copy the database and key of --data-dir into DEST, also while the server runs",
     )
-    backup.add_argument("dest", type=Path, help="a directory that does not exist, or is empty")
-    backup.add_argument("--data-dir", type=Path, dest="user_data_dir")
+    backup.add_argument(
+        "dest", type=Path, metavar="DEST", help="a directory that does not exist, or is empty"
+    )
+    backup.add_argument(
+        "--data-dir", type=Path, dest="user_data_dir", metavar="DIR", help="the one to copy"
+    )
 
 
 def run_backup(args: argparse.Namespace) -> int:
