@@ -254,3 +254,26 @@ def test_a_dest_filled_during_the_copy_is_left_alone(
         backup.back_up(tmp_path / "data", dest)
     assert os.listdir(dest) == ["theirs"]
     assert sorted(os.listdir(tmp_path)) == ["data", "data-server.log", "data.port", "dest"]
+
+
+def test_backup_after_a_kill_keeps_what_the_log_holds(
+    tmp_path: Path, processes: list[ServerProcess]
+) -> None:
+    """A server killed with -9 leaves its last commits in qm.db-wal and a wal-index to
+    rebuild; the read-only copy reads them all the same."""
+    original = start(processes, tmp_path / "data")
+    with grpc.insecure_channel(original.target) as channel:
+        stub = pb_grpc.QueueManagerServiceStub(channel)
+        token = login(stub, "admin", ADMIN_PASSWORD)
+        assert stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="jobs")).code == 0
+        elements = [f"e{i}" for i in range(50)]
+        added = stub.AddAll(pb.AddAllRequest(token=token, queue_name="jobs", elements=elements))
+        assert added.code == pb.CODE_OK, added.message
+    original.kill()
+    assert (tmp_path / "data" / f"{DB_FILE}-wal").stat().st_size > 0
+    done = qm_server("backup", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 0, done.stderr
+    restored = start(processes, tmp_path / "backup")
+    with grpc.insecure_channel(restored.target) as channel:
+        stub = pb_grpc.QueueManagerServiceStub(channel)
+        assert drain(stub, login(stub, "admin", ADMIN_PASSWORD)) == elements
