@@ -10,7 +10,9 @@ The database is copied with SQLite's online backup API in one step, which reads 
 one read transaction: in WAL mode that is a snapshot of every commit made before it
 began (those still in `qm.db-wal` included), and the server's writer goes on committing
 meanwhile. The copy does not take `qm.lock`: a server may be running, or start or stop
-during the copy, and the snapshot is consistent all the same. The copy is checked
+during the copy, and the snapshot is consistent all the same. Nothing is written in the
+data directory but what SQLite does itself when the last connection to a database closes
+(it checkpoints the WAL: a stopped server's directory). The copy is checked
 (`PRAGMA integrity_check`) and fsynced in a temporary directory beside DEST, which is
 renamed to DEST only when whole, so DEST is either a complete backup or absent.
 

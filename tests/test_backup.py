@@ -259,8 +259,8 @@ def test_a_dest_filled_during_the_copy_is_left_alone(
 def test_backup_after_a_kill_keeps_what_the_log_holds(
     tmp_path: Path, processes: list[ServerProcess]
 ) -> None:
-    """A server killed with -9 leaves its last commits in qm.db-wal and a wal-index to
-    rebuild; the read-only copy reads them all the same."""
+    """A server killed with -9 leaves qm.db-wal and qm.db-shm behind: a backup from
+    that directory (before a restart) holds every add answered before the kill."""
     original = start(processes, tmp_path / "data")
     with grpc.insecure_channel(original.target) as channel:
         stub = pb_grpc.QueueManagerServiceStub(channel)
