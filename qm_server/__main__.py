@@ -6,6 +6,7 @@ qm-server user remove NAME [--data-dir DIR]
 qm-server user list [--data-dir DIR]
 qm-server user grant|revoke NAME ACTIONS KIND PATTERN [--data-dir DIR]
 qm-server check [--data-dir DIR]
+qm-server backup DEST [--data-dir DIR]
 qm-server --version
 
 Every flag can also come from its environment variable (QM_LISTEN, QM_DATA_DIR, ...; see
@@ -22,6 +23,7 @@ import sys
 from pathlib import Path
 
 from qm_server import __version__, errors, logs
+from qm_server.backup import add_backup_command, run_backup
 from qm_server.config import ServerConfig
 from qm_server.flags import ENV_RULE, add_setting_flags, environment_defaults, settings_from_args
 from qm_server.fsutil import DataDirInUse, DataDirRefused
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="check the whole database for damage (PRAGMA integrity_check)"
     )
     check.add_argument("--data-dir", type=Path, dest="user_data_dir")
+    add_backup_command(commands)
     return parser
 
 
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return manage_users(args)
     if args.command == "check":
         return check_database(args)
+    if args.command == "backup":
+        return run_backup(args)
     try:
         config = config_from_args(args)
     except ValueError as exc:  # limits that contradict each other

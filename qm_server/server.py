@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from grpc_reflection.v1alpha import reflection
 
 from qm_server import audit, handlers, health
 from qm_server.auth import KeyPair, PasswordHasher, random_password
@@ -25,6 +24,7 @@ from qm_server.datadir import (
 from qm_server.engine import Engine
 from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
 from qm_server.metrics import MetricsAddressError, ServerMetrics, parse_address
+from qm_server.reflection_v1 import enable_reflection
 from qm_server.server_key import load_server_key
 from qm_server.servicer import QueueManagerServicer
 from qm_server.store.backends import open_store
@@ -200,9 +200,7 @@ class QueueManagerServer:
         calls = self.metrics.calls if self.metrics is not None else None
         handlers.register(QueueManagerServicer(self.engine, calls), server)
         self._health.add_to(server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        enable_reflection([SERVICE_NAME, health.SERVICE_NAME], server)
         port = bind(server, config)
         if self.metrics is not None:
             try:

@@ -113,3 +113,52 @@ def test_health_is_not_serving_until_the_server_says_so() -> None:
         return int(reply.status)
 
     assert asyncio.run(check()) == NOT_SERVING
+
+
+def reflect_v1(channel: grpc.Channel, *requests: Any) -> list[Any]:
+    """Requests to grpc.reflection.v1 (the same messages as v1alpha's, under v1's name)."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    call = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    return list(call(iter(requests), timeout=10))
+
+
+def test_reflection_v1_lists_and_describes_a_method(channel: grpc.Channel) -> None:
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha.reflection_pb2 import ServerReflectionRequest as Request
+
+    listed, method, v1 = reflect_v1(
+        channel,
+        Request(list_services=""),
+        Request(file_containing_symbol="qm.v1.QueueManagerService.HeartBeat"),
+        Request(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+    )
+    assert {s.name for s in listed.list_services_response.service} == {
+        "qm.v1.QueueManagerService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(blob)
+        for blob in method.file_descriptor_response.file_descriptor_proto
+    ]
+    assert files[0].package == "qm.v1"
+    (file,) = [
+        descriptor_pb2.FileDescriptorProto.FromString(blob)
+        for blob in v1.file_descriptor_response.file_descriptor_proto
+    ]
+    (rpc,) = file.service[0].method
+    assert (file.package, rpc.input_type) == (
+        "grpc.reflection.v1",
+        ".grpc.reflection.v1.ServerReflectionRequest",
+    )
+
+
+def test_reflection_v1alpha_finds_a_method(channel: grpc.Channel) -> None:
+    database = ProtoReflectionDescriptorDatabase(channel)
+    assert database.FindFileContainingSymbol("qm.v1.QueueManagerService.Poll").package == "qm.v1"
