@@ -5,15 +5,17 @@ Each event is one INFO line on the `qm_server.audit` logger with a stable `event
 record: the JSON format (logs.py) shows them as keys, the text format as `key='value'`
 after the event name. A line logged during a call also carries the call's request id,
 RPC and peer (call_context.py), so an event names where it came from without being
-told. Never a payload, password, token or ciphertext: the callers pass names, counts and
-reasons only, and the tests grep a scenario's whole log for a known password, token and
-payload.
+told; the text shows the peer after the fields. Never a payload, password, token or
+ciphertext: the callers pass names, counts and reasons only, and the tests grep a
+scenario's whole log for a known password, token and payload.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+
+from qm_server import call_context
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ def record(event: Event, **fields: str | float) -> None:
         return
     shown = {k: v if isinstance(v, int | float) else str(v) for k, v in fields.items() if v != ""}
     text = " ".join([event.value, *(f"{k}={v!r}" for k, v in shown.items())])
+    call = call_context.current()
+    if call is not None:  # a key of its own in JSON (call_context.CallFilter)
+        text += f" peer={call.peer!r}"
     log.info("%s", text, extra={"event": event.value, **shown})
 
 

@@ -187,7 +187,8 @@ def test_text_log_shows_request_ids_and_events(tmp_path: Path) -> None:
     lines = proc.log().splitlines()
     assert any(
         re.fullmatch(
-            r"\S+ \S+ INFO qm_server\.audit \[text-login\]: login\.ok user='admin' session='\w+'",
+            r"\S+ \S+ INFO qm_server\.audit \[text-login\]: "
+            r"login\.ok user='admin' session='\w+' peer='ipv4:127\.0\.0\.1:\d+'",
             line,
         )
         for line in lines
