@@ -4,6 +4,8 @@ start with one line that says what to install (backends.py)."""
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
 try:
     import psycopg
     import psycopg.errors
@@ -19,4 +21,7 @@ INSTALL_HINT = (
     "(psycopg[binary,pool])"
 )
 
-__all__ = ["INSTALL_HINT", "MISSING", "psycopg", "psycopg_pool"]
+# One connection of the store's pool, as every PostgreSQL module types it.
+Conn: TypeAlias = "psycopg.AsyncConnection[tuple[Any, ...]]"
+
+__all__ = ["INSTALL_HINT", "MISSING", "Conn", "psycopg", "psycopg_pool"]

@@ -34,7 +34,7 @@ from qm_server.login_failures import Refusal, pair_key
 from qm_server.store.pg_sql import NOW
 
 if TYPE_CHECKING:
-    from qm_server.store.pg_store import Conn
+    from qm_server.store.pg_driver import Conn
 
 PAIR: Final = 0
 HOST: Final = 1

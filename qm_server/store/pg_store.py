@@ -37,7 +37,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeVar
 
 from qm_server import errors, lifecycle
 from qm_server.answer_size import key_value_size
@@ -61,7 +61,7 @@ from qm_server.store.base import (
     UserRecord,
 )
 from qm_server.store.listing import visible_names
-from qm_server.store.pg_driver import psycopg, psycopg_pool
+from qm_server.store.pg_driver import Conn, psycopg, psycopg_pool
 from qm_server.store.pg_login_failures import PgLoginFailures
 from qm_server.store.pg_migrate import current_version, migrate
 from qm_server.store.pg_notify import GONE, READY, ClusterSignals
@@ -70,8 +70,6 @@ from qm_server.store.settings_json import settings_from_json, settings_to_json
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-Conn: TypeAlias = "psycopg.AsyncConnection[tuple[Any, ...]]"
 
 DEFAULT_IDEMPOTENCY_WINDOW_S = 600.0
 IDEMPOTENCY_PRUNE_BATCH = 8
