@@ -110,6 +110,7 @@ class Engine:
         self.limits = limits or Limits()
         self._auth = auth or AuthSettings()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._sessions = sessions or MemorySessions()
         # Servers sharing a store pass theirs (challenges.py); one server keeps its own.
         self._challenges = challenges or MemoryChallenges(
@@ -232,7 +233,9 @@ class Engine:
             record.name, "sessions", self.limits.max_sessions, self.limits.max_sessions_per_user
         )
         self._make_room(room, self._sessions.count(), self._session_usage.of(record.name))
-        token, session = self._sessions.create(record.name, record.password_hash, self._clock())
+        token, session = self._sessions.create(
+            record.name, record.password_hash, self._clock(), peer, self._wall_clock()
+        )
         self._session_usage.add(record.name)
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
