@@ -11,7 +11,10 @@ from typing import Any
 from .._version import __version__
 from ..client import DEFAULT_TIMEOUT
 from ..errors import QMError, QueueEmpty, Unavailable
-from . import maps, messages, queues, server
+from .maps import register as map_commands
+from .messages import register as message_commands
+from .queues import register as queue_commands
+from .server import register as server_commands
 from ._args import Handler, Leaf
 from ._context import (
     DEFAULT_SERVER,
@@ -111,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qm {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     leaf = Leaf(common)
-    queues.register(commands, leaf)
-    messages.register(commands, leaf)
-    maps.register(commands, leaf)
-    server.register(commands, leaf)
+    queue_commands(commands, leaf)
+    message_commands(commands, leaf)
+    map_commands(commands, leaf)
+    server_commands(commands, leaf)
     return parser
 
 
