@@ -11,10 +11,6 @@ from typing import Any
 from .._version import __version__
 from ..client import DEFAULT_TIMEOUT
 from ..errors import QMError, QueueEmpty, Unavailable
-from .maps import register as map_commands
-from .messages import register as message_commands
-from .queues import register as queue_commands
-from .server import register as server_commands
 from ._args import Handler, Leaf
 from ._context import (
     DEFAULT_SERVER,
@@ -26,6 +22,10 @@ from ._context import (
     UsageError,
     report,
 )
+from .maps import register as map_commands
+from .messages import register as message_commands
+from .queues import register as queue_commands
+from .server import register as server_commands
 
 __all__ = ["build_parser", "main"]
 
