@@ -26,6 +26,8 @@ from .maps import register as map_commands
 from .messages import register as message_commands
 from .queues import register as queue_commands
 from .server import register as server_commands
+from .sessions import register as session_commands
+from .top import register as top_command
 
 __all__ = ["build_parser", "main"]
 
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     message_commands(commands, leaf)
     map_commands(commands, leaf)
     server_commands(commands, leaf)
+    session_commands(commands, leaf)
+    top_command(commands, leaf)
     return parser
 
 
