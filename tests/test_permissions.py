@@ -210,8 +210,8 @@ def test_new_user_holds_nothing_and_changes_nothing(
     stub.Add(pb.AddRequest(token=admin, queue_name="jobs.a", element="ready"))
     bob = login(stub, "bob", "bob-pw")
     codes = every_call(stub, bob, "jobs.a", "cfg", held.message_id, "bob-pw")
-    denied = (*GRANT_NEEDED, *ADMIN_ONLY)
-    expected = {**dict.fromkeys(denied, pb.CODE_PERMISSION_DENIED), **NO_GRANT_NEEDED}
+    refused = (*GRANT_NEEDED, *ADMIN_ONLY)
+    expected = {**dict.fromkeys(refused, pb.CODE_PERMISSION_DENIED), **NO_GRANT_NEEDED}
     assert codes == expected
     denied = stub.Add(pb.AddRequest(token=login(stub, "bob", "bob-pw"), queue_name="jobs.a"))
     assert "may not" in denied.message
