@@ -23,6 +23,7 @@ from ._lifecycle import (
     RedriveResult,
     RetryPolicy,
 )
+from ._sessions import ServerLimits, SessionStatus, SessionSummary
 from ._version import __version__
 from .client import (
     DEFAULT_MAX_LEASE,
@@ -93,8 +94,11 @@ __all__ = [
     "RedriveResult",
     "ResourceExhausted",
     "RetryPolicy",
+    "ServerLimits",
     "SessionLoss",
     "SessionNotFound",
+    "SessionStatus",
+    "SessionSummary",
     "Subscription",
     "TransportError",
     "Unauthenticated",
