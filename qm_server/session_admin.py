@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from qm_server import errors
+from qm_server.audit import EndReason
 from qm_server.sessions import Session, SessionRegistry
 from qm_server.store.base import Store
 from qm_server.validation import check_count
@@ -42,7 +43,7 @@ class SessionAdmin:
         *,
         session: Callable[[str], Session],
         is_admin: Callable[[str], bool],
-        end: Callable[[Session, str], Awaitable[None]],
+        end: Callable[[Session, EndReason, str], Awaitable[None]],
         subscriptions_of: Callable[[int], int],
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -85,7 +86,7 @@ class SessionAdmin:
         target = self._registry.get(session_id)
         if target is None or target.ended:
             raise errors.SessionNotFound(f"no live session has id {session_id}")
-        await self._end(target, f"ended by admin {caller.username}")
+        await self._end(target, EndReason.ENDED_BY_ADMIN, caller.username)
 
     def _admin(self, token: str, what: str) -> Session:
         session = self._session(token)

@@ -232,7 +232,11 @@ def test_cli_stderr_has_only_its_own_message(server: ServerHandle, pki: dict[str
     result = run([*qm, "queue", "list"], env)
     assert result.returncode == 4
     assert result.stderr.startswith("qm: UNAVAILABLE: ")
-    assert result.stderr.count("\n") == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("qm: ") for line in lines), result.stderr
+    assert (
+        lines[-1] == "qm: hint: the server speaks plaintext: leave out --ca-cert, --cert and --key"
+    )
 
 
 def test_cli_entry_point_is_the_quiet_one() -> None:
