@@ -46,6 +46,7 @@ from qm_server.pages import offset_page
 from qm_server.permissions import Permissions
 from qm_server.queue_admin import QueueAdmin
 from qm_server.quotas import Room, Usage
+from qm_server.session_admin import SessionAdmin, SessionReport
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Enqueued, LeaseOutcome, Store
 from qm_server.subscription import StreamRules, Subscription
@@ -157,6 +158,18 @@ class Engine:
             subscriptions_on=self._subscriptions_on,
             wall_clock=wall_clock,
         )
+        # HeartBeat's status, ListSessions and EndSession (session_admin.py).
+        self.session_admin = SessionAdmin(
+            store,
+            self._sessions,
+            self.limits.max_page,
+            session=self.session,
+            is_admin=lambda username: self._permissions_of(username).is_admin,
+            end=self._end_session,
+            subscriptions_of=lambda session_id: len(self._subscriptions.get(session_id, ())),
+            clock=clock,
+            wall_clock=wall_clock,
+        )
 
     # Life cycle -------------------------------------------------------------------------
 
@@ -207,8 +220,11 @@ class Engine:
             ttl_ms=int(self._auth.challenge_ttl_s * 1000),
         )
 
-    async def login(self, username: str, ciphertext: bytes, peer: str) -> tuple[str, int]:
-        """Return (token, session ttl in ms). Every failure looks the same to the caller."""
+    async def login(
+        self, username: str, ciphertext: bytes, peer: str, address: str = ""
+    ) -> tuple[str, int]:
+        """Return (token, session ttl in ms). Every failure looks the same to the caller.
+        `peer` is the host logins are throttled by, `address` the full one admins see."""
         # Throttled or crowded: refused before any expensive work (login_guard.py).
         async with self._login_guard.admit(username, peer):
             envelope = await self._crypto(self._open_envelope, ciphertext)
@@ -236,7 +252,12 @@ class Engine:
         )
         try:
             token, session = await self._sessions.create(
-                record.name, record.password_hash, self._clock(), room, peer, self._wall_clock()
+                record.name,
+                record.password_hash,
+                self._clock(),
+                room,
+                address or peer,
+                self._wall_clock(),
             )
         except errors.ResourceExhausted as exc:
             log.warning("refused user %s one more of its sessions: %s", record.name, exc)
@@ -279,8 +300,8 @@ class Engine:
         self.authorize(session, action, kind, name)
         return session
 
-    async def heartbeat(self, token: str) -> None:
-        await self.session(token)
+    async def heartbeat(self, token: str) -> SessionReport:
+        return await self.session_admin.heartbeat(token)
 
     async def logout(self, token: str) -> None:
         await self._end_session(await self.session(token), "logged out")

@@ -172,7 +172,7 @@ class PgSessions(SessionRegistry):
         async with self._store._conn() as conn:
             cursor = await conn.execute(sql.PAGE_SESSIONS, args)
             rows = await cursor.fetchall()
-        return [self._from_row(self._digest_by_id.get(int(r[0])), r[:6]) for r in rows]
+        return [self._from_row(self._digest_by_id.get(int(r[0])), r) for r in rows]
 
     def count(self) -> int:
         return len(self._by_digest)

@@ -212,6 +212,13 @@ HOLDING_SESSIONS = """
     SELECT count(*) FROM (SELECT DISTINCT owner_session FROM messages
                           WHERE queue_id = %s AND state = 1) s
 """
+# Messages in flight per session (HeartBeat, ListSessions), by the
+# messages_held index.
+HELD_BY_SESSIONS = """
+    SELECT owner_session, count(*) FROM messages
+    WHERE state = 1 AND owner_session = ANY(%(sessions)s)
+    GROUP BY owner_session
+"""
 OLDEST_READY = "SELECT min(enqueued_at) FROM messages WHERE queue_id = %s AND state = 0"
 DEAD_LETTERED_FROM = "SELECT count(*) FROM dead_letters WHERE original_queue = %s"
 DEAD_LETTERS_HELD = "SELECT count(*) FROM dead_letters WHERE holder = %s"
@@ -503,9 +510,7 @@ SESSION_COLUMNS = f"id, username, credential, peer, created_at, {NOW} - last_act
 FIND_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE token_digest = %(digest)s"
 GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = %(id)s"
 PAGE_SESSIONS = f"""
-    SELECT {SESSION_COLUMNS},
-           (SELECT count(*) FROM messages WHERE state = 1 AND owner_session = sessions.id)
-    FROM sessions
+    SELECT {SESSION_COLUMNS} FROM sessions
     WHERE id > %(after)s AND (%(user)s::text = '' OR username = %(user)s)
     ORDER BY id LIMIT %(limit)s
 """
