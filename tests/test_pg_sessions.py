@@ -170,3 +170,29 @@ def test_max_sessions_counts_the_sessions_of_every_node(
     assert refused.code == pb.CODE_RESOURCE_EXHAUSTED, refused
     assert a.stub.Logout(pb.LogoutRequest(token=third)).code == pb.CODE_OK
     login(b.stub, "admin", ADMIN_PASSWORD)
+
+
+def test_an_admin_on_one_node_lists_and_ends_the_sessions_of_every_node(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    a, b = start_nodes(make_server, tmp_path)
+    new_queue(a, a.token)
+    token = login(a.stub, "admin", ADMIN_PASSWORD)
+    assert a.stub.Add(pb.AddRequest(token=token, queue_name="q", element="m")).code == 0
+    assert a.stub.Poll(pb.PollRequest(token=token, queue_name="q")).code == pb.CODE_OK
+    status = a.stub.HeartBeat(pb.HeartBeatRequest(token=token)).session
+    listed = b.stub.ListSessions(pb.ListSessionsRequest(token=b.token, limit=10))
+    assert listed.code == pb.CODE_OK
+    by_id = {s.session_id: s for s in listed.sessions}
+    assert len(by_id) == 3  # an admin session per node, and this one
+    mine = by_id[status.session_id]
+    assert (mine.username, mine.messages_held) == ("admin", 1)
+    assert mine.peer.startswith("ipv4:127.0.0.1:"), mine.peer
+    assert 0 < mine.created_at_ms <= mine.last_active_at_ms
+    ended = b.stub.EndSession(pb.EndSessionRequest(token=b.token, session_id=status.session_id))
+    assert ended.code == pb.CODE_OK
+    assert a.stub.Size(pb.SizeRequest(token=a.token, queue_name="q")).size == 1  # released
+    wait_until(
+        lambda: a.stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_UNAUTHENTICATED,
+        timeout_s=1.5,
+    )
