@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pg_fixtures import pg_config
-from test_pg_cluster import Node, start_nodes, wait_until
+from test_pg_cluster import Node, Stream, start_nodes, wait_until
 
 from conftest import ADMIN_PASSWORD, ServerHandle, encrypt_password, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -90,6 +90,26 @@ def test_without_notify_the_recheck_ends_it_within_about_a_second(
 ) -> None:
     latency = logout_ends_a_poll_elsewhere(make_server, tmp_path, notify=False)
     assert latency < 2.5, latency
+
+
+def test_a_logout_on_one_node_ends_the_sessions_stream_on_another(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    a, b = start_nodes(make_server, tmp_path)
+    new_queue(a, a.token)
+    stream = Stream(a, "q", max_unacked=1)
+    try:
+        wait_until(lambda: a.waiting() == 1)
+        assert b.stub.Logout(pb.LogoutRequest(token=a.token)).code == pb.CODE_OK
+        logged_out_at = time.monotonic()
+        ended = stream.next()
+        latency = time.monotonic() - logged_out_at
+        assert ended is not None
+        assert ended.code == pb.CODE_UNAUTHENTICATED
+        assert stream.next() is None  # and the stream is over
+        assert latency < 0.5, latency
+    finally:
+        stream.close()
 
 
 def test_a_paused_node_acks_nothing_redelivered_and_its_client_is_told_the_session_ended(

@@ -237,6 +237,37 @@ def spy(expire: Any, seen: list[list[int]]) -> Any:
     return run
 
 
+def test_a_claim_that_commits_after_its_session_ended_is_released_by_the_sweep(
+    tmp_path: Path,
+) -> None:
+    """Claims do not check that their session exists (pg_sessions.py says why): one that
+    commits just after its session's end released what it held leaves messages held by
+    no session, which the next sweep of any node releases."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        store = pg_store(tmp_path, clock=clock, timed=False)
+        sessions = await sessions_of(store, clock)
+        try:
+            await store.create_queue("q", ROOM)
+            await store.enqueue("q", ["a", "b"])
+            alice = await log_in(sessions, clock)
+            await sessions.end(alice)
+            [late] = await store.claim("q", alice.id, 1, MIB)  # the race, in slow motion
+            bob = await log_in(sessions, clock, "bob")
+            [held] = await store.claim("q", bob.id, 1, MIB)
+            assert await store.queue_counts("q") == QueueCounts(0, 2)
+            await sessions.sweep(0)
+            assert await store.queue_counts("q") == QueueCounts(1, 1)  # bob's stays held
+            [again] = await store.claim("q", bob.id, 1, MIB)
+            assert (again.message_id, again.delivery_count) == (late.message_id, 2)
+            assert await store.ack(bob.id, [held.message_id], True) == [Code.OK]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+
+
 def test_a_node_whose_sweep_stalled_expires_nobody_that_round(tmp_path: Path) -> None:
     """After a stall (or an outage of the database) longer than half the TTL, no node
     has written its sessions' activity meanwhile: the first node back must not expire
