@@ -23,6 +23,7 @@ from test_pg_cluster import Node, Stream, start_nodes, wait_until
 from conftest import ADMIN_PASSWORD, ServerHandle, encrypt_password, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm_server.engine import Engine
+from qm_server.store.pg_driver import psycopg
 
 
 def engine_of(node: Node) -> tuple[Engine, asyncio.AbstractEventLoop]:
@@ -232,3 +233,22 @@ def test_an_admin_on_one_node_lists_and_ends_the_sessions_of_every_node(
         lambda: a.stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_UNAUTHENTICATED,
         timeout_s=1.5,
     )
+
+
+def test_a_session_no_node_holds_ends_with_its_users_password(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """A node holding a session ends it at its next reload of the users; one that no
+    node holds (its node stopped) is refused by the lookup of any other."""
+    a, b = start_nodes(make_server, tmp_path)
+    token = login(a.stub, "admin", ADMIN_PASSWORD)
+    a.handle.stop()
+    config = pg_config(tmp_path / "cluster")
+    with psycopg.connect(config.store, autocommit=True) as conn:
+        conn.execute(
+            psycopg.sql.SQL("UPDATE {}.users SET password_hash = 'changed'").format(
+                psycopg.sql.Identifier(config.store_schema)
+            )
+        )
+    answer = b.stub.HeartBeat(pb.HeartBeatRequest(token=token))
+    assert answer.code == pb.CODE_UNAUTHENTICATED
