@@ -41,7 +41,7 @@ class SessionAdmin:
         registry: SessionRegistry,
         max_page: int,
         *,
-        session: Callable[[str], Session],
+        session: Callable[[str], Awaitable[Session]],
         is_admin: Callable[[str], bool],
         end: Callable[[Session, EndReason, str], Awaitable[None]],
         subscriptions_of: Callable[[int], int],
@@ -62,7 +62,7 @@ class SessionAdmin:
 
     async def heartbeat(self, token: str) -> SessionReport:
         """Renew the caller's session (any call does) and report on it."""
-        session = self._session(token)
+        session = await self._session(token)
         held = await self._store.messages_held([session.id])
         return self._report(session, held)
 
@@ -71,9 +71,9 @@ class SessionAdmin:
     ) -> tuple[list[SessionReport], int]:
         """Live sessions with ids above `start_after` (only `username`'s, unless it is
         empty), and the start_after of the next page (0 after the last)."""
-        self._admin(token, "list sessions")
+        await self._admin(token, "list sessions")
         check_count("limit", limit, self._max_page)
-        fetched = self._registry.page(start_after, limit + 1, username)
+        fetched = await self._registry.page(start_after, limit + 1, username)
         page = fetched[:limit]
         held = await self._store.messages_held([s.id for s in page])
         next_start_after = page[-1].id if len(fetched) > limit else 0
@@ -82,14 +82,14 @@ class SessionAdmin:
     async def end_session(self, token: str, session_id: int) -> None:
         """End another session as Logout ends one's own. SessionNotFound when it is not
         live (an admin may end its own, which is a logout)."""
-        caller = self._admin(token, "end sessions")
-        target = self._registry.get(session_id)
+        caller = await self._admin(token, "end sessions")
+        target = await self._registry.get(session_id)
         if target is None or target.ended:
             raise errors.SessionNotFound(f"no live session has id {session_id}")
         await self._end(target, EndReason.ENDED_BY_ADMIN, caller.username)
 
-    def _admin(self, token: str, what: str) -> Session:
-        session = self._session(token)
+    async def _admin(self, token: str, what: str) -> Session:
+        session = await self._session(token)
         if not self._is_admin(session.username):
             raise errors.PermissionDenied(f"user {session.username!r} may not {what}: admins only")
         return session

@@ -282,6 +282,11 @@ def test_a_restart_keeps_ready_messages_and_makes_in_flight_ones_ready(
         [done, held] = ids(await h.store.claim("q", ALICE, 2, MIB))
         await h.store.ack(ALICE, [done], done=True)
         store = await h.reopen()
+        if not getattr(store, "releases_in_flight_at_open", True):
+            # Sessions in the store's database (PostgreSQL) outlive the process: what
+            # they hold stays theirs until they end.
+            assert await store.queue_counts("q") == QueueCounts(ready=1, in_flight=1)
+            await store.release_session(ALICE)
         assert await store.queue_counts("q") == QueueCounts(ready=2, in_flight=0)
         again = await store.claim("q", BOB, 5, MIB)
         assert [(d.message_id, d.element, d.delivery_count) for d in again] == [
