@@ -1,0 +1,91 @@
+"""A crash-loop load client for several nodes on one database (crashloop_pg.py).
+
+Where the plain load client (crashloop_client.LoadClient) stops when its server dies,
+this one carries on as a client of a cluster would:
+- when its node stops answering, it logs in on the next node of its list (a new session;
+  what the old one held comes back when the cluster declares the node dead) and goes on,
+  logging a `failover` record; it stops when no node answers;
+- an answer CODE_UNAVAILABLE (the database is out of reach) is logged as an unknown
+  outcome, as a lost answer is (the store may have committed what the broken connection
+  never confirmed), and after a short pause the load goes on; a login answered
+  UNAVAILABLE is tried again.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import IO
+
+import grpc
+from crashloop_client import LoadClient, LoginRefused, Record, ServerGone, Stub
+
+from qm.v1 import queue_manager_pb2 as pb
+
+OUTAGE_PAUSE_S = 0.1  # after an UNAVAILABLE answer, before the next call
+LOGIN_ATTEMPTS = 100  # a login answered UNAVAILABLE is tried again, this many times at most
+
+
+class FailoverClient(LoadClient):
+    """LoadClient over `targets`, the first its home; close() closes every channel."""
+
+    def __init__(
+        self,
+        targets: list[str],
+        user: str,
+        rng: random.Random,
+        out: IO[str],
+        round_no: int,
+        client: int,
+        session_ttl_s: float,
+    ) -> None:
+        self.targets = targets
+        self.channels = [grpc.insecure_channel(target) for target in targets]
+        self.at = 0  # the node in use
+        super().__init__(Stub(self.channels[0]), user, rng, out, round_no, client, session_ttl_s)
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+    def login(self) -> None:
+        for attempt in range(LOGIN_ATTEMPTS):
+            try:
+                super().login()
+                return
+            except LoginRefused as refused:
+                if refused.code != pb.CODE_UNAVAILABLE or attempt == LOGIN_ATTEMPTS - 1:
+                    raise
+                time.sleep(OUTAGE_PAUSE_S)
+
+    def _write(self, record: Record) -> None:
+        codes = (record.get("code"), *record.get("codes", ()))
+        if record["st"] == "failed" and pb.CODE_UNAVAILABLE in codes:
+            record.update(st="unknown", grpc="CODE_UNAVAILABLE")
+            time.sleep(OUTAGE_PAUSE_S)
+        super()._write(record)
+
+    def run(self, max_ops: int, until: float) -> int:
+        done = 0
+        while True:
+            done += super().run(max_ops - done, until)
+            if done >= max_ops or time.monotonic() > until or not self.fail_over():
+                return done
+
+    def fail_over(self) -> bool:
+        """Log in on the next node that answers; False when none does."""
+        for step in range(1, len(self.targets)):
+            at = (self.at + step) % len(self.targets)
+            self.stub = Stub(self.channels[at])
+            try:
+                self.login()
+            except ServerGone:
+                continue
+            self.at = at
+            self.seq += 1
+            record: Record = {"op": "failover", "st": "moved", "to": self.targets[at]}
+            self._stamp(record)
+            record["t1"] = record["t0"]
+            self._write(record)
+            return True
+        return False
