@@ -1,7 +1,10 @@
 """The crash loop: mixed load from client processes while qm-server is SIGKILLed, then proofs.
 
 Shared by tests/test_crash_loop.py (a few rounds) and scripts/crash_loop (as many as asked).
-The load client is tests/crashloop_client.py, the proofs tests/crashloop_checker.py; this
+The load client is tests/crashloop_client.py (its process tests/crashloop_proc.py), the
+proofs tests/crashloop_checker.py, the servers a deployment (crashloop_deploy.py: one
+server on a data directory; crashloop_pg.py with `nodes`: several nodes on a private
+PostgreSQL database, with node pauses and database crashes besides the kills); this
 module runs the rounds.
 
 Each round starts `qm-server` on the same data directory (sessions expire after
@@ -18,7 +21,9 @@ check_lifecycle). Every third round lasts a lease longer (`long_round_every`), s
 leases run out in it while their sessions live; the kill still lands at a random moment.
 
 Work directory: `data/` (the server's, the same every round), `data-server.log`,
-`logs/rRRR-cC.jsonl` (one client process in one round) and `logs/rRRR-cC.err`.
+`logs/rRRR-cC.jsonl` (one client process in one round) and `logs/rRRR-cC.err`; with
+nodes, `nodeN/` and `nodeN-server.log` instead of the server's (the database's files
+are in a temporary directory of their own, removed at the end).
 """
 
 from __future__ import annotations
