@@ -23,6 +23,7 @@ from ._lifecycle import (
     RedriveResult,
     RetryPolicy,
 )
+from ._sessions import SessionStatus, SessionSummary
 from ._version import __version__
 from .client import (
     DEFAULT_MAX_LEASE,
@@ -95,6 +96,8 @@ __all__ = [
     "RetryPolicy",
     "SessionLoss",
     "SessionNotFound",
+    "SessionStatus",
+    "SessionSummary",
     "Subscription",
     "TransportError",
     "Unauthenticated",

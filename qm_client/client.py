@@ -8,7 +8,8 @@ shared session, not the client, so none of them imports this module:
 - ``_heartbeat.py``: the thread that keeps the session alive;
 - ``_lease_keeper.py``: the thread that extends the leases of messages being handled;
 - ``maps.py`` (``QMap``) and ``subscribe.py`` (``Subscription``): views built on it;
-- ``_lifecycle.py``: the typed records of queue settings, counts and dead letters.
+- ``_lifecycle.py``: the typed records of queue settings, counts and dead letters;
+- ``_sessions.py``: the typed records of sessions (``heartbeat``, ``list_sessions``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ from ._lifecycle import (
 )
 from ._message import Message
 from ._session import Session, SessionLoss
+from ._sessions import (
+    SessionStatus,
+    SessionSummary,
+    session_status_from_pb,
+    session_summary_from_pb,
+)
 from .errors import LeaseLost, MessageNotFound, MessageReleased, QMError, error_for_rpc_error
 from .maps import QMap
 from .subscribe import Subscription
@@ -184,6 +191,35 @@ class QueueManagerClient:
     def session_ttl(self) -> float:
         """Seconds of inactivity after which the server ends the session."""
         return self._session.current().ttl
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def heartbeat(self) -> SessionStatus:
+        """Renew the session now and return its status (:class:`SessionStatus`): time
+        left, messages held, streams open. The background heartbeat does this already."""
+        response, _ = self._session.call(self._stub.HeartBeat, pb.HeartBeatRequest())
+        return session_status_from_pb(response.session)
+
+    def list_sessions(
+        self, *, username: str = "", page_size: int = DEFAULT_PAGE_SIZE
+    ) -> Iterator[SessionSummary]:
+        """Every live session (only ``username``'s, if given), by id, a page per call
+        (:class:`SessionSummary`). Admins only: :class:`PermissionDenied` otherwise."""
+        cursor = 0
+        while True:
+            request = pb.ListSessionsRequest(start_after=cursor, limit=page_size, username=username)
+            response, _ = self._session.call(self._stub.ListSessions, request)
+            yield from map(session_summary_from_pb, response.sessions)
+            cursor = response.next_start_after
+            if not cursor:
+                return
+
+    def end_session(self, session_id: int) -> None:
+        """End another session as its logout would: its streams and waits fail with
+        :class:`Unauthenticated`, its messages are ready again. Admins only;
+        :class:`SessionNotFound` when no live session has that id."""
+        request = pb.EndSessionRequest(session_id=session_id)
+        self._session.call(self._stub.EndSession, request)
 
     # -- queues ---------------------------------------------------------------------------
 

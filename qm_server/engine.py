@@ -40,11 +40,13 @@ from qm_server.lifecycle import (
     check_ack_deadline_ms,
     check_delay_ms,
 )
+from qm_server.live_sessions import SESSION_EXPIRED, LiveSessions
 from qm_server.login_guard import LoginGuard
 from qm_server.pages import offset_page
 from qm_server.permissions import Permissions
 from qm_server.queue_admin import QueueAdmin
 from qm_server.quotas import Room, Usage
+from qm_server.session_admin import SessionAdmin, SessionReport
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Enqueued, LeaseOutcome, Store
 from qm_server.subscription import StreamRules, Subscription
@@ -61,7 +63,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LOGIN_FAILED = "login failed: unknown user, wrong password, or a bad or used challenge"
-SESSION_EXPIRED = "the session expired; log in again"
 # The argument that names what a permission is about, by kind, for check_name's message.
 NAME_FIELD = {"queue": "queue_name", "map": "map"}
 
@@ -110,7 +111,8 @@ class Engine:
         self.limits = limits or Limits()
         self._auth = auth or AuthSettings()
         self._clock = clock
-        self._sessions = sessions or MemorySessions()
+        self._wall_clock = wall_clock
+        self._sessions = sessions or MemorySessions(store.release_session)
         # Servers sharing a store pass theirs (challenges.py); one server keeps its own.
         self._challenges = challenges or MemoryChallenges(
             ChallengeBook(self._auth.challenge_ttl_s, self._auth.max_pending_challenges, clock)
@@ -124,15 +126,16 @@ class Engine:
         )
         self.signals = ReadySignals(store.ready_hint)
         self._background = Background()
+        # Who calls, and what ends with a session on this node (live_sessions.py).
+        self.sessions = LiveSessions(self._sessions, session_ttl_s, clock, self._background)
         # The bytes an answer's entries may take: what fits a default client, framed.
         self.answer_room = entries_room(self.limits.max_response_bytes)
         # Claims and waits of long polls and streams alike (delivery.py).
         self.deliverer = Deliverer(store, self.signals, self._background, clock, self.answer_room)
-        self._subscriptions: dict[int, set[Subscription]] = {}  # by session id
-        self._polls: dict[int, set[asyncio.Future[None]]] = {}  # parked long polls, likewise
-        # What each user holds, for the quotas (quotas.py); queues and maps are counted
-        # by the store, which records their creators.
-        self._session_usage = Usage()
+        self._subscriptions = self.sessions.subscriptions
+        self._polls = self.sessions.polls
+        # What each user holds, for the quotas (quotas.py); sessions are counted by their
+        # registry, queues and maps by the store, which records their creators.
         self._poll_usage = Usage()
         self._subscription_usage = Usage()
         # user name -> grants; reloaded at each login and every sweep, so that grants,
@@ -153,6 +156,18 @@ class Engine:
             authorize=self.authorize,
             permissions=self._permissions_of,
             subscriptions_on=self._subscriptions_on,
+            wall_clock=wall_clock,
+        )
+        # HeartBeat's status, ListSessions and EndSession (session_admin.py).
+        self.session_admin = SessionAdmin(
+            store,
+            self._sessions,
+            self.limits.max_page,
+            session=self.session,
+            is_admin=lambda username: self._permissions_of(username).is_admin,
+            end=self._end_session,
+            subscriptions_of=lambda session_id: len(self._subscriptions.get(session_id, ())),
+            clock=clock,
             wall_clock=wall_clock,
         )
 
@@ -176,8 +191,7 @@ class Engine:
         return self.deliverer.draining
 
     def _streams(self) -> list[Subscription]:
-        """Every open Subscribe stream, of every session."""
-        return [s for subscriptions in self._subscriptions.values() for s in subscriptions]
+        return self.sessions.streams()
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -187,6 +201,8 @@ class Engine:
                 await self._sweeper
         # Releases started in the background still need the store, which closes next.
         await self._background.finish()
+        with contextlib.suppress(errors.QmError):
+            await self._sessions.stop()  # activity seen here last (a shared registry)
         self._crypto_pool.shutdown(wait=True, cancel_futures=True)
 
     def in_background(self, work: Coroutine[None, None, None]) -> None:
@@ -204,8 +220,11 @@ class Engine:
             ttl_ms=int(self._auth.challenge_ttl_s * 1000),
         )
 
-    async def login(self, username: str, ciphertext: bytes, peer: str) -> tuple[str, int]:
-        """Return (token, session ttl in ms). Every failure looks the same to the caller."""
+    async def login(
+        self, username: str, ciphertext: bytes, peer: str, address: str = ""
+    ) -> tuple[str, int]:
+        """Return (token, session ttl in ms). Every failure looks the same to the caller.
+        `peer` is the host logins are throttled by, `address` the full one admins see."""
         # Throttled or crowded: refused before any expensive work (login_guard.py).
         async with self._login_guard.admit(username, peer):
             envelope = await self._crypto(self._open_envelope, ciphertext)
@@ -231,9 +250,18 @@ class Engine:
         room = self._room(
             record.name, "sessions", self.limits.max_sessions, self.limits.max_sessions_per_user
         )
-        self._make_room(room, self._sessions.count(), self._session_usage.of(record.name))
-        token, session = self._sessions.create(record.name, record.password_hash, self._clock())
-        self._session_usage.add(record.name)
+        try:
+            token, session = await self._sessions.create(
+                record.name,
+                record.password_hash,
+                self._clock(),
+                room,
+                address or peer,
+                self._wall_clock(),
+            )
+        except errors.ResourceExhausted as exc:
+            log.warning("refused user %s one more of its sessions: %s", record.name, exc)
+            raise
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
 
@@ -260,31 +288,23 @@ class Engine:
             return None
         return envelope
 
-    def session(self, token: str) -> Session:
-        """The caller's live session; any call with a valid token counts as activity."""
-        session = self._sessions.find(token) if token else None
-        now = self._clock()
-        if session is None or session.ended:
-            raise errors.Unauthenticated("unknown or expired token; log in again")
-        if not session.waiting and now - session.last_active > self.session_ttl_s:
-            self.in_background(self._end_session(session, "expired"))
-            raise errors.Unauthenticated(SESSION_EXPIRED)
-        session.last_active = now
-        return session
+    async def session(self, token: str) -> Session:
+        """The caller's live session (live_sessions.py)."""
+        return await self.sessions.live(token)
 
-    def _caller(self, token: str, action: str, kind: str, name: str) -> Session:
+    async def _caller(self, token: str, action: str, kind: str, name: str) -> Session:
         """The prologue of every call about one queue or map: the caller's live session
         (`session`), a valid name, and the grant to do `action` on it (`authorize`)."""
-        session = self.session(token)
+        session = await self.session(token)
         check_name(NAME_FIELD[kind], name)
         self.authorize(session, action, kind, name)
         return session
 
-    async def heartbeat(self, token: str) -> None:
-        self.session(token)
+    async def heartbeat(self, token: str) -> SessionReport:
+        return await self.session_admin.heartbeat(token)
 
     async def logout(self, token: str) -> None:
-        await self._end_session(self.session(token), "logged out")
+        await self._end_session(await self.session(token), "logged out")
 
     def session_count(self) -> int:
         return self._sessions.count()
@@ -301,19 +321,7 @@ class Engine:
         )
 
     async def _end_session(self, session: Session, why: str) -> None:
-        if session.ended:
-            return
-        session.ended = True
-        self._sessions.remove(session)
-        self._session_usage.remove(session.username)
-        log.info("session %x of %s %s", session.id, session.username, why)
-        for subscription in self._subscriptions.get(session.id, set()).copy():
-            subscription.poke()
-        # Its parked long polls answer UNAUTHENTICATED now, not at their deadline.
-        for waiter in self._polls.pop(session.id, set()):
-            if not waiter.done():
-                waiter.set_result(None)
-        await self.store.release_session(session.id)
+        await self.sessions.end(session, why)
 
     async def _sweep_forever(self) -> None:
         interval = min(1.0, self.session_ttl_s / 4)
@@ -379,15 +387,14 @@ class Engine:
             )
 
     async def expire_idle_sessions(self) -> None:
-        for session in self._sessions.idle_since(self._clock() - self.session_ttl_s):
-            await self._end_session(session, "expired")
+        await self.sessions.expire_idle()
 
     # Queues -----------------------------------------------------------------------------
 
     async def new_queue(self, token: str, name: str, change: SettingsChange | None = None) -> None:
         """Create the queue with `change` applied to the defaults (None: the seed's
         queue). Naming a dead_letter_queue needs `write` on it."""
-        session = self._caller(token, "manage", "queue", name)
+        session = await self._caller(token, "manage", "queue", name)
         settings = (change or SettingsChange()).applied_to(DEFAULT_SETTINGS)
         self.admin.check_dead_letter_queue(session, settings.dead_letter_queue, name)
         room = self._room(
@@ -400,7 +407,7 @@ class Engine:
             raise
 
     async def destroy_queue(self, token: str, name: str, force: bool) -> None:
-        self._caller(token, "manage", "queue", name)
+        await self._caller(token, "manage", "queue", name)
         # The store destroys it even if this call is cancelled meanwhile (a client's
         # deadline): its waiters and streams must hear of it all the same.
         await outliving_caller(
@@ -430,7 +437,7 @@ class Engine:
     ) -> Enqueued:
         """Add and AddAll: `delay_ms` None takes the queue's; a `request_id` makes a
         repeat within the store's window answer the first call's ids (replayed)."""
-        session = self._caller(token, "write", "queue", name)
+        session = await self._caller(token, "write", "queue", name)
         check_count("elements", len(elements), self.limits.max_batch)
         check_texts_size("element", elements, self.limits.max_element_bytes)
         if delay_ms is not None:
@@ -443,7 +450,7 @@ class Engine:
     ) -> list[Delivery]:
         """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked;
         `lease_ms` None takes the queue's ack deadline."""
-        session = self._caller(token, "read", "queue", name)
+        session = await self._caller(token, "read", "queue", name)
         check_count("number", number, self.limits.max_batch)
         if wait_ms < 0:
             raise errors.InvalidArgument("wait_ms must not be negative")
@@ -473,7 +480,7 @@ class Engine:
             try:
                 # Grants are reloaded every second: a revocation made while this poll
                 # waited must stop it before it claims, not after its wait_ms (20 s).
-                session = self._caller(token, "read", "queue", name)
+                session = await self._caller(token, "read", "queue", name)
             except (errors.Unauthenticated, errors.PermissionDenied):
                 self.deliverer.pass_on(name)
                 raise
@@ -496,7 +503,7 @@ class Engine:
                 del self._polls[session.id]
 
     async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[errors.Code]:
-        session = self.check_ack(token, message_ids, ack_type)
+        session = await self.check_ack(token, message_ids, ack_type)
         codes = await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
         self._no_longer_held(session, message_ids, codes)
         return codes
@@ -506,7 +513,7 @@ class Engine:
     ) -> list[LeaseOutcome]:
         """Move the lease of messages the caller's session holds to `lease_ms` from now;
         0 gives them back. Needs no grant: only the holder's session can."""
-        session = self.session(token)
+        session = await self.session(token)
         check_count("message_ids", len(message_ids), self.limits.max_batch)
         check_unique("message_ids", message_ids)
         check_ack_deadline_ms("ack_deadline_ms", lease_ms, allow_zero=True)
@@ -536,9 +543,9 @@ class Engine:
         for subscription in subscriptions:
             subscription.forget(gone)
 
-    def check_ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> Session:
+    async def check_ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> Session:
         """The rules every ack obeys, unary or on a stream; returns the live session."""
-        session = self.session(token)
+        session = await self.session(token)
         if ack_type not in (pb.ACK_TYPE_DONE, pb.ACK_TYPE_ERROR):
             raise errors.InvalidArgument(f"ack_type {ack_type} is not 0 (done) or 1 (error)")
         check_count("message_ids", len(message_ids), self.limits.max_batch)
@@ -550,7 +557,7 @@ class Engine:
     ) -> Subscription:
         """A streaming consumer holding at most max_unacked messages at once, each on a
         lease of `lease_ms` (None: the queue's ack deadline)."""
-        session = self._caller(token, "read", "queue", name)
+        session = await self._caller(token, "read", "queue", name)
         check_count("max_unacked", max_unacked, self.limits.max_batch)
         check_lease(lease_ms)
         await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
@@ -589,14 +596,14 @@ class Engine:
 
     async def counts(self, token: str, name: str) -> tuple[int, int]:
         """(ready, in flight) for Size, IsEmpty and GetUncheckNum."""
-        self._caller(token, "read", "queue", name)
+        await self._caller(token, "read", "queue", name)
         counts = await self.store.queue_counts(name)
         return counts.ready, counts.in_flight
 
     # Maps -------------------------------------------------------------------------------
 
     async def map_put(self, token: str, name: str, pairs: Sequence[tuple[str, str]]) -> None:
-        session = self._caller(token, "write", "map", name)
+        session = await self._caller(token, "write", "map", name)
         check_count("list", len(pairs), self.limits.max_batch)
         for key, value in pairs:
             check_text_size("key", key, self.limits.max_element_bytes)
@@ -611,16 +618,16 @@ class Engine:
             raise
 
     async def map_remove(self, token: str, name: str, key: str) -> None:
-        self._caller(token, "write", "map", name)
+        await self._caller(token, "write", "map", name)
         await self.store.map_remove(name, key)
 
     async def map_get(self, token: str, name: str, key: str) -> str:
-        self._caller(token, "read", "map", name)
+        await self._caller(token, "read", "map", name)
         async with self._reads.hold(self.limits.max_element_bytes):
             return await self.store.map_get(name, key)
 
     async def map_get_all(self, token: str, name: str) -> dict[str, str]:
-        self._caller(token, "read", "map", name)
+        await self._caller(token, "read", "map", name)
         async with self._reads.hold(self.limits.max_response_bytes):
             return await self.store.map_get_all(name, self.answer_room)
 
@@ -628,7 +635,7 @@ class Engine:
         self, token: str, name: str, offset: int, size: int
     ) -> list[tuple[str, str]]:
         """One page by offset (the seed's paging)."""
-        self._caller(token, "read", "map", name)
+        await self._caller(token, "read", "map", name)
         if offset < 0:
             raise errors.InvalidArgument("offset must not be negative")
         check_count("size", size, self.limits.max_page)
@@ -643,7 +650,7 @@ class Engine:
         once no entry follows. The first page by offset is the first by cursor, so a
         client may start cursor paging without a start_after ("" is a key like any
         other: starting after it would skip it)."""
-        self._caller(token, "read", "map", name)
+        await self._caller(token, "read", "map", name)
         if offset < 0:
             raise errors.InvalidArgument("offset must not be negative")
         if start_after is not None and offset:
@@ -657,7 +664,7 @@ class Engine:
         return offset_page(fetched, size, room, self.limits.max_element_bytes)
 
     async def map_destroy(self, token: str, name: str) -> None:
-        self._caller(token, "manage", "map", name)
+        await self._caller(token, "manage", "map", name)
         await self.store.map_destroy(name)
 
 

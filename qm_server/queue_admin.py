@@ -17,7 +17,7 @@ list only the names the caller may `read`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from qm_server import errors
@@ -31,7 +31,7 @@ from qm_server.store.base import DeadLetter, QueueCounts, QueueInfo, Store
 from qm_server.validation import check_count, check_name, check_unique
 
 # (token, action, kind, name) -> the caller's session, after its name and grant checks.
-Caller = Callable[[str, str, str, str], Session]
+Caller = Callable[[str, str, str, str], Awaitable[Session]]
 # (session, action, kind, name): raises PermissionDenied.
 Authorize = Callable[[Session, str, str, str], None]
 
@@ -56,7 +56,7 @@ class QueueAdmin:
         answer_room: int,
         *,
         caller: Caller,
-        session: Callable[[str], Session],
+        session: Callable[[str], Awaitable[Session]],
         authorize: Authorize,
         permissions: Callable[[str], Permissions],
         subscriptions_on: Callable[[str], int],
@@ -85,20 +85,20 @@ class QueueAdmin:
         self._authorize(session, "write", "queue", name)
 
     async def update_queue(self, token: str, name: str, change: SettingsChange) -> QueueSettings:
-        session = self._caller(token, "manage", "queue", name)
+        session = await self._caller(token, "manage", "queue", name)
         if change.dead_letter_queue is not None:
             self.check_dead_letter_queue(session, change.dead_letter_queue, name)
         return await self._store.update_queue(name, change)
 
     async def queue_info(self, token: str, name: str) -> QueueReport:
-        self._caller(token, "read", "queue", name)
+        await self._caller(token, "read", "queue", name)
         info = await self._store.queue_info(name)
         oldest = info.oldest_ready_enqueued_at_ms
         age = max(0, int(self._wall_clock() * 1000) - oldest) if oldest else 0
         return QueueReport(info, age, self._subscriptions_on(name))
 
     async def purge(self, token: str, name: str) -> int:
-        self._caller(token, "manage", "queue", name)
+        await self._caller(token, "manage", "queue", name)
         return await self._store.purge(name)
 
     async def redrive(
@@ -106,7 +106,7 @@ class QueueAdmin:
     ) -> tuple[int, list[tuple[int, Code]]]:
         """How many moved, and a result per id given (request order; OK for those that
         moved), or, with no ids, one per dead letter that stayed."""
-        session = self._caller(token, "manage", "queue", name)
+        session = await self._caller(token, "manage", "queue", name)
         if message_ids:
             check_count("message_ids", len(message_ids), self._limits.max_batch)
             check_unique("message_ids", message_ids)
@@ -125,7 +125,7 @@ class QueueAdmin:
         self, token: str, name: str, after_id: int, limit: int
     ) -> tuple[list[DeadLetter], int]:
         """A page of the dead letters the queue holds, and the after_id of the next."""
-        self._caller(token, "read", "queue", name)
+        await self._caller(token, "read", "queue", name)
         if after_id < 0:
             raise errors.InvalidArgument(f"after_id must not be negative, not {after_id}")
         check_count("limit", limit, self._limits.max_page)
@@ -138,22 +138,22 @@ class QueueAdmin:
     ) -> tuple[list[tuple[str, QueueCounts]], str]:
         """Queues the caller may read, after `start_after`, and the cursor of the next
         page ("" after the last)."""
-        visible = self._visible(token, "queue", limit)
+        visible = await self._visible(token, "queue", limit)
         fetched = await self._store.list_queues(start_after, limit + 1, visible)
         page, more = one_page(fetched, limit)
         return page, page[-1][0] if more else ""
 
     async def list_maps(self, token: str, start_after: str, limit: int) -> tuple[list[str], str]:
         """As list_queues, for maps."""
-        visible = self._visible(token, "map", limit)
+        visible = await self._visible(token, "map", limit)
         fetched = await self._store.list_maps(start_after, limit + 1, visible)
         page, more = one_page(fetched, limit)
         return page, page[-1] if more else ""
 
-    def _visible(self, token: str, kind: str, limit: int) -> Callable[[str], bool]:
+    async def _visible(self, token: str, kind: str, limit: int) -> Callable[[str], bool]:
         """Whether the caller may read a name of `kind`, judged on the grants held now
         (the store may call it on another thread: it reads only a frozen snapshot)."""
-        session = self._session(token)
+        session = await self._session(token)
         check_count("limit", limit, self._limits.max_page)
         permissions = self._permissions(session.username)
         return lambda name: permissions.allows("read", kind, name)

@@ -27,7 +27,7 @@ from qm_server.fsutil import ensure_dir, lock_data_dir, write_private_file
 from qm_server.metrics import MetricsAddressError, ServerMetrics, parse_address
 from qm_server.server_key import load_server_key
 from qm_server.servicer import QueueManagerServicer
-from qm_server.store.backends import open_store
+from qm_server.store.backends import open_store, shared_sessions
 from qm_server.store.base import Store, UserRecord
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,7 @@ class QueueManagerServer:
             limits=config.limits,
             auth=config.auth,
             challenges=await shared_challenges(self.store, config.auth.challenge_ttl_s, time.time),
+            sessions=shared_sessions(config, self.store),
         )
         server = grpc.aio.server(
             options=grpc_options(config),

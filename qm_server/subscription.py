@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from qm.v1 import queue_manager_pb2 as pb
@@ -49,7 +49,7 @@ class StreamRules:
     """What a stream asks of the service's rules besides delivery, given by its opener."""
 
     # The rules every ack obeys, unary or on a stream (raises; counts as activity).
-    check_ack: Callable[[Sequence[int], int], object]
+    check_ack: Callable[[Sequence[int], int], Awaitable[object]]
     # Raises PermissionDenied once the stream's read grant is revoked.
     check_grant: Callable[[], None]
     # Called once, at the close: the stream no longer counts against its user's quota.
@@ -180,7 +180,7 @@ class Subscription:
         id acked leaves the window whatever its outcome: one answered LEASE_EXPIRED was
         released already (it may be redelivered, here or elsewhere).
         """
-        self._rules.check_ack(message_ids, ack_type)
+        await self._rules.check_ack(message_ids, ack_type)
         mine = [i for i in message_ids if i in self._held]
         if not mine:
             return [errors.Code.MESSAGE_NOT_FOUND] * len(message_ids), []

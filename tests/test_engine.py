@@ -202,7 +202,7 @@ def release_before_parking(engine: Engine, holder: str) -> None:
 
     async def release(name: str, found: list[Delivery]) -> None:
         assert found == []
-        await engine.store.release_session(engine.session(holder).id)  # wakes nobody yet
+        await engine.store.release_session((await engine.session(holder)).id)  # wakes nobody yet
 
     before_parking(engine, release)
 

@@ -243,7 +243,7 @@ def test_a_full_window_refilled_by_its_ack_keeps_pushing_later(tmp_path: Path) -
         responses = s.Subscribe(stream(), cast(Any, StreamContext()))
         first = await anext(responses)
         assert [e.message_id for e in first.element_info] == ids[:2]
-        session = engine.session(token)
+        session = await engine.session(token)
         await until(engine, lambda: session.waiting == 1)  # the pusher waits for room
         requests.put_nowait(pb.SubscribeRequest(ack=pb.SubscribeAck(message_ids=ids[:2])))
         refill = await anext(responses)

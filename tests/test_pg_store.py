@@ -1,9 +1,9 @@
 """The PostgreSQL store's own promises, beyond the contract every store keeps
 (tests/test_store_contract.py and its siblings run that against PostgreSQL too): the
 server on --store, migrations applied once by nodes starting together, several nodes on
-one database (claims skip each other's rows, acks are fenced by the holder, a start does
-not release other nodes' messages, a dead node's messages come back exactly once), the
-claim plan, and the fail-fast start without the driver.
+one database (claims skip each other's rows, acks are fenced by the holder session, a
+start releases nothing, an expired session's messages come back exactly once however many
+nodes sweep), the claim plan, and the fail-fast start without the driver.
 
 Each test takes a schema of its own (tests/pg_fixtures.py); without a reachable
 PostgreSQL they skip, saying why.
@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -34,7 +35,10 @@ from qm_server.store.base import QueueCounts
 MIB = 1 << 20
 ROOM = Room.server_wide("queues", 100)
 ALICE = 11
+BOB = 12
 T0 = 1_800_000_000_000
+TTL_S = 30.0
+TTL_MS = int(TTL_S * 1000)
 
 
 class FakeClock:
@@ -135,7 +139,7 @@ def test_nodes_starting_together_apply_each_migration_once(tmp_path: Path) -> No
     assert version == len(pg_sql.MIGRATIONS)
 
 
-def test_two_nodes_share_queues_and_fence_each_others_sessions(tmp_path: Path) -> None:
+def test_two_nodes_share_queues_and_fence_acks_by_the_holder_session(tmp_path: Path) -> None:
     async def main() -> None:
         one = pg_store(tmp_path, timed=False)
         await one.open()
@@ -144,18 +148,19 @@ def test_two_nodes_share_queues_and_fence_each_others_sessions(tmp_path: Path) -
             await one.create_queue("q", ROOM)
             await one.enqueue("q", ["a", "b", "c"])
             [a] = await one.claim("q", ALICE, 1, MIB)
-            # A node starting does not release what another node's sessions hold.
+            # A node starting does not release what sessions hold.
             await two.open()
             assert await two.queue_counts("q") == QueueCounts(2, 1)
-            # The same session id on another node is another session: its ack is fenced.
-            assert await two.ack(ALICE, [a.message_id], True) == [Code.MESSAGE_NOT_FOUND]
-            assert await two.extend_leases(ALICE, [a.message_id], 5000) == [
+            # Another session's ack or extension is fenced, on any node.
+            assert await two.ack(BOB, [a.message_id], True) == [Code.MESSAGE_NOT_FOUND]
+            assert await one.extend_leases(BOB, [a.message_id], 5000) == [
                 (Code.MESSAGE_NOT_FOUND, 0)
             ]
-            [b] = await two.claim("q", ALICE, 1, MIB)
+            [b] = await two.claim("q", BOB, 1, MIB)
             assert (a.element, b.element) == ("a", "b")
-            assert await one.ack(ALICE, [a.message_id], True) == [Code.OK]
-            assert await two.ack(ALICE, [b.message_id], True) == [Code.OK]
+            # Session ids are the cluster's: the holder acks through any node.
+            assert await two.ack(ALICE, [a.message_id], True) == [Code.OK]
+            assert await one.ack(BOB, [b.message_id], True) == [Code.OK]
             assert await one.queue_counts("q") == QueueCounts(1, 0)
         finally:
             await two.close()
@@ -164,63 +169,131 @@ def test_two_nodes_share_queues_and_fence_each_others_sessions(tmp_path: Path) -
     asyncio.run(main())
 
 
-def test_a_dead_nodes_messages_come_back_once_after_its_ttl(tmp_path: Path) -> None:
-    from qm_server.store.pg_store import NODE_TTL_MS
+async def sessions_of(store: Any, clock: FakeClock) -> Any:
+    """A PgSessions on `store` (opened), on the test's clock, as a node's engine has."""
+    from qm_server.store.pg_sessions import PgSessions
+
+    await store.open()
+    return PgSessions(store, TTL_S, clock)
+
+
+async def log_in(sessions: Any, clock: FakeClock, user: str = "alice") -> Any:
+    _, session = await sessions.create(user, "cred", clock(), Room.server_wide("sessions", 100))
+    return session
+
+
+def test_an_expired_sessions_messages_come_back_once_with_every_node_sweeping(
+    tmp_path: Path,
+) -> None:
+    """A node dies: its sessions stop being refreshed, expire after the TTL, and of the
+    nodes that all sweep at once exactly one deletes each and releases what it held."""
 
     async def main() -> None:
         clock = FakeClock()
         # No notify: its listening connection would outlive the crash below.
         dead = pg_store(tmp_path, clock=clock, timed=False, notify=False)
-        await dead.open()
+        dead_sessions = await sessions_of(dead, clock)
         await dead.create_queue("q", ROOM)
         await dead.enqueue("q", ["a", "b"])
-        claimed = await dead.claim("q", ALICE, 2, MIB)
+        alice = await log_in(dead_sessions, clock)
+        claimed = await dead.claim("q", alice.id, 2, MIB)
         await dead._pool.close()  # a crash: no close, no release
-        survivors = [pg_store(tmp_path, clock=clock, timed=False) for _ in range(3)]
-        for store in survivors:
-            await store.open()
+        nodes = [pg_store(tmp_path, clock=clock, timed=False) for _ in range(3)]
+        survivors = [await sessions_of(store, clock) for store in nodes]
+        expired: list[list[int]] = []
+        for registry in survivors:
+            registry._expire = spy(registry._expire, expired)
         try:
-            clock.ms += NODE_TTL_MS // 2
-            await asyncio.gather(*(s.run_due() for s in survivors))  # alive: renewed
-            assert await survivors[0].queue_counts("q") == QueueCounts(0, 2)  # not yet
-            clock.ms += NODE_TTL_MS // 2
+            clock.ms += TTL_MS // 2
+            await asyncio.gather(*(s.sweep(0) for s in survivors))
+            assert await nodes[0].queue_counts("q") == QueueCounts(0, 2)  # not yet
+            clock.ms += TTL_MS // 2
             # Every survivor sweeps at once; each message is released exactly once.
-            await asyncio.gather(*(s.run_due() for s in survivors))
-            assert await survivors[0].queue_counts("q") == QueueCounts(2, 0)
-            again = await survivors[1].claim("q", ALICE, 2, MIB)
+            await asyncio.gather(*(s.sweep(0) for s in survivors))
+            assert sorted(i for ids in expired for i in ids) == [alice.id]
+            assert await nodes[0].queue_counts("q") == QueueCounts(2, 0)
+            bob = await log_in(survivors[1], clock, "bob")
+            again = await nodes[1].claim("q", bob.id, 2, MIB)
             assert [(d.message_id, d.delivery_count) for d in again] == [
                 (d.message_id, 2) for d in claimed
             ]
+            # The dead session's late ack changes nothing.
+            assert await nodes[2].ack(alice.id, [claimed[0].message_id], True) == [
+                Code.MESSAGE_NOT_FOUND
+            ]
         finally:
-            for store in survivors:
+            for store in nodes:
                 await store.close()
 
     asyncio.run(main())
 
 
-def test_a_node_whose_own_heartbeat_lapsed_sweeps_nobody_that_round(tmp_path: Path) -> None:
-    """After an outage longer than the TTL every node's row has lapsed: the first node
-    back must not release the messages of the others, which are about to renew theirs."""
-    from qm_server.store.pg_store import NODE_TTL_MS
+def spy(expire: Any, seen: list[list[int]]) -> Any:
+    async def run(conn: Any) -> Any:
+        ids, ready = await expire(conn)
+        seen.append(ids)
+        return ids, ready
+
+    return run
+
+
+def test_a_claim_that_commits_after_its_session_ended_is_released_by_the_sweep(
+    tmp_path: Path,
+) -> None:
+    """Claims do not check that their session exists (pg_sessions.py says why): one that
+    commits just after its session's end released what it held leaves messages held by
+    no session, which the next sweep of any node releases."""
 
     async def main() -> None:
         clock = FakeClock()
-        one = pg_store(tmp_path, clock=clock, timed=False)
-        two = pg_store(tmp_path, clock=clock, timed=False)
-        await one.open()
-        await two.open()
+        store = pg_store(tmp_path, clock=clock, timed=False)
+        sessions = await sessions_of(store, clock)
         try:
-            await one.create_queue("q", ROOM)
-            await one.enqueue("q", ["a"])
-            [a] = await one.claim("q", ALICE, 1, MIB)
-            clock.ms += 2 * NODE_TTL_MS  # the database was out of reach that long
-            await two.run_due()
-            assert await two.queue_counts("q") == QueueCounts(0, 1)
-            await one.run_due()  # back, and renewed
-            assert await one.ack(ALICE, [a.message_id], True) == [Code.OK]
+            await store.create_queue("q", ROOM)
+            await store.enqueue("q", ["a", "b"])
+            alice = await log_in(sessions, clock)
+            await sessions.end(alice)
+            [late] = await store.claim("q", alice.id, 1, MIB)  # the race, in slow motion
+            bob = await log_in(sessions, clock, "bob")
+            [held] = await store.claim("q", bob.id, 1, MIB)
+            assert await store.queue_counts("q") == QueueCounts(0, 2)
+            await sessions.sweep(0)
+            assert await store.queue_counts("q") == QueueCounts(1, 1)  # bob's stays held
+            [again] = await store.claim("q", bob.id, 1, MIB)
+            assert (again.message_id, again.delivery_count) == (late.message_id, 2)
+            assert await store.ack(bob.id, [held.message_id], True) == [Code.OK]
         finally:
-            await two.close()
-            await one.close()
+            await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_whose_sweep_stalled_expires_nobody_that_round(tmp_path: Path) -> None:
+    """After a stall (or an outage of the database) longer than half the TTL, no node
+    has written its sessions' activity meanwhile: the first node back must not expire
+    the sessions of the others, which write theirs at their next flush."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        one_store = pg_store(tmp_path, clock=clock, timed=False)
+        two_store = pg_store(tmp_path, clock=clock, timed=False)
+        one = await sessions_of(one_store, clock)
+        two = await sessions_of(two_store, clock)
+        try:
+            await one_store.create_queue("q", ROOM)
+            await one_store.enqueue("q", ["a"])
+            alice = await log_in(one, clock)
+            [a] = await one_store.claim("q", alice.id, 1, MIB)
+            clock.ms += 2 * TTL_MS  # the database was out of reach that long
+            one.touch(alice, clock())  # a call served from the cache meanwhile
+            await two.sweep(0)
+            assert await two_store.queue_counts("q") == QueueCounts(0, 1)
+            await one.sweep(0)  # back: alice's activity written
+            await two.sweep(0)
+            assert await one_store.ack(alice.id, [a.message_id], True) == [Code.OK]
+        finally:
+            await two_store.close()
+            await one_store.close()
 
     asyncio.run(main())
 

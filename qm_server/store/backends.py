@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from qm_server.config import ServerConfig
 from qm_server.fsutil import DataDirRefused
+from qm_server.sessions import SessionRegistry
 from qm_server.store.base import Store, UserDirectory
 from qm_server.store.sqlite import SqliteStore
 from qm_server.store.sqlite_users import open_sqlite_user_directory
@@ -82,3 +83,15 @@ def _pg_store_directory(config: ServerConfig) -> UserDirectory:
     from qm_server.store.pg_users import PgUserDirectory
 
     return PgUserDirectory(config.store, config.store_schema)
+
+
+def shared_sessions(config: ServerConfig, store: Store) -> SessionRegistry | None:
+    """The sessions of a store that servers share, in its database (pg_sessions.py);
+    None for a store of one server's own (the engine then keeps them in memory)."""
+    if not is_postgresql(config):
+        return None
+    from qm_server.store.pg_sessions import PgSessions
+    from qm_server.store.pg_store import PgStore
+
+    assert isinstance(store, PgStore)
+    return PgSessions(store, config.session_ttl_s)

@@ -1,7 +1,8 @@
 """Wake-ups between nodes on one schema: PostgreSQL's LISTEN/NOTIFY, outside every write.
 
 A node that made messages ready (an add, a release, a nack, an expiry it swept) or
-destroyed a queue wakes its own waiters at once (pg_store._notify) and announces it here.
+destroyed a queue wakes its own waiters at once (pg_store._notify) and announces it here;
+so does a node that ended sessions (pg_sessions), whose other nodes end their streams.
 Announcing never runs inside the write's transaction: a NOTIFY in a transaction takes a
 database-wide lock at commit, which would queue every notifying commit behind one another
 and defeat the group commit. Instead the announcement is sent after the commit, from one
@@ -39,6 +40,7 @@ RECONNECT_S = 0.5
 CONNECT_TIMEOUT_S = 10
 READY = "r"
 GONE = "g"
+ENDED = "e"  # a session ended (pg_sessions): the name is its id
 
 
 def channel_of(schema: str) -> str:
@@ -58,6 +60,7 @@ class ClusterSignals:
         on_ready: Callable[[str], None],
         on_gone: Callable[[str], None],
         on_gap: Callable[[], None],
+        on_ended: Callable[[str], None] = lambda name: None,
     ) -> None:
         self._url = url
         self.channel = channel_of(schema)
@@ -65,6 +68,7 @@ class ClusterSignals:
         self._on_ready = on_ready
         self._on_gone = on_gone
         self._on_gap = on_gap
+        self._on_ended = on_ended
         self._pending: set[str] = set()
         self._sender: psycopg.AsyncConnection[Any] | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -165,3 +169,5 @@ class ClusterSignals:
             self._on_ready(name)
         elif kind == GONE:
             self._on_gone(name)
+        elif kind == ENDED:
+            self._on_ended(name)

@@ -8,7 +8,7 @@ the transaction, so that every node agrees on when a lease ends. A test passes i
 clock's time as the `now` parameter instead (PgStore's `clock`).
 
 A message is one row of `messages` through its whole life; `state` says where it is:
-READY (claimable), HELD (in flight: owner node and session, lease deadline) or WAITING
+READY (claimable), HELD (in flight: owner session, lease deadline) or WAITING
 (a delayed add or a retry backoff: ready_at). Each state has a partial index of its own,
 so that claims walk only ready rows of their queue, in id order, and never step over
 waiting ones (the SQLite store keeps them in a table of their own for the same reason,
@@ -153,6 +153,29 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX used_challenges_expiry ON used_challenges (expires_at);
     """,
+    # 4: sessions every node sees (pg_sessions.py); a message in flight is held by its
+    # session alone, whose id is unique across nodes, so nodes need no table of their own.
+    # Rows held by a node's session before this (ids unique only on that node) have no
+    # session row: the first sweep releases them as orphans.
+    """
+    CREATE TABLE sessions (
+        id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        token_digest   bytea NOT NULL UNIQUE,
+        username       text COLLATE "C" NOT NULL,
+        credential     text NOT NULL,
+        peer           text NOT NULL,
+        created_at     bigint NOT NULL,
+        last_active_at bigint NOT NULL
+    );
+    CREATE INDEX sessions_idle ON sessions (last_active_at);
+    CREATE INDEX sessions_user ON sessions (username);
+    DROP INDEX messages_held, messages_expired;
+    ALTER TABLE messages DROP COLUMN owner_node, DROP COLUMN expired_node;
+    CREATE INDEX messages_held ON messages (owner_session) WHERE state = 1;
+    CREATE INDEX messages_expired ON messages (expired_session)
+        WHERE expired_session IS NOT NULL;
+    DROP TABLE nodes;
+    """,
 )
 
 # Queues -------------------------------------------------------------------------------------
@@ -186,8 +209,15 @@ COUNTS_OF_QUEUES = """
 QUEUE_NAMES_AFTER = "SELECT name FROM queues WHERE name > %s ORDER BY name LIMIT %s"
 MAP_NAMES_AFTER = "SELECT name FROM maps WHERE name > %s ORDER BY name LIMIT %s"
 HOLDING_SESSIONS = """
-    SELECT count(*) FROM (SELECT DISTINCT owner_node, owner_session FROM messages
+    SELECT count(*) FROM (SELECT DISTINCT owner_session FROM messages
                           WHERE queue_id = %s AND state = 1) s
+"""
+# Messages in flight per session (HeartBeat, ListSessions), by the
+# messages_held index.
+HELD_BY_SESSIONS = """
+    SELECT owner_session, count(*) FROM messages
+    WHERE state = 1 AND owner_session = ANY(%(sessions)s)
+    GROUP BY owner_session
 """
 OLDEST_READY = "SELECT min(enqueued_at) FROM messages WHERE queue_id = %s AND state = 0"
 DEAD_LETTERED_FROM = "SELECT count(*) FROM dead_letters WHERE original_queue = %s"
@@ -250,19 +280,18 @@ CLAIM = f"""
         FROM locked l
     )
     UPDATE messages m
-    SET state = 1, owner_node = %(node)s, owner_session = %(session)s,
+    SET state = 1, owner_session = %(session)s,
         delivery_count = m.delivery_count + 1, lease_deadline = (SELECT at FROM deadline)
     FROM sized
     WHERE m.id = sized.id AND (sized.n = 1 OR sized.total <= %(max_bytes)s)
     RETURNING m.id, m.payload, m.delivery_count, m.enqueued_at, m.lease_deadline
 """
 
-# An ack: fenced by the holder (node and session); a row held by anyone else is untouched.
+# An ack: fenced by the holder session; a row held by anyone else is untouched.
 ACK_DONE = """
     WITH gone AS (
         DELETE FROM messages
-        WHERE id = ANY(%(ids)s) AND state = 1 AND owner_node = %(node)s
-          AND owner_session = %(session)s
+        WHERE id = ANY(%(ids)s) AND state = 1 AND owner_session = %(session)s
         RETURNING id, queue_id
     ), history AS (
         DELETE FROM dead_letters d USING gone WHERE d.id = gone.id
@@ -272,35 +301,27 @@ ACK_DONE = """
 # A release: ready again at once; the caller then applies backoff and max_deliveries.
 RELEASE_IDS = """
     UPDATE messages
-    SET state = 0, owner_node = NULL, owner_session = NULL, lease_deadline = 0
-    WHERE id = ANY(%(ids)s) AND state = 1 AND owner_node = %(node)s
-      AND owner_session = %(session)s
+    SET state = 0, owner_session = NULL, lease_deadline = 0
+    WHERE id = ANY(%(ids)s) AND state = 1 AND owner_session = %(session)s
     RETURNING id, queue_id, delivery_count
 """
 RELEASE_SESSION = """
     UPDATE messages
-    SET state = 0, owner_node = NULL, owner_session = NULL, lease_deadline = 0
-    WHERE state = 1 AND owner_node = %(node)s AND owner_session = %(session)s
+    SET state = 0, owner_session = NULL, lease_deadline = 0
+    WHERE state = 1 AND owner_session = ANY(%(sessions)s)
     RETURNING id, queue_id, delivery_count
 """
 FORGET_EXPIRED_HOLDER = """
-    UPDATE messages SET expired_node = NULL, expired_session = NULL
-    WHERE expired_node = %(node)s AND expired_session = %(session)s
-"""
-RELEASE_NODE = """
-    UPDATE messages
-    SET state = 0, owner_node = NULL, owner_session = NULL, lease_deadline = 0
-    WHERE state = 1 AND owner_node = %(node)s
-    RETURNING id, queue_id, delivery_count
+    UPDATE messages SET expired_session = NULL
+    WHERE expired_session = ANY(%(sessions)s)
 """
 EXPIRED_BY = """
     SELECT id FROM messages
-    WHERE id = ANY(%(ids)s) AND expired_node = %(node)s AND expired_session = %(session)s
+    WHERE id = ANY(%(ids)s) AND expired_session = %(session)s
 """
 EXTEND = f"""
     UPDATE messages SET lease_deadline = {NOW} + %(lease)s
-    WHERE id = ANY(%(ids)s) AND state = 1 AND owner_node = %(node)s
-      AND owner_session = %(session)s
+    WHERE id = ANY(%(ids)s) AND state = 1 AND owner_session = %(session)s
     RETURNING id, lease_deadline
 """
 # Leases whose deadline passed: released by whichever node runs this first; the row
@@ -313,8 +334,8 @@ EXPIRE_LEASES = f"""
         FOR UPDATE SKIP LOCKED
     )
     UPDATE messages m
-    SET state = 0, expired_node = m.owner_node, expired_session = m.owner_session,
-        owner_node = NULL, owner_session = NULL, lease_deadline = 0
+    SET state = 0, expired_session = m.owner_session, owner_session = NULL,
+        lease_deadline = 0
     FROM due WHERE m.id = due.id
     RETURNING m.id, m.queue_id, m.delivery_count
 """
@@ -328,24 +349,6 @@ COME_DUE = f"""
     FROM due WHERE m.id = due.id
     RETURNING m.queue_id
 """
-# Nodes whose heartbeat stopped: deleted by one node, whose transaction then releases
-# what their sessions held.
-# SKIP LOCKED: a node heartbeating at this moment is alive, and two sweeping nodes that
-# each find the other expired (after a long outage) skip each other instead of deadlocking.
-DEAD_NODES = f"""
-    DELETE FROM nodes WHERE id IN (
-        SELECT id FROM nodes WHERE expires_at <= {NOW} AND id <> %(node)s
-        FOR UPDATE SKIP LOCKED)
-    RETURNING id
-"""
-# Whether this node's row was still alive when it came to renew it.
-NODE_ALIVE = f"SELECT expires_at > {NOW} FROM nodes WHERE id = %(node)s"
-REGISTER_NODE = f"INSERT INTO nodes (expires_at) VALUES ({NOW} + %(ttl)s) RETURNING id"
-HEARTBEAT = f"""
-    INSERT INTO nodes (id, expires_at) OVERRIDING SYSTEM VALUE VALUES (%(node)s, {NOW} + %(ttl)s)
-    ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at
-"""
-DELETE_NODE = "DELETE FROM nodes WHERE id = %s"
 NEXT_DUE = f"""
     SELECT least(
         (SELECT min(lease_deadline) FROM messages WHERE state = 1 AND lease_deadline > 0),
@@ -492,3 +495,48 @@ REMOVE_GRANT = (
     "DELETE FROM grants WHERE username = %s AND action = %s AND kind = %s AND pattern = %s"
 )
 ALL_GRANTS = "SELECT username, action, kind, pattern FROM grants ORDER BY 1, 2, 3, 4"
+
+# Sessions (pg_sessions.py) ------------------------------------------------------------------
+
+# Serializes logins against each other, so that the session limits hold across nodes.
+LOCK_SESSION_SET = "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ':sessions'))"
+COUNT_SESSIONS = "SELECT count(*), count(*) FILTER (WHERE username = %s) FROM sessions"
+INSERT_SESSION = f"""
+    INSERT INTO sessions (token_digest, username, credential, peer, created_at, last_active_at)
+    VALUES (%(digest)s, %(user)s, %(credential)s, %(peer)s, {NOW}, {NOW})
+    RETURNING id, created_at
+"""
+SESSION_COLUMNS = f"id, username, credential, peer, created_at, {NOW} - last_active_at"
+FIND_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE token_digest = %(digest)s"
+GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = %(id)s"
+PAGE_SESSIONS = f"""
+    SELECT {SESSION_COLUMNS} FROM sessions
+    WHERE id > %(after)s AND (%(user)s::text = '' OR username = %(user)s)
+    ORDER BY id LIMIT %(limit)s
+"""
+# The batched write of last activity, one statement per flush; sessions gone are missing
+# from what it returns.
+TOUCH_SESSIONS = f"""
+    UPDATE sessions SET last_active_at = greatest(last_active_at, {NOW})
+    WHERE id = ANY(%(ids)s) RETURNING id
+"""
+LIVE_SESSIONS = "SELECT id FROM sessions WHERE id = ANY(%(ids)s)"
+DELETE_SESSION = "DELETE FROM sessions WHERE id = %(id)s RETURNING id"
+# Expired sessions: deleted by one node, whose transaction then releases what they held.
+# SKIP LOCKED: a session being touched at this moment is alive, and two sweeping nodes
+# skip each other's rows instead of waiting.
+DELETE_EXPIRED_SESSIONS = f"""
+    DELETE FROM sessions WHERE id IN (
+        SELECT id FROM sessions WHERE last_active_at <= {NOW} - %(ttl)s
+        ORDER BY last_active_at LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING id
+"""
+# Held by no session that exists: a claim that committed after its session was deleted
+# (pg_sessions.py says why claims do not check). Released by whichever node sweeps first.
+RELEASE_ORPHANS = """
+    UPDATE messages m
+    SET state = 0, owner_session = NULL, lease_deadline = 0
+    WHERE m.state = 1 AND NOT EXISTS (SELECT 1 FROM sessions s WHERE s.id = m.owner_session)
+    RETURNING m.id, m.queue_id, m.delivery_count
+"""

@@ -5,26 +5,27 @@ start at once). Every operation runs on a connection of a pool (psycopg_pool) an
 before it returns; the database does the group commit (synchronous_commit as the database
 is configured: on by default, so an answered write survives a crash of the database).
 
-Being in flight is three columns of the message's row: the owner (node, session), the
-lease deadline, the delivery count. A claim is ONE statement (pg_sql.CLAIM: the oldest
+Being in flight is three columns of the message's row: the owner session, the lease
+deadline, the delivery count. A claim is ONE statement (pg_sql.CLAIM: the oldest
 ready rows of the queue, `FOR UPDATE SKIP LOCKED`, cut to the answer's byte budget, put
 in flight); an ack or an extension names the holder in its WHERE clause, so a node whose
-session lost a message (its lease expired, its node was declared dead) changes nothing.
+session lost a message (its lease expired, its session ended) changes nothing.
 
 Time is the database's (`now()`, pg_sql.NOW), never a node's: leases, delays and ages
 mean the same on every node. A test passes `clock` to use a fake one instead.
 
-Nodes and restarts. Sessions still live in each node's memory, and their ids are only
-unique within a node, so each store registers itself as a node (a row of `nodes` with
-an expiry that `run_due` pushes forward) and owns rows as (node, session). Unlike the
-embedded store, opening this one does NOT release what is in flight: other nodes' sessions
-may hold it. A clean close releases what this node's sessions held (their sessions end
-with the node); a node that dies stops its heartbeat, and once its row expires
-(NODE_TTL_MS) any node's `run_due` deletes it and releases its rows in the same
-transaction, exactly once (the DELETE decides who). So nothing stays in flight for ever
-after a crash: it comes back NODE_TTL_MS after the node's last heartbeat.
+Sessions and restarts. Sessions live in the database (pg_sessions.py, table `sessions`),
+with ids unique across the cluster, so a message in flight is owned by its session alone
+(`owner_session`): any node serving that session may ack it, and the fencing of acks and
+extensions is by that id. Nodes need no identity, no heartbeat and no table of their own:
+a node that dies stops refreshing its sessions' last activity, they expire after the
+session TTL, and whichever node's sweep deletes an expired session releases its messages
+in the same transaction, exactly once (the DELETE decides who). Unlike the embedded
+store, opening this one releases nothing, and neither does a clean close: the sessions
+outlive the node (their clients may go on through another node), and end by logout,
+EndSession or expiry like any other.
 
-What falls due (leases, delays and backoff, max_age, dead nodes) is applied by `run_due`,
+What falls due (leases, delays and backoff, max_age) is applied by `run_due`,
 which every node runs in one background task (no timer per message): at the earliest due
 time this node knows of, and at least every DUE_POLL_S, since other nodes add deadlines
 too. The row updates make each expiry happen once, whichever node runs it.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
@@ -61,7 +63,7 @@ from qm_server.store.base import (
 from qm_server.store.listing import visible_names
 from qm_server.store.pg_driver import psycopg, psycopg_pool
 from qm_server.store.pg_migrate import current_version, migrate
-from qm_server.store.pg_notify import GONE, READY, ClusterSignals
+from qm_server.store.pg_notify import ENDED, GONE, READY, ClusterSignals
 from qm_server.store.settings_json import settings_from_json, settings_to_json
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,6 @@ Conn: TypeAlias = "psycopg.AsyncConnection[tuple[Any, ...]]"
 
 DEFAULT_IDEMPOTENCY_WINDOW_S = 600.0
 IDEMPOTENCY_PRUNE_BATCH = 8
-# A node whose heartbeat is this old is dead: its sessions' messages are released.
-NODE_TTL_MS = 15_000
 # run_due runs at least this often (other nodes' deadlines are not announced yet).
 DUE_POLL_S = 1.0
 # Rows one statement of run_due moves at most (it loops until none is left).
@@ -87,10 +87,8 @@ class PgStore(Store):
     """Queues, maps and users in PostgreSQL (`url`, tables in `schema`)."""
 
     releases_in_flight_at_open = False
-    """Opening does not release what other nodes' sessions hold (the module says how
-    what a dead node held comes back). Unlike the embedded store, which cannot tell at a
-    start what was in flight, this one knows each delivery's holder, so a clean stop
-    ends its sessions as release_session does: past max_deliveries, dead-lettered."""
+    """Neither opening nor a clean close releases what is in flight: sessions live in the
+    database and outlive nodes (the module says how what they held comes back)."""
 
     def __init__(
         self,
@@ -123,7 +121,8 @@ class PgStore(Store):
             configure=self._configure,
             timeout=CONNECT_TIMEOUT_S,
         )
-        self._node = 0
+        # Tells this node's notifications from the others' (pg_notify); nothing else.
+        self._node = secrets.randbits(62)
         self._closed = False
         self._stopping = False  # close() began: the due loop ends
         self._healthy = True
@@ -139,10 +138,12 @@ class PgStore(Store):
                 on_ready=lambda name: self._wake({name}),
                 on_gone=self._gone,
                 on_gap=lambda: self._due_soon(0, recheck=True),
+                on_ended=lambda name: self._session_ended(int(name), "ended on another node"),
             )
             if notify
             else None
         )
+        self._session_ended: Callable[[int, str], None] = lambda session_id, why: None
         self._recheck_at = 0.0  # monotonic time of the next fallback recheck
         self._hints: dict[str, int] = {}
         self._due_task: asyncio.Task[None] | None = None
@@ -174,8 +175,8 @@ class PgStore(Store):
 
     async def open_directory(self) -> None:
         """Open for the user commands only: no migration (a schema that is missing or
-        older is refused, as the embedded store refuses a missing database), no node,
-        nothing in the background."""
+        older is refused, as the embedded store refuses a missing database), nothing in
+        the background."""
         await self._open_pool()
         async with self._conn() as conn:
             version = await current_version(conn, self.schema)
@@ -194,8 +195,6 @@ class PgStore(Store):
             applied = await migrate(conn, self.schema)
             if applied:
                 log.info("schema %s: %d migrations applied", self.schema, applied)
-            cursor = await conn.execute(sql.REGISTER_NODE, self._p(ttl=NODE_TTL_MS))
-            self._node = int(_one(await cursor.fetchone()))
         if self._signals is not None:
             await self._signals.start()
         if self._timed:
@@ -208,21 +207,10 @@ class PgStore(Store):
         if self._due_task is not None:
             self._due_task.cancel()
             await asyncio.gather(self._due_task, return_exceptions=True)
-        if self._node and not self._closed:
-            with contextlib.suppress(errors.Unavailable):
-                # This node's sessions end with it: what they held is ready again now.
-                ready = await self._tx(self._release_node)
-                self._notify(ready)
         if self._signals is not None:
             await self._signals.stop()
         self._closed = True
         await self._pool.close()
-
-    async def _release_node(self, conn: Conn) -> set[str]:
-        cursor = await conn.execute(sql.RELEASE_NODE, {"node": self._node})
-        rows = await cursor.fetchall()
-        await conn.execute(sql.DELETE_NODE, (self._node,))
-        return await self._released(conn, rows, lifecycle.CAUSE_SESSION_END, backoff=False)
 
     def set_health_listener(self, listener: HealthListener) -> None:
         self._health_listener = listener
@@ -266,6 +254,14 @@ class PgStore(Store):
 
     def set_queue_gone_listener(self, listener: Callable[[str], None]) -> None:
         self._gone_listener = listener
+
+    def set_session_end_listener(self, listener: Callable[[int, str], None]) -> None:
+        """Told of sessions that other nodes ended (pg_sessions)."""
+        self._session_ended = listener
+
+    def announce_sessions_ended(self, session_ids: list[int]) -> None:
+        if self._signals is not None:
+            self._signals.announce(ENDED, {str(i) for i in session_ids})
 
     # Queues -----------------------------------------------------------------------------
 
@@ -522,7 +518,6 @@ class PgStore(Store):
         params = self._p(
             name=name,
             session=session_id,
-            node=self._node,
             limit=limit,
             max_bytes=max_bytes,
             lease=lease_ms,
@@ -549,7 +544,7 @@ class PgStore(Store):
             )
         async with self._conn() as conn:
             cursor = await conn.execute(
-                sql.ACK_DONE, {"ids": list(message_ids), "node": self._node, "session": session_id}
+                sql.ACK_DONE, {"ids": list(message_ids), "session": session_id}
             )
             acked = {int(row[0]) for row in await cursor.fetchall()}
             return await self._codes(conn, session_id, message_ids, acked)
@@ -558,7 +553,7 @@ class PgStore(Store):
         self, session_id: int, message_ids: Sequence[int], cause: str, backoff: bool
     ) -> list[Code]:
         async def run(conn: Conn) -> tuple[list[Code], set[str]]:
-            args = {"ids": list(message_ids), "node": self._node, "session": session_id}
+            args = {"ids": list(message_ids), "session": session_id}
             cursor = await conn.execute(sql.RELEASE_IDS, args)
             rows = await cursor.fetchall()
             ready = await self._released(conn, rows, cause, backoff)
@@ -577,9 +572,7 @@ class PgStore(Store):
         missing = [m for m in message_ids if m not in done]
         expired: set[int] = set()
         if missing:
-            cursor = await conn.execute(
-                sql.EXPIRED_BY, {"ids": missing, "node": self._node, "session": session_id}
-            )
+            cursor = await conn.execute(sql.EXPIRED_BY, {"ids": missing, "session": session_id})
             expired = {int(row[0]) for row in await cursor.fetchall()}
         return [
             Code.OK if m in done else Code.LEASE_EXPIRED if m in expired else Code.MESSAGE_NOT_FOUND
@@ -595,9 +588,7 @@ class PgStore(Store):
             )
             return [LeaseOutcome(code, 0) for code in codes]
         async with self._conn() as conn:
-            args = self._p(
-                ids=list(message_ids), node=self._node, session=session_id, lease=lease_ms
-            )
+            args = self._p(ids=list(message_ids), session=session_id, lease=lease_ms)
             cursor = await conn.execute(sql.EXTEND, args)
             extended = {int(i): int(d) for i, d in await cursor.fetchall()}
             codes = await self._codes(conn, session_id, message_ids, set(extended))
@@ -622,14 +613,17 @@ class PgStore(Store):
         return found, claimed
 
     async def release_session(self, session_id: int) -> None:
-        async def run(conn: Conn) -> set[str]:
-            args = {"node": self._node, "session": session_id}
-            cursor = await conn.execute(sql.RELEASE_SESSION, args)
-            rows = await cursor.fetchall()
-            await conn.execute(sql.FORGET_EXPIRED_HOLDER, args)
-            return await self._released(conn, rows, lifecycle.CAUSE_SESSION_END, backoff=False)
+        self._notify(await self._tx(lambda conn: self.release_sessions(conn, [session_id])))
 
-        self._notify(await self._tx(run))
+    async def release_sessions(self, conn: Conn, session_ids: list[int]) -> set[str]:
+        """In the caller's transaction: make what the sessions held ready again (past
+        max_deliveries, dead-lettered) and forget them as holders of expired leases. The
+        names of the queues that got ready messages, for `_notify` after the commit."""
+        args = {"sessions": session_ids}
+        cursor = await conn.execute(sql.RELEASE_SESSION, args)
+        rows = await cursor.fetchall()
+        await conn.execute(sql.FORGET_EXPIRED_HOLDER, args)
+        return await self._released(conn, rows, lifecycle.CAUSE_SESSION_END, backoff=False)
 
     async def _released(
         self, conn: Conn, rows: Sequence[tuple[Any, ...]], cause: str, backoff: bool
@@ -686,29 +680,6 @@ class PgStore(Store):
 
     async def _run_due(self, conn: Conn) -> set[str]:
         ready: set[str] = set()
-        cursor = await conn.execute(sql.NODE_ALIVE, self._p(node=self._node))
-        row = await cursor.fetchone()
-        alive = row is not None and bool(row[0])
-        if row is None:
-            log.warning(
-                "this node was declared dead (no heartbeat for %d ms): what its sessions "
-                "held was released, and their acks of it are refused",
-                NODE_TTL_MS,
-            )
-        await conn.execute(sql.HEARTBEAT, self._p(node=self._node, ttl=NODE_TTL_MS))
-        # A node whose own heartbeat had lapsed (the database was out of reach, or this
-        # process stalled) sweeps nobody this round: the others were likely cut off too,
-        # and get a TTL to renew theirs rather than all releasing each other's messages.
-        dead = []
-        if alive:
-            cursor = await conn.execute(sql.DEAD_NODES, self._p(node=self._node))
-            dead = await cursor.fetchall()
-        for (node,) in dead:
-            cursor = await conn.execute(sql.RELEASE_NODE, {"node": node})
-            rows = await cursor.fetchall()
-            if rows:
-                log.info("node %s stopped: %d messages it held are released", node, len(rows))
-            ready |= await self._released(conn, rows, lifecycle.CAUSE_SESSION_END, False)
         while True:
             cursor = await conn.execute(sql.EXPIRE_LEASES, self._p(limit=DUE_CHUNK))
             rows = await cursor.fetchall()
@@ -836,6 +807,12 @@ class PgStore(Store):
                     )
                 )
             return letters
+
+    async def messages_held(self, session_ids: Sequence[int]) -> dict[int, int]:
+        async with self._conn() as conn:
+            args = {"sessions": list(session_ids)}
+            rows = await (await conn.execute(sql.HELD_BY_SESSIONS, args)).fetchall()
+            return {int(session): int(held) for session, held in rows}
 
     async def queue_counts(self, name: str) -> QueueCounts:
         async with self._conn() as conn:

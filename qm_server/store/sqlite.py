@@ -592,6 +592,9 @@ class SqliteStore(Store):
             times.append(row[0])
         return min(times) if times else 0
 
+    async def messages_held(self, session_ids: Sequence[int]) -> dict[int, int]:
+        return await self._submit(lambda: self._in_flight.held_by(session_ids))
+
     async def queue_counts(self, name: str) -> QueueCounts:
         if not self._writer.healthy:
             await self._submit(lambda: None)  # raises Unavailable unless it recovered
