@@ -452,14 +452,14 @@ def _figures(report: Report, history: History, state: ServerState) -> None:
         "calls of the worker": sum(1 for r in history.records if r["client"] % 2),
         "left at the end": sum(len(items) for items in state.drained.values()),
         "map writes": len(history.writes),
-        **_outage_figures(history),
+        **_cluster_figures(history),
         **_lifecycle_figures(history, state.lifecycle),
     }
 
 
-def _outage_figures(history: History) -> dict[str, int]:
-    """Answers CODE_UNAVAILABLE (the store out of reach), and OK answers that the same
-    client process got after its first one: it carried on."""
+def _cluster_figures(history: History) -> dict[str, int]:
+    """Answers CODE_UNAVAILABLE (the store out of reach), OK answers that the same client
+    process got after its first one (it carried on), and moves to another node."""
     first: dict[tuple[int, int], float] = {}
     for r in history.records:
         if r.get("grpc") == "CODE_UNAVAILABLE":
@@ -473,6 +473,10 @@ def _outage_figures(history: History) -> dict[str, int]:
             1
             for r in history.records
             if r["st"] == "ok" and r["t0"] > first.get((r["round"], r["client"]), math.inf)
+        ),
+        "moves to another node": sum(1 for r in history.records if r["op"] == "failover"),
+        "of which in the same session": sum(
+            1 for r in history.records if r["op"] == "failover" and r.get("kept")
         ),
     }
 

@@ -2,9 +2,10 @@
 
 Where the plain load client (crashloop_client.LoadClient) stops when its server dies,
 this one carries on as a client of a cluster would:
-- when its node stops answering, it logs in on the next node of its list (a new session;
-  what the old one held comes back when the cluster declares the node dead) and goes on,
-  logging a `failover` record; it stops when no node answers;
+- when its node stops answering, it goes on at the next node of its list, logging a
+  `failover` record: in the same session while that lives (sessions are the database's:
+  any node accepts any live token), else in a new one (what the old one held comes back
+  when it expires); it stops when no node answers;
 - an answer CODE_UNAVAILABLE (the database is out of reach) is logged as an unknown
   outcome, as a lost answer is (the store may have committed what the broken connection
   never confirmed), and after a short pause the load goes on; a login answered
@@ -18,7 +19,14 @@ import time
 from typing import IO
 
 import grpc
-from crashloop_client import LoadClient, LoginRefused, Record, ServerGone, Stub
+from crashloop_client import (
+    CALL_TIMEOUT_S,
+    LoadClient,
+    LoginRefused,
+    Record,
+    ServerGone,
+    Stub,
+)
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -73,19 +81,26 @@ class FailoverClient(LoadClient):
                 return done
 
     def fail_over(self) -> bool:
-        """Log in on the next node that answers; False when none does."""
+        """Go on at the next node that answers: in the same session if it still lives
+        (any node accepts any live token), else in a new one; False when none answers."""
         for step in range(1, len(self.targets)):
             at = (self.at + step) % len(self.targets)
             self.stub = Stub(self.channels[at])
             try:
-                self.login()
-            except ServerGone:
+                kept = self._session_lives()
+                if not kept:
+                    self.login()
+            except (grpc.RpcError, ServerGone):
                 continue
             self.at = at
             self.seq += 1
             record: Record = {"op": "failover", "st": "moved", "to": self.targets[at]}
             self._stamp(record)
-            record["t1"] = record["t0"]
+            record.update(t1=record["t0"], kept=kept)
             self._write(record)
             return True
         return False
+
+    def _session_lives(self) -> bool:
+        beat = self.stub.HeartBeat(pb.HeartBeatRequest(token=self.token), timeout=CALL_TIMEOUT_S)
+        return bool(beat.code == pb.CODE_OK)

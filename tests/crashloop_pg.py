@@ -10,12 +10,13 @@ odd rounds it crashes the database (`pg_ctl stop -m immediate`, then start: reco
 from the WAL), and in every round it SIGKILLs one node, after which the load goes on a
 moment on the others; at the round's end the rest are SIGKILLed.
 
-What changes in the proofs: what a killed node's sessions held stays in flight until the
-cluster declares the node dead (pg_store.NODE_TTL_MS after its last heartbeat), across
-the next rounds. So the state read between rounds counts in-flight messages as present
-(ready or held by the dead: either way not lost), the final drain first waits until
-nothing is in flight, and a claim whose answer was lost excuses FIFO on its queue for
-as long as such a hold may last (`SharedStoreHistory`), not only to the round's end.
+What changes in the proofs: what a killed node's sessions held stays in flight until
+those sessions expire (SESSION_TTL_S after their last activity, then a sweep of a live
+node), possibly in the next round. So the state read between rounds counts in-flight
+messages as present (ready, or held by a session that is ending: either way not lost),
+the final drain first waits until nothing is in flight, and a claim whose answer was
+lost excuses FIFO on its queue for as long as its session may hold what it took
+(`SharedStoreHistory`), not only to the round's end.
 """
 
 from __future__ import annotations
@@ -37,22 +38,23 @@ from crashloop_client import (
     Stub,
     login,
 )
-from crashloop_deploy import SERVER_ARGS, Deployment, add_worker
+from crashloop_deploy import SERVER_ARGS, SESSION_TTL_S, Deployment, add_worker
 from pg_instance import PgInstance
 from server_process import ServerProcess
 
 from qm.v1 import queue_manager_pb2 as pb
-from qm_server.store.pg_store import DUE_POLL_S, NODE_TTL_MS
 
 SCHEMA = "qm"
+SWEEP_MAX_S = 1.0  # the engine sweeps sessions every min(1 s, TTL / 4)
 PAUSE_MAX_S = 1.5
 # After a node's SIGKILL, the load goes on this long on the others before the round ends.
 AFTER_KILL_S = (0.3, 1.0)
-# How long a lost claim may keep messages in flight: its session lives until its node is
-# killed (a round at most; the long ones last a lease more), then the node's TTL runs
-# out and a sweep releases them.
-LOST_CLAIM_HOLD_S = 60.0 + NODE_TTL_MS / 1000 + 2 * DUE_POLL_S
-SETTLE_TIMEOUT_S = NODE_TTL_MS / 1000 + 30.0
+# How long a lost claim may keep messages in flight: its session lives until its client
+# ends (a round at most; the longest last a few seconds), then it expires and a sweep
+# releases them.
+ROUND_MAX_S = 60.0
+LOST_CLAIM_HOLD_S = ROUND_MAX_S + SESSION_TTL_S + SWEEP_MAX_S
+SETTLE_TIMEOUT_S = 30.0
 
 
 class SharedStoreHistory(History):
@@ -156,7 +158,7 @@ class PgCluster(Deployment):
         return state
 
     def settle(self, target: str) -> None:
-        """Wait until what killed nodes held is released (their TTL, then a sweep)."""
+        """Wait until what killed nodes' sessions held is released (they expire)."""
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         with grpc.insecure_channel(target) as channel:
             stub = Stub(channel)
