@@ -45,7 +45,7 @@ from qm_server.auth import new_token, token_digest
 from qm_server.quotas import Room
 from qm_server.sessions import Session, SessionRegistry
 from qm_server.store import pg_sql as sql
-from qm_server.store.pg_store import Conn, PgStore
+from qm_server.store.pg_store import Conn, PgStore, _row
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,11 @@ class PgSessions(SessionRegistry):
             await conn.execute(sql.LOCK_SESSION_SET)
             cursor = await conn.execute(sql.COUNT_SESSIONS, (username,))
             total, owned = _row(await cursor.fetchone())
-            room.check(total, owned)
+            room.check(int(total), int(owned))
             args = self._store._p(digest=digest, user=username, credential=credential, peer=peer)
             cursor = await conn.execute(sql.INSERT_SESSION, args)
             session_id, created_ms = _row(await cursor.fetchone())
-            return session_id, created_ms
+            return int(session_id), int(created_ms)
 
         session_id, created_ms = await self._store._tx(run)
         session = Session(
@@ -273,8 +273,3 @@ class PgSessions(SessionRegistry):
     async def stop(self) -> None:
         """Write the activity seen here last: the sessions go on without this node."""
         await self._flush(self._clock())
-
-
-def _row(row: tuple[Any, ...] | None) -> tuple[int, int]:
-    assert row is not None
-    return int(row[0]), int(row[1])

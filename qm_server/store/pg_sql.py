@@ -507,7 +507,14 @@ INSERT_SESSION = f"""
     RETURNING id, created_at
 """
 SESSION_COLUMNS = f"id, username, credential, peer, created_at, {NOW} - last_active_at"
-FIND_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE token_digest = %(digest)s"
+# A token's session, if its user still has the password it logged in with: a session no
+# node holds is ended by nobody's reload of the users (engine.refresh_permissions), so
+# the lookup refuses it here; it expires after the TTL.
+FIND_SESSION = f"""
+    SELECT {SESSION_COLUMNS} FROM sessions
+    WHERE token_digest = %(digest)s AND EXISTS (
+        SELECT 1 FROM users WHERE name = username AND password_hash = credential)
+"""
 GET_SESSION = f"SELECT {SESSION_COLUMNS} FROM sessions WHERE id = %(id)s"
 PAGE_SESSIONS = f"""
     SELECT {SESSION_COLUMNS} FROM sessions
