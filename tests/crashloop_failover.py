@@ -14,9 +14,8 @@ this one carries on as a client of a cluster would:
 
 from __future__ import annotations
 
-import random
 import time
-from typing import IO
+from typing import Any
 
 import grpc
 from crashloop_client import (
@@ -37,20 +36,12 @@ LOGIN_ATTEMPTS = 100  # a login answered UNAVAILABLE is tried again, this many t
 class FailoverClient(LoadClient):
     """LoadClient over `targets`, the first its home; close() closes every channel."""
 
-    def __init__(
-        self,
-        targets: list[str],
-        user: str,
-        rng: random.Random,
-        out: IO[str],
-        round_no: int,
-        client: int,
-        session_ttl_s: float,
-    ) -> None:
+    def __init__(self, targets: list[str], *rest: Any) -> None:
+        """`rest`: LoadClient's arguments after its stub (user, rng, out, ...)."""
         self.targets = targets
         self.channels = [grpc.insecure_channel(target) for target in targets]
         self.at = 0  # the node in use
-        super().__init__(Stub(self.channels[0]), user, rng, out, round_no, client, session_ttl_s)
+        super().__init__(Stub(self.channels[0]), *rest)
 
     def close(self) -> None:
         for channel in self.channels:
