@@ -252,3 +252,16 @@ def test_a_session_no_node_holds_ends_with_its_users_password(
         )
     answer = b.stub.HeartBeat(pb.HeartBeatRequest(token=token))
     assert answer.code == pb.CODE_UNAUTHENTICATED
+
+
+def test_a_session_waiting_in_a_long_poll_stays_active_on_every_node(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """The node holding the poll writes the session's activity while it waits: no node's
+    sweep expires it, however long past the TTL the wait lasts."""
+    a, b = start_nodes(make_server, tmp_path, session_ttl_s=1.0)
+    token = login(a.stub, "admin", ADMIN_PASSWORD)
+    new_queue(a, token)
+    polled = a.stub.Poll(pb.PollRequest(token=token, queue_name="q", wait_ms=3000))
+    assert polled.code == pb.CODE_QUEUE_EMPTY
+    assert b.stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_OK
