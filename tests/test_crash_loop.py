@@ -4,7 +4,8 @@ was written, and, on a queue with an ack deadline and a dead-letter queue, that 
 run out and messages move to the dead-letter queue without one being lost between the
 two, in both, or counted down. The runner is tests/crashloop.py, the load
 tests/crashloop_client.py and the proofs tests/crashloop_checker.py; scripts/crash_loop
-runs more rounds.
+runs more rounds. The same loop runs on three nodes sharing a private PostgreSQL instance
+(crashloop_pg.py), with node pauses and a database crash besides the kills.
 
 The checker's own tests below feed it made-up histories with one fault each, so that a
 clean crash-loop run means something."""
@@ -241,10 +242,10 @@ def test_checker_flags_a_claim_that_passes_over_an_older_ready_message() -> None
     assert problems([*records, lost], left) == []
 
 
-def test_on_a_shared_store_a_lost_claim_excuses_fifo_until_its_node_is_declared_dead() -> None:
-    """On several nodes a claim whose answer was lost holds what it took until its node
-    is declared dead, rounds later: it excuses a pass over an older id that long, and
-    no longer."""
+def test_on_a_shared_store_a_lost_claim_excuses_fifo_while_its_session_may_hold() -> None:
+    """On several nodes a claim whose answer was lost holds what it took until its
+    session expires, which may be rounds later: it excuses a pass over an older id that
+    long, and no longer."""
     records = [add(1, 0, [1]), add(2, 1, [2]), {**poll(3, 40, 2, "e2.0", 1), "round": 2}]
     left = final((1, "e1.0", 1), (2, "e2.0", 2))
     lost = record("poll", "unknown", 1, 0.5, client=1, q="cl-a")
