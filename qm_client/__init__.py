@@ -23,7 +23,7 @@ from ._lifecycle import (
     RedriveResult,
     RetryPolicy,
 )
-from ._sessions import SessionStatus, SessionSummary
+from ._sessions import ServerLimits, SessionStatus, SessionSummary
 from ._version import __version__
 from .client import (
     DEFAULT_MAX_LEASE,
@@ -94,6 +94,7 @@ __all__ = [
     "RedriveResult",
     "ResourceExhausted",
     "RetryPolicy",
+    "ServerLimits",
     "SessionLoss",
     "SessionNotFound",
     "SessionStatus",

@@ -35,6 +35,7 @@ IDEMPOTENT_METHODS = (
     "ListDeadLetters",
     "ListQueues",
     "ListMaps",
+    "ListSessions",
     # Sets the settings given: a repeat sets them again, with the same answer.
     "UpdateQueue",
 )

@@ -251,7 +251,11 @@ class Session:
         if response.code != pb.CODE_OK:
             raise error_for_code(response.code, response.message)
         return Login(
-            token=response.token, ttl=response.session_ttl_ms / 1000, generation=generation
+            token=response.token,
+            ttl=response.session_ttl_ms / 1000,
+            generation=generation,
+            max_batch=response.max_batch,
+            max_request_bytes=response.max_request_bytes,
         )
 
     def renew(self, stale: Login) -> Login:

@@ -15,11 +15,23 @@ from qm.v1 import queue_manager_pb2 as pb
 from ._lifecycle import required_datetime_from_ms
 
 __all__ = [
+    "ServerLimits",
     "SessionStatus",
     "SessionSummary",
     "session_status_from_pb",
     "session_summary_from_pb",
 ]
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the server said at login that it takes in one call; 0 where it did not say
+    (an older server)."""
+
+    max_batch: int
+    """The most elements, ids or pairs in one call (AddAll, PullElements, MapBatchPut)."""
+    max_request_bytes: int
+    """The largest request its transport accepts, in bytes."""
 
 
 @dataclass(frozen=True)

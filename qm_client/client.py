@@ -47,6 +47,7 @@ from ._lifecycle import (
 from ._message import Message
 from ._session import Session, SessionLoss
 from ._sessions import (
+    ServerLimits,
     SessionStatus,
     SessionSummary,
     session_status_from_pb,
@@ -191,6 +192,12 @@ class QueueManagerClient:
     def session_ttl(self) -> float:
         """Seconds of inactivity after which the server ends the session."""
         return self._session.current().ttl
+
+    @property
+    def server_limits(self) -> ServerLimits:
+        """The server's batch and request size limits, as it told them at login."""
+        login = self._session.current()
+        return ServerLimits(login.max_batch, login.max_request_bytes)
 
     # -- sessions -------------------------------------------------------------------------
 

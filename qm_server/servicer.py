@@ -85,8 +85,12 @@ def peer_host(context: Context) -> str:
 
 
 class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
-    def __init__(self, engine: Engine, calls: CallMetrics | None = None) -> None:
+    def __init__(
+        self, engine: Engine, calls: CallMetrics | None = None, max_request_bytes: int = 0
+    ) -> None:
+        """`max_request_bytes` is the transport's limit, told to clients at login."""
         self._engine = engine
+        self._max_request_bytes = max_request_bytes
         self._calls = calls
         # Without metrics, the bare `_answer`: nothing is added to a call.
         self._answer: _Answerer = _answer if calls is None else _measured(calls)
@@ -111,7 +115,12 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
             token, ttl_ms = await self._engine.login(
                 request.username, request.password, peer_host(context), peer_address(context)
             )
-            return pb.AuthResponse(token=token, session_ttl_ms=ttl_ms)
+            return pb.AuthResponse(
+                token=token,
+                session_ttl_ms=ttl_ms,
+                max_batch=self._engine.limits.max_batch,
+                max_request_bytes=self._max_request_bytes,
+            )
 
         return await self._answer(pb.AuthResponse, call)
 

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from test_client_unavailable import Outage
 from test_permissions import user_command
 from test_subscribe import Stream
 
@@ -168,3 +169,18 @@ def test_end_session_ends_it_as_logout_does(setup: tuple[ServerHandle, Stub, str
     assert again.code == pb.CODE_SESSION_NOT_FOUND
     never = stub.EndSession(pb.EndSessionRequest(token=admin, session_id=12345))
     assert never.code == pb.CODE_SESSION_NOT_FOUND
+
+
+def test_heartbeat_answers_while_the_store_fails(
+    server: ServerHandle, stub: Stub, token: str
+) -> None:
+    """A failing disk must not cost sessions their heartbeat: the status is read without
+    the store's writer (regression: it once waited for a commit, and failed with it)."""
+    stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="q"))
+    stub.Add(pb.AddRequest(token=token, queue_name="q", element="x"))
+    assert stub.Poll(pb.PollRequest(token=token, queue_name="q")).code == pb.CODE_OK
+    Outage(server).writes.failing = True
+    refused = stub.Add(pb.AddRequest(token=token, queue_name="q", element="y"))
+    assert refused.code == pb.CODE_UNAVAILABLE  # the store is failing now
+    reply = status(stub, token)
+    assert (reply.code, reply.session.messages_held) == (pb.CODE_OK, 1)

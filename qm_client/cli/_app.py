@@ -22,10 +22,13 @@ from ._context import (
     UsageError,
     report,
 )
+from ._hints import connection_hint
 from .maps import register as map_commands
 from .messages import register as message_commands
 from .queues import register as queue_commands
 from .server import register as server_commands
+from .sessions import register as session_commands
+from .top import register as top_command
 
 __all__ = ["build_parser", "main"]
 
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     message_commands(commands, leaf)
     map_commands(commands, leaf)
     server_commands(commands, leaf)
+    session_commands(commands, leaf)
+    top_command(commands, leaf)
     return parser
 
 
@@ -133,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_EMPTY
     except Unavailable as error:
         report(ctx, error.code_name, error.message)
+        if error.grpc_status is not None and not ctx.json:  # not reached, or cut off
+            tls = bool(args.ca_cert or args.client_cert)
+            hint = connection_hint(ctx.server, tls, DEFAULT_SERVER, min(args.timeout, 5.0))
+            if hint is not None:
+                print(f"qm: hint: {hint}", file=ctx.stderr)
         return EXIT_UNAVAILABLE
     except QMError as error:
         report(ctx, error.code_name, error.message)

@@ -32,7 +32,9 @@ __all__ = [
     "report",
 ]
 
-DEFAULT_SERVER = "localhost:50051"
+# Where the server listens by default (qm-server --listen): the IPv4 loopback, named so,
+# since "localhost" may try ::1 first and meet a refusal there.
+DEFAULT_SERVER = "127.0.0.1:50051"
 
 # What each exit status means is in the package docstring (and the epilog of ``qm --help``).
 EXIT_OK = 0

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import ResourceExhausted
+from qm.v1 import queue_manager_pb2 as pb
+
+from ..errors import InvalidArgument, ResourceExhausted
 from ._args import Commands, Leaf, non_negative_int, positive_int
+from ._batches import Progress, pair_size, split
 from ._context import EXIT_OK, Context, UsageError, read_text
 
 __all__ = ["register"]
@@ -75,8 +78,30 @@ def cmd_map_load(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(f"values must be strings; not for key(s): {', '.join(bad[:5])}")
     if not data:
         raise UsageError("input is an empty object: nothing to load")
-    ctx.connect().map(args.map).update(data)
-    ctx.emit(f"loaded {len(data)} key(s) into {args.map}", {"map": args.map, "loaded": len(data)})
+    client = ctx.connect()
+    batches = split(list(data.items()), pair_size, client.server_limits)
+    if len(batches) > 1 and not args.batched:
+        raise InvalidArgument(
+            f"{len(data)} key(s) do not fit one call of this server; pass --batched to load "
+            f"them in {len(batches)} batches, each atomic",
+            code=pb.CODE_INVALID_ARGUMENT,
+        )
+    view = client.map(args.map)
+    progress = Progress(ctx.stderr, "loaded", len(data), f"key(s) into {args.map}", len(batches))
+    loaded = 0
+    try:
+        for batch in batches:
+            view.update(batch)
+            loaded += len(batch)
+            progress.advance(loaded)
+    finally:
+        progress.end()
+        if 0 < loaded < len(data):
+            ctx.note(f"qm: loaded {loaded} of {len(data)} key(s) before the failure")
+    text = f"loaded {len(data)} key(s) into {args.map}"
+    if len(batches) > 1:
+        text += f" in {len(batches)} batches"
+    ctx.emit(text, {"map": args.map, "loaded": len(data)})
     return EXIT_OK
 
 
@@ -113,3 +138,9 @@ def register(commands: Commands, leaf: Leaf) -> None:
     )
     sub.add_argument("map", metavar="MAP")
     sub.add_argument("file", nargs="?", metavar="FILE", help="JSON file; default stdin")
+    sub.add_argument(
+        "--batched",
+        action="store_true",
+        help="load an object larger than one call takes in batches of the server's limit, "
+        "each atomic (progress shown on a terminal)",
+    )

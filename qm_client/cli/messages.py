@@ -10,6 +10,7 @@ from qm.v1 import queue_manager_pb2 as pb
 from ..client import Message
 from ..errors import QueueEmpty
 from ._args import Commands, Leaf, iso, ms, non_negative_float, non_negative_int, positive_int
+from ._batches import Progress, element_size, split
 from ._context import EXIT_FAILURE, EXIT_OK, Context, UsageError
 
 __all__ = ["register"]
@@ -17,24 +18,50 @@ __all__ = ["register"]
 
 def cmd_add(ctx: Context, args: argparse.Namespace) -> int:
     client = ctx.connect()
+    lines: list[str] = []
     if args.elements:
         # Several elements on the command line are one atomic AddAll.
         batches = [list(args.elements)]
     else:
         lines = sys.stdin.read().splitlines()
-        size = args.batch_size
-        batches = [lines[i : i + size] for i in range(0, len(lines), size)]
+        batches = split(lines, element_size, client.server_limits, args.batch_size)
     if args.request_id is not None and len(batches) > 1:
         raise UsageError("--request-id names one request: give at most --batch-size elements")
     delay = None if args.delay is None else args.delay / 1000
     ids: list[int] = []
-    for batch in batches:
-        if len(batch) == 1:
-            ids.append(client.add(args.queue, batch[0], delay=delay, request_id=args.request_id))
-        else:
-            ids.extend(client.add_all(args.queue, batch, delay=delay, request_id=args.request_id))
+    progress = Progress(
+        ctx.stderr, "added", len(lines), f"element(s) to {args.queue}", len(batches)
+    )
+    try:
+        for batch in batches:
+            if len(batch) == 1:
+                ids.append(
+                    client.add(args.queue, batch[0], delay=delay, request_id=args.request_id)
+                )
+            else:
+                ids.extend(
+                    client.add_all(args.queue, batch, delay=delay, request_id=args.request_id)
+                )
+            progress.advance(len(ids))
+    finally:
+        progress.end()
+        if 0 < len(ids) < len(lines):
+            ctx.note(f"qm: added {len(ids)} of {len(lines)} element(s) before the failure")
+    if lines and ctx.stdout.isatty() and not ctx.json:
+        # From a file, to a person: what was added, not thousands of ids.
+        ctx.emit(_summary(args.queue, lines, ids, len(batches)), None)
+        return EXIT_OK
     ctx.emit("\n".join(map(str, ids)) if ids else None, {"queue": args.queue, "message_ids": ids})
     return EXIT_OK
+
+
+def _summary(queue: str, elements: list[str], ids: list[int], batches: int) -> str:
+    size = sum(len(e.encode()) for e in elements)
+    span = f"id {ids[0]}" if len(ids) == 1 else f"ids {ids[0]} to {ids[-1]}"
+    return (
+        f"added {len(ids)} element(s), {size} bytes, to {queue}: {span} "
+        f"({batches} batch{'es' if batches > 1 else ''})"
+    )
 
 
 def cmd_poll(ctx: Context, args: argparse.Namespace) -> int:
@@ -116,9 +143,9 @@ def register(commands: Commands, leaf: Leaf) -> None:
     add.add_argument(
         "--batch-size",
         type=positive_int,
-        default=1000,
+        default=None,
         metavar="N",
-        help="stdin lines per atomic batch (default %(default)s)",
+        help="stdin lines per atomic batch (default: as many as the server takes in one call)",
     )
     add.add_argument(
         "--delay",
