@@ -1,7 +1,10 @@
 """The crash loop: mixed load from client processes while qm-server is SIGKILLed, then proofs.
 
 Shared by tests/test_crash_loop.py (a few rounds) and scripts/crash_loop (as many as asked).
-The load client is tests/crashloop_client.py, the proofs tests/crashloop_checker.py; this
+The load client is tests/crashloop_client.py (its process tests/crashloop_proc.py), the
+proofs tests/crashloop_checker.py, the servers a deployment (crashloop_deploy.py: one
+server on a data directory; crashloop_pg.py with `nodes`: several nodes on a private
+PostgreSQL database, with node pauses and database crashes besides the kills); this
 module runs the rounds.
 
 Each round starts `qm-server` on the same data directory (sessions expire after
@@ -18,7 +21,9 @@ check_lifecycle). Every third round lasts a lease longer (`long_round_every`), s
 leases run out in it while their sessions live; the kill still lands at a random moment.
 
 Work directory: `data/` (the server's, the same every round), `data-server.log`,
-`logs/rRRR-cC.jsonl` (one client process in one round) and `logs/rRRR-cC.err`.
+`logs/rRRR-cC.jsonl` (one client process in one round) and `logs/rRRR-cC.err`; with
+nodes, `nodeN/` and `nodeN-server.log` instead of the server's (the database's files
+are in a temporary directory of their own, removed at the end).
 """
 
 from __future__ import annotations
@@ -51,12 +56,11 @@ from crashloop_client import (
     LIFECYCLE_SETTINGS,
     MAPS,
     QUEUES,
-    USERS,
-    WORKER_GRANTS,
     Stub,
     login,
 )
-from server_process import ServerProcess
+from crashloop_deploy import SESSION_TTL_S, Deployment, OneServer
+from crashloop_pg import PgCluster
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -64,10 +68,7 @@ READY_TIMEOUT_S = 60.0
 # The drain's lease on the lifecycle queue: long enough never to run out while it drains.
 DRAIN_LEASE_MS = 3_600_000
 CLIENT_EXIT_TIMEOUT_S = 60.0
-# Short, so that an idle client sees its session expire within a round; clients call
-# far more often than this, and one that stalls past it logs in again.
-SESSION_TTL_S = 0.4
-CLIENT = Path(__file__).resolve().parent / "crashloop_client.py"
+CLIENT = Path(__file__).resolve().parent / "crashloop_proc.py"
 
 
 # Reading the server's state -----------------------------------------------------------
@@ -211,6 +212,7 @@ class Options:
     # much later), so that leases run out in it while their sessions live (0: never).
     long_round_every: int = 3
     budget_s: float = 3600.0  # no new round starts after this
+    nodes: int = 0  # 0: one server on a data directory; N: N nodes on a PostgreSQL database
     client_max_s: float = 120.0  # a client stops by itself after this (the kill comes first)
     client_max_ops: int = 100_000
     say: Callable[[str], None] = lambda line: None
@@ -245,7 +247,12 @@ class Report:
 
 
 def _start_clients(
-    options: Options, target: str, logs: Path, round_no: int, rng: random.Random
+    options: Options,
+    deployment: Deployment,
+    targets: list[str],
+    logs: Path,
+    round_no: int,
+    rng: random.Random,
 ) -> list[subprocess.Popen[str]]:
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "tests"), str(root)])}
@@ -258,8 +265,7 @@ def _start_clients(
                     [
                         sys.executable,
                         str(CLIENT),
-                        "--target",
-                        target,
+                        *deployment.client_args(targets, client),
                         "--log",
                         str(stem.with_suffix(".jsonl")),
                         "--round",
@@ -318,8 +324,8 @@ def _finish_clients(procs: list[subprocess.Popen[str]], logs: Path, round_no: in
     return problems
 
 
-def _state(server: ServerProcess, drain: bool, max_messages: int) -> ServerState:
-    with grpc.insecure_channel(server.target) as channel:
+def _state(target: str, drain: bool, max_messages: int) -> ServerState:
+    with grpc.insecure_channel(target) as channel:
         stub = Stub(channel)
         token = login(stub)
         state = read_state(stub, token, drain, max_messages)
@@ -327,8 +333,8 @@ def _state(server: ServerProcess, drain: bool, max_messages: int) -> ServerState
         return state
 
 
-def _create_queues(server: ServerProcess) -> None:
-    with grpc.insecure_channel(server.target) as channel:
+def _create_queues(target: str) -> None:
+    with grpc.insecure_channel(target) as channel:
         stub = Stub(channel)
         token = login(stub)
         plain = pb.QueueSettings()
@@ -346,63 +352,41 @@ def _create_queues(server: ServerProcess) -> None:
         stub.Logout(pb.LogoutRequest(token=token), timeout=CALL_TIMEOUT_S)
 
 
-def _create_users(data: Path, server_args: tuple[str, ...]) -> None:
-    """The admin, by a first start (which creates the database), then the worker."""
-
-    def user(*args: str, password: str | None = None) -> None:
-        subprocess.run(
-            [sys.executable, "-m", "qm_server", "user", *args, "--data-dir", str(data)],
-            input=None if password is None else password + "\n",
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-
-    first = ServerProcess(data, *server_args, env={"QM_ADMIN_PASSWORD": USERS["admin"]})
-    if first.start().terminate() != 0:
-        raise RuntimeError(f"the first start failed:\n{first.log()}")
-    user("add", "worker", "--password-stdin", password=USERS["worker"])
-    for actions, kind, pattern in WORKER_GRANTS:
-        user("grant", "worker", actions, kind, pattern)
-
-
 def run(options: Options) -> Report:
     """Run the crash loop in options.work_dir and check everything; see the module doc."""
     started = time.monotonic()
     rng = random.Random(options.seed)
     report = Report(seed=options.seed)
-    data, logs = options.work_dir / "data", options.work_dir / "logs"
+    logs = options.work_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    server_args = ("--rsa-bits", "2048", "--session-ttl", str(SESSION_TTL_S))
-    env = {"QM_ADMIN_PASSWORD": ""}
-    server = ServerProcess(data, *server_args, env=env)
-    _create_users(data, server_args)
+    deployment: Deployment = (
+        PgCluster(options.work_dir, options.nodes) if options.nodes else OneServer(options.work_dir)
+    )
     try:
+        deployment.setup()
         for round_no in range(options.rounds):
             if time.monotonic() - started > options.budget_s:
                 options.say(f"time budget spent after {round_no} rounds")
                 break
-            server = ServerProcess(data, *server_args, env=env).start()
+            targets = deployment.start()
             if round_no == 0:
-                _create_queues(server)
+                _create_queues(targets[0])
             else:
-                history = History.load(logs)
-                state = _state(server, drain=False, max_messages=0)
+                history = deployment.history.load(logs)
+                state = deployment.between_rounds(_state(targets[0], drain=False, max_messages=0))
                 report.problems += [
                     f"after restart {round_no}: {p}" for p in history.check_state(state)
                 ]
-            procs = _start_clients(options, server.target, logs, round_no, rng)
+            procs = _start_clients(options, deployment, targets, logs, round_no, rng)
             report.client_processes += len(procs)
             try:
                 _wait_ready(procs, READY_TIMEOUT_S)
                 delay = rng.uniform(0, options.max_kill_delay_s)  # the random moment
                 if options.long_round_every and round_no % options.long_round_every == 1:
                     delay += LEASE_S + LATE_ACK_S + 0.2
-                time.sleep(delay)
+                deployment.play(rng, round_no, delay)
             finally:
-                server.kill()
-            report.kills += 1
+                report.kills += deployment.kill()
             report.problems += _finish_clients(procs, logs, round_no)
             report.rounds += 1
             options.say(
@@ -410,21 +394,21 @@ def run(options: Options) -> Report:
                 f"{sum(1 for _ in logs.glob('*.jsonl'))} client logs, "
                 f"{len(report.problems)} violations so far"
             )
-        history = History.load(logs)
-        server = ServerProcess(data, *server_args, env=env).start()
-        state = _state(server, drain=True, max_messages=len(history.element_owner()))
-        exit_code = server.terminate()
-        if exit_code != 0:
-            report.problems.append(f"qm-server exited {exit_code} on SIGTERM")
+        history = deployment.history.load(logs)
+        targets = deployment.start()
+        deployment.settle(targets[0])
+        state = _state(targets[0], drain=True, max_messages=len(history.element_owner()))
+        report.problems += deployment.terminate()
         problems = history.check() + [f"final: {p}" for p in history.check_state(state)]
         report.problems += list(dict.fromkeys(problems))  # a fault may show in two checks
-        server_log = server.log()
+        server_log = deployment.log()
         for marker in ("Traceback", "internal error"):
             if marker in server_log:
                 report.problems.append(f"the server log holds {marker!r}")
         _figures(report, history, state)
+        report.figures.update(deployment.figures)
     finally:
-        server.stop()
+        deployment.stop()
         report.seconds = time.monotonic() - started
     return report
 
@@ -468,7 +452,32 @@ def _figures(report: Report, history: History, state: ServerState) -> None:
         "calls of the worker": sum(1 for r in history.records if r["client"] % 2),
         "left at the end": sum(len(items) for items in state.drained.values()),
         "map writes": len(history.writes),
+        **_cluster_figures(history),
         **_lifecycle_figures(history, state.lifecycle),
+    }
+
+
+def _cluster_figures(history: History) -> dict[str, int]:
+    """Answers CODE_UNAVAILABLE (the store out of reach), OK answers that the same client
+    process got after its first one (it carried on), and moves to another node."""
+    first: dict[tuple[int, int], float] = {}
+    for r in history.records:
+        if r.get("grpc") == "CODE_UNAVAILABLE":
+            key = (r["round"], r["client"])
+            first[key] = min(first.get(key, math.inf), r["t1"])
+    return {
+        "answered CODE_UNAVAILABLE": sum(
+            1 for r in history.records if r.get("grpc") == "CODE_UNAVAILABLE"
+        ),
+        "OK answers after CODE_UNAVAILABLE": sum(
+            1
+            for r in history.records
+            if r["st"] == "ok" and r["t0"] > first.get((r["round"], r["client"]), math.inf)
+        ),
+        "moves to another node": sum(1 for r in history.records if r["op"] == "failover"),
+        "of which in the same session": sum(
+            1 for r in history.records if r["op"] == "failover" and r.get("kept")
+        ),
     }
 
 
@@ -519,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="default: random")
     parser.add_argument("--max-kill-delay", type=float, default=2.0, metavar="SECONDS")
     parser.add_argument("--budget", type=float, default=3600.0, metavar="SECONDS")
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="run N nodes on a private PostgreSQL database (crashloop_pg.py); 0: one server",
+    )
     parser.add_argument("--work-dir", type=Path, help="default: a new temporary directory")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
@@ -534,6 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=seed,
             max_kill_delay_s=args.max_kill_delay,
             budget_s=args.budget,
+            nodes=args.nodes,
             say=lambda line: print(line, flush=True),
         )
     )

@@ -336,7 +336,6 @@ class History:
             for message_id in r["ids"]
         }
         queue_of = self.ok_ids()
-        rounds_with_lost_claims = {(r["round"], r["q"]) for r in self.lost_claims}
         claims: dict[str, list[Delivery]] = defaultdict(list)  # where -> its deliveries
         for d in deliveries:
             if d.session is not None and d.queue in QUEUES:
@@ -344,7 +343,7 @@ class History:
         for where, ds in claims.items():
             newest = max(ds, key=lambda d: d.message_id)
             assert newest.session is not None
-            if (newest.session[0], newest.queue) in rounds_with_lost_claims:
+            if self.lost_claim_may_hold(newest, newest.session[0]):
                 continue  # a claim whose answer was lost may hold any older id
             t0, t1 = newest.t0, max(d.t1 for d in ds)
             if any(
@@ -367,6 +366,10 @@ class History:
                     f"{min(passed)} of {newest.queue} was ready"
                 )
         return problems
+
+    def lost_claim_may_hold(self, d: Delivery, round_no: int) -> bool:
+        """Whether a lost claim may hold older ids of d's queue: until its round's restart."""
+        return any(r["round"] == round_no and r["q"] == d.queue for r in self.lost_claims)
 
     def check_counts(self, deliveries: list[Delivery]) -> list[str]:
         """delivery_count grows by one per delivery, seen or lost."""
@@ -534,10 +537,8 @@ class History:
         seen: dict[int, int] = {}
         for d in self.lifecycle_deliveries():
             seen[d.message_id] = max(seen.get(d.message_id, 0), d.count)
-        for message_id in sorted(set(left) & set(dead)):
-            problems.append(
-                f"id {message_id}: both in {LIFECYCLE_QUEUE} and in {DEAD_LETTER_QUEUE}"
-            )
+        for i in sorted(set(left) & set(dead)):
+            problems.append(f"id {i}: both in {LIFECYCLE_QUEUE} and in {DEAD_LETTER_QUEUE}")
         for message_id in sorted(added):
             there = message_id in left or message_id in dead
             if not there and message_id not in done_ok and message_id not in done_unknown:
@@ -545,9 +546,8 @@ class History:
                     f"id {message_id}: added to {LIFECYCLE_QUEUE} (answered OK), never acked "
                     "done, and in neither queue at the end"
                 )
-        for message_id in sorted(done_ok):
-            if message_id in left or message_id in dead:
-                problems.append(f"id {message_id}: acked done (answered OK) and still there")
+        for message_id in sorted(done_ok.keys() & (left.keys() | dead.keys())):
+            problems.append(f"id {message_id}: acked done (answered OK) and still there")
         for message_id, element in [
             *((i, d.element) for i, d in left.items()),
             *((i, str(d["element"])) for i, d in dead.items()),

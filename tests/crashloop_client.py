@@ -1,4 +1,4 @@
-"""One load client process of the crash loop (tests/crashloop.py starts several a round).
+"""The load of one crash-loop client process (its command line: tests/crashloop_proc.py).
 
 It logs in (as the admin, or as `worker`, a user with grants only), says `ready` on
 stdout, and runs a random mix of operations until the server dies under it: Add, AddAll,
@@ -22,15 +22,12 @@ that is not its own short deadline: the server is gone.
 
 from __future__ import annotations
 
-import argparse
 import json
 import queue
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
-from pathlib import Path
 from typing import IO, Any
 
 import grpc
@@ -106,8 +103,14 @@ def login(stub: Stub, user: str = "admin") -> str:
         timeout=CALL_TIMEOUT_S,
     )
     if reply.code != pb.CODE_OK:
-        raise RuntimeError(f"login failed: {reply.code} {reply.message}")
+        raise LoginRefused(reply.code, reply.message)
     return reply.token
+
+
+class LoginRefused(RuntimeError):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"login failed: {code} {message}")
+        self.code = code
 
 
 class ServerGone(Exception):
@@ -650,41 +653,3 @@ class LoadClient:
             patient=True,
         )
         self._write(record)
-
-
-def client_main(args: argparse.Namespace) -> int:
-    """A client process: log in, say `ready` on stdout, run the load until it ends."""
-    rng = random.Random(args.seed)
-    user = "worker" if args.client % 2 else "admin"
-    with (
-        Path(args.log).open("w", encoding="utf-8") as out,
-        grpc.insecure_channel(args.target) as channel,
-    ):
-        client = LoadClient(
-            Stub(channel), user, rng, out, args.round, args.client, args.session_ttl
-        )
-        try:
-            client.login()
-        except ServerGone:  # the server died before the load began
-            print("ready", flush=True)
-            return 0
-        print("ready", flush=True)
-        client.run(args.max_ops, time.monotonic() + args.max_seconds)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="one crash-loop load client")
-    parser.add_argument("--target", required=True)
-    parser.add_argument("--log", required=True)
-    parser.add_argument("--round", type=int, required=True)
-    parser.add_argument("--client", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--session-ttl", type=float, required=True)
-    parser.add_argument("--max-seconds", type=float, default=120.0)
-    parser.add_argument("--max-ops", type=int, default=100_000)
-    return client_main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,8 @@ was written, and, on a queue with an ack deadline and a dead-letter queue, that 
 run out and messages move to the dead-letter queue without one being lost between the
 two, in both, or counted down. The runner is tests/crashloop.py, the load
 tests/crashloop_client.py and the proofs tests/crashloop_checker.py; scripts/crash_loop
-runs more rounds.
+runs more rounds. The same loop runs on three nodes sharing a private PostgreSQL instance
+(crashloop_pg.py), with node pauses and a database crash besides the kills.
 
 The checker's own tests below feed it made-up histories with one fault each, so that a
 clean crash-loop run means something."""
@@ -15,8 +16,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pg_fixtures
+import pytest
 from crashloop import Options, run
 from crashloop_checker import Delivery, History, LifecycleState, ServerState
+from crashloop_pg import LOST_CLAIM_HOLD_S, SharedStoreHistory
+from pg_instance import PgInstance
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -58,6 +63,38 @@ def test_crash_loop(tmp_path: Path) -> None:
     # of a dead letter (the long rounds give them the time).
     expiries = figures["late acks answered LEASE_EXPIRED"] + figures["of which after lease expiry"]
     assert expiries > 0, report.summary()
+
+
+def test_crash_loop_on_postgresql(tmp_path: Path) -> None:
+    """Three nodes on a private PostgreSQL instance (crashloop_pg.py): a node paused in
+    the first round, the database crashed in the second, a node SIGKILLed mid-load in
+    each and the rest at its end; the clients move to another node or wait out the
+    outage, and every proof holds."""
+    reason = PgInstance.unavailable() or pg_fixtures.unavailable()
+    if reason:
+        pytest.skip(reason)
+    report = run(
+        Options(
+            work_dir=tmp_path, rounds=2, clients=4, seed=20_261_203, max_kill_delay_s=1.5, nodes=3
+        )
+    )
+    print(report.summary())
+    assert report.problems == [], report.summary()
+    assert (report.rounds, report.kills, report.client_processes) == (2, 6, 8)
+    figures = report.figures
+    faults = ("node SIGKILLs mid-load", "node pauses (SIGSTOP)", "database crashes and restarts")
+    assert [figures[f] for f in faults] == [2, 1, 1], report.summary()
+    exercised = (
+        "messages added (OK)",
+        "acked done (OK)",
+        "answers lost",
+        "redeliveries",
+        "answered CODE_UNAVAILABLE",
+        "OK answers after CODE_UNAVAILABLE",
+        "moves to another node",
+        "lifecycle redeliveries",
+    )
+    assert [name for name in exercised if figures[name] == 0] == [], report.summary()
 
 
 def record(
@@ -203,6 +240,25 @@ def test_checker_flags_a_claim_that_passes_over_an_older_ready_message() -> None
     ]
     lost = record("poll", "unknown", 1, 1.8, client=1, q="cl-a")
     assert problems([*records, lost], left) == []
+
+
+def test_on_a_shared_store_a_lost_claim_excuses_fifo_while_its_session_may_hold() -> None:
+    """On several nodes a claim whose answer was lost holds what it took until its
+    session expires, which may be rounds later: it excuses a pass over an older id that
+    long, and no longer."""
+    records = [add(1, 0, [1]), add(2, 1, [2]), {**poll(3, 40, 2, "e2.0", 1), "round": 2}]
+    left = final((1, "e1.0", 1), (2, "e2.0", 2))
+    lost = record("poll", "unknown", 1, 0.5, client=1, q="cl-a")
+    assert problems([*records, lost], left) == [
+        "r2-c0 poll seq 3: handed out id 2 while older id 1 of cl-a was ready"
+    ]
+    shared = SharedStoreHistory([*records, lost])
+    assert shared.check() + shared.check_state(left) == []
+    late = {**records[2], "t0": 1 + LOST_CLAIM_HOLD_S, "t1": 2 + LOST_CLAIM_HOLD_S}
+    shared = SharedStoreHistory([*records[:2], late, lost])
+    assert shared.check_fifo(shared.deliveries) == [
+        "r2-c0 poll seq 3: handed out id 2 while older id 1 of cl-a was ready"
+    ]
 
 
 def test_checker_flags_a_delivery_count_that_skips() -> None:
