@@ -96,3 +96,14 @@ class Unavailable(QmError):
     """The store cannot commit (disk full, file gone, read-only) or the server is draining."""
 
     code = Code.UNAVAILABLE
+
+
+class OutcomeUnknown(Unavailable):
+    """The store may or may not have committed the call: its database connection broke
+    while a commit was in flight (store/pg_outcome.py). Never a response code: the
+    servicer answers it with the gRPC status UNAVAILABLE, which tells a client that the
+    call may have taken effect, as a lost answer does; CODE_UNAVAILABLE would promise that
+    nothing was applied. An Unavailable still, so that background work (sweeps, the due
+    loop) treats it as the store being out of reach. The embedded store never raises it:
+    it commits in the server's own process, so an answer is lost only with the process,
+    and then the client sees the transport fail."""

@@ -9,6 +9,11 @@ judge the request, so per the contract it is a gRPC status, not a response code.
 
 Every method, unary or streaming, first tags its task with the call (call_context.py), so
 that each log line about the call carries its request id, malformed requests' included.
+
+A call whose outcome the store cannot tell (errors.OutcomeUnknown: the database connection
+broke while a commit was in flight) is answered here with the gRPC status UNAVAILABLE, not
+a response code: CODE_UNAVAILABLE promises that nothing was applied, while the status
+tells the client what a lost answer tells it, that the call may have taken effect.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import DecodeError, Message
 
 from qm.v1 import queue_manager_pb2 as pb
-from qm_server import call_context
+from qm_server import call_context, errors
 
 SERVICE = pb.DESCRIPTOR.services_by_name["QueueManagerService"]
 
@@ -60,7 +65,10 @@ def _guard_unary(behavior: Callable[..., Any], rpc: str) -> Callable[..., Any]:
         call_context.enter(context, rpc)
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
-        return await behavior(request, context)
+        try:
+            return await behavior(request, context)
+        except errors.OutcomeUnknown as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     return handle
 
@@ -74,9 +82,12 @@ def _tagged_stream(behavior: Callable[..., AsyncGenerator[Any]], rpc: str) -> Ca
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         call_context.enter(context, rpc)
-        async with contextlib.aclosing(behavior(requests, context)) as responses:
-            async for response in responses:
-                yield response
+        try:
+            async with contextlib.aclosing(behavior(requests, context)) as responses:
+                async for response in responses:
+                    yield response
+        except errors.OutcomeUnknown as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
     return handle
 

@@ -3,7 +3,9 @@
 Every domain outcome travels in the response's `code` with gRPC status OK (the contract);
 `_answer` is the one place that maps engine errors to codes, and the one place where an
 unexpected exception becomes CODE_INTERNAL with a logged id instead of a traceback sent to
-the client. Subscribe, a stream with two activities, hands its work to subscribe_stream.py.
+the client. The one engine error that is no code, OutcomeUnknown (a commit that may or may
+not have happened), leaves it for handlers.py, which answers the gRPC status UNAVAILABLE.
+Subscribe, a stream with two activities, hands its work to subscribe_stream.py.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ Context = grpc.aio.ServicerContext[Message, Message]
 async def _answer(response_type: type[R], call: Callable[[], Awaitable[R]]) -> R:
     try:
         return await call()
+    except errors.OutcomeUnknown:
+        raise  # not a code: handlers.py answers it with the gRPC status UNAVAILABLE
     except errors.QmError as exc:
         return response_type(code=int(exc.code), message=str(exc))
     except Exception:

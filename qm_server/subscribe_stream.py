@@ -3,8 +3,11 @@
 Two activities share the stream: pushing deliveries (`Subscription.next_batch`) and
 applying the client's acks (`Subscription.ack`). Both feed one outbox that `responses`
 drains, so responses go out in order and one failing side ends the whole stream with its
-code. Imports no gRPC: it reads requests already parsed and checked (handlers.checked)
-and yields responses; the servicer tells it when the call has ended.
+code (or, when the store cannot tell whether a claim or an ack committed, with the gRPC
+status UNAVAILABLE: handlers.py; such a claim's messages, never delivered, stay in flight
+until their lease runs out or the session ends). Imports no gRPC: it reads requests
+already parsed and checked (handlers.checked) and yields responses; the servicer tells it
+when the call has ended.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ class SubscribeStream:
     def __init__(self, engine: Engine, requests: AsyncIterator[pb.SubscribeRequest]) -> None:
         self._engine = engine
         self._requests = requests
-        self._outbox: asyncio.Queue[pb.SubscribeResponse | None] = asyncio.Queue()
+        # Responses, then None at the end; or the OutcomeUnknown that ends the call.
+        self._outbox: asyncio.Queue[pb.SubscribeResponse | errors.OutcomeUnknown | None] = (
+            asyncio.Queue()
+        )
         self._subscription: Subscription | None = None
         self._tasks: list[asyncio.Future[None]] = []
         self._call_ended = False
@@ -42,6 +48,8 @@ class SubscribeStream:
             )
         except StopAsyncIteration:
             return
+        except errors.OutcomeUnknown:
+            raise  # the call's gRPC status (handlers.py), as the servicer's answers
         except errors.QmError as exc:
             yield pb.SubscribeResponse(code=code_of(exc), message=str(exc))
             return
@@ -54,6 +62,8 @@ class SubscribeStream:
             self.call_ended()
         try:
             while (response := await self._outbox.get()) is not None:
+                if isinstance(response, errors.OutcomeUnknown):
+                    raise response
                 yield response
         finally:
             await self._stop()
@@ -96,6 +106,8 @@ class SubscribeStream:
         """Run one side; its engine error ends the stream with that error's code."""
         try:
             await work()
+        except errors.OutcomeUnknown as exc:
+            await self._outbox.put(exc)
         except errors.QmError as exc:
             await self._outbox.put(pb.SubscribeResponse(code=code_of(exc), message=str(exc)))
             await self._outbox.put(None)

@@ -119,7 +119,7 @@ class PgSessions(SessionRegistry):
 
     async def find(self, token: str) -> Session | None:
         digest = token_digest(token)
-        async with self._store._conn() as conn:
+        async with self._store._conn(commits=False) as conn:
             cursor = await conn.execute(sql.FIND_SESSION, self._store._p(digest=digest))
             row = await cursor.fetchone()
         known = self._by_digest.get(digest)
@@ -163,14 +163,14 @@ class PgSessions(SessionRegistry):
 
     async def get(self, session_id: int) -> Session | None:
         digest = self._digest_by_id.get(session_id)
-        async with self._store._conn() as conn:
+        async with self._store._conn(commits=False) as conn:
             cursor = await conn.execute(sql.GET_SESSION, self._store._p(id=session_id))
             row = await cursor.fetchone()
         return None if row is None else self._from_row(digest, row)
 
     async def page(self, start_after: int, limit: int, username: str = "") -> list[Session]:
         args = self._store._p(after=start_after, user=username, limit=limit)
-        async with self._store._conn() as conn:
+        async with self._store._conn(commits=False) as conn:
             cursor = await conn.execute(sql.PAGE_SESSIONS, args)
             rows = await cursor.fetchall()
         return [self._from_row(self._digest_by_id.get(int(r[0])), r) for r in rows]
@@ -265,7 +265,7 @@ class PgSessions(SessionRegistry):
         ids = sorted(self._digest_by_id)
         if not ids:
             return
-        async with self._store._conn() as conn:
+        async with self._store._conn(commits=False) as conn:
             cursor = await conn.execute(sql.LIVE_SESSIONS, {"ids": ids})
             live = {int(r[0]) for r in await cursor.fetchall()}
         for session_id in set(ids) - live:

@@ -49,6 +49,7 @@ from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
 from qm_server.login_failures import LoginFailures
 from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
+from qm_server.store import pg_outcome
 from qm_server.store import pg_sql as sql
 from qm_server.store.base import (
     DeadLetter,
@@ -179,7 +180,7 @@ class PgStore(Store):
         older is refused, as the embedded store refuses a missing database), nothing in
         the background."""
         await self._open_pool()
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             version = await current_version(conn, self.schema)
         if version != len(sql.MIGRATIONS):
             await self._pool.close()
@@ -345,7 +346,7 @@ class PgStore(Store):
         names = await self._visible_names(sql.QUEUE_NAMES_AFTER, start_after, limit, visible)
         if not names:
             return []
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             cursor = await conn.execute(sql.COUNTS_OF_QUEUES, (names,))
             rows = await cursor.fetchall()
         counts = {str(n): QueueCounts(int(r), int(f), int(d)) for n, r, f, d in rows}
@@ -362,7 +363,7 @@ class PgStore(Store):
         """Names after the cursor (listing.visible_names)."""
 
         async def names_after(cursor_name: str, count: int) -> list[str]:
-            async with self._conn() as conn:
+            async with self._conn(commits=False) as conn:
                 cursor = await conn.execute(statement, (cursor_name, count))
                 return [str(row[0]) for row in await cursor.fetchall()]
 
@@ -790,7 +791,7 @@ class PgStore(Store):
     async def dead_letters(
         self, name: str, after_id: int, limit: int, max_bytes: int
     ) -> list[DeadLetter]:
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             queue_id, _, _ = await self._queue(conn, name)
             cursor = await conn.execute(sql.DEAD_LETTERS_PAGE, (queue_id, after_id, limit))
             letters: list[DeadLetter] = []
@@ -813,13 +814,13 @@ class PgStore(Store):
             return letters
 
     async def messages_held(self, session_ids: Sequence[int]) -> dict[int, int]:
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             args = {"sessions": list(session_ids)}
             rows = await (await conn.execute(sql.HELD_BY_SESSIONS, args)).fetchall()
             return {int(session): int(held) for session, held in rows}
 
     async def queue_counts(self, name: str) -> QueueCounts:
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             queue_id, _, _ = await self._queue(conn, name)
             return await self._counts(conn, queue_id)
 
@@ -939,17 +940,17 @@ class PgStore(Store):
     # Users ------------------------------------------------------------------------------
 
     async def get_user(self, name: str) -> UserRecord | None:
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             cursor = await conn.execute(sql.GET_USER, (name,))
             row = await cursor.fetchone()
         return UserRecord(str(row[0]), str(row[1]), bool(row[2])) if row else None
 
     async def list_users(self) -> list[UserRecord]:
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             return await _list_users(conn)
 
     async def count_users(self) -> int:
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             return await _scalar(conn, sql.COUNT_USERS, ())
 
     async def create_user(self, record: UserRecord) -> bool:
@@ -1015,7 +1016,7 @@ class PgStore(Store):
         names = list(self._hints)
         if not names:
             return
-        async with self._conn() as conn:
+        async with self._conn(commits=False) as conn:
             cursor = await conn.execute(sql.RECHECK_QUEUES, (names,))
             rows = await cursor.fetchall()
         for name, exists, ready in rows:
@@ -1031,7 +1032,7 @@ class PgStore(Store):
                 await self.run_due()
                 await self._recheck()
                 await self._prune_challenges()
-                async with self._conn() as conn:
+                async with self._conn(commits=False) as conn:
                     cursor = await conn.execute(sql.NEXT_DUE, self._p())
                     row = await cursor.fetchone()
                 if row is not None and row[0] is not None:
@@ -1076,11 +1077,13 @@ class PgStore(Store):
             self._gone_listener(name)
 
     @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[Conn]:
-        """A pooled connection; a database out of reach is errors.Unavailable, and the
-        store reports itself unhealthy until a call works again."""
+    async def _conn(self, commits: bool = True) -> AsyncIterator[Conn]:
+        """A pooled connection; a database out of reach is errors.Unavailable (or
+        OutcomeUnknown when a statement that `commits` by itself was in flight:
+        pg_outcome.py), and the store reports itself unhealthy until a call works again."""
         if self._closed:
             raise errors.Unavailable("the store is closed")
+        conn: Conn | None = None
         try:
             async with self._pool.connection() as conn:
                 yield conn
@@ -1088,7 +1091,7 @@ class PgStore(Store):
             raise  # the database is fine; _tx runs it again
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
             self._set_healthy(False, f"PostgreSQL: {exc}")
-            raise errors.Unavailable(f"the database is unavailable: {exc}") from exc
+            raise pg_outcome.failure(exc, conn, commits) from exc
         self._set_healthy(True, "")
 
     async def _tx(self, run: Callable[[Conn], Awaitable[T]], snapshot: bool = False) -> T:
@@ -1097,14 +1100,14 @@ class PgStore(Store):
         sweeps skip locked rows, but two nodes' releases may meet)."""
         for attempt in range(TX_ATTEMPTS):
             try:
-                async with self._conn() as conn:
+                async with self._conn(commits=False) as conn:
                     if snapshot:
                         await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                         try:
                             return await run(conn)
                         finally:
                             await conn.execute("ROLLBACK")
-                    async with conn.transaction():
+                    async with pg_outcome.transaction(conn):
                         return await run(conn)
             except psycopg.errors.TransactionRollback:
                 if attempt == TX_ATTEMPTS - 1:

@@ -14,6 +14,13 @@ answers its operations UNAVAILABLE and turns unhealthy (the health listener hear
 full disk (reserve.py) refuses only what needs more room; a damaged file refuses
 everything until a restart; any other failure is probed with a real write every
 PROBE_INTERVAL_S until it commits again.
+
+This store never raises errors.OutcomeUnknown (a commit that may or may not have
+happened, which the PostgreSQL store raises when its connection breaks during a COMMIT:
+pg_outcome.py). Here the COMMIT is a call into SQLite in this process that returns or
+raises; there is no connection to lose between the commit and its answer. The server
+itself may die after a commit and before its answer, but then no answer comes at all and
+the client sees the transport fail, which it treats as an unknown outcome already.
 """
 
 from __future__ import annotations
