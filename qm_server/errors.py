@@ -107,3 +107,7 @@ class OutcomeUnknown(Unavailable):
     loop) treats it as the store being out of reach. The embedded store never raises it:
     it commits in the server's own process, so an answer is lost only with the process,
     and then the client sees the transport fail."""
+
+
+COMMIT_LOST = "the database connection was lost during the commit; the call may have taken effect"
+"""What an OutcomeUnknown of the PostgreSQL store says first (the detail follows)."""

@@ -63,6 +63,7 @@ from crashloop_deploy import SESSION_TTL_S, Deployment, OneServer
 from crashloop_pg import PgCluster
 
 from qm.v1 import queue_manager_pb2 as pb
+from qm_server.errors import COMMIT_LOST
 
 READY_TIMEOUT_S = 60.0
 # The drain's lease on the lifecycle queue: long enough never to run out while it drains.
@@ -458,18 +459,21 @@ def _figures(report: Report, history: History, state: ServerState) -> None:
 
 
 def _cluster_figures(history: History) -> dict[str, int]:
-    """Answers CODE_UNAVAILABLE (the store out of reach), OK answers that the same client
-    process got after its first one (it carried on), and moves to another node."""
+    """Answers of live nodes during a database outage: CODE_UNAVAILABLE (nothing applied)
+    and the gRPC status UNAVAILABLE of a commit whose answer the connection lost (outcome
+    unknown, store/pg_outcome.py); OK answers that the same client process got after its
+    first such answer (it carried on), and moves to another node."""
+    unavailable = [r for r in history.records if r.get("grpc") == "CODE_UNAVAILABLE"]
+    commit_lost = [r for r in history.records if COMMIT_LOST in r.get("detail", "")]
     first: dict[tuple[int, int], float] = {}
-    for r in history.records:
-        if r.get("grpc") == "CODE_UNAVAILABLE":
-            key = (r["round"], r["client"])
-            first[key] = min(first.get(key, math.inf), r["t1"])
+    for r in unavailable + commit_lost:
+        key = (r["round"], r["client"])
+        first[key] = min(first.get(key, math.inf), r["t1"])
     return {
-        "answered CODE_UNAVAILABLE": sum(
-            1 for r in history.records if r.get("grpc") == "CODE_UNAVAILABLE"
-        ),
-        "OK answers after CODE_UNAVAILABLE": sum(
+        "answered CODE_UNAVAILABLE": len(unavailable),
+        "answered UNAVAILABLE, commit lost": len(commit_lost),
+        "database outage answers": len(unavailable) + len(commit_lost),
+        "OK answers after an outage answer": sum(
             1
             for r in history.records
             if r["st"] == "ok" and r["t0"] > first.get((r["round"], r["client"]), math.inf)

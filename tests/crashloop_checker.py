@@ -8,7 +8,10 @@ processes (one clock for the machine); a call took effect at some instant betwee
 - Adds: ids unique, one per element, increasing within an AddAll, within a client, and in
   real time (an add answered before another was sent has the smaller ids).
 - Deliveries: every delivered element was added, into that queue, under the id its add
-  answered; an AddAll with a lost answer took effect entirely or not at all.
+  answered; an AddAll with a lost answer took effect entirely or not at all. An add
+  answered with another code, CODE_UNAVAILABLE included, took no effect at all; so did
+  a claim, an ack or a map write answered CODE_UNAVAILABLE (`unavailable`): none of them
+  excuses what only a lost answer excuses.
 - In flight for one session at a time, on time intervals: a delivery is certainly held
   from its answer until its ack was sent, its stream closed or its session was last seen
   alive; no other delivery of the id may happen wholly inside that interval. (A repeated
@@ -267,8 +270,11 @@ class History:
                 problems.append(f"{d.where}: id {d.message_id} holds {d.element!r}, never added")
                 continue
             add, n = found
-            if add["st"] == "failed":
-                problems.append(f"{d.where}: {d.element!r} delivered, but its add failed")
+            if add["st"] in ("failed", "unavailable"):
+                problems.append(
+                    f"{d.where}: {d.element!r} delivered, but its add was answered "
+                    f"{add.get('grpc', add.get('code'))}"
+                )
             if add["st"] == "ok" and add["ids"][n] != d.message_id:
                 problems.append(
                     f"{d.where}: {d.element!r} delivered as id {d.message_id}, "

@@ -16,7 +16,9 @@ lease of what it hangs on, or gives it back (ExtendLease to 0).
 
 Each operation is one JSON line: `ok` (answered with an expected code), `failed`
 (another code), `expired` (answered CODE_UNAUTHENTICATED: the session lapsed; the
-client logs in again) or `unknown` (no answer). The client stops at an unknown outcome
+client logs in again), `unavailable` (answered CODE_UNAVAILABLE, which applied nothing:
+the database was out of reach; only the cluster's client, crashloop_failover, logs it)
+or `unknown` (no answer). The client stops at an unknown outcome
 that is not its own short deadline: the server is gone.
 """
 
@@ -230,6 +232,8 @@ class LoadClient:
             reply = send(timeout)
         except grpc.RpcError as exc:
             record.update(st="unknown", grpc=exc.code().name, t1=time.monotonic())
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                record["detail"] = exc.details()  # a node gone, or its commit's answer lost
             if not (impatient and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
                 self._write(record)
                 raise ServerGone from exc

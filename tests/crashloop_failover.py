@@ -6,10 +6,12 @@ this one carries on as a client of a cluster would:
   `failover` record: in the same session while that lives (sessions are the database's:
   any node accepts any live token), else in a new one (what the old one held comes back
   when it expires); it stops when no node answers;
-- an answer CODE_UNAVAILABLE (the database is out of reach) is logged as an unknown
-  outcome, as a lost answer is (the store may have committed what the broken connection
-  never confirmed), and after a short pause the load goes on; a login answered
-  UNAVAILABLE is tried again.
+- an answer CODE_UNAVAILABLE (the database is out of reach) applied nothing: it is
+  logged as `unavailable`, which the proofs hold to that (crashloop_checker), and after a
+  short pause the load goes on; a login answered UNAVAILABLE is tried again. A commit
+  whose answer the node's database connection lost is answered with the gRPC status
+  UNAVAILABLE instead (store/pg_outcome.py), an unknown outcome like any lost answer,
+  after which the client moves to the next node.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class FailoverClient(LoadClient):
     def _write(self, record: Record) -> None:
         codes = (record.get("code"), *record.get("codes", ()))
         if record["st"] == "failed" and pb.CODE_UNAVAILABLE in codes:
-            record.update(st="unknown", grpc="CODE_UNAVAILABLE")
+            record.update(st="unavailable", grpc="CODE_UNAVAILABLE")
             time.sleep(OUTAGE_PAUSE_S)
         super()._write(record)
 

@@ -3,8 +3,8 @@ private PostgreSQL instance (tests/pg_instance.py) that the loop may crash.
 
 Each round starts every node on the same schema; each client process is given every
 node, its own first (crashloop_failover: when its node dies it logs in on the next one
-and carries on, and a CODE_UNAVAILABLE answer is an outcome unknown, after which it
-carries on too). While the load runs, `play` does this round's faults at random moments:
+and carries on, and after a CODE_UNAVAILABLE answer, which applied nothing, it carries
+on too). While the load runs, `play` does this round's faults at random moments:
 in even rounds it pauses one node (SIGSTOP, then SIGCONT after up to PAUSE_MAX_S), in
 odd rounds it crashes the database (`pg_ctl stop -m immediate`, then start: recovery
 from the WAL), and in every round it SIGKILLs one node, after which the load goes on a

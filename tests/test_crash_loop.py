@@ -89,8 +89,8 @@ def test_crash_loop_on_postgresql(tmp_path: Path) -> None:
         "acked done (OK)",
         "answers lost",
         "redeliveries",
-        "answered CODE_UNAVAILABLE",
-        "OK answers after CODE_UNAVAILABLE",
+        "database outage answers",
+        "OK answers after an outage answer",
         "moves to another node",
         "lifecycle redeliveries",
     )

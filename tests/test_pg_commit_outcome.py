@@ -25,8 +25,8 @@ from conftest import ADMIN_PASSWORD, ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
 from qm.v1 import queue_manager_pb2_grpc as pb_grpc
 from qm_client.errors import Unavailable
+from qm_server.errors import COMMIT_LOST
 from qm_server.store import pg_sql as sql
-from qm_server.store.pg_outcome import COMMIT_LOST
 
 QUEUE = "jobs"
 LEASE_S = 1  # the shortest lease a poll may ask for

@@ -30,8 +30,6 @@ from collections.abc import AsyncIterator
 from qm_server import errors
 from qm_server.store.pg_driver import Conn, psycopg
 
-COMMIT_LOST = "the database connection was lost during the commit; the call may have taken effect"
-
 
 class CommitLost(psycopg.OperationalError):
     """The connection broke while a COMMIT was in flight (raised by `transaction`)."""
@@ -59,5 +57,5 @@ def failure(exc: Exception, conn: Conn | None, commits: bool) -> errors.Unavaila
     the pool gave none."""
     broken = conn is not None and conn.closed
     if isinstance(exc, CommitLost) or (commits and broken):
-        return errors.OutcomeUnknown(f"{COMMIT_LOST} ({exc})")
+        return errors.OutcomeUnknown(f"{errors.COMMIT_LOST} ({exc})")
     return errors.Unavailable(f"the database is unavailable: {exc}")
