@@ -403,7 +403,9 @@ def test_a_lost_connection_is_unavailable_and_unhealthy_until_calls_work_again(
             async with store._conn() as conn:
                 pid = conn.info.backend_pid
             with psycopg.connect(URL, autocommit=True) as admin:
-                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                # Waits until it ended: the connection died while idle (not while a
+                # statement was in flight, whose outcome could not be known).
+                admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
             with pytest.raises(errors.Unavailable, match="database is unavailable"):
                 await store.enqueue("q", ["a"])
             assert health == [False]

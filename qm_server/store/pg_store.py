@@ -614,8 +614,10 @@ class PgStore(Store):
         lease_ms: int | None = None,
     ) -> tuple[list[Code], list[Delivery]]:
         found = await self.ack(session_id, message_ids, done) if message_ids else []
-        claimed = await self.claim(name, session_id, limit, max_bytes, lease_ms) if limit else []
-        return found, claimed
+        if not limit:
+            return found, []
+        with pg_outcome.after_commit(Code.OK in found, "the acks"):  # two commits here
+            return found, await self.claim(name, session_id, limit, max_bytes, lease_ms)
 
     async def release_session(self, session_id: int) -> None:
         self._notify(await self._tx(lambda conn: self.release_sessions(conn, [session_id])))
@@ -1086,6 +1088,8 @@ class PgStore(Store):
         conn: Conn | None = None
         try:
             async with self._pool.connection() as conn:
+                if commits:
+                    pg_outcome.check_open(conn)  # a failure then applied nothing
                 yield conn
         except psycopg.errors.TransactionRollback:
             raise  # the database is fine; _tx runs it again
