@@ -45,6 +45,7 @@ from qm_server import errors, lifecycle
 from qm_server.answer_size import key_value_size
 from qm_server.config import AuthSettings
 from qm_server.errors import Code
+from qm_server.fsutil import SchemaTooNew
 from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
 from qm_server.login_failures import LoginFailures
 from qm_server.permissions import Grant, Permissions
@@ -65,7 +66,7 @@ from qm_server.store.base import (
 from qm_server.store.listing import visible_names
 from qm_server.store.pg_driver import Conn, psycopg, psycopg_pool
 from qm_server.store.pg_login_failures import PgLoginFailures
-from qm_server.store.pg_migrate import current_version, migrate
+from qm_server.store.pg_migrate import current_version, migrate, too_new
 from qm_server.store.pg_notify import ENDED, GONE, READY, ClusterSignals
 from qm_server.store.settings_json import settings_from_json, settings_to_json
 
@@ -184,6 +185,8 @@ class PgStore(Store):
         if version != len(sql.MIGRATIONS):
             await self._pool.close()
             self._closed = True
+            if version > len(sql.MIGRATIONS):
+                raise SchemaTooNew(too_new(self.schema, version))
             raise errors.Unavailable(
                 f"schema {self.schema!r} holds no qm store at this version (found "
                 f"{version}, want {len(sql.MIGRATIONS)}): start qm-server with this "
