@@ -45,6 +45,7 @@ from qm_server.errors import Code
 from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
 from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
+from qm_server.store import pg_claims
 from qm_server.store import pg_sql as sql
 from qm_server.store.base import (
     DeadLetter,
@@ -528,16 +529,18 @@ class PgStore(Store):
             lease=lease_ms,
         )
         cursor = await conn.execute(sql.CLAIM, params)
-        rows = sorted(await cursor.fetchall())
-        if not rows:
-            if await self._queue_row(conn, name) is None:
-                raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        deliveries = pg_claims.deliveries(await cursor.fetchall())
+        if not deliveries and await self._queue_row(conn, name) is None:
+            raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        return self._claimed(name, deliveries, lease_ms)
+
+    def _claimed(
+        self, name: str, deliveries: list[Delivery], lease_ms: int | None
+    ) -> list[Delivery]:
+        if not deliveries:
             self._hints[name] = 0
             return []
         self._hints.setdefault(name, 1)  # a queue this node serves: the recheck watches it
-        deliveries = [
-            Delivery(int(i), bytes(p).decode(), int(n), int(e), int(d)) for i, p, n, e, d in rows
-        ]
         if deliveries[0].lease_expires_at_ms:
             self._due_soon(lease_ms or 1)
         return deliveries
@@ -617,9 +620,29 @@ class PgStore(Store):
         max_bytes: int,
         lease_ms: int | None = None,
     ) -> tuple[list[Code], list[Delivery]]:
-        found = await self.ack(session_id, message_ids, done) if message_ids else []
-        claimed = await self.claim(name, session_id, limit, max_bytes, lease_ms) if limit else []
-        return found, claimed
+        if not (done and message_ids and limit):
+            found = await self.ack(session_id, message_ids, done) if message_ids else []
+            claimed = (
+                await self.claim(name, session_id, limit, max_bytes, lease_ms) if limit else []
+            )
+            return found, claimed
+        ids = list(message_ids)
+        params = self._p(
+            ids=ids,
+            name=name,
+            session=session_id,
+            node=self._node,
+            limit=limit,
+            max_bytes=max_bytes,
+            lease=lease_ms,
+        )
+        async with self._conn() as conn:  # one statement, one round trip, one commit
+            cursor = await conn.execute(sql.ACK_AND_CLAIM, params)
+            outcome = pg_claims.split(await cursor.fetchall())
+            codes = await self._codes(conn, session_id, ids, outcome.acked)
+        if not outcome.queue_exists:
+            raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        return codes, self._claimed(name, outcome.claimed, lease_ms)
 
     async def release_session(self, session_id: int) -> None:
         async def run(conn: Conn) -> set[str]:
@@ -841,6 +864,10 @@ class PgStore(Store):
         async with self._conn() as conn:
             queue_id, _, _ = await self._queue(conn, name)
             return await self._counts(conn, queue_id)
+
+    async def check_queue(self, name: str) -> None:
+        async with self._conn() as conn:
+            await self._queue(conn, name)
 
     def ready_hint(self, name: str) -> int:
         # What this node last saw: 0 after a claim found nothing, until an add or a
