@@ -60,6 +60,7 @@ from qm_server.store.base import (
     UserRecord,
 )
 from qm_server.store.listing import visible_names
+from qm_server.store.pg_depths import DepthCache
 from qm_server.store.pg_driver import psycopg, psycopg_pool
 from qm_server.store.pg_migrate import current_version, migrate
 from qm_server.store.pg_notify import GONE, READY, ClusterSignals
@@ -145,6 +146,7 @@ class PgStore(Store):
             else None
         )
         self._recheck_at = 0.0  # monotonic time of the next fallback recheck
+        self._depths = DepthCache()
         self._hints: dict[str, int] = {}
         self._due_task: asyncio.Task[None] | None = None
         self._sooner = asyncio.Event()
@@ -869,6 +871,9 @@ class PgStore(Store):
         async with self._conn() as conn:
             await self._queue(conn, name)
 
+    def published_counts(self) -> dict[str, QueueCounts] | None:
+        return self._depths.published()  # read in the background, bounded (pg_depths)
+
     def ready_hint(self, name: str) -> int:
         # What this node last saw: 0 after a claim found nothing, until an add or a
         # release here, another node's notification, or the fallback's recheck.
@@ -1078,6 +1083,7 @@ class PgStore(Store):
                 await self.run_due()
                 await self._recheck()
                 await self._prune_challenges()
+                await self._depths.refresh(self._conn)
                 async with self._conn() as conn:
                     cursor = await conn.execute(sql.NEXT_DUE, self._p())
                     row = await cursor.fetchone()
