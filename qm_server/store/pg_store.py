@@ -522,19 +522,25 @@ class PgStore(Store):
         max_bytes: int,
         lease_ms: int | None,
     ) -> list[Delivery]:
-        params = self._p(
-            name=name,
-            session=session_id,
-            node=self._node,
-            limit=limit,
-            max_bytes=max_bytes,
-            lease=lease_ms,
-        )
+        params = self._claim_params(name, session_id, limit, max_bytes, lease_ms)
         cursor = await conn.execute(sql.CLAIM, params)
         deliveries = pg_claims.deliveries(await cursor.fetchall())
         if not deliveries and await self._queue_row(conn, name) is None:
             raise errors.QueueNotFound(f"queue {name!r} does not exist")
         return self._claimed(name, deliveries, lease_ms)
+
+    def _claim_params(
+        self, name: str, session: int, limit: int, max_bytes: int, lease: int | None, **more: Any
+    ) -> dict[str, Any]:
+        return self._p(
+            name=name,
+            session=session,
+            node=self._node,
+            limit=limit,
+            max_bytes=max_bytes,
+            lease=lease,
+            **more,
+        )
 
     def _claimed(
         self, name: str, deliveries: list[Delivery], lease_ms: int | None
@@ -629,15 +635,7 @@ class PgStore(Store):
             )
             return found, claimed
         ids = list(message_ids)
-        params = self._p(
-            ids=ids,
-            name=name,
-            session=session_id,
-            node=self._node,
-            limit=limit,
-            max_bytes=max_bytes,
-            lease=lease_ms,
-        )
+        params = self._claim_params(name, session_id, limit, max_bytes, lease_ms, ids=ids)
         async with self._conn() as conn:  # one statement, one round trip, one commit
             cursor = await conn.execute(sql.ACK_AND_CLAIM, params)
             outcome = pg_claims.split(await cursor.fetchall())
