@@ -64,6 +64,7 @@ from qm_server.store.pg_depths import DepthCache
 from qm_server.store.pg_driver import psycopg, psycopg_pool
 from qm_server.store.pg_migrate import current_version, migrate
 from qm_server.store.pg_notify import GONE, READY, ClusterSignals
+from qm_server.store.pg_vacuum import Vacuumer
 from qm_server.store.settings_json import settings_from_json, settings_to_json
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,7 @@ class PgStore(Store):
         )
         self._recheck_at = 0.0  # monotonic time of the next fallback recheck
         self._depths = DepthCache()
+        self._vacuum = Vacuumer()
         self._hints: dict[str, int] = {}
         self._due_task: asyncio.Task[None] | None = None
         self._sooner = asyncio.Event()
@@ -211,6 +213,7 @@ class PgStore(Store):
         if self._due_task is not None:
             self._due_task.cancel()
             await asyncio.gather(self._due_task, return_exceptions=True)
+        await self._vacuum.stop()
         if self._node and not self._closed:
             with contextlib.suppress(errors.Unavailable):
                 # This node's sessions end with it: what they held is ready again now.
@@ -1082,6 +1085,7 @@ class PgStore(Store):
                 await self._recheck()
                 await self._prune_challenges()
                 await self._depths.refresh(self._conn)
+                self._vacuum.poke(self._conn)
                 async with self._conn() as conn:
                     cursor = await conn.execute(sql.NEXT_DUE, self._p())
                     row = await cursor.fetchone()
