@@ -269,11 +269,15 @@ _CLAIM_UPDATE = """
 CLAIM = f"WITH {_CLAIM_STEPS} {_CLAIM_UPDATE}"
 
 # An ack: fenced by the holder (node and session); a row held by anyone else is untouched.
+# The acked rows are found by their ids alone (the primary key): the `+ 0` keeps the
+# holder's columns from matching the held and not-ready indexes, which a plan on stale
+# statistics (a table that grew since its last ANALYZE) would otherwise walk, every row
+# the session holds, to find the few acked (71 ms instead of 0.2 ms for 100 of 50,000).
 _ACK_STEPS = """
     gone AS (
         DELETE FROM messages
-        WHERE id = ANY(%(ids)s) AND state = 1 AND owner_node = %(node)s
-          AND owner_session = %(session)s
+        WHERE id = ANY(%(ids)s) AND state + 0 = 1 AND owner_node + 0 = %(node)s
+          AND owner_session + 0 = %(session)s
         RETURNING id, queue_id
     ), history AS (
         DELETE FROM dead_letters d USING gone WHERE d.id = gone.id
