@@ -12,8 +12,8 @@ table's size with its indexes, its live and dead rows, the index entries the cla
 per message claimed (`pg_stat_user_indexes`), the database backends' CPU per message
 and autovacuum's runs so far. Usage (see BENCHMARKS.md):
 
-    python -m benchmarks.pg_churn --store postgresql://127.0.0.1/test --minutes 6 \\
-        --snapshot-from 120 --snapshot-until 240
+    python -m benchmarks.pg_churn --store postgresql://127.0.0.1/test --minutes 5 \\
+        --snapshot-from 90 --snapshot-until 180
 """
 
 from __future__ import annotations

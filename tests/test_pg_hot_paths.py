@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,21 @@ from qm_server.store import pg_sql
 MIB = 1 << 20
 ROOM = Room.server_wide("queues", 100)
 ALICE = 11
+
+
+def with_queue(tmp_path: Path, body: Callable[[Any], Awaitable[None]]) -> None:
+    """Run `body` on the test's store (no background work) holding an empty queue "q"."""
+
+    async def main() -> None:
+        store = pg_store(tmp_path, timed=False)
+        await store.open()
+        try:
+            await store.create_queue("q", ROOM)
+            await body(store)
+        finally:
+            await store.close()
+
+    asyncio.run(main())
 
 
 def counting_statements(store: Any) -> list[str]:
@@ -57,30 +72,24 @@ def test_a_streams_ack_and_refill_is_one_statement(tmp_path: Path) -> None:
     not an ack's and then a claim's. The answer is the same: OK per acked id, the
     refill oldest first."""
 
-    async def main() -> None:
-        store = pg_store(tmp_path, timed=False)
-        await store.open()
-        try:
-            await store.create_queue("q", ROOM)
-            await store.enqueue("q", [f"m{i}" for i in range(6)])
-            first = await store.claim("q", ALICE, 2, MIB)
-            sent = counting_statements(store)
-            codes, refill = await store.ack_and_claim(
-                ALICE, [d.message_id for d in first], True, "q", 3, MIB
-            )
-            assert codes == [Code.OK, Code.OK]
-            assert [d.element for d in refill] == ["m2", "m3", "m4"]
-            assert sent == [pg_sql.ACK_AND_CLAIM]
-            # An id the session does not hold costs the lookup that names its code.
-            codes, refill = await store.ack_and_claim(ALICE, [-1], True, "q", 1, MIB)
-            assert codes == [Code.MESSAGE_NOT_FOUND]
-            assert [d.element for d in refill] == ["m5"]
-            counts = await store.queue_counts("q")
-            assert (counts.ready, counts.in_flight) == (0, 4)
-        finally:
-            await store.close()
+    async def body(store: Any) -> None:
+        await store.enqueue("q", [f"m{i}" for i in range(6)])
+        first = await store.claim("q", ALICE, 2, MIB)
+        sent = counting_statements(store)
+        codes, refill = await store.ack_and_claim(
+            ALICE, [d.message_id for d in first], True, "q", 3, MIB
+        )
+        assert codes == [Code.OK, Code.OK]
+        assert [d.element for d in refill] == ["m2", "m3", "m4"]
+        assert sent == [pg_sql.ACK_AND_CLAIM]
+        # An id the session does not hold costs the lookup that names its code.
+        codes, refill = await store.ack_and_claim(ALICE, [-1], True, "q", 1, MIB)
+        assert codes == [Code.MESSAGE_NOT_FOUND]
+        assert [d.element for d in refill] == ["m5"]
+        counts = await store.queue_counts("q")
+        assert (counts.ready, counts.in_flight) == (0, 4)
 
-    asyncio.run(main())
+    with_queue(tmp_path, body)
 
 
 def test_a_claim_sizes_its_answer_with_inlined_expressions(tmp_path: Path) -> None:
@@ -89,22 +98,16 @@ def test_a_claim_sizes_its_answer_with_inlined_expressions(tmp_path: Path) -> No
     functions they cost the database about 35 us a claimed row, more than the rest of the
     claim and ack together."""
 
-    async def main() -> None:
-        store = pg_store(tmp_path, timed=False)
-        await store.open()
-        try:
-            await store.create_queue("q", ROOM)
-            await store.enqueue("q", ["m"] * 10)
-            async with store._conn() as conn:
-                params = store._p(name="q", session=1, node=0, limit=10, max_bytes=MIB, lease=5)
-                cursor = await conn.execute("EXPLAIN (VERBOSE, COSTS OFF) " + pg_sql.CLAIM, params)
-                plan = "\n".join(str(row[0]) for row in await cursor.fetchall())
-            assert "sum(" in plan, plan
-            assert "element_info" not in plan and "varint_size" not in plan, plan
-        finally:
-            await store.close()
+    async def body(store: Any) -> None:
+        await store.enqueue("q", ["m"] * 10)
+        async with store._conn() as conn:
+            params = store._p(name="q", session=1, node=0, limit=10, max_bytes=MIB, lease=5)
+            cursor = await conn.execute("EXPLAIN (VERBOSE, COSTS OFF) " + pg_sql.CLAIM, params)
+            plan = "\n".join(str(row[0]) for row in await cursor.fetchall())
+        assert "sum(" in plan, plan
+        assert "element_info" not in plan and "varint_size" not in plan, plan
 
-    asyncio.run(main())
+    with_queue(tmp_path, body)
 
 
 def test_a_subscribe_opens_without_counting_its_queue(
@@ -158,29 +161,23 @@ def test_an_ack_finds_its_rows_by_id_whatever_the_session_holds(tmp_path: Path) 
     as a walk of every row the session holds, filtered by id: 71 ms to ack 100 of 50,000
     held. It must look its rows up by their ids in the primary key."""
 
-    async def main() -> None:
-        store = pg_store(tmp_path, timed=False)
-        await store.open()
-        try:
-            await store.create_queue("q", ROOM)
-            async with store._conn() as conn:
-                await conn.execute("ANALYZE messages")
-            await store.enqueue("q", ["m"] * 5000)
-            held = await store.claim("q", ALICE, 5000, 16 * MIB)
-            args = {"ids": [d.message_id for d in held[:100]], "node": store._node}
-            async with store._conn() as conn:
-                cursor = await conn.execute(
-                    "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + pg_sql.ACK_DONE,
-                    {**args, "session": ALICE},
-                )
-                plan = "\n".join(str(row[0]) for row in await cursor.fetchall())
-            deleting = plan.split("Delete on messages")[1].splitlines()[1]
-            assert "Index Scan using messages_pkey" in deleting, plan
-            assert "actual rows=100 " in deleting, plan
-        finally:
-            await store.close()
+    async def body(store: Any) -> None:
+        async with store._conn() as conn:
+            await conn.execute("ANALYZE messages")
+        await store.enqueue("q", ["m"] * 5000)
+        held = await store.claim("q", ALICE, 5000, 16 * MIB)
+        args = {"ids": [d.message_id for d in held[:100]], "node": store._node}
+        async with store._conn() as conn:
+            cursor = await conn.execute(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + pg_sql.ACK_DONE,
+                {**args, "session": ALICE},
+            )
+            plan = "\n".join(str(row[0]) for row in await cursor.fetchall())
+        deleting = plan.split("Delete on messages")[1].splitlines()[1]
+        assert "Index Scan using messages_pkey" in deleting, plan
+        assert "actual rows=100 " in deleting, plan
 
-    asyncio.run(main())
+    with_queue(tmp_path, body)
 
 
 def test_a_claim_after_a_vacuum_of_an_emptied_table_looks_its_rows_up_by_id(
@@ -192,26 +189,20 @@ def test_a_claim_after_a_vacuum_of_an_emptied_table_looks_its_rows_up_by_id(
     picked rows rescanned for each (2.3 s for 100 beside 10,000 rows). It must look the
     picked ids up in the primary key."""
 
-    async def main() -> None:
-        store = pg_store(tmp_path, timed=False)
-        await store.open()
-        try:
-            await store.create_queue("q", ROOM)
-            await store.enqueue("q", ["m"] * 3000)
-            held = await store.claim("q", ALICE, 3000, 16 * MIB)
-            await store.ack(ALICE, [d.message_id for d in held], True)
-            async with store._conn() as conn:
-                await conn.execute("VACUUM (TRUNCATE false) messages")
-            await store.enqueue("q", ["m"] * 3000)
-            async with store._conn() as conn:
-                params = store._p(name="q", session=1, node=0, limit=10, max_bytes=MIB, lease=None)
-                cursor = await conn.execute(
-                    "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + pg_sql.CLAIM, params
-                )
-                plan = "\n".join(str(row[0]) for row in await cursor.fetchall())
-            assert "Join Filter" not in plan, plan
-            assert "Index Cond: (id = ANY" in plan, plan
-        finally:
-            await store.close()
+    async def body(store: Any) -> None:
+        await store.enqueue("q", ["m"] * 3000)
+        held = await store.claim("q", ALICE, 3000, 16 * MIB)
+        await store.ack(ALICE, [d.message_id for d in held], True)
+        async with store._conn() as conn:
+            await conn.execute("VACUUM (TRUNCATE false) messages")
+        await store.enqueue("q", ["m"] * 3000)
+        async with store._conn() as conn:
+            params = store._p(name="q", session=1, node=0, limit=10, max_bytes=MIB, lease=None)
+            cursor = await conn.execute(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + pg_sql.CLAIM, params
+            )
+            plan = "\n".join(str(row[0]) for row in await cursor.fetchall())
+        assert "Join Filter" not in plan, plan
+        assert "Index Cond: (id = ANY" in plan, plan
 
-    asyncio.run(main())
+    with_queue(tmp_path, body)
