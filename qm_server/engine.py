@@ -556,7 +556,7 @@ class Engine:
         session = await self._caller(token, "read", "queue", name)
         check_count("max_unacked", max_unacked, self.limits.max_batch)
         check_lease(lease_ms)
-        await self.store.queue_counts(name)  # QueueNotFound now rather than on first push
+        await self.store.check_queue(name)  # QueueNotFound now rather than on first push
         if self.draining:
             raise errors.Unavailable("the server is shutting down")
         usage = self._subscription_usage

@@ -65,6 +65,12 @@ class DataDirRefused(RuntimeError):
     """The data directory is not fit to serve from; the message says what to do."""
 
 
+class SchemaTooNew(DataDirRefused):
+    """The store was migrated by a newer qm-server: refused, never written, so that an
+    older server started by mistake cannot damage what the newer one wrote. A refusal
+    like any other (exit status 2 and the message), for both stores."""
+
+
 def lock_data_dir(data_dir: Path) -> int:
     """Hold `<data_dir>/qm.lock` while the returned descriptor stays open.
 

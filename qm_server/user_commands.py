@@ -85,7 +85,7 @@ def manage_users(args: argparse.Namespace) -> int:
 async def run_closing(directory: UserDirectory, args: argparse.Namespace, password: str) -> int:
     try:
         return await change_users(directory, args, password)
-    except errors.Unavailable as exc:
+    except (errors.Unavailable, DataDirRefused) as exc:  # PostgreSQL: checked at first use
         print(f"qm-server: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -12,7 +12,9 @@ OperationalError that a dropped connection raises. `at` says when:
 - "commit": right after the COMMIT of the transaction that ran the statement was answered
   (the transaction was committed);
 - "before commit": right after the statement, when it ran inside a transaction: the
-  COMMIT is never sent, and the database rolls the transaction back.
+  COMMIT is never sent, and the database rolls the transaction back;
+- "refused": instead of the statement, which is never sent, an OperationalError on a
+  connection that stays up, as when the database answers a statement with an error.
 
 It fires `times` times (once by default), then lets everything through; `fired` counts,
 so a test can tell that the fault it meant actually happened.
@@ -36,7 +38,7 @@ class LostAnswer:
     def __init__(
         self,
         statements: tuple[str, ...],
-        at: Literal["statement", "commit", "before commit"],
+        at: Literal["statement", "commit", "before commit", "refused"],
         times: int = 1,
     ) -> None:
         self.statements = statements
@@ -59,6 +61,9 @@ class LostAnswer:
         exit_transaction = psycopg.AsyncTransaction.__aexit__
 
         async def patched_execute(conn: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.at == "refused" and query in self.statements and self._armed():
+                self.fired += 1
+                raise psycopg.OperationalError("the database refused the statement")
             cursor = await execute(conn, query, *args, **kwargs)
             if query in self.statements and self._armed():
                 in_transaction = conn.info.transaction_status == INTRANS

@@ -287,3 +287,26 @@ def test_a_user_command_that_cannot_write_says_so(
     assert added.returncode == 2
     assert f"qm-server: nothing changed, {data / 'qm.db'}: " in added.stderr
     assert "Traceback" not in added.stderr
+
+
+def test_a_database_from_a_newer_server_is_refused_without_a_traceback(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    """Serving and user commands on a schema this server does not know: exit status 2 and
+    what to do, the database untouched (they used to end with a RuntimeError's traceback)."""
+    data = tmp_path / "data"
+    make_server(data_dir=data).stop()
+    with sqlite3.connect(data / "qm.db") as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    conn.close()
+    served = qm_server("--listen", "127.0.0.1:0", "--data-dir", str(data), "--rsa-bits", "2048")
+    listed = qm_server("user", "list", "--data-dir", str(data))
+    for result in (served, listed):
+        assert result.returncode == 2, result.stderr
+        assert "database schema version 99 is newer than this server" in result.stderr
+        assert "upgrade qm-server" in result.stderr
+        assert "Traceback" not in result.stderr
+    with sqlite3.connect(data / "qm.db") as conn:
+        (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    conn.close()
+    assert version == "99"

@@ -10,6 +10,7 @@ Python client must then neither add twice nor lose track of a claim.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,13 +56,14 @@ def counts(stub: pb_grpc.QueueManagerServiceStub, token: str) -> tuple[int, int]
     return size.size, in_flight.ack_num
 
 
-def lost(call: Callable[[], Any]) -> grpc.RpcError:
+def lost(call: Callable[[], Any], says: str = COMMIT_LOST) -> grpc.RpcError:
+    """The gRPC status UNAVAILABLE that `call` must end with, its message saying `says`."""
     with pytest.raises(grpc.RpcError) as caught:
         call()
     error = caught.value
     assert isinstance(error, grpc.Call)
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
-    assert COMMIT_LOST in (error.details() or "")
+    assert says in (error.details() or "")
     return error
 
 
@@ -167,6 +169,34 @@ def test_a_lost_claim_is_released_when_its_session_ends(
         again = other.poll(QUEUE)  # the client logged out as it closed
         assert again is not None
         assert (again.element, again.delivery_count) == ("a", 2)
+
+
+def test_a_stream_whose_nack_committed_before_its_refill_failed_ends_with_the_grpc_status(
+    stub: tuple[pb_grpc.QueueManagerServiceStub, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A nack and its refill are two commits on PostgreSQL: when the refill fails after
+    the nack committed, CODE_UNAVAILABLE would say that the nack was not applied."""
+    qm, token = stub
+    added = qm.AddAll(pb.AddAllRequest(token=token, queue_name=QUEUE, elements=["a", "b"]))
+    assert added.code == pb.CODE_OK
+    requests: queue.Queue[pb.SubscribeRequest | None] = queue.Queue()
+    requests.put(
+        pb.SubscribeRequest(open=pb.SubscribeOpen(token=token, queue_name=QUEUE, max_unacked=1))
+    )
+    stream = qm.Subscribe(iter(requests.get, None), timeout=30)
+    try:
+        first = next(stream)
+        assert [e.element for e in first.element_info] == ["a"]
+        nack = pb.SubscribeAck(
+            message_ids=[first.element_info[0].message_id], ack_type=pb.ACK_TYPE_ERROR
+        )
+        with LostAnswer((sql.CLAIM,), at="refused").installed(monkeypatch) as fault:
+            requests.put(pb.SubscribeRequest(ack=nack))
+            lost(lambda: list(stream), says="the acks committed, but what followed failed")
+    finally:
+        requests.put(None)
+    assert fault.fired == 1
+    assert counts(qm, token) == (2, 0)  # the nack was applied: "a" is ready again
 
 
 def test_a_stream_whose_claim_was_lost_ends_with_the_grpc_status(

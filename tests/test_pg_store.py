@@ -139,6 +139,54 @@ def test_nodes_starting_together_apply_each_migration_once(tmp_path: Path) -> No
     assert version == len(pg_sql.MIGRATIONS)
 
 
+def test_a_schema_from_a_newer_server_is_refused_without_a_traceback(tmp_path: Path) -> None:
+    """`qm-server user` and a start on a schema migrated further than this server knows:
+    exit status 2 and what to do (they used to end with a traceback); nothing written."""
+    skip_unless_available()
+    from qm_server.store.pg_driver import psycopg
+    from qm_server.store.pg_migrate import current_version, migrate
+
+    schema = schema_of(tmp_path)
+
+    async def newer() -> int:
+        async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as conn:
+            await migrate(conn, schema)
+            await conn.execute(
+                f"UPDATE {schema}.meta SET value = '99' WHERE key = 'schema_version'"
+            )
+            return await current_version(conn, schema)
+
+    assert asyncio.run(newer()) == 99
+    store = ["--store", URL, "--store-schema", schema]
+    listed = subprocess.run(
+        [sys.executable, "-m", "qm_server", *store, "user", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    served = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qm_server",
+            *store,
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--rsa-bits",
+            "2048",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for result in (listed, served):
+        assert result.returncode == 2, result.stderr
+        assert f"schema {schema!r} is at version 99, newer than this qm-server" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_two_nodes_share_queues_and_fence_acks_by_the_holder_session(tmp_path: Path) -> None:
     async def main() -> None:
         one = pg_store(tmp_path, timed=False)

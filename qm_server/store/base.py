@@ -372,6 +372,11 @@ class Store(UserDirectory):
     async def queue_counts(self, name: str) -> QueueCounts:
         """Ready and in-flight counts. QueueNotFound."""
 
+    async def check_queue(self, name: str) -> None:
+        """QueueNotFound unless the queue exists. A store whose counts cost a scan of the
+        queue (PostgreSQL's count a table) answers without counting."""
+        await self.queue_counts(name)
+
     @abc.abstractmethod
     def ready_hint(self, name: str) -> int:
         """A cheap, possibly stale, count of ready messages (1 for an unknown queue).

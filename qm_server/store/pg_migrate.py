@@ -12,11 +12,8 @@ from __future__ import annotations
 
 from psycopg import AsyncConnection, sql
 
+from qm_server.fsutil import SchemaTooNew
 from qm_server.store.pg_sql import MIGRATIONS
-
-
-class SchemaTooNew(Exception):
-    """The schema was migrated by a newer qm-server."""
 
 
 async def migrate(conn: AsyncConnection[tuple[object, ...]], schema: str) -> int:
@@ -34,10 +31,7 @@ async def migrate(conn: AsyncConnection[tuple[object, ...]], schema: str) -> int
         row = await cursor.fetchone()
         version = int(str(row[0])) if row else 0
         if version > len(MIGRATIONS):
-            raise SchemaTooNew(
-                f"schema {schema!r} is at version {version}, newer than this qm-server "
-                f"knows ({len(MIGRATIONS)}): run a newer qm-server"
-            )
+            raise SchemaTooNew(too_new(schema, version))
         for script in MIGRATIONS[version:]:
             await conn.execute(script)
         await conn.execute(
@@ -63,3 +57,11 @@ async def current_version(conn: AsyncConnection[tuple[object, ...]], schema: str
     )
     row = await cursor.fetchone()
     return int(str(row[0])) if row else 0
+
+
+def too_new(schema: str, version: int) -> str:
+    """Why a schema migrated by a newer qm-server is refused, and what to do."""
+    return (
+        f"schema {schema!r} is at version {version}, newer than this qm-server "
+        f"knows ({len(MIGRATIONS)}): run a newer qm-server"
+    )

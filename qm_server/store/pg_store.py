@@ -45,11 +45,12 @@ from qm_server import errors, lifecycle
 from qm_server.answer_size import key_value_size
 from qm_server.config import AuthSettings
 from qm_server.errors import Code
+from qm_server.fsutil import SchemaTooNew
 from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
 from qm_server.login_failures import LoginFailures
 from qm_server.permissions import Grant, Permissions
 from qm_server.quotas import Room
-from qm_server.store import pg_outcome
+from qm_server.store import pg_claims, pg_outcome
 from qm_server.store import pg_sql as sql
 from qm_server.store.base import (
     DeadLetter,
@@ -64,10 +65,12 @@ from qm_server.store.base import (
     UserRecord,
 )
 from qm_server.store.listing import visible_names
+from qm_server.store.pg_depths import DepthCache
 from qm_server.store.pg_driver import Conn, psycopg, psycopg_pool
 from qm_server.store.pg_login_failures import PgLoginFailures
-from qm_server.store.pg_migrate import current_version, migrate
+from qm_server.store.pg_migrate import current_version, migrate, too_new
 from qm_server.store.pg_notify import ENDED, GONE, READY, ClusterSignals
+from qm_server.store.pg_vacuum import Vacuumer
 from qm_server.store.settings_json import settings_from_json, settings_to_json
 
 log = logging.getLogger(__name__)
@@ -147,6 +150,8 @@ class PgStore(Store):
         )
         self._session_ended: Callable[[int, str], None] = lambda session_id, why: None
         self._recheck_at = 0.0  # monotonic time of the next fallback recheck
+        self._depths = DepthCache()
+        self._vacuum = Vacuumer()
         self._hints: dict[str, int] = {}
         self._due_task: asyncio.Task[None] | None = None
         self._sooner = asyncio.Event()
@@ -185,6 +190,8 @@ class PgStore(Store):
         if version != len(sql.MIGRATIONS):
             await self._pool.close()
             self._closed = True
+            if version > len(sql.MIGRATIONS):
+                raise SchemaTooNew(too_new(self.schema, version))
             raise errors.Unavailable(
                 f"schema {self.schema!r} holds no qm store at this version (found "
                 f"{version}, want {len(sql.MIGRATIONS)}): start qm-server with this "
@@ -209,6 +216,7 @@ class PgStore(Store):
         if self._due_task is not None:
             self._due_task.cancel()
             await asyncio.gather(self._due_task, return_exceptions=True)
+        await self._vacuum.stop()
         if self._signals is not None:
             await self._signals.stop()
         self._closed = True
@@ -520,24 +528,32 @@ class PgStore(Store):
         max_bytes: int,
         lease_ms: int | None,
     ) -> list[Delivery]:
-        params = self._p(
+        params = self._claim_params(name, session_id, limit, max_bytes, lease_ms)
+        cursor = await conn.execute(sql.CLAIM, params)
+        deliveries = pg_claims.deliveries(await cursor.fetchall())
+        if not deliveries and await self._queue_row(conn, name) is None:
+            raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        return self._claimed(name, deliveries, lease_ms)
+
+    def _claim_params(
+        self, name: str, session: int, limit: int, max_bytes: int, lease: int | None, **more: Any
+    ) -> dict[str, Any]:
+        return self._p(
             name=name,
-            session=session_id,
+            session=session,
             limit=limit,
             max_bytes=max_bytes,
-            lease=lease_ms,
+            lease=lease,
+            **more,
         )
-        cursor = await conn.execute(sql.CLAIM, params)
-        rows = sorted(await cursor.fetchall())
-        if not rows:
-            if await self._queue_row(conn, name) is None:
-                raise errors.QueueNotFound(f"queue {name!r} does not exist")
+
+    def _claimed(
+        self, name: str, deliveries: list[Delivery], lease_ms: int | None
+    ) -> list[Delivery]:
+        if not deliveries:
             self._hints[name] = 0
             return []
         self._hints.setdefault(name, 1)  # a queue this node serves: the recheck watches it
-        deliveries = [
-            Delivery(int(i), bytes(p).decode(), int(n), int(e), int(d)) for i, p, n, e, d in rows
-        ]
         if deliveries[0].lease_expires_at_ms:
             self._due_soon(lease_ms or 1)
         return deliveries
@@ -613,11 +629,21 @@ class PgStore(Store):
         max_bytes: int,
         lease_ms: int | None = None,
     ) -> tuple[list[Code], list[Delivery]]:
-        found = await self.ack(session_id, message_ids, done) if message_ids else []
-        if not limit:
-            return found, []
-        with pg_outcome.after_commit(Code.OK in found, "the acks"):  # two commits here
-            return found, await self.claim(name, session_id, limit, max_bytes, lease_ms)
+        if not (done and message_ids and limit):
+            found = await self.ack(session_id, message_ids, done) if message_ids else []
+            if not limit:
+                return found, []
+            with pg_outcome.after_commit(Code.OK in found, "the acks"):  # two commits here
+                return found, await self.claim(name, session_id, limit, max_bytes, lease_ms)
+        ids = list(message_ids)
+        params = self._claim_params(name, session_id, limit, max_bytes, lease_ms, ids=ids)
+        async with self._conn() as conn:  # one statement, one round trip, one commit
+            cursor = await conn.execute(sql.ACK_AND_CLAIM, params)
+            outcome = pg_claims.split(await cursor.fetchall())
+            codes = await self._codes(conn, session_id, ids, outcome.acked)
+        if not outcome.queue_exists:
+            raise errors.QueueNotFound(f"queue {name!r} does not exist")
+        return codes, self._claimed(name, outcome.claimed, lease_ms)
 
     async def release_session(self, session_id: int) -> None:
         self._notify(await self._tx(lambda conn: self.release_sessions(conn, [session_id])))
@@ -825,6 +851,13 @@ class PgStore(Store):
         async with self._conn(commits=False) as conn:
             queue_id, _, _ = await self._queue(conn, name)
             return await self._counts(conn, queue_id)
+
+    async def check_queue(self, name: str) -> None:
+        async with self._conn(commits=False) as conn:
+            await self._queue(conn, name)
+
+    def published_counts(self) -> dict[str, QueueCounts] | None:
+        return self._depths.published()  # read in the background, bounded (pg_depths)
 
     def ready_hint(self, name: str) -> int:
         # What this node last saw: 0 after a claim found nothing, until an add or a
@@ -1034,6 +1067,8 @@ class PgStore(Store):
                 await self.run_due()
                 await self._recheck()
                 await self._prune_challenges()
+                await self._depths.refresh(self._conn)
+                self._vacuum.poke(self._conn)
                 async with self._conn(commits=False) as conn:
                     cursor = await conn.execute(sql.NEXT_DUE, self._p())
                     row = await cursor.fetchone()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from qm_server.fsutil import DataDirRefused, create_private_file
+from qm_server.fsutil import DataDirRefused, SchemaTooNew, create_private_file
 from qm_server.store import sqlite_sql as sql
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def migrate(conn: sqlite3.Connection) -> None:
         row = conn.execute(sql.SCHEMA_VERSION).fetchone() if has_meta else None
         version = int(row[0]) if row else 0
         if version > len(sql.MIGRATIONS):
-            raise RuntimeError(
+            raise SchemaTooNew(
                 f"database schema version {version} is newer than this server "
                 f"({len(sql.MIGRATIONS)}); upgrade qm-server"
             )
