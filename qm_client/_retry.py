@@ -1,7 +1,8 @@
 """Which calls are made again when the service answers ``CODE_UNAVAILABLE``, and when.
 
 Two kinds of UNAVAILABLE reach a client. A gRPC ``UNAVAILABLE`` *status* means the call
-may never have reached the service, or its answer was lost on the way back: the call may
+may never have reached the service, or its answer was lost on the way back (or the
+server's database connection broke while the call's commit was in flight): the call may
 have taken effect, so only calls whose repetition cannot change the outcome are retried,
 by gRPC itself (the service config in ``_channel.py``). A ``CODE_UNAVAILABLE`` *answer*
 means the service judged the call and applied nothing: its store could not commit (a full

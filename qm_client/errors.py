@@ -200,9 +200,10 @@ class Unavailable(QMError):
     A ``CODE_UNAVAILABLE`` answer (``code`` set) means nothing was applied: the client
     already made the call again with backoff before raising this, for every call but
     ``add`` and ``add_all`` without a request id. A gRPC ``UNAVAILABLE`` status
-    (``grpc_status`` set) means the call may not have reached the server or its answer was
-    lost: gRPC retried it only for calls whose repetition cannot change the outcome, and
-    the client an add with a request id (docs/client.md, "Retries").
+    (``grpc_status`` set) means the call may not have reached the server, or its answer was
+    lost (on the network, or between the server and its database during the commit), so it
+    may have taken effect: gRPC retried it only for calls whose repetition cannot change
+    the outcome, and the client an add with a request id (docs/client.md, "Retries").
     """
 
     code_name = "UNAVAILABLE"
