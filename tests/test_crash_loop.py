@@ -187,6 +187,19 @@ def test_checker_flags_a_partial_add_all() -> None:
     assert problems(records, final((1, "e1.0", 1), (2, "e1.1", 1), (3, "e1.2", 1))) == []
 
 
+def test_checker_holds_a_code_unavailable_answer_to_having_applied_nothing() -> None:
+    """A lost answer excuses what CODE_UNAVAILABLE (`unavailable`) must not: an add found
+    at the end, or a map write that stuck."""
+    lost, refused = add(1, 0, [], st="unknown"), add(1, 0, [], st="unavailable")
+    assert problems([lost], final((1, "e1.0", 1))) == []
+    found = problems([{**refused, "grpc": "CODE_UNAVAILABLE"}], final((1, "e1.0", 1)))
+    assert "drain: 'e1.0' delivered, but its add was answered CODE_UNAVAILABLE" in found
+    put = record("map_put", "unknown", 1, 1, map="clm-0", pairs=[["k", "v"]])
+    assert problems([put], final(maps={"clm-0": {"k": "v"}})) == []
+    put["st"] = "unavailable"
+    assert problems([put], final(maps={"clm-0": {"k": "v"}}))
+
+
 def test_checker_flags_a_wrong_map_value() -> None:
     def put(seq: int, value: str, st: str) -> dict[str, Any]:
         return record("map_put", st, seq, seq, map="clm-0", pairs=[["k", value]])
