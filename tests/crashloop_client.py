@@ -500,13 +500,16 @@ class LoadClient:
         if record["st"] != "ok" or not self.add_all(name, patient=True):
             return
         held = self.poll(name, patient=True)
+        if held is not None:
+            # Not for the load's acks: its queue is destroyed next, or, when that answer is
+            # lost, may be (an ack of it would then find nothing).
+            self.held.pop(held, None)
         for op, force in (("destroy_not_empty", False), ("destroy", True)):
             record = {"op": op, "q": name}
             request = pb.DestroyQueueRequest(token=self.token, queue_name=name, force=force)
             self._call(record, partial(self.stub.DestroyQueue, request), patient=True)
             self._write(record)
         if held is not None and record["st"] == "ok":
-            self.held.pop(held, None)
             record = {"op": "ack_destroyed", "ids": [held]}
             self._call(
                 record,
