@@ -75,17 +75,31 @@ CLIENT = Path(__file__).resolve().parent / "crashloop_proc.py"
 # Reading the server's state -----------------------------------------------------------
 
 
+def ready_and_in_flight(stub: Stub, token: str, queue: str) -> tuple[int, int]:
+    """Size and GetUncheckNum as of one moment. On a shared store the sessions of killed
+    nodes live on between rounds, and one expiring between the two calls moves messages
+    from in flight to ready: read in flight on both sides of Size until it holds still."""
+    for _ in range(50):
+        before = stub.GetUncheckNum(
+            pb.GetUncheckNumRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S
+        )
+        size = stub.Size(pb.SizeRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S)
+        after = stub.GetUncheckNum(
+            pb.GetUncheckNumRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S
+        )
+        codes = (before.code, size.code, after.code)
+        if codes != (pb.CODE_OK,) * 3:
+            raise RuntimeError(f"{queue}: GetUncheckNum, Size, GetUncheckNum answered {codes}")
+        if before.ack_num == after.ack_num:
+            return size.size, after.ack_num
+    raise RuntimeError(f"{queue}: in-flight count never held still across a Size")
+
+
 def read_state(stub: Stub, token: str, drain: bool, max_messages: int) -> ServerState:
     """Sizes, in-flight counts and maps; with drain, every queue emptied by PullElements."""
     state = ServerState({}, {}, {})
     for queue in QUEUES:
-        size = stub.Size(pb.SizeRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S)
-        unchecked = stub.GetUncheckNum(
-            pb.GetUncheckNumRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S
-        )
-        if size.code != pb.CODE_OK or unchecked.code != pb.CODE_OK:
-            raise RuntimeError(f"{queue}: Size {size.code}, GetUncheckNum {unchecked.code}")
-        state.ready[queue], state.in_flight[queue] = size.size, unchecked.ack_num
+        state.ready[queue], state.in_flight[queue] = ready_and_in_flight(stub, token, queue)
     for queue in (LIFECYCLE_QUEUE, DEAD_LETTER_QUEUE):
         unchecked = stub.GetUncheckNum(
             pb.GetUncheckNumRequest(token=token, queue_name=queue), timeout=CALL_TIMEOUT_S
