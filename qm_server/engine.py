@@ -501,6 +501,7 @@ class Engine:
     async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[errors.Code]:
         session = await self.check_ack(token, message_ids, ack_type)
         codes = await self.store.ack(session.id, message_ids, ack_type == pb.ACK_TYPE_DONE)
+        await self._still_live(session, codes)
         self._no_longer_held(session, message_ids, codes)
         return codes
 
@@ -515,8 +516,17 @@ class Engine:
         check_ack_deadline_ms("ack_deadline_ms", lease_ms, allow_zero=True)
         outcomes = await self.store.extend_leases(session.id, message_ids, lease_ms)
         codes = [o.code for o in outcomes]
+        await self._still_live(session, codes)
         self._no_longer_held(session, message_ids, codes, finished=lease_ms == 0)
         return outcomes
+
+    async def _still_live(self, session: Session, codes: Sequence[errors.Code]) -> None:
+        """A message the session held that is gone may mean the session itself ended
+        elsewhere and released it (on a shared store, before this node heard): then the
+        caller is told its session ended, as on the node that ended it, rather than that
+        its message is unknown."""
+        if errors.Code.MESSAGE_NOT_FOUND in codes and not await self._sessions.confirm(session):
+            raise errors.Unauthenticated(SESSION_EXPIRED)
 
     def _no_longer_held(
         self,

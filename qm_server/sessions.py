@@ -83,6 +83,12 @@ class SessionRegistry(abc.ABC):
     async def end(self, session: Session) -> None:
         """Forget the session (its token stops working) and release what it held."""
 
+    async def confirm(self, session: Session) -> bool:
+        """Whether the session still lives, asked where an answer would otherwise be
+        wrong for a session that ended elsewhere unnoticed (an ack finding its messages
+        gone). This node's own sessions are known here; a shared registry looks."""
+        return not session.ended
+
     @abc.abstractmethod
     async def sweep(self, cutoff: float) -> list[Session]:
         """The periodic sweep: the sessions idle since `cutoff` (engine clock) for the

@@ -260,6 +260,19 @@ class PgSessions(SessionRegistry):
             ready |= await self._store._released(conn, rows, cause, backoff=False)
         return expired, ready
 
+    async def confirm(self, session: Session) -> bool:
+        """One row looked up: a session ended on another node, or by a sweep, while
+        notifications were lost (a database restart) is found now rather than at the
+        next recheck, and told to the ended listener."""
+        if session.ended:
+            return False
+        async with self._store._conn(commits=False) as conn:
+            cursor = await conn.execute(sql.LIVE_SESSIONS, {"ids": [session.id]})
+            live = bool(await cursor.fetchall())
+        if not live:
+            self._ended_elsewhere(session.id, "ended on another node")
+        return live
+
     async def _recheck(self) -> None:
         """Sessions cached here that no longer exist ended elsewhere (a notification lost)."""
         ids = sorted(self._digest_by_id)
