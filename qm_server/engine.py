@@ -9,8 +9,10 @@ The lifecycle's rules live beside the calls they change: a call's own ack deadli
 (`take`, `subscribe`), delays and request_ids (`enqueue`, idempotency.py), ExtendLease
 (`extend_lease`), and settings given to NewQueue. The RPCs that look after queues rather
 than deliver (UpdateQueue, GetQueueInfo, Purge, Redrive, ListDeadLetters, ListQueues,
-ListMaps) are `admin`'s (queue_admin.py). Leases run out, and delayed messages become
-ready, inside the store, which wakes waiters through the ready listener as an add does.
+ListMaps) are `admin`'s (queue_admin.py); the map RPCs are `maps`' (map_calls.py); a long
+poll's claims and waits are `polls`' (long_polls.py). Leases run out, and delayed messages
+become ready, inside the store, which wakes waiters through the ready listener as an add
+does.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from qm_server import audit, errors
 from qm_server.answer_size import entries_room
 from qm_server.auth import ALGORITHM, ChallengeBook, KeyPair, PasswordHasher
 from qm_server.background import Background, outliving_caller
-from qm_server.byte_budget import ByteBudget
 from qm_server.challenges import Challenges, MemoryChallenges
 from qm_server.config import AuthSettings, Limits
 from qm_server.delivery import Deliverer
@@ -42,7 +43,8 @@ from qm_server.lifecycle import (
 )
 from qm_server.live_sessions import SESSION_EXPIRED, LiveSessions
 from qm_server.login_guard import LoginGuard
-from qm_server.pages import offset_page
+from qm_server.long_polls import LongPolls, check_lease
+from qm_server.map_calls import MapCalls
 from qm_server.permissions import Permissions
 from qm_server.queue_admin import QueueAdmin
 from qm_server.quotas import Room, Usage
@@ -53,7 +55,6 @@ from qm_server.subscription import StreamRules, Subscription
 from qm_server.validation import (
     check_count,
     check_name,
-    check_text_size,
     check_texts_size,
     check_unique,
 )
@@ -146,8 +147,6 @@ class Engine:
         self._sweeper: asyncio.Task[None] | None = None
         store.set_ready_listener(self.signals.wake)
         store.set_queue_gone_listener(self._queue_gone)  # destroyed on another node
-        # Map reads in progress hold at most this many bytes of answers (byte_budget.py).
-        self._reads = ByteBudget(self.limits.max_reads_in_progress_bytes)
         # UpdateQueue, GetQueueInfo, Purge, Redrive and the listings (queue_admin.py).
         self.admin = QueueAdmin(
             store,
@@ -159,6 +158,22 @@ class Engine:
             permissions=self._permissions_of,
             subscriptions_on=self._subscriptions_on,
             wall_clock=wall_clock,
+        )
+        # Poll and PullElements: their claims, and their waits for a ready message.
+        self.polls = LongPolls(
+            self.limits,
+            self.deliverer,
+            self.signals,
+            self._polls,
+            self._poll_usage,
+            caller=self._caller,
+            room=self._room,
+            make_room=self._make_room,
+            clock=clock,
+        )
+        # The map RPCs, and the byte budget of their reads (map_calls.py).
+        self.maps = MapCalls(
+            store, self.limits, self.answer_room, caller=self._caller, room=self._room
         )
         # HeartBeat's status, ListSessions and EndSession (session_admin.py).
         self.session_admin = SessionAdmin(
@@ -444,59 +459,8 @@ class Engine:
     async def take(
         self, token: str, name: str, number: int, wait_ms: int, lease_ms: int | None = None
     ) -> list[Delivery]:
-        """Poll (number 1) and PullElements: the oldest ready messages, waiting if asked;
-        `lease_ms` None takes the queue's ack deadline."""
-        session = await self._caller(token, "read", "queue", name)
-        check_count("number", number, self.limits.max_batch)
-        if wait_ms < 0:
-            raise errors.InvalidArgument("wait_ms must not be negative")
-        check_lease(lease_ms)
-        deadline = self._clock() + min(wait_ms, self.limits.max_wait_ms) / 1000
-        while True:
-            deliveries = await self.deliverer.claim(
-                session, name, number, lease_ms, ended=SESSION_EXPIRED
-            )
-            if deliveries:
-                return deliveries
-            remaining = deadline - self._clock()
-            if remaining <= 0:  # a poll with wait_ms 0 too, draining or not: it is true
-                raise errors.QueueEmpty(f"queue {name!r} has no ready message")
-            if self.draining:
-                # The wait is cut short, not over: QUEUE_EMPTY would tell a consumer that
-                # the queue ran dry. Nothing was claimed, so polling again is safe.
-                raise errors.Unavailable("the server is shutting down; poll again later")
-            room = self._room(
-                session.username,
-                "waiting long polls",
-                self.limits.max_waiting_polls,
-                self.limits.max_waiting_polls_per_user,
-            )
-            self._make_room(room, self.signals.waiting(), self._poll_usage.of(session.username))
-            await self._wait_for_ready(session, name, remaining)
-            try:
-                # Grants are reloaded every second: a revocation made while this poll
-                # waited must stop it before it claims, not after its wait_ms (20 s).
-                session = await self._caller(token, "read", "queue", name)
-            except (errors.Unauthenticated, errors.PermissionDenied):
-                self.deliverer.pass_on(name)
-                raise
-
-    async def _wait_for_ready(self, session: Session, name: str, timeout_s: float) -> None:
-        """A long poll's wait, counted against its user's quota and answered at once when
-        its session ends (`_end_session` resolves the waiters it finds in `_polls`)."""
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if session.ended:
-            waiter.set_result(None)  # it ended while we claimed, with nobody to wake
-        polls = self._polls.setdefault(session.id, set())
-        polls.add(waiter)
-        self._poll_usage.add(session.username)
-        try:
-            await self.deliverer.wait(session, waiter, timeout_s, queue=name)
-        finally:
-            self._poll_usage.remove(session.username)
-            polls.discard(waiter)
-            if not polls and self._polls.get(session.id) is polls:
-                del self._polls[session.id]
+        """Poll and PullElements (long_polls.py)."""
+        return await self.polls.take(token, name, number, wait_ms, lease_ms)
 
     async def ack(self, token: str, message_ids: Sequence[int], ack_type: int) -> list[errors.Code]:
         session = await self.check_ack(token, message_ids, ack_type)
@@ -605,79 +569,6 @@ class Engine:
         await self._caller(token, "read", "queue", name)
         counts = await self.store.queue_counts(name)
         return counts.ready, counts.in_flight
-
-    # Maps -------------------------------------------------------------------------------
-
-    async def map_put(self, token: str, name: str, pairs: Sequence[tuple[str, str]]) -> None:
-        session = await self._caller(token, "write", "map", name)
-        check_count("list", len(pairs), self.limits.max_batch)
-        for key, value in pairs:
-            check_text_size("key", key, self.limits.max_element_bytes)
-            check_text_size("value", value, self.limits.max_element_bytes)
-        room = self._room(
-            session.username, "maps", self.limits.max_maps, self.limits.max_maps_per_user
-        )
-        with room.refusals_logged():
-            created = await self.store.map_put(name, pairs, room)
-        if created:
-            audit.record(audit.Event.MAP_CREATED, user=session.username, map=name)
-
-    async def map_remove(self, token: str, name: str, key: str) -> None:
-        await self._caller(token, "write", "map", name)
-        await self.store.map_remove(name, key)
-
-    async def map_get(self, token: str, name: str, key: str) -> str:
-        await self._caller(token, "read", "map", name)
-        async with self._reads.hold(self.limits.max_element_bytes):
-            return await self.store.map_get(name, key)
-
-    async def map_get_all(self, token: str, name: str) -> dict[str, str]:
-        await self._caller(token, "read", "map", name)
-        async with self._reads.hold(self.limits.max_response_bytes):
-            return await self.store.map_get_all(name, self.answer_room)
-
-    async def map_get_list(
-        self, token: str, name: str, offset: int, size: int
-    ) -> list[tuple[str, str]]:
-        """One page by offset (the seed's paging)."""
-        await self._caller(token, "read", "map", name)
-        if offset < 0:
-            raise errors.InvalidArgument("offset must not be negative")
-        check_count("size", size, self.limits.max_page)
-        async with self._reads.hold(self.limits.max_response_bytes):
-            return await self.store.map_get_list(name, offset, size, self.answer_room)
-
-    async def map_page(
-        self, token: str, name: str, offset: int, size: int, start_after: str | None = None
-    ) -> tuple[list[tuple[str, str]], str | None]:
-        """MapGetList: one page by offset, or, with `start_after`, by key cursor (offset
-        must then be 0: the two do not mix); and the start_after of the next page, None
-        once no entry follows. The first page by offset is the first by cursor, so a
-        client may start cursor paging without a start_after ("" is a key like any
-        other: starting after it would skip it)."""
-        await self._caller(token, "read", "map", name)
-        if offset < 0:
-            raise errors.InvalidArgument("offset must not be negative")
-        if start_after is not None and offset:
-            raise errors.InvalidArgument("offset must be 0 when start_after is given")
-        check_count("size", size, self.limits.max_page)
-        room = self.answer_room
-        async with self._reads.hold(self.limits.max_response_bytes):
-            if offset == 0:
-                return await self.store.map_page_after(name, start_after, size, room)
-            fetched = await self.store.map_get_list(name, offset, size + 1, room)
-        return offset_page(fetched, size, room, self.limits.max_element_bytes)
-
-    async def map_destroy(self, token: str, name: str) -> None:
-        user = (await self._caller(token, "manage", "map", name)).username
-        await self.store.map_destroy(name)
-        audit.record(audit.Event.MAP_DESTROYED, user=user, map=name)
-
-
-def check_lease(lease_ms: int | None) -> None:
-    """A call's own ack deadline (Poll, PullElements, Subscribe): unset or in bounds."""
-    if lease_ms is not None:
-        check_ack_deadline_ms("ack_deadline_ms", lease_ms, allow_zero=False)
 
 
 def _failure(envelope: pb.PasswordEnvelope | None, fresh: bool, record: object) -> str:

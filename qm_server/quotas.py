@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from qm_server import errors
@@ -75,6 +75,10 @@ class Room:
         except errors.ResourceExhausted as exc:
             log.warning("refused user %s one more of its %s: %s", self.user, self.noun, exc)
             raise
+
+
+# (username, noun, limit, per_user) -> what the user may hold of a resource.
+RoomOf = Callable[[str, str, int, int], Room]
 
 
 class Usage:

@@ -313,7 +313,9 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
 
     async def MapPut(self, request: pb.MapPutRequest, context: Context) -> pb.MapPutResponse:
         async def call() -> pb.MapPutResponse:
-            await self._engine.map_put(request.token, request.map, [(request.key, request.value)])
+            await self._engine.maps.map_put(
+                request.token, request.map, [(request.key, request.value)]
+            )
             return pb.MapPutResponse()
 
         return await self._answer(pb.MapPutResponse, call)
@@ -322,14 +324,14 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.MapRemoveRequest, context: Context
     ) -> pb.MapRemoveResponse:
         async def call() -> pb.MapRemoveResponse:
-            await self._engine.map_remove(request.token, request.map, request.key)
+            await self._engine.maps.map_remove(request.token, request.map, request.key)
             return pb.MapRemoveResponse()
 
         return await self._answer(pb.MapRemoveResponse, call)
 
     async def MapGet(self, request: pb.MapGetRequest, context: Context) -> pb.MapGetResponse:
         async def call() -> pb.MapGetResponse:
-            value = await self._engine.map_get(request.token, request.map, request.key)
+            value = await self._engine.maps.map_get(request.token, request.map, request.key)
             return pb.MapGetResponse(value=value)
 
         return await self._answer(pb.MapGetResponse, call)
@@ -338,7 +340,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.MapGetAllRequest, context: Context
     ) -> pb.MapGetAllResponse:
         async def call() -> pb.MapGetAllResponse:
-            entries = await self._engine.map_get_all(request.token, request.map)
+            entries = await self._engine.maps.map_get_all(request.token, request.map)
             return pb.MapGetAllResponse(map=entries)
 
         return await self._answer(pb.MapGetAllResponse, call)
@@ -347,7 +349,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.MapDestroyRequest, context: Context
     ) -> pb.MapDestroyResponse:
         async def call() -> pb.MapDestroyResponse:
-            await self._engine.map_destroy(request.token, request.map)
+            await self._engine.maps.map_destroy(request.token, request.map)
             return pb.MapDestroyResponse()
 
         return await self._answer(pb.MapDestroyResponse, call)
@@ -357,7 +359,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
     ) -> pb.MapGetListResponse:
         async def call() -> pb.MapGetListResponse:
             start_after = request.start_after if request.HasField("start_after") else None
-            entries, next_key = await self._engine.map_page(
+            entries, next_key = await self._engine.maps.map_page(
                 request.token, request.map, request.offset, request.size, start_after
             )
             return pb.MapGetListResponse(
@@ -378,7 +380,7 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
                     f"size is {request.size} but list holds {len(request.list)} pairs"
                 )
             pairs = [(kv.key, kv.value) for kv in request.list]
-            await self._engine.map_put(request.token, request.map, pairs)
+            await self._engine.maps.map_put(request.token, request.map, pairs)
             return pb.MapBatchPutResponse()
 
         return await self._answer(pb.MapBatchPutResponse, call)

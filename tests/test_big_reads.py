@@ -96,7 +96,7 @@ def test_reads_in_progress_are_bounded_by_bytes(
     engine = handle.thread.server.engine
     assert engine is not None
     budget = WatchedBudget(8 * MIB)
-    engine._reads = budget
+    engine.maps._reads = budget
     with grpc.insecure_channel(handle.target) as channel:
         stub = Stub(channel)
         token = login(stub, "admin", handle.admin_password)

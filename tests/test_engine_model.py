@@ -1257,7 +1257,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     def put(self, who: int, name: str, pairs: list[tuple[str, str]]) -> None:
         session = self.pick(who)
-        outcome = self.call(self.engine.map_put(session.token, name, pairs))
+        outcome = self.call(self.engine.maps.map_put(session.token, name, pairs))
         if self.refused(session, outcome):
             return
         expect_ok(outcome)
@@ -1284,7 +1284,7 @@ class EngineMachine(RuleBasedStateMachine):
     def map_remove(self, who: int, name: str, data: st.DataObject) -> None:
         session = self.pick(who)
         key = self.some_key(data, name)
-        outcome = self.call(self.engine.map_remove(session.token, name, key))
+        outcome = self.call(self.engine.maps.map_remove(session.token, name, key))
         if self.refused(session, outcome):
             return
         if name not in self.maps:
@@ -1299,7 +1299,7 @@ class EngineMachine(RuleBasedStateMachine):
     def map_get(self, who: int, name: str, data: st.DataObject) -> None:
         session = self.pick(who)
         key = self.some_key(data, name)
-        outcome = self.call(self.engine.map_get(session.token, name, key))
+        outcome = self.call(self.engine.maps.map_get(session.token, name, key))
         if self.refused(session, outcome):
             return
         if name not in self.maps:
@@ -1312,7 +1312,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(who=WHO, name=MAP_NAMES)
     def map_get_all(self, who: int, name: str) -> None:
         session = self.pick(who)
-        outcome = self.call(self.engine.map_get_all(session.token, name))
+        outcome = self.call(self.engine.maps.map_get_all(session.token, name))
         if not self.refused(session, outcome):
             self.check_map(name, outcome)
 
@@ -1330,7 +1330,7 @@ class EngineMachine(RuleBasedStateMachine):
     )
     def map_get_list(self, who: int, name: str, offset: int, size: int) -> None:
         session = self.pick(who)
-        outcome = self.call(self.engine.map_get_list(session.token, name, offset, size))
+        outcome = self.call(self.engine.maps.map_get_list(session.token, name, offset, size))
         if self.refused(session, outcome):
             return
         if name not in self.maps:
@@ -1346,7 +1346,7 @@ class EngineMachine(RuleBasedStateMachine):
         pages: list[list[tuple[str, str]]] = []
         while True:
             offset = size * len(pages)
-            outcome = self.call(self.engine.map_get_list(session.token, name, offset, size))
+            outcome = self.call(self.engine.maps.map_get_list(session.token, name, offset, size))
             if not pages and self.refused(session, outcome):
                 return
             if name not in self.maps:
@@ -1362,7 +1362,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(who=WHO, name=MAP_NAMES)
     def map_destroy(self, who: int, name: str) -> None:
         session = self.pick(who)
-        outcome = self.call(self.engine.map_destroy(session.token, name))
+        outcome = self.call(self.engine.maps.map_destroy(session.token, name))
         if self.refused(session, outcome):
             return
         if name not in self.maps:
@@ -1388,9 +1388,13 @@ class EngineMachine(RuleBasedStateMachine):
             self.check_counts(name, self.call(self.engine.counts(self.observer_token(), name)))
             self.check_info(name)
         for name in MAPS:
-            self.check_map(name, self.call(self.engine.map_get_all(self.observer_token(), name)))
+            self.check_map(
+                name, self.call(self.engine.maps.map_get_all(self.observer_token(), name))
+            )
             if name in self.maps:
-                page = self.call(self.engine.map_get_list(self.observer_token(), name, 0, 1000))
+                page = self.call(
+                    self.engine.maps.map_get_list(self.observer_token(), name, 0, 1000)
+                )
                 assert expect_ok(page) == utf8_order(self.maps[name]), name
         registered = sum(not s.ended for s in self.sessions)
         assert self.engine.session_count() == registered
