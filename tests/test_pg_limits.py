@@ -1,6 +1,6 @@
 """Limits and login throttles of nodes sharing one PostgreSQL schema hold for the cluster,
 not per node: failed logins are counted in the database (store/pg_login_failures.py),
-queues and maps are counted there under a lock (pg_store.create_queue, map_put).
+queues and maps are counted there under a lock (pg_queues.create_queue, pg_maps.map_put).
 
 The nodes are in-process servers on one schema (tests/test_pg_cluster.py's start_nodes);
 the test's client is one host (ipv4:127.0.0.1) to both.

@@ -1,7 +1,7 @@
 """Wake-ups between nodes on one schema: PostgreSQL's LISTEN/NOTIFY, outside every write.
 
 A node that made messages ready (an add, a release, a nack, an expiry it swept) or
-destroyed a queue wakes its own waiters at once (pg_store._notify) and announces it here;
+destroyed a queue wakes its own waiters at once (pg_base._notify) and announces it here;
 so does a node that ended sessions (pg_sessions), whose other nodes end their streams.
 Announcing never runs inside the write's transaction: a NOTIFY in a transaction takes a
 database-wide lock at commit, which would queue every notifying commit behind one another

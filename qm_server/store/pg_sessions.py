@@ -45,8 +45,9 @@ from qm_server.auth import new_token, token_digest
 from qm_server.quotas import Room
 from qm_server.sessions import Session, SessionRegistry
 from qm_server.store import pg_sql as sql
+from qm_server.store.pg_base import _row
 from qm_server.store.pg_driver import Conn
-from qm_server.store.pg_store import PgStore, _row
+from qm_server.store.pg_store import PgStore
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,16 @@ store, opening this one releases nothing, and neither does a clean close: the se
 outlive the node (their clients may go on through another node), and end by logout,
 EndSession or expiry like any other.
 
-What falls due (leases, delays and backoff, max_age) is applied by `run_due`,
+What falls due (leases, delays and backoff, max_age) is applied by `run_due` (pg_due.py),
 which every node runs in one background task (no timer per message): at the earliest due
 time this node knows of, and at least every DUE_POLL_S, since other nodes add deadlines
 too. The row updates make each expiry happen once, whichever node runs it.
+
+Parts. This module opens and closes the store and holds the messages' hot paths (adds,
+claims, acks, extensions), users and the background loop; the rest are mixins on
+pg_base.py's connections and helpers (its docstring says why mixins): pg_queues.py
+(queues as a whole, listings, dead letters), pg_maps.py, pg_due.py (releases and what
+falls due).
 """
 
 from __future__ import annotations
@@ -38,57 +44,48 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from qm_server import errors, lifecycle
-from qm_server.answer_size import key_value_size
 from qm_server.config import AuthSettings
 from qm_server.errors import Code
 from qm_server.fsutil import SchemaTooNew
-from qm_server.lifecycle import DEFAULT_SETTINGS, QueueSettings, SettingsChange
 from qm_server.login_failures import LoginFailures
 from qm_server.permissions import Grant, Permissions
-from qm_server.quotas import Room
 from qm_server.store import pg_claims, pg_outcome
 from qm_server.store import pg_sql as sql
 from qm_server.store.base import (
-    DeadLetter,
     Delivery,
     Enqueued,
     HealthListener,
     IdempotencyKey,
     LeaseOutcome,
     QueueCounts,
-    QueueInfo,
-    Store,
     UserRecord,
 )
-from qm_server.store.listing import visible_names
+from qm_server.store.pg_base import _scalar
 from qm_server.store.pg_depths import DepthCache
 from qm_server.store.pg_driver import Conn, psycopg, psycopg_pool
+from qm_server.store.pg_due import DUE_CHUNK, PgDue
 from qm_server.store.pg_login_failures import PgLoginFailures
+from qm_server.store.pg_maps import PgMaps
 from qm_server.store.pg_migrate import current_version, migrate, too_new
-from qm_server.store.pg_notify import ENDED, GONE, READY, ClusterSignals
+from qm_server.store.pg_notify import ENDED, ClusterSignals
+from qm_server.store.pg_queues import PgQueues
 from qm_server.store.pg_vacuum import Vacuumer
-from qm_server.store.settings_json import settings_from_json, settings_to_json
+from qm_server.store.settings_json import settings_from_json
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 DEFAULT_IDEMPOTENCY_WINDOW_S = 600.0
 IDEMPOTENCY_PRUNE_BATCH = 8
 # run_due runs at least this often (other nodes' deadlines are not announced yet).
 DUE_POLL_S = 1.0
-# Rows one statement of run_due moves at most (it loops until none is left).
-DUE_CHUNK = 1000
 CONNECT_TIMEOUT_S = 10.0
-# Runs of a transaction that the database rolls back for a deadlock.
-TX_ATTEMPTS = 3
 
 
-class PgStore(Store):
+class PgStore(PgQueues, PgMaps, PgDue):
     """Queues, maps and users in PostgreSQL (`url`, tables in `schema`)."""
 
     releases_in_flight_at_open = False
@@ -275,128 +272,6 @@ class PgStore(Store):
     def announce_sessions_ended(self, session_ids: list[int]) -> None:
         if self._signals is not None:
             self._signals.announce(ENDED, {str(i) for i in session_ids})
-
-    # Queues -----------------------------------------------------------------------------
-
-    async def create_queue(
-        self, name: str, room: Room, settings: QueueSettings = DEFAULT_SETTINGS
-    ) -> None:
-        async def run(conn: Conn) -> None:
-            await conn.execute(sql.LOCK_QUEUE_SET)
-            if await self._queue_row(conn, name) is not None:
-                raise errors.QueueAlreadyExists(f"queue {name!r} already exists")
-            await self._check_dead_letter_queue(conn, name, settings)
-            cursor = await conn.execute(sql.COUNT_QUEUES, (room.user,))
-            total, owned = _row(await cursor.fetchone())
-            room.check(int(total), int(owned) if room.user else 0)
-            await conn.execute(sql.INSERT_QUEUE, (name, room.user, settings_to_json(settings)))
-
-        await self._tx(run)
-
-    async def update_queue(self, name: str, change: SettingsChange) -> QueueSettings:
-        async def run(conn: Conn) -> QueueSettings:
-            queue_id, _, text = await self._queue(conn, name, lock=True)
-            settings = change.applied_to(settings_from_json(text))
-            if change.dead_letter_queue is not None:
-                await self._check_dead_letter_queue(conn, name, settings)
-            await conn.execute(sql.SET_QUEUE_SETTINGS, (settings_to_json(settings), queue_id))
-            return settings
-
-        settings = await self._tx(run)
-        if change.max_age_ms:
-            self._due_soon(0)
-        return settings
-
-    async def _check_dead_letter_queue(
-        self, conn: Conn, name: str, settings: QueueSettings
-    ) -> None:
-        target = settings.dead_letter_queue
-        if not target:
-            return
-        if target == name:
-            raise errors.InvalidArgument(
-                f"queue {name!r} cannot be its own dead_letter_queue: a message past "
-                "max_deliveries would never leave it"
-            )
-        if await self._queue_row(conn, target) is None:
-            raise errors.QueueNotFound(
-                f"dead_letter_queue {target!r} does not exist: create it first"
-            )
-
-    async def queue_info(self, name: str) -> QueueInfo:
-        async def run(conn: Conn) -> QueueInfo:
-            queue_id, _, text = await self._queue(conn, name)
-            counts = await self._counts(conn, queue_id)
-            dead_lettered = await _scalar(conn, sql.DEAD_LETTERED_FROM, (name,))
-            held = await _scalar(conn, sql.DEAD_LETTERS_HELD, (queue_id,))
-            cursor = await conn.execute(
-                "SELECT enqueued_at FROM messages WHERE queue_id = %s AND state = 0"
-                " ORDER BY id LIMIT 1",
-                (queue_id,),
-            )
-            oldest = await cursor.fetchone()
-            sessions = await _scalar(conn, sql.HOLDING_SESSIONS, (queue_id,))
-            return QueueInfo(
-                settings=settings_from_json(text),
-                counts=counts,
-                dead_lettered=dead_lettered,
-                dead_letters_held=held,
-                oldest_ready_enqueued_at_ms=int(oldest[0]) if oldest else 0,
-                holding_sessions=sessions,
-            )
-
-        # One snapshot: REPEATABLE READ makes every statement see the same state.
-        return await self._tx(run, snapshot=True)
-
-    async def list_queues(
-        self, start_after: str, limit: int, visible: Callable[[str], bool]
-    ) -> list[tuple[str, QueueCounts]]:
-        names = await self._visible_names(sql.QUEUE_NAMES_AFTER, start_after, limit, visible)
-        if not names:
-            return []
-        async with self._conn(commits=False) as conn:
-            cursor = await conn.execute(sql.COUNTS_OF_QUEUES, (names,))
-            rows = await cursor.fetchall()
-        counts = {str(n): QueueCounts(int(r), int(f), int(d)) for n, r, f, d in rows}
-        return [(name, counts[name]) for name in names if name in counts]
-
-    async def list_maps(
-        self, start_after: str, limit: int, visible: Callable[[str], bool]
-    ) -> list[str]:
-        return await self._visible_names(sql.MAP_NAMES_AFTER, start_after, limit, visible)
-
-    async def _visible_names(
-        self, statement: str, start_after: str, limit: int, visible: Callable[[str], bool]
-    ) -> list[str]:
-        """Names after the cursor (listing.visible_names)."""
-
-        async def names_after(cursor_name: str, count: int) -> list[str]:
-            async with self._conn(commits=False) as conn:
-                cursor = await conn.execute(statement, (cursor_name, count))
-                return [str(row[0]) for row in await cursor.fetchall()]
-
-        return await visible_names(names_after, start_after, limit, visible)
-
-    async def destroy_queue(self, name: str, force: bool) -> None:
-        async def run(conn: Conn) -> None:
-            await conn.execute(sql.LOCK_QUEUE_SET)
-            queue_id, _, _ = await self._queue(conn, name, lock=True)
-            if not force:
-                counts = await self._counts(conn, queue_id)
-                if counts.ready or counts.in_flight or counts.delayed:
-                    raise errors.QueueNotEmpty(
-                        f"queue {name!r} holds {counts.ready} ready, {counts.delayed} "
-                        f"delayed and {counts.in_flight} in-flight messages; use force to "
-                        "destroy it anyway"
-                    )
-            await conn.execute(sql.DELETE_QUEUE_MESSAGES, (queue_id,))
-            await conn.execute(sql.DELETE_HELD_DEAD_LETTERS, (queue_id,))
-            await conn.execute(sql.DELETE_QUEUE, (queue_id,))
-
-        await self._tx(run)
-        self._hints.pop(name, None)
-        if self._signals is not None:
-            self._signals.announce(GONE, {name})
 
     # Messages ---------------------------------------------------------------------------
 
@@ -645,202 +520,6 @@ class PgStore(Store):
             raise errors.QueueNotFound(f"queue {name!r} does not exist")
         return codes, self._claimed(name, outcome.claimed, lease_ms)
 
-    async def release_session(self, session_id: int) -> None:
-        self._notify(await self._tx(lambda conn: self.release_sessions(conn, [session_id])))
-
-    async def release_sessions(self, conn: Conn, session_ids: list[int]) -> set[str]:
-        """In the caller's transaction: make what the sessions held ready again (past
-        max_deliveries, dead-lettered) and forget them as holders of expired leases. The
-        names of the queues that got ready messages, for `_notify` after the commit."""
-        args = {"sessions": session_ids}
-        cursor = await conn.execute(sql.RELEASE_SESSION, args)
-        rows = await cursor.fetchall()
-        await conn.execute(sql.FORGET_EXPIRED_HOLDER, args)
-        return await self._released(conn, rows, lifecycle.CAUSE_SESSION_END, backoff=False)
-
-    async def _released(
-        self, conn: Conn, rows: Sequence[tuple[Any, ...]], cause: str, backoff: bool
-    ) -> set[str]:
-        """Rows (id, queue id, delivery count) just made ready in this transaction: those
-        past their queue's max_deliveries go to its dead-letter queue (with `cause`), and
-        with `backoff`, the others wait out the queue's retry delay. The names of the
-        queues that got ready messages."""
-        if not rows:
-            return set()
-        by_queue: dict[int, list[tuple[int, int]]] = {}
-        for message_id, queue_id, count in rows:
-            by_queue.setdefault(int(queue_id), []).append((int(message_id), int(count)))
-        cursor = await conn.execute(sql.QUEUE_NAMES_OF, (list(by_queue),))
-        queues = {int(i): (str(n), settings_from_json(t)) for i, n, t in await cursor.fetchall()}
-        ready: set[str] = set()
-        for queue_id, released in by_queue.items():
-            if queue_id not in queues:
-                continue
-            name, settings = queues[queue_id]
-            target = None
-            if settings.max_deliveries and settings.dead_letter_queue not in ("", name):
-                target = await self._queue_row(conn, settings.dead_letter_queue)
-            dead = [m for m, n in released if target and n >= settings.max_deliveries]
-            waits = []
-            if backoff and settings.retry.initial_delay_ms:
-                waits = [
-                    (m, w)
-                    for m, n in released
-                    if m not in dead and (w := settings.retry.delay_ms(n)) > 0
-                ]
-            if dead and target is not None:
-                await self._dead_letter(conn, int(target[0]), name, dead, cause)
-                ready.add(settings.dead_letter_queue)
-            if waits:
-                await conn.execute(
-                    sql.TO_WAITING,
-                    self._p(ids=[m for m, _ in waits], waits=[w for _, w in waits]),
-                )
-                self._due_soon(min(w for _, w in waits))
-            if len(dead) + len(waits) < len(released):
-                ready.add(name)
-        return ready
-
-    async def _dead_letter(
-        self, conn: Conn, target: int, origin: str, ids: list[int], cause: str
-    ) -> None:
-        args = self._p(target=target, ids=ids, origin=origin, cause=cause)
-        await conn.execute(sql.DEAD_LETTER, args)
-
-    async def run_due(self) -> None:
-        ready = await self._tx(self._run_due)
-        self._notify(ready)
-
-    async def _run_due(self, conn: Conn) -> set[str]:
-        ready: set[str] = set()
-        while True:
-            cursor = await conn.execute(sql.EXPIRE_LEASES, self._p(limit=DUE_CHUNK))
-            rows = await cursor.fetchall()
-            ready |= await self._released(conn, rows, lifecycle.CAUSE_LEASE_EXPIRY, False)
-            if len(rows) < DUE_CHUNK:
-                break
-        while True:
-            cursor = await conn.execute(sql.COME_DUE, self._p(limit=DUE_CHUNK))
-            rows = await cursor.fetchall()
-            if rows:
-                ready |= await self._names_of(conn, {int(r[0]) for r in rows})
-            if len(rows) < DUE_CHUNK:
-                break
-        await self._age_out(conn)
-        return ready
-
-    async def _age_out(self, conn: Conn) -> None:
-        """Ready messages past their queue's max_age: dead-lettered, or dropped.
-
-        Ids follow first add times (a sequence, and moves keep both), so each queue is
-        walked from its smallest ready id and the walk stops at the first young one."""
-        now = await self._now_ms(conn)
-        cursor = await conn.execute(sql.ALL_QUEUE_SETTINGS)
-        for queue_id, name, text in await cursor.fetchall():
-            settings = settings_from_json(text)
-            if not settings.max_age_ms:
-                continue
-            cutoff = now - settings.max_age_ms
-            old: list[int] = []
-            while True:
-                cursor = await conn.execute(
-                    sql.OLDEST_READY_ROWS + " OFFSET %s FOR UPDATE SKIP LOCKED",
-                    (queue_id, DUE_CHUNK, len(old)),
-                )
-                rows = await cursor.fetchall()
-                young = False
-                for message_id, enqueued_at in rows:
-                    if int(enqueued_at) > cutoff:
-                        young = True
-                        break
-                    old.append(int(message_id))
-                if young or len(rows) < DUE_CHUNK:
-                    break
-            if not old:
-                continue
-            target = None
-            if settings.dead_letter_queue not in ("", name):
-                target = await self._queue_row(conn, settings.dead_letter_queue)
-            if target is not None:
-                await self._dead_letter(conn, int(target[0]), name, old, lifecycle.CAUSE_MAX_AGE)
-            else:
-                await conn.execute(sql.DELETE_IDS, {"ids": old})
-
-    async def purge(self, name: str) -> int:
-        async def run(conn: Conn) -> int:
-            queue_id, _, _ = await self._queue(conn, name)
-            return await _scalar(conn, sql.PURGE, (queue_id,))
-
-        removed = await self._tx(run)
-        self._hints[name] = 0
-        return removed
-
-    async def redrive(
-        self, name: str, message_ids: Sequence[int] | None, may_write: Callable[[str], bool]
-    ) -> tuple[int, list[tuple[int, Code]]]:
-        async def run(conn: Conn) -> tuple[int, list[tuple[int, Code]], set[str]]:
-            holder, _, _ = await self._queue(conn, name)
-            if message_ids is None:
-                cursor = await conn.execute(sql.HELD_DEAD_LETTERS, (holder,))
-                found = await cursor.fetchall()
-                wanted = [int(r[0]) for r in found]
-            else:
-                wanted = list(dict.fromkeys(message_ids))
-                cursor = await conn.execute(sql.HELD_DEAD_LETTERS_OF, (holder, wanted))
-                found = await cursor.fetchall()
-            origins = {int(i): (str(o), int(s)) for i, o, s in found}
-            names = sorted({o for o, _ in origins.values()})
-            cursor = await conn.execute(
-                "SELECT name, id FROM queues WHERE name = ANY(%s)", (names,)
-            )
-            queue_ids = {str(n): int(i) for n, i in await cursor.fetchall()}
-            failed: list[tuple[int, Code]] = []
-            by_target: dict[str, list[int]] = {}
-            for message_id in wanted:
-                entry = origins.get(message_id)
-                if entry is None or entry[1] == sql.HELD:
-                    failed.append((message_id, Code.MESSAGE_NOT_FOUND))
-                elif entry[0] not in queue_ids:
-                    failed.append((message_id, Code.QUEUE_NOT_FOUND))
-                elif not may_write(entry[0]):
-                    failed.append((message_id, Code.PERMISSION_DENIED))
-                else:
-                    by_target.setdefault(entry[0], []).append(message_id)
-            moved = 0
-            for origin, ids in by_target.items():
-                await conn.execute(sql.REDRIVE, {"target": queue_ids[origin], "ids": ids})
-                moved += len(ids)
-            return moved, failed, set(by_target)
-
-        moved, failed, ready = await self._tx(run)
-        self._notify(ready)
-        return moved, failed
-
-    async def dead_letters(
-        self, name: str, after_id: int, limit: int, max_bytes: int
-    ) -> list[DeadLetter]:
-        async with self._conn(commits=False) as conn:
-            queue_id, _, _ = await self._queue(conn, name)
-            cursor = await conn.execute(sql.DEAD_LETTERS_PAGE, (queue_id, after_id, limit))
-            letters: list[DeadLetter] = []
-            total = 0
-            async for i, origin, n, enqueued, at, cause, payload in cursor:
-                total += len(payload)
-                if letters and total > max_bytes:
-                    break
-                letters.append(
-                    DeadLetter(
-                        int(i),
-                        origin,
-                        int(n),
-                        int(enqueued),
-                        int(at),
-                        cause,
-                        bytes(payload).decode(),
-                    )
-                )
-            return letters
-
     async def messages_held(self, session_ids: Sequence[int]) -> dict[int, int]:
         async with self._conn(commits=False) as conn:
             args = {"sessions": list(session_ids)}
@@ -863,114 +542,6 @@ class PgStore(Store):
         # What this node last saw: 0 after a claim found nothing, until an add or a
         # release here, another node's notification, or the fallback's recheck.
         return self._hints.get(name, 1)
-
-    # Maps -------------------------------------------------------------------------------
-
-    async def map_put(self, name: str, pairs: Sequence[tuple[str, str]], room: Room) -> bool:
-        async def run(conn: Conn) -> bool:
-            cursor = await conn.execute(sql.MAP_ID, (name,))
-            row = await cursor.fetchone()
-            if row is None:
-                await conn.execute(sql.LOCK_MAP_SET)
-                cursor = await conn.execute(sql.MAP_ID, (name,))
-                row = await cursor.fetchone()
-            if created := row is None:
-                cursor = await conn.execute(sql.COUNT_MAPS, (room.user,))
-                total, owned = _row(await cursor.fetchone())
-                room.check(int(total), int(owned) if room.user else 0)
-                cursor = await conn.execute(sql.INSERT_MAP, (name, room.user))
-                row = await cursor.fetchone()
-            map_id = int(_one(row))
-            # A key given twice: the last value wins, as with one put after another.
-            last = {k.encode(): v.encode() for k, v in pairs}
-            await conn.execute(sql.PUT_ENTRIES, (map_id, list(last), list(last.values())))
-            return created
-
-        return await self._tx(run)
-
-    async def map_remove(self, name: str, key: str) -> None:
-        async def run(conn: Conn) -> None:
-            map_id = await self._map(conn, name)
-            cursor = await conn.execute(sql.DELETE_ENTRY, (map_id, key.encode()))
-            if cursor.rowcount == 0:
-                raise errors.KeyNotFound(f"map {name!r} has no key {key!r}")
-
-        await self._tx(run)
-
-    async def map_get(self, name: str, key: str) -> str:
-        async def run(conn: Conn) -> str:
-            cursor = await conn.execute(sql.GET_ENTRY, (await self._map(conn, name), key.encode()))
-            row = await cursor.fetchone()
-            if row is None:
-                raise errors.KeyNotFound(f"map {name!r} has no key {key!r}")
-            return bytes(row[0]).decode()
-
-        return await self._tx(run, snapshot=True)
-
-    async def map_get_all(self, name: str, max_bytes: int) -> dict[str, str]:
-        async def run(conn: Conn) -> dict[str, str]:
-            entries: dict[str, str] = {}
-            total = 0
-            async with conn.cursor() as cursor:
-                await cursor.execute(sql.ALL_ENTRIES, (await self._map(conn, name),))
-                async for key, value in cursor:
-                    total += key_value_size(len(key), len(value))
-                    if total > max_bytes:
-                        raise errors.ResourceExhausted(
-                            f"map {name!r} holds more than one answer can carry ({max_bytes} "
-                            "bytes); page it with MapGetList"
-                        )
-                    entries[bytes(key).decode()] = bytes(value).decode()
-            return entries
-
-        return await self._tx(run, snapshot=True)
-
-    async def map_get_list(
-        self, name: str, offset: int, size: int, max_bytes: int
-    ) -> list[tuple[str, str]]:
-        async def run(conn: Conn) -> list[tuple[str, str]]:
-            cursor = await conn.execute(
-                sql.PAGE_ENTRIES, (await self._map(conn, name), size, offset)
-            )
-            page: list[tuple[str, str]] = []
-            total = 0
-            for key, value in await cursor.fetchall():
-                total += key_value_size(len(key), len(value))
-                if page and total > max_bytes:
-                    break
-                page.append((bytes(key).decode(), bytes(value).decode()))
-            return page
-
-        return await self._tx(run, snapshot=True)
-
-    async def map_page_after(
-        self, name: str, start_after: str | None, size: int, max_bytes: int
-    ) -> tuple[list[tuple[str, str]], str | None]:
-        async def run(conn: Conn) -> tuple[list[tuple[str, str]], str | None]:
-            after = None if start_after is None else start_after.encode()
-            cursor = await conn.execute(
-                sql.PAGE_ENTRIES_AFTER, (await self._map(conn, name), after, after, size + 1)
-            )
-            page: list[tuple[str, str]] = []
-            total = 0
-            more = False
-            for key, value in await cursor.fetchall():
-                total += key_value_size(len(key), len(value))
-                if len(page) == size or (page and total > max_bytes):
-                    more = True
-                    break
-                page.append((bytes(key).decode(), bytes(value).decode()))
-            return page, page[-1][0] if more else None
-
-        return await self._tx(run, snapshot=True)
-
-    async def map_destroy(self, name: str) -> None:
-        async def run(conn: Conn) -> None:
-            map_id = await self._map(conn, name)
-            await conn.execute(sql.DELETE_MAP_ENTRIES, (map_id,))
-            await conn.execute(sql.DELETE_MAP, (map_id,))
-
-        await self._tx(run)
 
     # Users ------------------------------------------------------------------------------
 
@@ -1030,16 +601,6 @@ class PgStore(Store):
 
     # What falls due, in the background --------------------------------------------------
 
-    def _due_soon(self, in_ms: int, recheck: bool = False) -> None:
-        """Something of this node falls due in about `in_ms`: wake the due loop if it
-        sleeps past that. `recheck`: run the fallback's recheck then too."""
-        if recheck:
-            self._recheck_at = 0.0
-        if self._due_task is None:
-            return
-        if time.monotonic() + in_ms / 1000 < self._wake_at:
-            self._sooner.set()
-
     async def _recheck(self) -> None:
         """The fallback for lost notifications, at most once per DUE_POLL_S: queues this
         node thought empty (where its waiters park) that hold ready messages wake their
@@ -1083,126 +644,6 @@ class PgStore(Store):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._sooner.wait(), wait)
             self._sooner.clear()
-
-    # Helpers ----------------------------------------------------------------------------
-
-    def _p(self, **params: Any) -> dict[str, Any]:
-        """Statement parameters with `now`: None (the database's clock) or the test's."""
-        params["now"] = None if self._clock is None else int(self._clock() * 1000)
-        return params
-
-    async def _now_ms(self, conn: Conn) -> int:
-        return await _scalar(conn, f"SELECT {sql.NOW}", self._p())
-
-    def _notify(self, names: set[str]) -> None:
-        """Messages became ready here (the write committed): wake this node's waiters
-        and tell the other nodes."""
-        self._wake(names)
-        if self._signals is not None:
-            self._signals.announce(READY, names)
-
-    def _wake(self, names: set[str]) -> None:
-        for name in names:
-            self._hints[name] = max(1, self._hints.get(name, 0))
-            if self._ready_listener is not None:
-                self._ready_listener(name)
-
-    def _gone(self, name: str) -> None:
-        """Another node destroyed the queue: end this node's waits and streams on it."""
-        self._hints.pop(name, None)
-        if self._gone_listener is not None:
-            self._gone_listener(name)
-
-    @contextlib.asynccontextmanager
-    async def _conn(self, commits: bool = True) -> AsyncIterator[Conn]:
-        """A pooled connection; a database out of reach is errors.Unavailable (or
-        OutcomeUnknown when a statement that `commits` by itself was in flight:
-        pg_outcome.py), and the store reports itself unhealthy until a call works again."""
-        if self._closed:
-            raise errors.Unavailable("the store is closed")
-        conn: Conn | None = None
-        try:
-            async with self._pool.connection() as conn:
-                if commits:
-                    pg_outcome.check_open(conn)  # a failure then applied nothing
-                yield conn
-        except psycopg.errors.TransactionRollback:
-            raise  # the database is fine; _tx runs it again
-        except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as exc:
-            self._set_healthy(False, f"PostgreSQL: {exc}")
-            raise pg_outcome.failure(exc, conn, commits) from exc
-        self._set_healthy(True, "")
-
-    async def _tx(self, run: Callable[[Conn], Awaitable[T]], snapshot: bool = False) -> T:
-        """`run` in one transaction (a read-only snapshot if `snapshot`); run again, in a
-        new one, when the database rolled it back for a deadlock (rare: claims and
-        sweeps skip locked rows, but two nodes' releases may meet)."""
-        for attempt in range(TX_ATTEMPTS):
-            try:
-                async with self._conn(commits=False) as conn:
-                    if snapshot:
-                        await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                        try:
-                            return await run(conn)
-                        finally:
-                            await conn.execute("ROLLBACK")
-                    async with pg_outcome.transaction(conn):
-                        return await run(conn)
-            except psycopg.errors.TransactionRollback:
-                if attempt == TX_ATTEMPTS - 1:
-                    raise
-                log.info("transaction rolled back by the database (deadlock); run again")
-        raise AssertionError("unreachable")
-
-    def _set_healthy(self, healthy: bool, reason: str) -> None:
-        if healthy == self._healthy:
-            return
-        self._healthy = healthy
-        self._reason = reason
-        if self._health_listener is not None:
-            self._health_listener(healthy)
-
-    async def _queue_row(self, conn: Conn, name: str) -> tuple[Any, ...] | None:
-        cursor = await conn.execute(sql.QUEUE, (name,))
-        return await cursor.fetchone()
-
-    async def _queue(self, conn: Conn, name: str, lock: bool = False) -> tuple[int, Any, Any]:
-        cursor = await conn.execute(sql.QUEUE_FOR_UPDATE if lock else sql.QUEUE, (name,))
-        row = await cursor.fetchone()
-        if row is None:
-            raise errors.QueueNotFound(f"queue {name!r} does not exist")
-        return int(row[0]), row[1], row[2]
-
-    async def _names_of(self, conn: Conn, queue_ids: set[int]) -> set[str]:
-        cursor = await conn.execute(sql.QUEUE_NAMES_OF, (list(queue_ids),))
-        return {str(row[1]) for row in await cursor.fetchall()}
-
-    async def _counts(self, conn: Conn, queue_id: int) -> QueueCounts:
-        cursor = await conn.execute(sql.COUNTS, (queue_id,))
-        ready, in_flight, delayed = _row(await cursor.fetchone())
-        return QueueCounts(int(ready), int(in_flight), int(delayed))
-
-    async def _map(self, conn: Conn, name: str) -> int:
-        cursor = await conn.execute(sql.MAP_ID, (name,))
-        row = await cursor.fetchone()
-        if row is None:
-            raise errors.MapNotFound(f"map {name!r} does not exist")
-        return int(row[0])
-
-
-def _row(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
-    if row is None:
-        raise RuntimeError("the statement returned no row")
-    return row
-
-
-def _one(row: tuple[Any, ...] | None) -> Any:
-    return _row(row)[0]
-
-
-async def _scalar(conn: Conn, statement: str, params: Any) -> int:
-    cursor = await conn.execute(statement, params)
-    return int(_one(await cursor.fetchone()) or 0)
 
 
 async def _list_users(conn: Conn) -> list[UserRecord]:
