@@ -10,9 +10,9 @@ The lifecycle's rules live beside the calls they change: a call's own ack deadli
 (`extend_lease`), and settings given to NewQueue. The RPCs that look after queues rather
 than deliver (UpdateQueue, GetQueueInfo, Purge, Redrive, ListDeadLetters, ListQueues,
 ListMaps) are `admin`'s (queue_admin.py); the map RPCs are `maps`' (map_calls.py); a long
-poll's claims and waits are `polls`' (long_polls.py). Leases run out, and delayed messages
-become ready, inside the store, which wakes waiters through the ready listener as an add
-does.
+poll's claims and waits are `polls`' (long_polls.py), the opening of Subscribe streams
+`subscribers`' (subscribers.py). Leases run out, and delayed messages become ready,
+inside the store, which wakes waiters through the ready listener as an add does.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from qm_server.lifecycle import (
 )
 from qm_server.live_sessions import SESSION_EXPIRED, LiveSessions
 from qm_server.login_guard import LoginGuard
-from qm_server.long_polls import LongPolls, check_lease
+from qm_server.long_polls import LongPolls
 from qm_server.map_calls import MapCalls
 from qm_server.permissions import Permissions
 from qm_server.queue_admin import QueueAdmin
@@ -51,7 +51,8 @@ from qm_server.quotas import Room, Usage
 from qm_server.session_admin import SessionAdmin, SessionReport
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Enqueued, LeaseOutcome, Store
-from qm_server.subscription import StreamRules, Subscription
+from qm_server.subscribers import Subscribers
+from qm_server.subscription import Subscription
 from qm_server.validation import (
     check_count,
     check_name,
@@ -170,6 +171,19 @@ class Engine:
             room=self._room,
             make_room=self._make_room,
             clock=clock,
+        )
+        # Subscribe streams: opened under their quotas, forgotten once closed.
+        self.subscribers = Subscribers(
+            store,
+            self.limits,
+            self.deliverer,
+            self._subscriptions,
+            self._subscription_usage,
+            caller=self._caller,
+            room=self._room,
+            make_room=self._make_room,
+            check_ack=self.check_ack,
+            authorize=self.authorize,
         )
         # The map RPCs, and the byte budget of their reads (map_calls.py).
         self.maps = MapCalls(
@@ -525,40 +539,8 @@ class Engine:
     async def subscribe(
         self, token: str, name: str, max_unacked: int, lease_ms: int | None = None
     ) -> Subscription:
-        """A streaming consumer holding at most max_unacked messages at once, each on a
-        lease of `lease_ms` (None: the queue's ack deadline)."""
-        session = await self._caller(token, "read", "queue", name)
-        check_count("max_unacked", max_unacked, self.limits.max_batch)
-        check_lease(lease_ms)
-        await self.store.check_queue(name)  # QueueNotFound now rather than on first push
-        if self.draining:
-            raise errors.Unavailable("the server is shutting down")
-        usage = self._subscription_usage
-        room = self._room(
-            session.username,
-            "subscriptions",
-            self.limits.max_subscriptions,
-            self.limits.max_subscriptions_per_user,
-        )
-        self._make_room(room, usage.total, usage.of(session.username))
-        rules = StreamRules(
-            check_ack=lambda ids, ack_type: self.check_ack(token, ids, ack_type),
-            check_grant=lambda: self.authorize(session, "read", "queue", name),
-            closed=self._forget,
-        )
-        subscription = Subscription(self.deliverer, rules, session, name, max_unacked, lease_ms)
-        self._subscriptions.setdefault(session.id, set()).add(subscription)
-        usage.add(session.username)
-        return subscription
-
-    def _forget(self, subscription: Subscription) -> None:
-        """A closed stream no longer counts, nor is poked."""
-        subscriptions = self._subscriptions.get(subscription.session.id)
-        if subscriptions is not None and subscription in subscriptions:
-            subscriptions.remove(subscription)
-            self._subscription_usage.remove(subscription.session.username)
-            if not subscriptions:
-                del self._subscriptions[subscription.session.id]
+        """Open a Subscribe stream (subscribers.py)."""
+        return await self.subscribers.open(token, name, max_unacked, lease_ms)
 
     def _subscriptions_on(self, name: str) -> int:
         """Subscribe streams open on the queue."""
