@@ -1,4 +1,7 @@
-"""The challenge login: GetChallenge, check the key, encrypt the envelope, Auth."""
+"""The challenge login: GetChallenge, check the key, encrypt the envelope, Auth.
+
+Sans-IO: both clients send the two calls themselves and hand the answers here.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from qm.v1 import queue_manager_pb2 as pb
 
-from .errors import FingerprintMismatch, QMError
+from ._message import Login
+from .errors import FingerprintMismatch, QMError, error_for_code
 
 ALGORITHM = "RSA-OAEP-SHA256"
 
@@ -68,3 +72,23 @@ def encrypt_password(key: ServerKey, password: str, challenge: bytes) -> bytes:
             label=None,
         ),
     )
+
+
+def auth_request(
+    challenge: pb.GetChallengeResponse, pin: str | None, username: str, password: str
+) -> pb.AuthRequest:
+    """The Auth call answering ``challenge``: its key checked against ``pin``, the
+    password sealed with the challenge (so a captured Auth cannot be replayed)."""
+    if challenge.code != pb.CODE_OK:
+        raise error_for_code(challenge.code, challenge.message)
+    key = check_server_key(challenge, pin)
+    return pb.AuthRequest(
+        username=username, password=encrypt_password(key, password, challenge.challenge)
+    )
+
+
+def login_from(response: pb.AuthResponse, generation: int) -> Login:
+    """The login an Auth answer gives; its typed error if refused."""
+    if response.code != pb.CODE_OK:
+        raise error_for_code(response.code, response.message)
+    return Login(token=response.token, ttl=response.session_ttl_ms / 1000, generation=generation)

@@ -14,7 +14,6 @@ shared session, not the client, so none of them imports this module:
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Self, TypeVar
@@ -22,8 +21,7 @@ from typing import Self, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qm.v1 import queue_manager_pb2 as pb
-
+from . import _ops as ops
 from ._channel import open_channel
 from ._heartbeat import Heartbeat
 from ._lease_keeper import LeaseGuard, LeaseKeeper
@@ -35,17 +33,10 @@ from ._lifecycle import (
     QueueSettings,
     QueueSummary,
     RedriveResult,
-    dead_letter_from_pb,
-    lease_result_from_pb,
-    queue_info_from_pb,
-    redrive_result_from_pb,
-    settings_from_pb,
-    settings_to_pb,
-    summary_from_pb,
 )
 from ._message import Message
 from ._session import Session, SessionLoss
-from .errors import LeaseLost, MessageNotFound, MessageReleased, QMError, error_for_rpc_error
+from .errors import MessageNotFound, QMError, error_for_rpc_error
 from .maps import QMap
 from .subscribe import Subscription
 
@@ -196,27 +187,18 @@ class QueueManagerClient:
         defaults, the seed's behaviour. Raises :class:`QueueAlreadyExists` unless
         ``exist_ok`` (an existing queue keeps its own settings: :meth:`update_queue`).
         """
-        accept = (pb.CODE_QUEUE_ALREADY_EXISTS,) if exist_ok else ()
-        request = pb.NewQueueRequest(queue_name=name)
-        if settings is not None:
-            request.settings.CopyFrom(settings_to_pb(settings))
-        self._session.call(self._stub.NewQueue, request, accept=accept)
+        self._session.run(ops.new_queue(name, settings, exist_ok))
 
     def update_queue(self, name: str, settings: QueueSettings) -> QueueSettings:
         """Change the settings that are not ``None``; returns every setting as it is now.
 
         Messages in flight keep their lease; the rest follow the new settings from now on.
         """
-        request = pb.UpdateQueueRequest(queue_name=name, settings=settings_to_pb(settings))
-        response, _ = self._session.call(self._stub.UpdateQueue, request)
-        return settings_from_pb(response.settings)
+        return self._session.run(ops.update_queue(name, settings))
 
     def queue_info(self, name: str) -> QueueInfo:
         """A queue's settings and counts (:class:`QueueInfo`)."""
-        response, _ = self._session.call(
-            self._stub.GetQueueInfo, pb.GetQueueInfoRequest(queue_name=name)
-        )
-        return queue_info_from_pb(name, response)
+        return self._session.run(ops.queue_info(name))
 
     def list_queues(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[QueueSummary]:
         """Every queue the user may read, by name, a page per call (:class:`QueueSummary`).
@@ -224,51 +206,27 @@ class QueueManagerClient:
         Paged by name: a queue created or destroyed while the listing runs may or may not
         be listed, and no other is skipped or repeated.
         """
-        cursor = ""
-        while True:
-            request = pb.ListQueuesRequest(start_after=cursor, limit=page_size)
-            response, _ = self._session.call(self._stub.ListQueues, request)
-            yield from map(summary_from_pb, response.queues)
-            cursor = response.next_start_after
-            if not cursor:
-                return
+        return self._session.pages(ops.list_queues(page_size))
 
     def list_maps(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[str]:
         """The names of every map the user may read, a page per call, as ``list_queues``."""
-        cursor = ""
-        while True:
-            request = pb.ListMapsRequest(start_after=cursor, limit=page_size)
-            response, _ = self._session.call(self._stub.ListMaps, request)
-            yield from response.names
-            cursor = response.next_start_after
-            if not cursor:
-                return
+        return self._session.pages(ops.list_maps(page_size))
 
     def purge(self, queue: str) -> int:
         """Remove every ready and delayed message of ``queue`` in one step; returns how
         many. Messages in flight stay with their holders."""
-        response, _ = self._session.call(self._stub.Purge, pb.PurgeRequest(queue_name=queue))
-        return response.purged
+        return self._session.run(ops.purge(queue))
 
     def dead_letters(
         self, queue: str, *, page_size: int = DEFAULT_PAGE_SIZE
     ) -> Iterator[DeadLetter]:
         """The dead letters ``queue`` holds, by id, with their history, a page per call."""
-        after = 0
-        while True:
-            request = pb.ListDeadLettersRequest(queue_name=queue, after_id=after, limit=page_size)
-            response, _ = self._session.call(self._stub.ListDeadLetters, request)
-            yield from map(dead_letter_from_pb, response.dead_letters)
-            after = response.next_after_id
-            if not after:
-                return
+        return self._session.pages(ops.dead_letters(queue, page_size))
 
     def redrive(self, queue: str, ids: Iterable[int] | None = None) -> RedriveResult:
         """Move dead letters of ``queue`` (all, or the ids given) back to their original
         queues, ready at once, delivery count kept. Safe to repeat."""
-        request = pb.RedriveRequest(queue_name=queue, message_ids=list(ids or ()))
-        response, _ = self._session.call(self._stub.Redrive, request)
-        return redrive_result_from_pb(response)
+        return self._session.run(ops.redrive(queue, ids))
 
     def add(
         self,
@@ -287,14 +245,7 @@ class QueueManagerClient:
         repeat with the first id. Without either it is not repeated: a repeat could add it
         twice.
         """
-        request = pb.AddRequest(
-            queue_name=queue,
-            element=element,
-            delay_ms=None if delay is None else _millis(delay),
-            request_id=_request_id(request_id, idempotent),
-        )
-        response, _ = self._session.call(self._stub.Add, request)
-        return response.message_id
+        return self._session.run(ops.add(queue, element, delay, request_id, idempotent))
 
     def add_all(
         self,
@@ -310,16 +261,7 @@ class QueueManagerClient:
         ``delay``, ``request_id`` and ``idempotent`` as for :meth:`add`. The answer is a
         ``list`` of ids that also says whether it was a replay (:class:`AddedIds`).
         """
-        request = pb.AddAllRequest(
-            queue_name=queue,
-            elements=list(elements),
-            delay_ms=None if delay is None else _millis(delay),
-            request_id=_request_id(request_id, idempotent),
-        )
-        response, _ = self._session.call(self._stub.AddAll, request)
-        return AddedIds(
-            list(response.message_ids), replayed=response.replayed, request_id=request.request_id
-        )
+        return self._session.run(ops.add_all(queue, elements, delay, request_id, idempotent))
 
     def poll(
         self, queue: str, *, wait: float = 0.0, ack_deadline: float | None = None
@@ -331,17 +273,7 @@ class QueueManagerClient:
         queue's ``ack_deadline_ms`` (none by default). The server caps ``wait`` (20 s by
         default).
         """
-        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
-        request = pb.PollRequest(queue_name=queue, wait_ms=_millis(wait), ack_deadline_ms=lease_ms)
-        response, login = self._session.call(
-            self._stub.Poll,
-            request,
-            timeout=self._session.timeout + wait,
-            accept=(pb.CODE_QUEUE_EMPTY,),
-        )
-        if response.code == pb.CODE_QUEUE_EMPTY:
-            return None
-        return self._session.hold(login, queue, response, lease_ms=lease_ms)
+        return self._session.run(ops.poll(self._session, queue, wait, ack_deadline))
 
     def pull(
         self,
@@ -356,20 +288,7 @@ class QueueManagerClient:
         Waits up to ``wait`` s for the first one; returns what is ready then, not a full
         batch. ``ack_deadline`` as for :meth:`poll`.
         """
-        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
-        request = pb.PullElementsRequest(
-            queue_name=queue, number=max_count, wait_ms=_millis(wait), ack_deadline_ms=lease_ms
-        )
-        response, login = self._session.call(
-            self._stub.PullElements,
-            request,
-            timeout=self._session.timeout + wait,
-            accept=(pb.CODE_QUEUE_EMPTY,),
-        )
-        return [
-            self._session.hold(login, queue, info, lease_ms=lease_ms)
-            for info in response.element_info
-        ]
+        return self._session.run(ops.pull(self._session, queue, max_count, wait, ack_deadline))
 
     def extend_lease(self, messages: Iterable[Message | int], deadline: float) -> list[LeaseResult]:
         """Move the lease of messages held by the client's session to ``deadline`` s from
@@ -381,30 +300,7 @@ class QueueManagerClient:
         :class:`MessageReleased` without a call. To keep a lease alive while a handler
         runs, :meth:`keep_lease` does this from a background thread.
         """
-        login = self._session.current()
-        order: list[int] = []
-        stale: dict[int, LeaseResult] = {}
-        for item in messages:
-            if isinstance(item, Message):
-                order.append(item.message_id)
-                if item._login is not login:
-                    released = MessageReleased(
-                        f"message {item.message_id}: the session it was delivered to has ended"
-                    )
-                    stale[item.message_id] = LeaseResult(item.message_id, released, None)
-            else:
-                order.append(item)
-        ids = [i for i in order if i not in stale]
-        results: dict[int, LeaseResult] = dict(stale)
-        if ids:
-            request = pb.ExtendLeaseRequest(message_ids=ids, ack_deadline_ms=_millis(deadline))
-            response, _ = self._session.call(self._stub.ExtendLease, request, bound_to=login)
-            results.update(
-                (result.message_id, lease_result_from_pb(result)) for result in response.results
-            )
-            if request.ack_deadline_ms == 0:  # given back: no longer the session's to lose
-                self._session.unhold(login, [i for i in ids if results[i].ok])
-        return [results[i] for i in order]
+        return self._session.run(ops.extend_lease(self._session, messages, deadline))
 
     def keep_lease(self, message: Message, *, max_lease: float | None = None) -> LeaseGuard:
         """Keep ``message``'s lease alive from the lease keeper's thread until the returned
@@ -463,71 +359,30 @@ class QueueManagerClient:
         longer has it in flight for the client's session. Failures are returned rather than raised
         because the others were finished all the same.
         """
-        batch = list(messages)
-        ack_type = pb.ACK_TYPE_ERROR if nack else pb.ACK_TYPE_DONE
+        own, others = ops.split_by_owner(messages, self._session)
         failed: list[Message] = []
-        # Messages from a subscription are finished on their stream, which must learn that
-        # it has room again.
-        for message in [m for m in batch if m._owner is not self._session]:
+        for message in others:
             try:
-                if nack:
-                    message.nack()
-                else:
-                    message.ack()
+                message.nack() if nack else message.ack()
             except MessageNotFound:
                 failed.append(message)
-        batch = [m for m in batch if m._owner is self._session]
-        if not batch:
-            return failed
-        login = self._session.current()
-        current: list[Message] = []
-        for message in batch:
-            try:
-                if message._login is login:
-                    self._session.check_lease(message)
-                    current.append(message)
-                    continue
-            except LeaseLost:
-                pass
-            failed.append(message)
-        if not current:
-            return failed
-        request = pb.BatchAckRequest(message_ids=[m.message_id for m in current], ack_type=ack_type)
-        try:
-            response, _ = self._session.call(self._stub.BatchAck, request, bound_to=login)
-        except MessageReleased:
-            return failed + current
-        by_id = {m.message_id: m for m in current}
-        self._session.unhold(login, by_id)
-        failed.extend(
-            by_id[result.message_id]
-            for result in response.results
-            if result.code != pb.CODE_OK and result.message_id in by_id
-        )
-        return failed
+        return failed + self._session.run(ops.batch_ack(self._session, own, nack))
 
     def size(self, queue: str) -> int:
         """The number of ready messages (in-flight ones are not counted)."""
-        response, _ = self._session.call(self._stub.Size, pb.SizeRequest(queue_name=queue))
-        return response.size
+        return self._session.run(ops.size(queue))
 
     def is_empty(self, queue: str) -> bool:
         """Whether no message is ready (messages may still be in flight)."""
-        response, _ = self._session.call(self._stub.IsEmpty, pb.IsEmptyRequest(queue_name=queue))
-        return response.empty
+        return self._session.run(ops.is_empty(queue))
 
     def unacked(self, queue: str) -> int:
         """The number of messages in flight over all sessions (seed: get_uncheck_num)."""
-        response, _ = self._session.call(
-            self._stub.GetUncheckNum, pb.GetUncheckNumRequest(queue_name=queue)
-        )
-        return response.ack_num
+        return self._session.run(ops.unacked(queue))
 
     def destroy_queue(self, queue: str, *, force: bool = False) -> None:
         """Delete a queue. Without ``force``, :class:`QueueNotEmpty` while it holds messages."""
-        self._session.call(
-            self._stub.DestroyQueue, pb.DestroyQueueRequest(queue_name=queue, force=force)
-        )
+        self._session.run(ops.destroy_queue(queue, force))
 
     def subscribe(
         self, queue: str, max_unacked: int = 16, *, ack_deadline: float | None = None
@@ -538,25 +393,13 @@ class QueueManagerClient:
         Closing it (or leaving its ``with`` block) releases what it still holds.
         ``ack_deadline`` as for :meth:`poll`, for every message pushed.
         """
-        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
-        return Subscription(self._session, queue, max_unacked, lease_ms)
+        return Subscription(self._session, queue, max_unacked, ops.optional_millis(ack_deadline))
 
     # -- maps -----------------------------------------------------------------------------
 
     def map(self, name: str, *, page_size: int = 500) -> QMap:
         """A ``MutableMapping`` view of a map; no call is made until it is used."""
         return QMap(self._session, name, page_size=page_size)
-
-
-def _millis(seconds: float) -> int:
-    return round(seconds * 1000)
-
-
-def _request_id(given: str | None, idempotent: bool) -> str:
-    """The request id to send: the caller's, one made up for ``idempotent``, or none."""
-    if given:
-        return given
-    return uuid.uuid4().hex if idempotent else ""
 
 
 def health(
