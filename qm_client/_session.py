@@ -24,15 +24,16 @@ from ._login import auth_request, login_from
 from ._message import Login, Message
 from ._ops import Done, Op, Page, Plan, ack
 from ._session_core import (
-    CallRetries,
+    Pause,
+    Send,
     SessionCore,
     SessionLoss,
-    Step,
+    call_steps,
     check_logout,
     logger,
     relogin_failed,
 )
-from .errors import ClientClosed, QMError, Unauthenticated, Unavailable, error_for_rpc_error
+from .errors import ClientClosed, QMError, Unauthenticated, error_for_rpc_error
 
 __all__ = ["Session", "SessionLoss"]
 
@@ -154,32 +155,30 @@ class Session(SessionCore[Message]):
         accept: tuple[int, ...] = (),
         bound_to: Login | None = None,
     ) -> tuple[Any, Login]:
-        """Make a token call, logging in again once if the session is gone, and making it
-        again after a CODE_UNAVAILABLE answer if its method allows (``CallRetries``).
+        """Make a token call of ``method`` (``call_steps``: logging in again once if the
+        session is gone, repeating after an UNAVAILABLE answer if its method allows).
         Returns the response with the login that answered it.
         """
         deadline = self.timeout if timeout is None else timeout
-        login = self.current()
-        self.check_bound(login, bound_to)
-        retries = CallRetries(request, bound=bound_to is not None)
+        steps = call_steps(self, request, deadline, accept, bound_to)
+        outcome: Any = None
+        failure: QMError | None = None
         while True:
-            request.token = login.token
             try:
-                response = self.send(method, request, deadline)
-            except Unavailable as error:
-                if not retries.after_status_unavailable(error) or self.closing.wait(retries.pause):
-                    raise
-                continue
-            step = retries.after_answer(response)
-            if step is Step.RENEW:
-                login = self.renew(login)
-                retries.after_renewal()
-                continue
-            # Closed during a pause: report the last answer.
-            if step is Step.DONE or self.closing.wait(retries.pause):
-                break
-        retries.check(response, accept)
-        return response, login
+                action = steps.send(outcome) if failure is None else steps.throw(failure)
+            except StopIteration as done:
+                result: tuple[Any, Login] = done.value
+                return result
+            outcome, failure = None, None
+            try:
+                if isinstance(action, Send):
+                    outcome = self.send(method, action.request, action.timeout)
+                elif isinstance(action, Pause):
+                    outcome = self.closing.wait(action.seconds)
+                else:
+                    outcome = self.renew(action.login)
+            except QMError as error:
+                failure = error
 
     # -- logins ---------------------------------------------------------------------------
 

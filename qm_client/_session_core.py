@@ -14,9 +14,9 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -29,10 +29,20 @@ from .errors import (
     MessageReleased,
     QMError,
     Unauthenticated,
+    Unavailable,
     error_for_code,
 )
 
-__all__ = ["CallRetries", "SessionCore", "SessionLoss", "Step"]
+__all__ = [
+    "CallRetries",
+    "Pause",
+    "Renew",
+    "Send",
+    "SessionCore",
+    "SessionLoss",
+    "Step",
+    "call_steps",
+]
 
 logger = logging.getLogger("qm_client")
 
@@ -125,6 +135,70 @@ class CallRetries:
         """Raise the typed error of an answer that is neither OK nor accepted."""
         if response.code != pb.CODE_OK and response.code not in accept:
             raise error_for_code(response.code, response.message)
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``request`` once with this deadline; the answer comes back, a failure
+    (a typed error) is thrown back."""
+
+    request: Any
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Wait ``seconds``; back comes whether the session was shut meanwhile."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Renew:
+    """Replace the dead ``login`` (``renew``); back comes the new login."""
+
+    login: Login
+
+
+Action = Send | Pause | Renew
+CallSteps = Generator[Action, Any, tuple[Any, Login]]
+
+
+def call_steps(
+    core: SessionCore[Any],
+    request: Any,
+    timeout: float,
+    accept: tuple[int, ...],
+    bound_to: Login | None,
+) -> CallSteps:
+    """A token call as the actions it takes (sans-IO): each session drives it with its
+    own I/O. Returns the answer with the login that got it, or raises its typed error.
+
+    Logs in again once if the session is gone, and repeats after a CODE_UNAVAILABLE
+    answer (or, for an add with a request id, a gRPC UNAVAILABLE status) as
+    :class:`CallRetries` decides.
+    """
+    login = core.current()
+    core.check_bound(login, bound_to)
+    retries = CallRetries(request, bound=bound_to is not None)
+    while True:
+        request.token = login.token
+        try:
+            response = yield Send(request, timeout)
+        except Unavailable as error:
+            if not retries.after_status_unavailable(error) or (yield Pause(retries.pause)):
+                raise
+            continue
+        step = retries.after_answer(response)
+        if step is Step.RENEW:
+            login = yield Renew(login)
+            retries.after_renewal()
+            continue
+        # Shut during a pause: report the last answer.
+        if step is Step.DONE or (yield Pause(retries.pause)):
+            break
+    retries.check(response, accept)
+    return response, login
 
 
 def check_logout(response: _Response) -> None:
