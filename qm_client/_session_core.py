@@ -243,13 +243,19 @@ class SessionCore(Generic[_D]):
     def current(self) -> Login:
         """The login calls are made under now; :class:`ClientClosed` once shut."""
         with self._lock:
-            if self._closed or self._current_login is None:
+            if self._closed:
                 raise ClientClosed("the client is closed")
+            if self._current_login is None:
+                raise ClientClosed("the client is not logged in: await login() or use async with")
             return self._current_login
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def logged_in(self) -> bool:
+        return self._current_login is not None
 
     def shut_login(self) -> Login | None:
         """Refuse further calls; returns the login to end, or ``None`` if already shut."""
