@@ -40,8 +40,7 @@ class AsyncLeaseGuard(GuardState):
     message: AsyncMessage
 
     def __init__(self, message: AsyncMessage, keeper: AsyncLeaseKeeper | None) -> None:
-        super().__init__(message)
-        self._keeper = keeper
+        super().__init__(message, keeper)
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
 
     async def __aenter__(self) -> Self:
@@ -54,11 +53,6 @@ class AsyncLeaseGuard(GuardState):
         tb: TracebackType | None,
     ) -> None:
         self.release()
-
-    def release(self) -> None:
-        """Stop renewing the lease (the handler is done)."""
-        if self._keeper is not None:
-            self._keeper.release(self)
 
     async def wait_renewed(self, count: int, timeout: float) -> bool:
         """Wait until the lease was extended ``count`` times; ``False`` if it was lost or

@@ -22,10 +22,12 @@ from ._login import auth_request, login_from
 from ._message import AsyncMessage, Login
 from ._ops import Done, Op, Page, Plan, ack
 from ._session_core import (
+    Endpoint,
     Pause,
     Send,
     SessionCore,
     SessionLoss,
+    Stepper,
     call_steps,
     check_logout,
     logger,
@@ -44,22 +46,9 @@ class AsyncSession(SessionCore[AsyncMessage]):
     message_type = AsyncMessage
 
     def __init__(
-        self,
-        target: str,
-        username: str,
-        password: str,
-        *,
-        root_certificates: bytes | None,
-        certificate_chain: bytes | None,
-        private_key: bytes | None,
-        pin_fingerprint: str | None,
-        timeout: float,
-        on_session_lost: Callable[[SessionLoss], None] | None,
+        self, endpoint: Endpoint, on_session_lost: Callable[[SessionLoss], None] | None
     ) -> None:
-        super().__init__(target, username, timeout=timeout, on_session_lost=on_session_lost)
-        self._password = password
-        self._pin = pin_fingerprint
-        self._tls = (root_certificates, certificate_chain, private_key)
+        super().__init__(endpoint, on_session_lost)
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.QueueManagerServiceStub | None = None
         # Serializes logins, so that tasks finding the same dead session log in once.
@@ -78,7 +67,7 @@ class AsyncSession(SessionCore[AsyncMessage]):
         """Open the channel and log in (closing the channel again if that fails)."""
         if self._channel is not None:
             return
-        self._channel = open_aio_channel(self.target, *self._tls)
+        self._channel = open_aio_channel(self.target, *self.endpoint.tls)
         self._stub = pb_grpc.QueueManagerServiceStub(self._channel)
         try:
             self.adopt(await self._log_in(generation=1))
@@ -161,25 +150,18 @@ class AsyncSession(SessionCore[AsyncMessage]):
     ) -> tuple[Any, Login]:
         """``Session.call``, awaited: the same ``call_steps``, driven with ``grpc.aio``."""
         deadline = self.timeout if timeout is None else timeout
-        steps = call_steps(self, request, deadline, accept, bound_to)
-        outcome: Any = None
-        failure: QMError | None = None
-        while True:
-            try:
-                action = steps.send(outcome) if failure is None else steps.throw(failure)
-            except StopIteration as done:
-                result: tuple[Any, Login] = done.value
-                return result
-            outcome, failure = None, None
+        stepper = Stepper(call_steps(self, request, deadline, accept, bound_to))
+        while (action := stepper.next()) is not None:
             try:
                 if isinstance(action, Send):
-                    outcome = await self.send(method, action.request, action.timeout)
+                    stepper.done(await self.send(method, action.request, action.timeout))
                 elif isinstance(action, Pause):
-                    outcome = await self.closed_within(action.seconds)
+                    stepper.done(await self.closed_within(action.seconds))
                 else:
-                    outcome = await self.renew(action.login)
+                    stepper.done(await self.renew(action.login))
             except QMError as error:
-                failure = error
+                stepper.failed(error)
+        return stepper.answer()
 
     async def closed_within(self, seconds: float) -> bool:
         """Wait ``seconds``; ``True`` (at once) if the session is shut meanwhile."""
@@ -193,7 +175,7 @@ class AsyncSession(SessionCore[AsyncMessage]):
 
     async def _log_in(self, generation: int) -> Login:
         challenge = await self.send(self.stub.GetChallenge, pb.GetChallengeRequest(), self.timeout)
-        request = auth_request(challenge, self._pin, self.username, self._password)
+        request = auth_request(challenge, self.endpoint)
         return login_from(await self.send(self.stub.Auth, request, self.timeout), generation)
 
     async def renew(self, stale: Login) -> Login:

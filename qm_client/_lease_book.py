@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -42,13 +42,18 @@ EXTEND_BATCH = 500
 RETRY_SHARE = 1 / 6
 
 
+class _Releaser(Protocol):
+    def release(self, guard: Any) -> None: ...
+
+
 class GuardState:
     """What a lease guard shows: ``lost``, ``cause`` (``None`` for ``max_lease``),
     ``expires_at`` (the end of the last extension) and ``renewals``. The guards of the
     two clients add how to wait for a change and how to let go."""
 
-    def __init__(self, message: Delivery) -> None:
+    def __init__(self, message: Delivery, keeper: _Releaser | None) -> None:
         self.message = message
+        self._keeper = keeper
         self._lost = False
         self.cause: QMError | None = None
         self.renewals = 0
@@ -57,6 +62,11 @@ class GuardState:
     @property
     def lost(self) -> bool:
         return self._lost
+
+    def release(self) -> None:
+        """Stop renewing the lease (the handler is done)."""
+        if self._keeper is not None:
+            self._keeper.release(self)
 
     def _renewed(self, expires_at: datetime | None) -> None:
         self.renewals += 1

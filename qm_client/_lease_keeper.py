@@ -46,8 +46,7 @@ class LeaseGuard(GuardState):
     message: Message
 
     def __init__(self, message: Message, keeper: LeaseKeeper | None) -> None:
-        super().__init__(message)
-        self._keeper = keeper
+        super().__init__(message, keeper)
         self._changed = threading.Condition()
 
     def __enter__(self) -> Self:
@@ -60,11 +59,6 @@ class LeaseGuard(GuardState):
         tb: TracebackType | None,
     ) -> None:
         self.release()
-
-    def release(self) -> None:
-        """Stop renewing the lease (the handler is done)."""
-        if self._keeper is not None:
-            self._keeper.release(self)
 
     def wait_renewed(self, count: int, timeout: float) -> bool:
         """Wait until the lease was extended ``count`` times; ``False`` if it was lost or

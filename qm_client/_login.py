@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from qm.v1 import queue_manager_pb2 as pb
 
 from ._message import Login
+from ._session_core import Endpoint
 from .errors import FingerprintMismatch, QMError, error_for_code
 
 ALGORITHM = "RSA-OAEP-SHA256"
@@ -74,17 +75,15 @@ def encrypt_password(key: ServerKey, password: str, challenge: bytes) -> bytes:
     )
 
 
-def auth_request(
-    challenge: pb.GetChallengeResponse, pin: str | None, username: str, password: str
-) -> pb.AuthRequest:
-    """The Auth call answering ``challenge``: its key checked against ``pin``, the
-    password sealed with the challenge (so a captured Auth cannot be replayed)."""
+def auth_request(challenge: pb.GetChallengeResponse, endpoint: Endpoint) -> pb.AuthRequest:
+    """The Auth call answering ``challenge``: its key checked against the pinned
+    fingerprint, the password sealed with the challenge (so a captured Auth cannot be
+    replayed)."""
     if challenge.code != pb.CODE_OK:
         raise error_for_code(challenge.code, challenge.message)
-    key = check_server_key(challenge, pin)
-    return pb.AuthRequest(
-        username=username, password=encrypt_password(key, password, challenge.challenge)
-    )
+    key = check_server_key(challenge, endpoint.pin_fingerprint)
+    password = encrypt_password(key, endpoint.password, challenge.challenge)
+    return pb.AuthRequest(username=endpoint.username, password=password)
 
 
 def login_from(response: pb.AuthResponse, generation: int) -> Login:

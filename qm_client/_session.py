@@ -24,10 +24,12 @@ from ._login import auth_request, login_from
 from ._message import Login, Message
 from ._ops import Done, Op, Page, Plan, ack
 from ._session_core import (
+    Endpoint,
     Pause,
     Send,
     SessionCore,
     SessionLoss,
+    Stepper,
     call_steps,
     check_logout,
     logger,
@@ -51,22 +53,10 @@ class Session(SessionCore[Message]):
     message_type = Message
 
     def __init__(
-        self,
-        target: str,
-        username: str,
-        password: str,
-        *,
-        root_certificates: bytes | None,
-        certificate_chain: bytes | None,
-        private_key: bytes | None,
-        pin_fingerprint: str | None,
-        timeout: float,
-        on_session_lost: Callable[[SessionLoss], None] | None,
+        self, endpoint: Endpoint, on_session_lost: Callable[[SessionLoss], None] | None
     ) -> None:
-        super().__init__(target, username, timeout=timeout, on_session_lost=on_session_lost)
-        self._password = password
-        self._pin = pin_fingerprint
-        self.channel = open_channel(target, root_certificates, certificate_chain, private_key)
+        super().__init__(endpoint, on_session_lost)
+        self.channel = open_channel(endpoint.target, *endpoint.tls)
         self.stub = pb_grpc.QueueManagerServiceStub(self.channel)
         # Serializes logins, so that threads finding the same dead session log in once.
         self._login_lock = threading.Lock()
@@ -160,31 +150,24 @@ class Session(SessionCore[Message]):
         Returns the response with the login that answered it.
         """
         deadline = self.timeout if timeout is None else timeout
-        steps = call_steps(self, request, deadline, accept, bound_to)
-        outcome: Any = None
-        failure: QMError | None = None
-        while True:
-            try:
-                action = steps.send(outcome) if failure is None else steps.throw(failure)
-            except StopIteration as done:
-                result: tuple[Any, Login] = done.value
-                return result
-            outcome, failure = None, None
+        stepper = Stepper(call_steps(self, request, deadline, accept, bound_to))
+        while (action := stepper.next()) is not None:
             try:
                 if isinstance(action, Send):
-                    outcome = self.send(method, action.request, action.timeout)
+                    stepper.done(self.send(method, action.request, action.timeout))
                 elif isinstance(action, Pause):
-                    outcome = self.closing.wait(action.seconds)
+                    stepper.done(self.closing.wait(action.seconds))
                 else:
-                    outcome = self.renew(action.login)
+                    stepper.done(self.renew(action.login))
             except QMError as error:
-                failure = error
+                stepper.failed(error)
+        return stepper.answer()
 
     # -- logins ---------------------------------------------------------------------------
 
     def _log_in(self, generation: int) -> Login:
         challenge = self.send(self.stub.GetChallenge, pb.GetChallengeRequest(), self.timeout)
-        request = auth_request(challenge, self._pin, self.username, self._password)
+        request = auth_request(challenge, self.endpoint)
         return login_from(self.send(self.stub.Auth, request, self.timeout), generation)
 
     def renew(self, stale: Login) -> Login:

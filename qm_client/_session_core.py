@@ -15,7 +15,7 @@ import enum
 import logging
 import threading
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from qm.v1 import queue_manager_pb2 as pb
@@ -35,12 +35,14 @@ from .errors import (
 
 __all__ = [
     "CallRetries",
+    "Endpoint",
     "Pause",
     "Renew",
     "Send",
     "SessionCore",
     "SessionLoss",
     "Step",
+    "Stepper",
     "call_steps",
 ]
 
@@ -201,6 +203,37 @@ def call_steps(
     return response, login
 
 
+class Stepper:
+    """Walks a :func:`call_steps` generator for a session: :meth:`next` gives the next
+    action (``None`` once the call is over, its answer in ``result``); the session does
+    the action and hands back its outcome or its failure."""
+
+    def __init__(self, steps: CallSteps) -> None:
+        self._steps = steps
+        self._outcome: Any = None
+        self._failure: QMError | None = None
+        self.result: tuple[Any, Login] | None = None
+
+    def next(self) -> Action | None:
+        outcome, failure = self._outcome, self._failure
+        self._outcome = self._failure = None
+        try:
+            return self._steps.send(outcome) if failure is None else self._steps.throw(failure)
+        except StopIteration as done:
+            self.result = done.value
+            return None
+
+    def done(self, outcome: Any) -> None:
+        self._outcome = outcome
+
+    def failed(self, error: QMError) -> None:
+        self._failure = error
+
+    def answer(self) -> tuple[Any, Login]:
+        assert self.result is not None
+        return self.result
+
+
 def check_logout(response: _Response) -> None:
     """Log a refused logout: the session then ends by expiry instead."""
     if response.code not in (pb.CODE_OK, pb.CODE_UNAUTHENTICATED):
@@ -214,6 +247,24 @@ def relogin_failed(error: Unauthenticated) -> Unauthenticated:
     )
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and as whom a session logs in, and how long each call may take."""
+
+    target: str
+    username: str
+    password: str = field(repr=False)
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+    pin_fingerprint: str | None = None
+    timeout: float = 10.0
+
+    @property
+    def tls(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        return self.root_certificates, self.certificate_chain, self.private_key
+
+
 class SessionCore(Generic[_D]):
     """The state of a logged-in session: the current login, whether it is shut, and the
     messages each login holds. Thread-safe; no I/O."""
@@ -222,16 +273,12 @@ class SessionCore(Generic[_D]):
     """The record a delivery becomes (``Message`` or ``AsyncMessage``)."""
 
     def __init__(
-        self,
-        target: str,
-        username: str,
-        *,
-        timeout: float,
-        on_session_lost: Callable[[SessionLoss], None] | None,
+        self, endpoint: Endpoint, on_session_lost: Callable[[SessionLoss], None] | None
     ) -> None:
-        self.target = target
-        self.username = username
-        self.timeout = timeout
+        self.endpoint = endpoint
+        self.target = endpoint.target
+        self.username = endpoint.username
+        self.timeout = endpoint.timeout
         self._on_session_lost = on_session_lost
         # Guards _current_login, _closed and every Login's held, lost and finishing.
         self._lock = threading.Lock()

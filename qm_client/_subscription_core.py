@@ -23,7 +23,7 @@ from ._message import Delivery, Login
 from ._session_core import SessionCore
 from .errors import MessageNotFound, MessageReleased, code_name, error_for_code
 
-__all__ = ["StreamLike", "SubscriptionCore", "opening"]
+__all__ = ["StreamLike", "SubscriptionCore", "SubscriptionView", "opening"]
 
 logger = logging.getLogger("qm_client")
 
@@ -174,3 +174,26 @@ class SubscriptionCore(Generic[_S]):
             ack = pb.SubscribeAck(message_ids=[message.message_id], ack_type=ack_type)
             send(stream, pb.SubscribeRequest(ack=ack))
         self.session.unhold(stream.login, [message.message_id])
+
+
+class SubscriptionView:
+    """The read-only face both subscriptions show of their core."""
+
+    _core: SubscriptionCore[Any]
+
+    @property
+    def queue(self) -> str:
+        return self._core.queue
+
+    @property
+    def max_unacked(self) -> int:
+        return self._core.max_unacked
+
+    @property
+    def failed_acks(self) -> list[int]:
+        """Ids of messages whose ack the server refused (it reports only those)."""
+        return self._core.failed_acks
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed

@@ -27,6 +27,7 @@ from . import _ops as ops
 from ._aio_heartbeat import AsyncHeartbeat
 from ._aio_lease_keeper import AsyncLeaseGuard, AsyncLeaseKeeper
 from ._aio_session import AsyncSession
+from ._client_base import DEFAULT_PAGE_SIZE, ClientBase
 from ._lifecycle import (
     AddedIds,
     DeadLetter,
@@ -37,10 +38,8 @@ from ._lifecycle import (
     RedriveResult,
 )
 from ._message import AsyncMessage
-from ._session_core import SessionLoss
 from .aio_maps import AsyncQMap
 from .aio_subscribe import AsyncSubscription
-from .client import DEFAULT_MAX_LEASE, DEFAULT_PAGE_SIZE, DEFAULT_TIMEOUT
 from .errors import ClientClosed, MessageNotFound, QMError
 
 __all__ = ["AsyncQueueManagerClient"]
@@ -48,7 +47,7 @@ __all__ = ["AsyncQueueManagerClient"]
 _T = TypeVar("_T")
 
 
-class AsyncQueueManagerClient:
+class AsyncQueueManagerClient(ClientBase[AsyncMessage]):
     """A session with a queue manager server, for asyncio code.
 
     Construction makes no call; logging in does, so use ``async with`` (which logs in on
@@ -61,39 +60,14 @@ class AsyncQueueManagerClient:
     cancels the call: a cancelled ``poll`` takes no message.
     """
 
-    def __init__(
-        self,
-        target: str,
-        username: str,
-        password: str,
-        *,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        pin_fingerprint: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        heartbeat: bool = True,
-        on_session_lost: Callable[[SessionLoss], None] | None = None,
-        max_lease: float = DEFAULT_MAX_LEASE,
-        on_lease_lost: Callable[[AsyncMessage, QMError | None], None] | None = None,
-    ) -> None:
-        self.target = target
-        self.username = username
-        self._session = AsyncSession(
-            target,
-            username,
-            password,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-            pin_fingerprint=pin_fingerprint,
-            timeout=timeout,
-            on_session_lost=on_session_lost,
-        )
-        self._lease_keeper = AsyncLeaseKeeper(self._session, max_lease, on_lease_lost)
-        self._heartbeat: AsyncHeartbeat | None = (
-            AsyncHeartbeat(self._session) if heartbeat else None
-        )
+    _session_type = AsyncSession
+    _lease_keeper_type = AsyncLeaseKeeper
+    _heartbeat_type = AsyncHeartbeat
+    _session: AsyncSession
+    _lease_keeper: AsyncLeaseKeeper
+    _heartbeat: AsyncHeartbeat | None
+
+    def _assembled(self) -> None:
         self._subscriptions: weakref.WeakSet[AsyncSubscription] = weakref.WeakSet()
 
     @classmethod
@@ -104,9 +78,6 @@ class AsyncQueueManagerClient:
         return client
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def __repr__(self) -> str:
-        return f"AsyncQueueManagerClient({self.target!r}, user={self.username!r})"
 
     async def login(self) -> None:
         """Open the channel, log in and start the heartbeat; does nothing the second time.
@@ -142,16 +113,6 @@ class AsyncQueueManagerClient:
         if self._heartbeat is not None:
             await self._heartbeat.join()
         await self._session.end(login, logout=logout)
-
-    @property
-    def token(self) -> str:
-        """The current session token, for tools that speak the wire protocol directly."""
-        return self._session.current().token
-
-    @property
-    def session_ttl(self) -> float:
-        """Seconds of inactivity after which the server ends the session."""
-        return self._session.current().ttl
 
     # -- queues ---------------------------------------------------------------------------
 

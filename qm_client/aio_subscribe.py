@@ -19,7 +19,7 @@ from qm.v1 import queue_manager_pb2 as pb
 
 from ._aio_session import AsyncSession
 from ._message import AsyncMessage, Login
-from ._subscription_core import SubscriptionCore, opening
+from ._subscription_core import SubscriptionCore, SubscriptionView, opening
 from .errors import QMError, error_for_rpc_error
 
 __all__ = ["AsyncSubscription"]
@@ -91,7 +91,7 @@ class _Stream:
             self.ended.set()
 
 
-class AsyncSubscription:
+class AsyncSubscription(SubscriptionView):
     """Messages of one queue as the server pushes them; ``client.subscribe(...)``.
 
     ``async for message in subscription`` waits for the next message and ends when
@@ -110,23 +110,6 @@ class AsyncSubscription:
         self._session = session
         stream = _Stream(session, queue, max_unacked, ack_deadline_ms)
         self._core = SubscriptionCore(session, queue, max_unacked, ack_deadline_ms, stream, self)
-
-    @property
-    def queue(self) -> str:
-        return self._core.queue
-
-    @property
-    def max_unacked(self) -> int:
-        return self._core.max_unacked
-
-    @property
-    def failed_acks(self) -> list[int]:
-        """Ids of messages whose ack the server refused (it reports only those)."""
-        return self._core.failed_acks
-
-    @property
-    def closed(self) -> bool:
-        return self._core.closed
 
     async def __aenter__(self) -> Self:
         return self

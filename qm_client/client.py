@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import _ops as ops
 from ._channel import open_channel
+from ._client_base import DEFAULT_MAX_LEASE, DEFAULT_PAGE_SIZE, DEFAULT_TIMEOUT, ClientBase
 from ._heartbeat import Heartbeat
 from ._lease_keeper import LeaseGuard, LeaseKeeper
 from ._lifecycle import (
@@ -49,19 +50,10 @@ __all__ = [
     "health",
 ]
 
-DEFAULT_TIMEOUT = 10.0
-"""Seconds every call may take before it fails with DeadlineExceeded (plus any wait)."""
-
-DEFAULT_MAX_LEASE = 3600.0
-"""Seconds the lease keeper extends a message's lease at most, from its delivery."""
-
-DEFAULT_PAGE_SIZE = 100
-"""Entries per call of the listing iterators."""
-
 _T = TypeVar("_T")
 
 
-class QueueManagerClient:
+class QueueManagerClient(ClientBase[Message]):
     """A logged-in session with a queue manager server.
 
     Logging in happens in the constructor, so a wrong password or an unreachable server
@@ -98,46 +90,18 @@ class QueueManagerClient:
             :class:`LeaseLost`.
     """
 
-    def __init__(
-        self,
-        target: str,
-        username: str,
-        password: str,
-        *,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        pin_fingerprint: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        heartbeat: bool = True,
-        on_session_lost: Callable[[SessionLoss], None] | None = None,
-        max_lease: float = DEFAULT_MAX_LEASE,
-        on_lease_lost: Callable[[Message, QMError | None], None] | None = None,
-    ) -> None:
-        self.target = target
-        self.username = username
-        self._session = Session(
-            target,
-            username,
-            password,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-            pin_fingerprint=pin_fingerprint,
-            timeout=timeout,
-            on_session_lost=on_session_lost,
-        )
-        self._stub = self._session.stub
-        self._lease_keeper = LeaseKeeper(self._session, max_lease, on_lease_lost)
-        self._heartbeat: Heartbeat | None = None
-        if heartbeat:
-            self._heartbeat = Heartbeat(self._session)
+    _session_type = Session
+    _lease_keeper_type = LeaseKeeper
+    _heartbeat_type = Heartbeat
+    _session: Session
+    _lease_keeper: LeaseKeeper
+    _heartbeat: Heartbeat | None
+
+    def _assembled(self) -> None:
+        if self._heartbeat is not None:
             self._heartbeat.start()
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def __repr__(self) -> str:
-        return f"QueueManagerClient({self.target!r}, user={self.username!r})"
 
     def __enter__(self) -> Self:
         return self
@@ -165,16 +129,6 @@ class QueueManagerClient:
         if self._heartbeat is not None:
             self._heartbeat.join()
         self._session.end(login, logout=logout)
-
-    @property
-    def token(self) -> str:
-        """The current session token, for tools that speak the wire protocol directly."""
-        return self._session.current().token
-
-    @property
-    def session_ttl(self) -> float:
-        """Seconds of inactivity after which the server ends the session."""
-        return self._session.current().ttl
 
     # -- queues ---------------------------------------------------------------------------
 

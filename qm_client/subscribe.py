@@ -22,7 +22,7 @@ from qm.v1 import queue_manager_pb2 as pb
 
 from ._message import Login, Message
 from ._session import Session
-from ._subscription_core import SubscriptionCore, opening
+from ._subscription_core import SubscriptionCore, SubscriptionView, opening
 from .errors import QMError, error_for_rpc_error
 
 __all__ = ["Subscription"]
@@ -90,7 +90,7 @@ class _Stream:
             pass  # cut off by the watchdog, or the stream failed: either way it is over
 
 
-class Subscription:
+class Subscription(SubscriptionView):
     """Messages of one queue as the server pushes them; create with ``client.subscribe``.
 
     Iterating blocks until the next message arrives and ends when :meth:`close` is called
@@ -111,19 +111,6 @@ class Subscription:
         self._session = session
         stream = _Stream(session, queue, max_unacked, ack_deadline_ms)
         self._core = SubscriptionCore(session, queue, max_unacked, ack_deadline_ms, stream, self)
-
-    @property
-    def queue(self) -> str:
-        return self._core.queue
-
-    @property
-    def max_unacked(self) -> int:
-        return self._core.max_unacked
-
-    @property
-    def failed_acks(self) -> list[int]:
-        """Ids of messages whose ack the server refused (it reports only those)."""
-        return self._core.failed_acks
 
     def __enter__(self) -> Self:
         return self

@@ -403,7 +403,7 @@ def test_closing_from_another_thread_while_the_consumer_waits(
     subscription = consumer.subscribe("jobs", max_unacked=1)
     first = next(subscription)
     watched = _WatchedCall(subscription._core.stream.call)
-    subscription._core.stream.call = watched  # type: ignore[assignment]
+    subscription._core.stream.call = watched
     failures: list[BaseException] = []
 
     def consume() -> None:
