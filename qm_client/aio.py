@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Self, TypeVar
 
-from . import _ops as ops
+import qm_client._ops as ops
+
 from ._aio_heartbeat import AsyncHeartbeat
 from ._aio_lease_keeper import AsyncLeaseGuard, AsyncLeaseKeeper
 from ._aio_session import AsyncSession

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import TypeVar, overload
 
-from . import _ops as ops
+import qm_client._ops as ops
+
 from ._aio_session import AsyncSession
 from .errors import KeyNotFound, MapNotFound
 

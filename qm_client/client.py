@@ -21,7 +21,8 @@ from typing import Self, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import _ops as ops
+import qm_client._ops as ops
+
 from ._channel import open_channel
 from ._client_base import DEFAULT_MAX_LEASE, DEFAULT_PAGE_SIZE, DEFAULT_TIMEOUT, ClientBase
 from ._heartbeat import Heartbeat

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
 from typing import Any
 
-from . import _ops as ops
+import qm_client._ops as ops
+
 from ._session import Session
 from .errors import KeyNotFound, MapNotFound
 
