@@ -66,3 +66,16 @@ def test_the_dead_letter_and_idempotent_add_examples_run(
         assert out.startswith(f"{ids[0]} orders 1 max_deliveries after ack error\n")
         assert out.endswith("2 {}\n")
         assert qm.size("orders") == 0  # redriven, then purged
+
+
+def test_the_asyncio_example_runs(
+    server: ServerHandle, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (code,) = python_blocks("### asyncio (`AsyncQueueManagerClient`)")
+    code = code.replace('"localhost:50051"', repr(server.target))
+    monkeypatch.setenv("QM_PASSWORD", server.admin_password)
+    exec(compile(code, "docs/client.md", "exec"), {"__name__": "docs"})
+    assert capsys.readouterr().out == "welcome ann\nwelcome bob\nnoreply@example.com\n"
+    with connect(server) as qm:
+        assert (qm.size("emails"), qm.unacked("emails")) == (0, 0)
+        assert qm.map("settings").to_dict() == {"sender": "noreply@example.com"}
