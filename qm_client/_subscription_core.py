@@ -23,7 +23,7 @@ from ._message import Delivery, Login
 from ._session_core import SessionCore
 from .errors import MessageNotFound, MessageReleased, code_name, error_for_code
 
-__all__ = ["StreamLike", "SubscriptionCore", "SubscriptionView", "opening"]
+__all__ = ["StreamBase", "StreamLike", "SubscriptionCore", "SubscriptionView", "opening"]
 
 logger = logging.getLogger("qm_client")
 
@@ -33,6 +33,22 @@ class StreamLike(Protocol):
 
     login: Login
     open_ids: set[int]
+
+
+class StreamBase:
+    """One Subscribe call's bookkeeping: the login it was opened under, the ids delivered
+    on it not yet finished, and the request that opens it (sent first)."""
+
+    def __init__(
+        self,
+        session: SessionCore[Any],
+        queue: str,
+        max_unacked: int,
+        ack_deadline_ms: int | None,
+    ) -> None:
+        self.login: Login = session.current()
+        self.open_ids: set[int] = set()
+        self.opening = opening(self.login, queue, max_unacked, ack_deadline_ms)
 
 
 _S = TypeVar("_S", bound=StreamLike)

@@ -18,23 +18,22 @@ import grpc.aio
 from qm.v1 import queue_manager_pb2 as pb
 
 from ._aio_session import AsyncSession
-from ._message import AsyncMessage, Login
-from ._subscription_core import SubscriptionCore, SubscriptionView, opening
+from ._message import AsyncMessage
+from ._subscription_core import StreamBase, SubscriptionCore, SubscriptionView
 from .errors import QMError, error_for_rpc_error
 
 __all__ = ["AsyncSubscription"]
 
 
-class _Stream:
-    """One open Subscribe call: its requests, and the ids delivered on it not yet finished."""
+class _Stream(StreamBase):
+    """One open Subscribe call, its requests queued for its async request iterator."""
 
     def __init__(
         self, session: AsyncSession, queue: str, max_unacked: int, ack_deadline_ms: int | None
     ) -> None:
-        self.login: Login = session.current()
-        self.open_ids: set[int] = set()
+        super().__init__(session, queue, max_unacked, ack_deadline_ms)
         self.requests: asyncio.Queue[pb.SubscribeRequest | None] = asyncio.Queue()
-        self.requests.put_nowait(opening(self.login, queue, max_unacked, ack_deadline_ms))
+        self.requests.put_nowait(self.opening)
         # The generated stub is typed for the sync channel; on an aio channel the call
         # takes an async iterator and is a grpc.aio.StreamStreamCall.
         requests: Any = self._request_iterator()

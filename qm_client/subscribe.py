@@ -20,26 +20,25 @@ import grpc
 
 from qm.v1 import queue_manager_pb2 as pb
 
-from ._message import Login, Message
+from ._message import Message
 from ._session import Session
-from ._subscription_core import SubscriptionCore, SubscriptionView, opening
+from ._subscription_core import StreamBase, SubscriptionCore, SubscriptionView
 from .errors import QMError, error_for_rpc_error
 
 __all__ = ["Subscription"]
 
 
-class _Stream:
-    """One open Subscribe call: its requests, and the ids delivered on it not yet finished."""
+class _Stream(StreamBase):
+    """One open Subscribe call, its requests queued for gRPC's request thread."""
 
     def __init__(
         self, session: Session, queue: str, max_unacked: int, ack_deadline_ms: int | None
     ) -> None:
-        self.login: Login = session.current()
-        self.open_ids: set[int] = set()
+        super().__init__(session, queue, max_unacked, ack_deadline_ms)
         self.requests: queue_module.SimpleQueue[pb.SubscribeRequest | None] = (
             queue_module.SimpleQueue()
         )
-        self.requests.put(opening(self.login, queue, max_unacked, ack_deadline_ms))
+        self.requests.put(self.opening)
         self.call = session.stub.Subscribe(self._request_iterator())
 
     def _request_iterator(self) -> Iterator[pb.SubscribeRequest]:
