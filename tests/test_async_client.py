@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,6 +50,7 @@ from qm_client import (
     Unauthenticated,
     Unavailable,
 )
+from qm_server.config import TlsSettings
 
 BOUND = 60.0  # seconds a whole test may take before it fails
 WAIT = 15.0  # seconds one awaited event may take
@@ -140,6 +142,37 @@ def test_close_releases_held_messages_and_without_logout_keeps_the_session(
             with raw_stub(server) as stub:
                 assert stub.HeartBeat(pb.HeartBeatRequest(token=token)).code == pb.CODE_OK
                 assert stub.Logout(pb.LogoutRequest(token=token)).code == pb.CODE_OK
+
+    run(body)
+
+
+def test_mutual_tls_with_the_given_roots_and_client_certificate(
+    make_server: Callable[..., ServerHandle], pki: dict[str, Path]
+) -> None:
+    server = make_server(
+        tls=TlsSettings(pki["server_cert"], pki["server_key"], client_ca=pki["ca"])
+    )
+    target = f"localhost:{server.port}"
+    ca = pki["ca"].read_bytes()
+    chain, key = pki["client_cert"].read_bytes(), pki["client_key"].read_bytes()
+
+    async def body() -> None:
+        with pytest.raises(Unavailable):  # no client certificate: refused
+            await AsyncQueueManagerClient.connect(
+                target, ADMIN, server.admin_password, root_certificates=ca, timeout=5
+            )
+        with pytest.raises(Unavailable):  # plaintext to a TLS server
+            await AsyncQueueManagerClient.connect(target, ADMIN, server.admin_password, timeout=5)
+        async with AsyncQueueManagerClient(
+            target,
+            ADMIN,
+            server.admin_password,
+            root_certificates=ca,
+            certificate_chain=chain,
+            private_key=key,
+        ) as qm:
+            await qm.map("m").put("k", "v")
+            assert await qm.map("m").get("k") == "v"
 
     run(body)
 
