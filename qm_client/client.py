@@ -9,6 +9,12 @@ shared session, not the client, so none of them imports this module:
 - ``_lease_keeper.py``: the thread that extends the leases of messages being handled;
 - ``maps.py`` (``QMap``) and ``subscribe.py`` (``Subscription``): views built on it;
 - ``_lifecycle.py``: the typed records of queue settings, counts and dead letters.
+
+The rules are shared with the asyncio client (``aio.py``) and live in modules without
+I/O: ``_ops.py`` (each method's request and what its answer becomes),
+``_session_core.py`` (session state; a call's re-login and retry steps),
+``_lease_book.py``, ``_subscription_core.py`` and ``_client_base.py`` (the constructor).
+A method here builds an operation and hands it to the session, which blocks on it.
 """
 
 from __future__ import annotations
