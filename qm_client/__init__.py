@@ -26,6 +26,7 @@ from ._lifecycle import (
     RetryPolicy,
 )
 from ._message import AsyncMessage
+from ._sessions import ServerLimits, SessionStatus, SessionSummary
 from ._version import __version__
 from .aio import AsyncQueueManagerClient
 from .aio_maps import AsyncQMap
@@ -104,8 +105,11 @@ __all__ = [
     "RedriveResult",
     "ResourceExhausted",
     "RetryPolicy",
+    "ServerLimits",
     "SessionLoss",
     "SessionNotFound",
+    "SessionStatus",
+    "SessionSummary",
     "Subscription",
     "TransportError",
     "Unauthenticated",

@@ -36,6 +36,7 @@ IDEMPOTENT_METHODS = (
     "ListDeadLetters",
     "ListQueues",
     "ListMaps",
+    "ListSessions",
     # Sets the settings given: a repeat sets them again, with the same answer.
     "UpdateQueue",
 )

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from ._message import Delivery
 from ._session_core import Endpoint, SessionCore, SessionLoss
+from ._sessions import ServerLimits
 from .errors import QMError
 
 __all__ = ["DEFAULT_MAX_LEASE", "DEFAULT_PAGE_SIZE", "DEFAULT_TIMEOUT", "ClientBase"]
@@ -85,3 +86,9 @@ class ClientBase(Generic[_M]):
     def session_ttl(self) -> float:
         """Seconds of inactivity after which the server ends the session."""
         return self._session.current().ttl
+
+    @property
+    def server_limits(self) -> ServerLimits:
+        """The server's batch and request size limits, as it told them at login."""
+        login = self._session.current()
+        return ServerLimits(login.max_batch, login.max_request_bytes)

@@ -90,4 +90,10 @@ def login_from(response: pb.AuthResponse, generation: int) -> Login:
     """The login an Auth answer gives; its typed error if refused."""
     if response.code != pb.CODE_OK:
         raise error_for_code(response.code, response.message)
-    return Login(token=response.token, ttl=response.session_ttl_ms / 1000, generation=generation)
+    return Login(
+        token=response.token,
+        ttl=response.session_ttl_ms / 1000,
+        generation=generation,
+        max_batch=response.max_batch,
+        max_request_bytes=response.max_request_bytes,
+    )

@@ -50,6 +50,8 @@ class Login:
     token: str
     ttl: float
     generation: int
+    max_batch: int = 0  # the server's limits, as Auth told them (0: not told)
+    max_request_bytes: int = 0
     held: dict[int, Delivery] = field(default_factory=dict)
     lost: dict[int, QMError | None] = field(default_factory=dict)
     finishing: set[int] = field(default_factory=set)

@@ -38,6 +38,12 @@ from ._lifecycle import (
 )
 from ._message import Delivery, Login
 from ._session_core import SessionCore
+from ._sessions import (
+    SessionStatus,
+    SessionSummary,
+    session_status_from_pb,
+    session_summary_from_pb,
+)
 from .errors import LeaseLost, MessageNotFound, MessageReleased, QMError
 
 _T = TypeVar("_T")
@@ -334,6 +340,28 @@ def batch_ack(core: SessionCore[_D], batch: list[_D], nack: bool) -> Plan[list[_
         raise error
 
     return Op("BatchAck", request, results, bound_to=login, failed=released)
+
+
+# -- sessions -----------------------------------------------------------------------------------
+
+
+def heartbeat() -> Op[SessionStatus]:
+    """Renew the session now; answers its status."""
+    return Op("HeartBeat", pb.HeartBeatRequest(), lambda r, _: session_status_from_pb(r.session))
+
+
+def list_sessions(username: str, page_size: int, cursor: int = 0) -> Op[Page[SessionSummary]]:
+    def page(response: pb.ListSessionsResponse, _: Login) -> Page[SessionSummary]:
+        after = response.next_start_after
+        more = list_sessions(username, page_size, after) if after else None
+        return Page(list(map(session_summary_from_pb, response.sessions)), more)
+
+    request = pb.ListSessionsRequest(start_after=cursor, limit=page_size, username=username)
+    return Op("ListSessions", request, page)
+
+
+def end_session(session_id: int) -> Op[None]:
+    return Op("EndSession", pb.EndSessionRequest(session_id=session_id), _nothing)
 
 
 # -- maps -------------------------------------------------------------------------------------

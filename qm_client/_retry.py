@@ -15,8 +15,10 @@ messages twice. So they are repeated only when they carry a ``request_id``: the 
 then answers a repeat with the first call's ids and adds nothing (AIP-155). With one,
 they are also repeated after a gRPC ``UNAVAILABLE`` status, whose call may have been
 applied: that is what the request id is for. Without one, their caller decides.
-Calls that only make sense once (Auth, with its burnt challenge; Logout) and the Subscribe
-stream (which ends with the code; open a new one) are not made through this path.
+Calls that only make sense once are not repeated: Auth (its challenge is burnt), Logout
+and EndSession (the session is gone once the call began, so a repeat would answer that it
+is not found). The Subscribe stream (which ends with the code; open a new one) is not
+made through this path.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ RETRIED_ON_UNAVAILABLE_ANSWER = frozenset(
         "ListDeadLetters",
         "ListQueues",
         "ListMaps",
+        "ListSessions",
     }
 )
 """RPCs made again after a ``CODE_UNAVAILABLE`` answer (named as in the proto)."""
@@ -63,7 +66,9 @@ RETRIED_WITH_REQUEST_ID = frozenset({"Add", "AddAll"})
 """RPCs made again (after an UNAVAILABLE answer or status) only when they carry a
 ``request_id``."""
 
-NOT_RETRIED_ON_UNAVAILABLE_ANSWER = frozenset({"GetChallenge", "Auth", "Logout", "Subscribe"})
+NOT_RETRIED_ON_UNAVAILABLE_ANSWER = frozenset(
+    {"GetChallenge", "Auth", "Logout", "EndSession", "Subscribe"}
+)
 """The other RPCs, for the reasons in the module docstring."""
 
 

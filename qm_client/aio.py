@@ -39,6 +39,7 @@ from ._lifecycle import (
     RedriveResult,
 )
 from ._message import AsyncMessage
+from ._sessions import SessionStatus, SessionSummary
 from .aio_maps import AsyncQMap
 from .aio_subscribe import AsyncSubscription
 from .errors import ClientClosed, MessageNotFound, QMError
@@ -114,6 +115,22 @@ class AsyncQueueManagerClient(ClientBase[AsyncMessage]):
         if self._heartbeat is not None:
             await self._heartbeat.join()
         await self._session.end(login, logout=logout)
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def heartbeat(self) -> SessionStatus:
+        """As ``QueueManagerClient.heartbeat``: the session's status, renewed now."""
+        return await self._session.run(ops.heartbeat())
+
+    def list_sessions(
+        self, *, username: str = "", page_size: int = DEFAULT_PAGE_SIZE
+    ) -> AsyncIterator[SessionSummary]:
+        """As ``QueueManagerClient.list_sessions``: ``async for``, a page per call."""
+        return self._session.pages(ops.list_sessions(username, page_size))
+
+    async def end_session(self, session_id: int) -> None:
+        """As ``QueueManagerClient.end_session`` (admins only)."""
+        await self._session.run(ops.end_session(session_id))
 
     # -- queues ---------------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ shared session, not the client, so none of them imports this module:
 - ``_heartbeat.py``: the thread that keeps the session alive;
 - ``_lease_keeper.py``: the thread that extends the leases of messages being handled;
 - ``maps.py`` (``QMap``) and ``subscribe.py`` (``Subscription``): views built on it;
-- ``_lifecycle.py``: the typed records of queue settings, counts and dead letters.
+- ``_lifecycle.py``: the typed records of queue settings, counts and dead letters;
+- ``_sessions.py``: the typed records of sessions (``heartbeat``, ``list_sessions``).
 
 The rules are shared with the asyncio client (``aio.py``) and live in modules without
 I/O: ``_ops.py`` (each method's request and what its answer becomes),
@@ -44,6 +45,7 @@ from ._lifecycle import (
 )
 from ._message import Message
 from ._session import Session, SessionLoss
+from ._sessions import SessionStatus, SessionSummary
 from .errors import MessageNotFound, QMError, error_for_rpc_error
 from .maps import QMap
 from .subscribe import Subscription
@@ -136,6 +138,26 @@ class QueueManagerClient(ClientBase[Message]):
         if self._heartbeat is not None:
             self._heartbeat.join()
         self._session.end(login, logout=logout)
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def heartbeat(self) -> SessionStatus:
+        """Renew the session now and return its status (:class:`SessionStatus`): time
+        left, messages held, streams open. The background heartbeat does this already."""
+        return self._session.run(ops.heartbeat())
+
+    def list_sessions(
+        self, *, username: str = "", page_size: int = DEFAULT_PAGE_SIZE
+    ) -> Iterator[SessionSummary]:
+        """Every live session (only ``username``'s, if given), by id, a page per call
+        (:class:`SessionSummary`). Admins only: :class:`PermissionDenied` otherwise."""
+        return self._session.pages(ops.list_sessions(username, page_size))
+
+    def end_session(self, session_id: int) -> None:
+        """End another session as its logout would: its streams and waits fail with
+        :class:`Unauthenticated`, its messages are ready again. Admins only;
+        :class:`SessionNotFound` when no live session has that id."""
+        self._session.run(ops.end_session(session_id))
 
     # -- queues ---------------------------------------------------------------------------
 

@@ -44,7 +44,9 @@ class Limits:
     max_element_bytes: int = setting(MIB, "largest element, map key or map value (UTF-8 bytes)")
     max_batch: int = setting(1000, "most elements, ids or pairs in one call")
     max_page: int = setting(
-        1000, "most entries in one MapGetList, ListQueues, ListMaps or ListDeadLetters page"
+        1000,
+        "most entries in one MapGetList, ListQueues, ListMaps, ListDeadLetters or ListSessions"
+        " page",
     )
     max_queues: int = setting(10_000, "queues that may exist at once")
     max_maps: int = setting(10_000, "maps that may exist at once")

@@ -45,6 +45,7 @@ from qm_server.pages import offset_page
 from qm_server.permissions import Permissions
 from qm_server.queue_admin import QueueAdmin
 from qm_server.quotas import Room, Usage
+from qm_server.session_admin import SessionAdmin, SessionReport
 from qm_server.sessions import MemorySessions, Session, SessionRegistry
 from qm_server.store.base import Delivery, Enqueued, LeaseOutcome, Store
 from qm_server.subscription import StreamRules, Subscription
@@ -110,6 +111,7 @@ class Engine:
         self.limits = limits or Limits()
         self._auth = auth or AuthSettings()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._sessions = sessions or MemorySessions()
         # Servers sharing a store pass theirs (challenges.py); one server keeps its own.
         self._challenges = challenges or MemoryChallenges(
@@ -153,6 +155,18 @@ class Engine:
             authorize=self.authorize,
             permissions=self._permissions_of,
             subscriptions_on=self._subscriptions_on,
+            wall_clock=wall_clock,
+        )
+        # HeartBeat's status, ListSessions and EndSession (session_admin.py).
+        self.session_admin = SessionAdmin(
+            store,
+            self._sessions,
+            self.limits.max_page,
+            session=self.session,
+            is_admin=lambda username: self._permissions_of(username).is_admin,
+            end=self._end_session,
+            subscriptions_of=lambda session_id: len(self._subscriptions.get(session_id, ())),
+            clock=clock,
             wall_clock=wall_clock,
         )
 
@@ -204,8 +218,11 @@ class Engine:
             ttl_ms=int(self._auth.challenge_ttl_s * 1000),
         )
 
-    async def login(self, username: str, ciphertext: bytes, peer: str) -> tuple[str, int]:
-        """Return (token, session ttl in ms). Every failure looks the same to the caller."""
+    async def login(
+        self, username: str, ciphertext: bytes, peer: str, address: str = ""
+    ) -> tuple[str, int]:
+        """Return (token, session ttl in ms). Every failure looks the same to the caller.
+        `peer` is the host logins are throttled by, `address` the full one admins see."""
         # Throttled or crowded: refused before any expensive work (login_guard.py).
         async with self._login_guard.admit(username, peer):
             envelope = await self._crypto(self._open_envelope, ciphertext)
@@ -232,7 +249,9 @@ class Engine:
             record.name, "sessions", self.limits.max_sessions, self.limits.max_sessions_per_user
         )
         self._make_room(room, self._sessions.count(), self._session_usage.of(record.name))
-        token, session = self._sessions.create(record.name, record.password_hash, self._clock())
+        token, session = self._sessions.create(
+            record.name, record.password_hash, self._clock(), address or peer, self._wall_clock()
+        )
         self._session_usage.add(record.name)
         log.info("user %s logged in from %s (session %x)", record.name, peer, session.id)
         return token, int(self.session_ttl_s * 1000)
@@ -280,8 +299,8 @@ class Engine:
         self.authorize(session, action, kind, name)
         return session
 
-    async def heartbeat(self, token: str) -> None:
-        self.session(token)
+    async def heartbeat(self, token: str) -> SessionReport:
+        return await self.session_admin.heartbeat(token)
 
     async def logout(self, token: str) -> None:
         await self._end_session(self.session(token), "logged out")

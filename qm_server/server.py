@@ -198,7 +198,8 @@ class QueueManagerServer:
         if config.metrics_listen:
             self.metrics = ServerMetrics(self.engine, self.store, lambda: self._store_healthy)
         calls = self.metrics.calls if self.metrics is not None else None
-        handlers.register(QueueManagerServicer(self.engine, calls), server)
+        servicer = QueueManagerServicer(self.engine, calls, config.max_request_bytes)
+        handlers.register(servicer, server)
         self._health.add_to(server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

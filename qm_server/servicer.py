@@ -71,17 +71,26 @@ def _lease_of(request: pb.PollRequest | pb.PullElementsRequest) -> int | None:
     return request.ack_deadline_ms if request.HasField("ack_deadline_ms") else None
 
 
-def peer_host(context: Context) -> str:
-    """The caller's address without its port: login throttling counts per host.
+def peer_address(context: Context) -> str:
+    """The caller's address as gRPC names it, port included (`ipv4:127.0.0.1:53422`).
 
-    grpc percent-encodes an IPv6 peer (`ipv6:%5B::1%5D:port`); decoded for the log."""
-    peer = unquote(context.peer() or "unknown")
+    grpc percent-encodes an IPv6 peer (`ipv6:%5B::1%5D:port`); decoded for people."""
+    return unquote(context.peer() or "unknown")
+
+
+def peer_host(context: Context) -> str:
+    """The caller's address without its port: login throttling counts per host."""
+    peer = peer_address(context)
     return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
 class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
-    def __init__(self, engine: Engine, calls: CallMetrics | None = None) -> None:
+    def __init__(
+        self, engine: Engine, calls: CallMetrics | None = None, max_request_bytes: int = 0
+    ) -> None:
+        """`max_request_bytes` is the transport's limit, told to clients at login."""
         self._engine = engine
+        self._max_request_bytes = max_request_bytes
         self._calls = calls
         # Without metrics, the bare `_answer`: nothing is added to a call.
         self._answer: _Answerer = _answer if calls is None else _measured(calls)
@@ -104,9 +113,14 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
     async def Auth(self, request: pb.AuthRequest, context: Context) -> pb.AuthResponse:
         async def call() -> pb.AuthResponse:
             token, ttl_ms = await self._engine.login(
-                request.username, request.password, peer_host(context)
+                request.username, request.password, peer_host(context), peer_address(context)
             )
-            return pb.AuthResponse(token=token, session_ttl_ms=ttl_ms)
+            return pb.AuthResponse(
+                token=token,
+                session_ttl_ms=ttl_ms,
+                max_batch=self._engine.limits.max_batch,
+                max_request_bytes=self._max_request_bytes,
+            )
 
         return await self._answer(pb.AuthResponse, call)
 
@@ -114,8 +128,15 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.HeartBeatRequest, context: Context
     ) -> pb.HeartBeatResponse:
         async def call() -> pb.HeartBeatResponse:
-            await self._engine.heartbeat(request.token)
-            return pb.HeartBeatResponse()
+            status = await self._engine.heartbeat(request.token)
+            return pb.HeartBeatResponse(
+                session=pb.SessionStatus(
+                    session_id=status.session_id,
+                    expires_in_ms=int(self._engine.session_ttl_s * 1000),
+                    messages_held=status.messages_held,
+                    subscriptions=status.subscriptions,
+                )
+            )
 
         return await self._answer(pb.HeartBeatResponse, call)
 
@@ -130,7 +151,22 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.ListSessionsRequest, context: Context
     ) -> pb.ListSessionsResponse:
         async def call() -> pb.ListSessionsResponse:
-            raise errors.QmError("ListSessions is not built yet")
+            sessions, next_start_after = await self._engine.session_admin.list_sessions(
+                request.token, request.start_after, request.limit, request.username
+            )
+            response = pb.ListSessionsResponse(next_start_after=next_start_after)
+            add = response.sessions.add
+            for s in sessions:
+                add(
+                    session_id=s.session_id,
+                    username=s.username,
+                    peer=s.peer,
+                    created_at_ms=s.created_at_ms,
+                    last_active_at_ms=s.last_active_at_ms,
+                    messages_held=s.messages_held,
+                    subscriptions=s.subscriptions,
+                )
+            return response
 
         return await self._answer(pb.ListSessionsResponse, call)
 
@@ -138,7 +174,8 @@ class QueueManagerServicer(pb_grpc.QueueManagerServiceServicer):
         self, request: pb.EndSessionRequest, context: Context
     ) -> pb.EndSessionResponse:
         async def call() -> pb.EndSessionResponse:
-            raise errors.QmError("EndSession is not built yet")
+            await self._engine.session_admin.end_session(request.token, request.session_id)
+            return pb.EndSessionResponse()
 
         return await self._answer(pb.EndSessionResponse, call)
 

@@ -25,6 +25,7 @@ from client_fixtures import (
     server_fingerprint,
 )
 from test_client_unavailable import Outage, parked
+from test_permissions import user_command
 
 from conftest import ServerHandle
 from qm.v1 import queue_manager_pb2 as pb
@@ -47,6 +48,9 @@ from qm_client import (
     QueueNotFound,
     QueueSettings,
     QueueSummary,
+    SessionNotFound,
+    SessionStatus,
+    SessionSummary,
     Unauthenticated,
     Unavailable,
 )
@@ -258,6 +262,50 @@ def test_heartbeat_notices_a_lost_session_and_an_ack_of_it_is_refused(
             assert again is not None
             assert (again.message_id, again.delivery_count) == (held.message_id, 2)
             await again.ack()
+
+    run(body)
+
+
+def test_heartbeat_status_list_sessions_and_end_session(server: ServerHandle) -> None:
+    add_user(server, "bob", "bob-pw")
+    user_command(server.data_dir, "grant", "bob", "read", "queue", "*")
+    lost = LossRecorder()
+
+    async def body() -> None:
+        async with (
+            aconnect(server) as qm,
+            AsyncQueueManagerClient(
+                server.target, "bob", "bob-pw", heartbeat=False, on_session_lost=lost
+            ) as consumer,
+        ):
+            await qm.new_queue("jobs")
+            await qm.add_all("jobs", ["a", "b", "c"])
+            assert qm.server_limits.max_batch > 0
+            status = await consumer.heartbeat()
+            assert status == SessionStatus(
+                session_id=status.session_id,
+                expires_in_ms=round(consumer.session_ttl * 1000),
+                messages_held=0,
+                subscriptions=0,
+            )
+            [held] = await consumer.pull("jobs", 1)
+            assert (await consumer.heartbeat()).messages_held == 1
+            everyone = [s async for s in qm.list_sessions(page_size=1)]
+            mine = (await qm.heartbeat()).session_id
+            assert sorted(s.session_id for s in everyone) == sorted([mine, status.session_id])
+            [summary] = [s async for s in qm.list_sessions(username="bob")]
+            assert isinstance(summary, SessionSummary)
+            assert (summary.session_id, summary.messages_held) == (status.session_id, 1)
+            with pytest.raises(PermissionDenied):
+                [s async for s in consumer.list_sessions()]
+            with pytest.raises(PermissionDenied):
+                await consumer.end_session(mine)
+            await qm.end_session(status.session_id)
+            assert await qm.size("jobs") == 3  # its message is ready again
+            with pytest.raises(SessionNotFound):
+                await qm.end_session(status.session_id)
+            assert (await consumer.heartbeat()).session_id != status.session_id
+            assert lost.losses[0].released == (held,)
 
     run(body)
 

@@ -73,6 +73,9 @@ GRANT_NEEDED = (
 )
 """The calls a user without grants is refused (the README's table of actions)."""
 
+# Admins only, whatever the grants.
+ADMIN_ONLY = ("ListSessions", "EndSession")
+
 NO_GRANT_NEEDED = {
     "GetChallenge": pb.CODE_OK,
     "Auth": pb.CODE_OK,
@@ -187,6 +190,11 @@ def every_call(
         ),
         "ListQueues": list_queues,
         "ListMaps": list_maps,
+        "ListSessions": lambda: (
+            stub.ListSessions(pb.ListSessionsRequest(token=token, limit=10)).code
+        ),
+        # Any id: the admin's own session among them, which must live on.
+        "EndSession": lambda: stub.EndSession(pb.EndSessionRequest(token=token, session_id=1)).code,
         "Logout": lambda: stub.Logout(pb.LogoutRequest(token=token)).code,
     }
     rpcs = pb.DESCRIPTOR.services_by_name["QueueManagerService"].methods_by_name
@@ -202,7 +210,8 @@ def test_new_user_holds_nothing_and_changes_nothing(
     stub.Add(pb.AddRequest(token=admin, queue_name="jobs.a", element="ready"))
     bob = login(stub, "bob", "bob-pw")
     codes = every_call(stub, bob, "jobs.a", "cfg", held.message_id, "bob-pw")
-    expected = {**dict.fromkeys(GRANT_NEEDED, pb.CODE_PERMISSION_DENIED), **NO_GRANT_NEEDED}
+    refused = (*GRANT_NEEDED, *ADMIN_ONLY)
+    expected = {**dict.fromkeys(refused, pb.CODE_PERMISSION_DENIED), **NO_GRANT_NEEDED}
     assert codes == expected
     denied = stub.Add(pb.AddRequest(token=login(stub, "bob", "bob-pw"), queue_name="jobs.a"))
     assert "may not" in denied.message

@@ -215,6 +215,26 @@ def test_ending_a_session_makes_its_messages_ready_in_order(run: Callable[[Body]
     run(body)
 
 
+def test_messages_held_counts_each_sessions_in_flight_on_every_queue(
+    run: Callable[[Body], None],
+) -> None:
+    async def body(h: Harness) -> None:
+        assert await h.store.messages_held([ALICE, BOB]) == {}
+        for name in ("q", "r"):
+            await h.store.create_queue(name, queues(10))
+            await h.store.enqueue(name, ["m1", "m2", "m3"])
+        await h.store.claim("q", ALICE, 2, MIB)
+        [held] = ids(await h.store.claim("r", ALICE, 1, MIB))
+        await h.store.claim("r", BOB, 1, MIB)
+        assert await h.store.messages_held([ALICE, BOB, 33]) == {ALICE: 3, BOB: 1}
+        assert await h.store.messages_held([BOB]) == {BOB: 1}
+        await h.store.ack(ALICE, [held], done=True)
+        await h.store.release_session(BOB)
+        assert await h.store.messages_held([ALICE, BOB]) == {ALICE: 2}
+
+    run(body)
+
+
 def test_ack_and_claim_acks_then_refills_for_the_same_session(
     run: Callable[[Body], None],
 ) -> None:

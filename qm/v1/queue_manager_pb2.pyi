@@ -186,16 +186,20 @@ class AuthRequest(_message.Message):
     def __init__(self, username: _Optional[str] = ..., password: _Optional[bytes] = ...) -> None: ...
 
 class AuthResponse(_message.Message):
-    __slots__ = ("code", "message", "token", "session_ttl_ms")
+    __slots__ = ("code", "message", "token", "session_ttl_ms", "max_batch", "max_request_bytes")
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     code: Code
     message: str
     token: str
     session_ttl_ms: int
-    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., token: _Optional[str] = ..., session_ttl_ms: _Optional[int] = ...) -> None: ...
+    max_batch: int
+    max_request_bytes: int
+    def __init__(self, code: _Optional[_Union[Code, str]] = ..., message: _Optional[str] = ..., token: _Optional[str] = ..., session_ttl_ms: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartBeatRequest(_message.Message):
     __slots__ = ("token",)

@@ -361,6 +361,12 @@ class Store(UserDirectory):
         at once, or dead-lettered past max_deliveries."""
 
     @abc.abstractmethod
+    async def messages_held(self, session_ids: Sequence[int]) -> dict[int, int]:
+        """How many messages each of the sessions holds in flight, on every queue;
+        sessions holding none are left out. Read-only (HeartBeat, ListSessions); may be
+        a moment behind a claim or ack under way."""
+
+    @abc.abstractmethod
     async def queue_counts(self, name: str) -> QueueCounts:
         """Ready and in-flight counts. QueueNotFound."""
 

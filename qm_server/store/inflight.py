@@ -207,6 +207,11 @@ class InFlight:
     def count(self, queue_id: int) -> int:
         return len(self._by_queue.get(queue_id, ()))
 
+    def held_by(self, session_ids: Sequence[int]) -> dict[int, int]:
+        """How many messages each of the sessions holds; those holding none are left out."""
+        held = ((s, len(self._by_session.get(s, ()))) for s in session_ids)
+        return {s: n for s, n in held if n}
+
     def held_in(self, queue_id: int) -> set[int]:
         return self._by_queue.get(queue_id, set())
 

@@ -189,6 +189,13 @@ HOLDING_SESSIONS = """
     SELECT count(*) FROM (SELECT DISTINCT owner_node, owner_session FROM messages
                           WHERE queue_id = %s AND state = 1) s
 """
+# Messages in flight per session of this node (HeartBeat, ListSessions), by the
+# messages_held index.
+HELD_BY_SESSIONS = """
+    SELECT owner_session, count(*) FROM messages
+    WHERE state = 1 AND owner_node = %(node)s AND owner_session = ANY(%(sessions)s)
+    GROUP BY owner_session
+"""
 OLDEST_READY = "SELECT min(enqueued_at) FROM messages WHERE queue_id = %s AND state = 0"
 DEAD_LETTERED_FROM = "SELECT count(*) FROM dead_letters WHERE original_queue = %s"
 DEAD_LETTERS_HELD = "SELECT count(*) FROM dead_letters WHERE holder = %s"

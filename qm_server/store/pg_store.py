@@ -837,6 +837,12 @@ class PgStore(Store):
                 )
             return letters
 
+    async def messages_held(self, session_ids: Sequence[int]) -> dict[int, int]:
+        async with self._conn() as conn:
+            args = {"node": self._node, "sessions": list(session_ids)}
+            rows = await (await conn.execute(sql.HELD_BY_SESSIONS, args)).fetchall()
+            return {int(session): int(held) for session, held in rows}
+
     async def queue_counts(self, name: str) -> QueueCounts:
         async with self._conn() as conn:
             queue_id, _, _ = await self._queue(conn, name)

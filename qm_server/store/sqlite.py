@@ -592,6 +592,11 @@ class SqliteStore(Store):
             times.append(row[0])
         return min(times) if times else 0
 
+    async def messages_held(self, session_ids: Sequence[int]) -> dict[int, int]:
+        # Read in place (len and get are atomic under the GIL): a heartbeat neither waits
+        # for a commit nor fails with the disk. A claim being committed may count already.
+        return self._in_flight.held_by(session_ids)
+
     async def queue_counts(self, name: str) -> QueueCounts:
         if not self._writer.healthy:
             await self._submit(lambda: None)  # raises Unavailable unless it recovered

@@ -1,8 +1,8 @@
 """What a ``qm`` command runs in: its credentials and TLS files, its output, its failures.
 
-Kept apart from the commands (``cli.py``) so that each command reads as "call the client,
-emit the result": where the password comes from, how JSON and text differ, and which exit
-status a kind of outcome gets are decided here once.
+Kept apart from the commands (one module per group) so that each command reads as "call
+the client, emit the result": where the password comes from, how JSON and text differ,
+and which exit status a kind of outcome gets are decided here once.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO, TypedDict
 
-from .client import QueueManagerClient
+from ..client import QueueManagerClient
 
 __all__ = [
     "DEFAULT_SERVER",
@@ -32,9 +32,11 @@ __all__ = [
     "report",
 ]
 
-DEFAULT_SERVER = "localhost:50051"
+# Where the server listens by default (qm-server --listen): the IPv4 loopback, named so,
+# since "localhost" may try ::1 first and meet a refusal there.
+DEFAULT_SERVER = "127.0.0.1:50051"
 
-# What each exit status means is in cli.py's docstring (and the epilog of ``qm --help``).
+# What each exit status means is in the package docstring (and the epilog of ``qm --help``).
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
