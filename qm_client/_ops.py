@@ -132,35 +132,56 @@ def queue_info(name: str) -> Op[QueueInfo]:
     return Op("GetQueueInfo", request, lambda r, _: queue_info_from_pb(name, r))
 
 
-def list_queues(page_size: int, cursor: str = "") -> Op[Page[QueueSummary]]:
-    def page(response: pb.ListQueuesResponse, _: Login) -> Page[QueueSummary]:
-        after = response.next_start_after
-        more = list_queues(page_size, after) if after else None
-        return Page(list(map(summary_from_pb, response.queues)), more)
+def _listing(
+    rpc: str,
+    request_for: Callable[[Any], Any],
+    items: Callable[[Any], Iterable[_T]],
+    cursor_of: Callable[[Any], Any],
+    cursor: Any,
+) -> Op[Page[_T]]:
+    """A paged listing: the call for the page after ``cursor``, whose answer names the
+    cursor of the next page (empty or 0 after the last)."""
 
-    return Op("ListQueues", pb.ListQueuesRequest(start_after=cursor, limit=page_size), page)
+    def page(response: Any, _: Login) -> Page[_T]:
+        after = cursor_of(response)
+        more = _listing(rpc, request_for, items, cursor_of, after) if after else None
+        return Page(list(items(response)), more)
+
+    return Op(rpc, request_for(cursor), page)
 
 
-def list_maps(page_size: int, cursor: str = "") -> Op[Page[str]]:
-    def page(response: pb.ListMapsResponse, _: Login) -> Page[str]:
-        after = response.next_start_after
-        return Page(list(response.names), list_maps(page_size, after) if after else None)
+def list_queues(page_size: int) -> Op[Page[QueueSummary]]:
+    return _listing(
+        "ListQueues",
+        lambda cursor: pb.ListQueuesRequest(start_after=cursor, limit=page_size),
+        lambda response: map(summary_from_pb, response.queues),
+        lambda response: response.next_start_after,
+        "",
+    )
 
-    return Op("ListMaps", pb.ListMapsRequest(start_after=cursor, limit=page_size), page)
+
+def list_maps(page_size: int) -> Op[Page[str]]:
+    return _listing(
+        "ListMaps",
+        lambda cursor: pb.ListMapsRequest(start_after=cursor, limit=page_size),
+        lambda response: response.names,
+        lambda response: response.next_start_after,
+        "",
+    )
 
 
 def purge(queue: str) -> Op[int]:
     return Op("Purge", pb.PurgeRequest(queue_name=queue), lambda r, _: r.purged)
 
 
-def dead_letters(queue: str, page_size: int, after: int = 0) -> Op[Page[DeadLetter]]:
-    def page(response: pb.ListDeadLettersResponse, _: Login) -> Page[DeadLetter]:
-        following = response.next_after_id
-        more = dead_letters(queue, page_size, following) if following else None
-        return Page(list(map(dead_letter_from_pb, response.dead_letters)), more)
-
-    request = pb.ListDeadLettersRequest(queue_name=queue, after_id=after, limit=page_size)
-    return Op("ListDeadLetters", request, page)
+def dead_letters(queue: str, page_size: int) -> Op[Page[DeadLetter]]:
+    return _listing(
+        "ListDeadLetters",
+        lambda after: pb.ListDeadLettersRequest(queue_name=queue, after_id=after, limit=page_size),
+        lambda response: map(dead_letter_from_pb, response.dead_letters),
+        lambda response: response.next_after_id,
+        0,
+    )
 
 
 def redrive(queue: str, ids: Iterable[int] | None) -> Op[RedriveResult]:
@@ -350,14 +371,14 @@ def heartbeat() -> Op[SessionStatus]:
     return Op("HeartBeat", pb.HeartBeatRequest(), lambda r, _: session_status_from_pb(r.session))
 
 
-def list_sessions(username: str, page_size: int, cursor: int = 0) -> Op[Page[SessionSummary]]:
-    def page(response: pb.ListSessionsResponse, _: Login) -> Page[SessionSummary]:
-        after = response.next_start_after
-        more = list_sessions(username, page_size, after) if after else None
-        return Page(list(map(session_summary_from_pb, response.sessions)), more)
-
-    request = pb.ListSessionsRequest(start_after=cursor, limit=page_size, username=username)
-    return Op("ListSessions", request, page)
+def list_sessions(username: str, page_size: int) -> Op[Page[SessionSummary]]:
+    return _listing(
+        "ListSessions",
+        lambda after: pb.ListSessionsRequest(start_after=after, limit=page_size, username=username),
+        lambda response: map(session_summary_from_pb, response.sessions),
+        lambda response: response.next_start_after,
+        0,
+    )
 
 
 def end_session(session_id: int) -> Op[None]:
