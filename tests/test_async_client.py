@@ -48,6 +48,7 @@ from qm_client import (
     QueueNotFound,
     QueueSettings,
     QueueSummary,
+    SessionLoss,
     SessionNotFound,
     SessionStatus,
     SessionSummary,
@@ -262,6 +263,35 @@ def test_heartbeat_notices_a_lost_session_and_an_ack_of_it_is_refused(
             assert again is not None
             assert (again.message_id, again.delivery_count) == (held.message_id, 2)
             await again.ack()
+
+    run(body)
+
+
+def test_on_session_lost_may_close_the_client(server: ServerHandle) -> None:
+    """The callback runs in the heartbeat task; a close it starts must not wait for that
+    task to end while the task waits for the callback."""
+
+    async def body() -> None:
+        closed = asyncio.Event()
+        closing: list[asyncio.Task[None]] = []
+        qm: AsyncQueueManagerClient | None = None
+
+        def give_up(loss: SessionLoss) -> None:
+            assert qm is not None
+            task = asyncio.get_running_loop().create_task(qm.close())
+            task.add_done_callback(lambda _: closed.set())
+            closing.append(task)
+
+        qm = aconnect(server, on_session_lost=give_up)
+        await qm.login()
+        with raw_stub(server) as stub:
+            assert stub.Logout(pb.LogoutRequest(token=qm.token)).code == pb.CODE_OK
+        async with asyncio.timeout(WAIT):  # the heartbeat notices within a third of the ttl
+            await closed.wait()
+        await closing[0]
+        assert not [n for n in task_names() if n.startswith("qm-")]
+        with pytest.raises(ClientClosed):
+            await qm.size("jobs")
 
     run(body)
 
