@@ -518,6 +518,23 @@ def test_cancelling_a_waiting_poll_leaves_nothing_stuck(server: ServerHandle) ->
     run(body)
 
 
+def test_a_long_poll_cut_short_by_the_drain_raises_unavailable(server: ServerHandle) -> None:
+    """A worker loop that stops when poll returns None must not stop because the server
+    restarts: poll raises Unavailable instead."""
+
+    async def body() -> None:
+        async with aconnect(server, heartbeat=False) as qm:
+            await qm.new_queue("jobs")
+            waiting = parked(server)
+            poll = asyncio.create_task(qm.poll("jobs", wait=20))
+            assert await waited(waiting)
+            await asyncio.to_thread(server.stop)
+            with pytest.raises(Unavailable):
+                await poll
+
+    run(body)
+
+
 # -- leases ------------------------------------------------------------------------------------
 
 
