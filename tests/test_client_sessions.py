@@ -3,11 +3,12 @@ status, ``list_sessions`` and ``end_session`` with their typed results and error
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from client_fixtures import LossRecorder, add_user, connect
+from client_fixtures import ROOT, LossRecorder, add_user, connect
 from test_permissions import user_command
 
 from conftest import ServerHandle
@@ -92,3 +93,23 @@ def test_end_session_ends_another_session(server: ServerHandle, qm: QueueManager
         assert consumer.heartbeat().session_id != ended
         assert lost.called.is_set()
         assert lost.losses[0].released == (held,)
+
+
+def test_the_docs_example_ends_the_sessions_holding_too_much(
+    server: ServerHandle, qm: QueueManagerClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (ROOT / "docs" / "client.md").read_text()
+    [code] = [
+        c
+        for c in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+        if c.startswith("for s in qm.list_sessions(")
+    ]
+    qm.add_all("jobs", [str(i) for i in range(200)])
+    with bob(server) as greedy, bob(server) as modest:
+        greedy.pull("jobs", 101)
+        modest.pull("jobs", 100)
+        ended, kept = greedy.heartbeat().session_id, modest.heartbeat().session_id
+        exec(compile(code, "docs/client.md", "exec"), {"qm": qm})
+        printed = capsys.readouterr().out.splitlines()
+        assert sorted(int(line.split()[0]) for line in printed) == sorted([ended, kept])
+        assert [s.session_id for s in qm.list_sessions(username="bob")] == [kept]
