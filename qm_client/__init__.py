@@ -9,9 +9,11 @@
             print(message.element)
             message.ack()
 
+For asyncio code, :class:`AsyncQueueManagerClient` has the same surface, awaited.
 Every failure is a :class:`QMError` subclass named after the service's code.
 """
 
+from ._aio_lease_keeper import AsyncLeaseGuard
 from ._lease_keeper import LeaseGuard
 from ._lifecycle import (
     AddedIds,
@@ -23,8 +25,12 @@ from ._lifecycle import (
     RedriveResult,
     RetryPolicy,
 )
+from ._message import AsyncMessage
 from ._sessions import ServerLimits, SessionStatus, SessionSummary
 from ._version import __version__
+from .aio import AsyncQueueManagerClient
+from .aio_maps import AsyncQMap
+from .aio_subscribe import AsyncSubscription
 from .client import (
     DEFAULT_MAX_LEASE,
     DEFAULT_TIMEOUT,
@@ -65,6 +71,11 @@ __all__ = [
     "DEFAULT_MAX_LEASE",
     "DEFAULT_TIMEOUT",
     "AddedIds",
+    "AsyncLeaseGuard",
+    "AsyncMessage",
+    "AsyncQMap",
+    "AsyncQueueManagerClient",
+    "AsyncSubscription",
     "ClientClosed",
     "DeadLetter",
     "DeadlineExceeded",

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import grpc
+import grpc.aio
 
 SERVICE = "qm.v1.QueueManagerService"
 
@@ -63,6 +64,32 @@ def service_config() -> str:
     return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
 
 
+def _options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config()),
+        ("grpc.primary_user_agent", "qm-python-client"),
+        ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
+    ]
+
+
+def _credentials(
+    root_certificates: bytes | None,
+    certificate_chain: bytes | None,
+    private_key: bytes | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any certificate is given, else ``None`` (plaintext)."""
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("certificate_chain and private_key go together")
+    if root_certificates is None and certificate_chain is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=root_certificates,
+        private_key=private_key,
+        certificate_chain=certificate_chain,
+    )
+
+
 def open_channel(
     target: str,
     root_certificates: bytes | None = None,
@@ -74,19 +101,21 @@ def open_channel(
     ``certificate_chain`` and ``private_key`` are the client's own, for a server that
     requires mutual TLS.
     """
-    options: list[tuple[str, Any]] = [
-        ("grpc.enable_retries", 1),
-        ("grpc.service_config", service_config()),
-        ("grpc.primary_user_agent", "qm-python-client"),
-        ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
-    ]
-    if (certificate_chain is None) != (private_key is None):
-        raise ValueError("certificate_chain and private_key go together")
-    if root_certificates is not None or certificate_chain is not None:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=root_certificates,
-            private_key=private_key,
-            certificate_chain=certificate_chain,
-        )
-        return grpc.secure_channel(target, credentials, options=options)
-    return grpc.insecure_channel(target, options=options)
+    credentials = _credentials(root_certificates, certificate_chain, private_key)
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, options=_options())
+    return grpc.insecure_channel(target, options=_options())
+
+
+def open_aio_channel(
+    target: str,
+    root_certificates: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
+) -> grpc.aio.Channel:
+    """The ``grpc.aio`` channel of the asyncio client, with the same options as
+    :func:`open_channel`. Made inside the running event loop it serves."""
+    credentials = _credentials(root_certificates, certificate_chain, private_key)
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=_options())
+    return grpc.aio.insecure_channel(target, options=_options())

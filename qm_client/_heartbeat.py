@@ -1,14 +1,20 @@
-"""The thread that keeps a session alive between the caller's own calls."""
+"""The thread that keeps a session alive between the caller's own calls.
+
+``beat_pause``, ``beat_timeout`` and ``beat_failed`` are the heartbeat's rules, shared
+with the asyncio client's heartbeat task.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
 import threading
+from typing import Any
 
 from qm.v1 import queue_manager_pb2 as pb
 
 from ._session import Session
+from ._session_core import SessionCore
 from .errors import ClientClosed, QMError
 
 __all__ = ["Heartbeat"]
@@ -52,23 +58,38 @@ class Heartbeat:
                 ttl = session.current().ttl
             except ClientClosed:
                 return
-            interval = max(ttl / 3, 0.05)
-            if session.closing.wait(interval * random.uniform(0.7, 1.0)):
+            if session.closing.wait(beat_pause(ttl)):
                 return
             try:
                 session.call(
                     session.stub.HeartBeat,
                     pb.HeartBeatRequest(),
-                    timeout=min(session.timeout, ttl / 2),
+                    timeout=beat_timeout(session, ttl),
                 )
             except ClientClosed:
                 return
-            except QMError as error:
-                logger.warning(
-                    "heartbeat for %s@%s failed: %s", session.username, session.target, error
-                )
-            except Exception:
-                # Not a service error (a re-login that cannot parse the server's key, say):
-                # a dead heartbeat would let the session lapse with no word, so log it and
-                # beat again on the next interval.
-                logger.exception("heartbeat for %s@%s failed", session.username, session.target)
+            except Exception as error:
+                beat_failed(session, error)
+
+
+def beat_pause(ttl: float) -> float:
+    """Seconds until the next beat: a third of the ttl, jittered down by up to 30 %."""
+    return max(ttl / 3, 0.05) * random.uniform(0.7, 1.0)
+
+
+def beat_timeout(session: SessionCore[Any], ttl: float) -> float:
+    """A beat's deadline: no longer than half the ttl, so a slow one leaves time for
+    the next."""
+    return min(session.timeout, ttl / 2)
+
+
+def beat_failed(session: SessionCore[Any], error: Exception) -> None:
+    """Log a failed beat; the next one comes on the next interval.
+
+    Not only service errors: a re-login that cannot parse the server's key, say, must
+    not kill the heartbeat, which would let the session lapse with no word.
+    """
+    if isinstance(error, QMError):
+        logger.warning("heartbeat for %s@%s failed: %s", session.username, session.target, error)
+    else:
+        logger.error("heartbeat for %s@%s failed", session.username, session.target, exc_info=error)

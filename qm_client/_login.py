@@ -1,4 +1,7 @@
-"""The challenge login: GetChallenge, check the key, encrypt the envelope, Auth."""
+"""The challenge login: GetChallenge, check the key, encrypt the envelope, Auth.
+
+Sans-IO: both clients send the two calls themselves and hand the answers here.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from qm.v1 import queue_manager_pb2 as pb
 
-from .errors import FingerprintMismatch, QMError
+from ._message import Login
+from ._session_core import Endpoint
+from .errors import FingerprintMismatch, QMError, error_for_code
 
 ALGORITHM = "RSA-OAEP-SHA256"
 
@@ -67,4 +72,28 @@ def encrypt_password(key: ServerKey, password: str, challenge: bytes) -> bytes:
             algorithm=hashes.SHA256(),
             label=None,
         ),
+    )
+
+
+def auth_request(challenge: pb.GetChallengeResponse, endpoint: Endpoint) -> pb.AuthRequest:
+    """The Auth call answering ``challenge``: its key checked against the pinned
+    fingerprint, the password sealed with the challenge (so a captured Auth cannot be
+    replayed)."""
+    if challenge.code != pb.CODE_OK:
+        raise error_for_code(challenge.code, challenge.message)
+    key = check_server_key(challenge, endpoint.pin_fingerprint)
+    password = encrypt_password(key, endpoint.password, challenge.challenge)
+    return pb.AuthRequest(username=endpoint.username, password=password)
+
+
+def login_from(response: pb.AuthResponse, generation: int) -> Login:
+    """The login an Auth answer gives; its typed error if refused."""
+    if response.code != pb.CODE_OK:
+        raise error_for_code(response.code, response.message)
+    return Login(
+        token=response.token,
+        ttl=response.session_ttl_ms / 1000,
+        generation=generation,
+        max_batch=response.max_batch,
+        max_request_bytes=response.max_request_bytes,
     )

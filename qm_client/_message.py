@@ -16,7 +16,7 @@ from qm.v1 import queue_manager_pb2 as pb
 
 from .errors import QMError
 
-__all__ = ["Finisher", "Login", "Message"]
+__all__ = ["AsyncFinisher", "AsyncMessage", "Delivery", "Finisher", "Login", "Message"]
 
 
 class Finisher(Protocol):
@@ -27,6 +27,12 @@ class Finisher(Protocol):
     """
 
     def _finish(self, message: Message, ack_type: pb.AckType) -> None: ...
+
+
+class AsyncFinisher(Protocol):
+    """The asyncio client's :class:`Finisher`: the same hook, awaited."""
+
+    async def _finish(self, message: AsyncMessage, ack_type: pb.AckType) -> None: ...
 
 
 @dataclass(eq=False)
@@ -46,17 +52,19 @@ class Login:
     generation: int
     max_batch: int = 0  # the server's limits, as Auth told them (0: not told)
     max_request_bytes: int = 0
-    held: dict[int, Message] = field(default_factory=dict)
+    held: dict[int, Delivery] = field(default_factory=dict)
     lost: dict[int, QMError | None] = field(default_factory=dict)
     finishing: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
-class Message:
+class Delivery:
     """A delivered message, in flight for the session that received it until finished.
 
-    Immutable because it is a record of one delivery: a redelivery is a new ``Message``
-    with a higher ``delivery_count``. Call exactly one of :meth:`ack` or :meth:`nack`.
+    Immutable because it is a record of one delivery: a redelivery is a new record
+    with a higher ``delivery_count``. The sync client hands out :class:`Message`, the
+    asyncio one :class:`AsyncMessage`; they differ only in whether finishing is awaited,
+    so the bookkeeping of both clients works on this base.
 
     ``enqueued_at`` is when the message was first added (UTC; kept across redeliveries,
     dead-lettering and redrive). ``lease_expires_at`` is when this delivery's lease runs
@@ -70,13 +78,21 @@ class Message:
     queue: str
     enqueued_at: datetime
     lease_expires_at: datetime | None
-    _owner: Finisher = field(repr=False, compare=False)
+    _owner: object = field(repr=False, compare=False)
     _login: Login = field(repr=False, compare=False)
     _lease_ms: int | None = field(default=None, repr=False, compare=False)
     """The lease asked for when it was delivered (``ack_deadline``), if any: the lease
     keeper renews with the same length."""
     _received_at: float = field(default_factory=time.monotonic, repr=False, compare=False)
     """When the client received it (monotonic seconds): ``max_lease`` counts from here."""
+
+
+@dataclass(frozen=True)
+class Message(Delivery):
+    """A message delivered to the sync client. Call exactly one of :meth:`ack` or
+    :meth:`nack`."""
+
+    _owner: Finisher = field(repr=False, compare=False)
 
     def ack(self) -> None:
         """Done: the server removes the message for good.
@@ -93,3 +109,19 @@ class Message:
         Raises as :meth:`ack`.
         """
         self._owner._finish(self, pb.ACK_TYPE_ERROR)
+
+
+@dataclass(frozen=True)
+class AsyncMessage(Delivery):
+    """A message delivered to :class:`AsyncQueueManagerClient`; ``await`` exactly one of
+    :meth:`ack` or :meth:`nack`."""
+
+    _owner: AsyncFinisher = field(repr=False, compare=False)
+
+    async def ack(self) -> None:
+        """Done: the server removes the message for good; raises as ``Message.ack``."""
+        await self._owner._finish(self, pb.ACK_TYPE_DONE)
+
+    async def nack(self) -> None:
+        """Failed: back to ready at its original place; raises as ``Message.ack``."""
+        await self._owner._finish(self, pb.ACK_TYPE_ERROR)

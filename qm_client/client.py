@@ -10,12 +10,17 @@ shared session, not the client, so none of them imports this module:
 - ``maps.py`` (``QMap``) and ``subscribe.py`` (``Subscription``): views built on it;
 - ``_lifecycle.py``: the typed records of queue settings, counts and dead letters;
 - ``_sessions.py``: the typed records of sessions (``heartbeat``, ``list_sessions``).
+
+The rules are shared with the asyncio client (``aio.py``) and live in modules without
+I/O: ``_ops.py`` (each method's request and what its answer becomes),
+``_session_core.py`` (session state; a call's re-login and retry steps),
+``_lease_book.py``, ``_subscription_core.py`` and ``_client_base.py`` (the constructor).
+A method here builds an operation and hands it to the session, which blocks on it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Self, TypeVar
@@ -23,9 +28,10 @@ from typing import Self, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qm.v1 import queue_manager_pb2 as pb
+import qm_client._ops as ops
 
 from ._channel import open_channel
+from ._client_base import DEFAULT_MAX_LEASE, DEFAULT_PAGE_SIZE, DEFAULT_TIMEOUT, ClientBase
 from ._heartbeat import Heartbeat
 from ._lease_keeper import LeaseGuard, LeaseKeeper
 from ._lifecycle import (
@@ -36,24 +42,11 @@ from ._lifecycle import (
     QueueSettings,
     QueueSummary,
     RedriveResult,
-    dead_letter_from_pb,
-    lease_result_from_pb,
-    queue_info_from_pb,
-    redrive_result_from_pb,
-    settings_from_pb,
-    settings_to_pb,
-    summary_from_pb,
 )
 from ._message import Message
 from ._session import Session, SessionLoss
-from ._sessions import (
-    ServerLimits,
-    SessionStatus,
-    SessionSummary,
-    session_status_from_pb,
-    session_summary_from_pb,
-)
-from .errors import LeaseLost, MessageNotFound, MessageReleased, QMError, error_for_rpc_error
+from ._sessions import SessionStatus, SessionSummary
+from .errors import MessageNotFound, QMError, error_for_rpc_error
 from .maps import QMap
 from .subscribe import Subscription
 
@@ -66,19 +59,10 @@ __all__ = [
     "health",
 ]
 
-DEFAULT_TIMEOUT = 10.0
-"""Seconds every call may take before it fails with DeadlineExceeded (plus any wait)."""
-
-DEFAULT_MAX_LEASE = 3600.0
-"""Seconds the lease keeper extends a message's lease at most, from its delivery."""
-
-DEFAULT_PAGE_SIZE = 100
-"""Entries per call of the listing iterators."""
-
 _T = TypeVar("_T")
 
 
-class QueueManagerClient:
+class QueueManagerClient(ClientBase[Message]):
     """A logged-in session with a queue manager server.
 
     Logging in happens in the constructor, so a wrong password or an unreachable server
@@ -115,46 +99,18 @@ class QueueManagerClient:
             :class:`LeaseLost`.
     """
 
-    def __init__(
-        self,
-        target: str,
-        username: str,
-        password: str,
-        *,
-        root_certificates: bytes | None = None,
-        certificate_chain: bytes | None = None,
-        private_key: bytes | None = None,
-        pin_fingerprint: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        heartbeat: bool = True,
-        on_session_lost: Callable[[SessionLoss], None] | None = None,
-        max_lease: float = DEFAULT_MAX_LEASE,
-        on_lease_lost: Callable[[Message, QMError | None], None] | None = None,
-    ) -> None:
-        self.target = target
-        self.username = username
-        self._session = Session(
-            target,
-            username,
-            password,
-            root_certificates=root_certificates,
-            certificate_chain=certificate_chain,
-            private_key=private_key,
-            pin_fingerprint=pin_fingerprint,
-            timeout=timeout,
-            on_session_lost=on_session_lost,
-        )
-        self._stub = self._session.stub
-        self._lease_keeper = LeaseKeeper(self._session, max_lease, on_lease_lost)
-        self._heartbeat: Heartbeat | None = None
-        if heartbeat:
-            self._heartbeat = Heartbeat(self._session)
+    _session_type = Session
+    _lease_keeper_type = LeaseKeeper
+    _heartbeat_type = Heartbeat
+    _session: Session
+    _lease_keeper: LeaseKeeper
+    _heartbeat: Heartbeat | None
+
+    def _assembled(self) -> None:
+        if self._heartbeat is not None:
             self._heartbeat.start()
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def __repr__(self) -> str:
-        return f"QueueManagerClient({self.target!r}, user={self.username!r})"
 
     def __enter__(self) -> Self:
         return self
@@ -183,50 +139,25 @@ class QueueManagerClient:
             self._heartbeat.join()
         self._session.end(login, logout=logout)
 
-    @property
-    def token(self) -> str:
-        """The current session token, for tools that speak the wire protocol directly."""
-        return self._session.current().token
-
-    @property
-    def session_ttl(self) -> float:
-        """Seconds of inactivity after which the server ends the session."""
-        return self._session.current().ttl
-
-    @property
-    def server_limits(self) -> ServerLimits:
-        """The server's batch and request size limits, as it told them at login."""
-        login = self._session.current()
-        return ServerLimits(login.max_batch, login.max_request_bytes)
-
     # -- sessions -------------------------------------------------------------------------
 
     def heartbeat(self) -> SessionStatus:
         """Renew the session now and return its status (:class:`SessionStatus`): time
         left, messages held, streams open. The background heartbeat does this already."""
-        response, _ = self._session.call(self._stub.HeartBeat, pb.HeartBeatRequest())
-        return session_status_from_pb(response.session)
+        return self._session.run(ops.heartbeat())
 
     def list_sessions(
         self, *, username: str = "", page_size: int = DEFAULT_PAGE_SIZE
     ) -> Iterator[SessionSummary]:
         """Every live session (only ``username``'s, if given), by id, a page per call
         (:class:`SessionSummary`). Admins only: :class:`PermissionDenied` otherwise."""
-        cursor = 0
-        while True:
-            request = pb.ListSessionsRequest(start_after=cursor, limit=page_size, username=username)
-            response, _ = self._session.call(self._stub.ListSessions, request)
-            yield from map(session_summary_from_pb, response.sessions)
-            cursor = response.next_start_after
-            if not cursor:
-                return
+        return self._session.pages(ops.list_sessions(username, page_size))
 
     def end_session(self, session_id: int) -> None:
         """End another session as its logout would: its streams and waits fail with
         :class:`Unauthenticated`, its messages are ready again. Admins only;
         :class:`SessionNotFound` when no live session has that id."""
-        request = pb.EndSessionRequest(session_id=session_id)
-        self._session.call(self._stub.EndSession, request)
+        self._session.run(ops.end_session(session_id))
 
     # -- queues ---------------------------------------------------------------------------
 
@@ -239,27 +170,18 @@ class QueueManagerClient:
         defaults, the seed's behaviour. Raises :class:`QueueAlreadyExists` unless
         ``exist_ok`` (an existing queue keeps its own settings: :meth:`update_queue`).
         """
-        accept = (pb.CODE_QUEUE_ALREADY_EXISTS,) if exist_ok else ()
-        request = pb.NewQueueRequest(queue_name=name)
-        if settings is not None:
-            request.settings.CopyFrom(settings_to_pb(settings))
-        self._session.call(self._stub.NewQueue, request, accept=accept)
+        self._session.run(ops.new_queue(name, settings, exist_ok))
 
     def update_queue(self, name: str, settings: QueueSettings) -> QueueSettings:
         """Change the settings that are not ``None``; returns every setting as it is now.
 
         Messages in flight keep their lease; the rest follow the new settings from now on.
         """
-        request = pb.UpdateQueueRequest(queue_name=name, settings=settings_to_pb(settings))
-        response, _ = self._session.call(self._stub.UpdateQueue, request)
-        return settings_from_pb(response.settings)
+        return self._session.run(ops.update_queue(name, settings))
 
     def queue_info(self, name: str) -> QueueInfo:
         """A queue's settings and counts (:class:`QueueInfo`)."""
-        response, _ = self._session.call(
-            self._stub.GetQueueInfo, pb.GetQueueInfoRequest(queue_name=name)
-        )
-        return queue_info_from_pb(name, response)
+        return self._session.run(ops.queue_info(name))
 
     def list_queues(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[QueueSummary]:
         """Every queue the user may read, by name, a page per call (:class:`QueueSummary`).
@@ -267,51 +189,27 @@ class QueueManagerClient:
         Paged by name: a queue created or destroyed while the listing runs may or may not
         be listed, and no other is skipped or repeated.
         """
-        cursor = ""
-        while True:
-            request = pb.ListQueuesRequest(start_after=cursor, limit=page_size)
-            response, _ = self._session.call(self._stub.ListQueues, request)
-            yield from map(summary_from_pb, response.queues)
-            cursor = response.next_start_after
-            if not cursor:
-                return
+        return self._session.pages(ops.list_queues(page_size))
 
     def list_maps(self, *, page_size: int = DEFAULT_PAGE_SIZE) -> Iterator[str]:
         """The names of every map the user may read, a page per call, as ``list_queues``."""
-        cursor = ""
-        while True:
-            request = pb.ListMapsRequest(start_after=cursor, limit=page_size)
-            response, _ = self._session.call(self._stub.ListMaps, request)
-            yield from response.names
-            cursor = response.next_start_after
-            if not cursor:
-                return
+        return self._session.pages(ops.list_maps(page_size))
 
     def purge(self, queue: str) -> int:
         """Remove every ready and delayed message of ``queue`` in one step; returns how
         many. Messages in flight stay with their holders."""
-        response, _ = self._session.call(self._stub.Purge, pb.PurgeRequest(queue_name=queue))
-        return response.purged
+        return self._session.run(ops.purge(queue))
 
     def dead_letters(
         self, queue: str, *, page_size: int = DEFAULT_PAGE_SIZE
     ) -> Iterator[DeadLetter]:
         """The dead letters ``queue`` holds, by id, with their history, a page per call."""
-        after = 0
-        while True:
-            request = pb.ListDeadLettersRequest(queue_name=queue, after_id=after, limit=page_size)
-            response, _ = self._session.call(self._stub.ListDeadLetters, request)
-            yield from map(dead_letter_from_pb, response.dead_letters)
-            after = response.next_after_id
-            if not after:
-                return
+        return self._session.pages(ops.dead_letters(queue, page_size))
 
     def redrive(self, queue: str, ids: Iterable[int] | None = None) -> RedriveResult:
         """Move dead letters of ``queue`` (all, or the ids given) back to their original
         queues, ready at once, delivery count kept. Safe to repeat."""
-        request = pb.RedriveRequest(queue_name=queue, message_ids=list(ids or ()))
-        response, _ = self._session.call(self._stub.Redrive, request)
-        return redrive_result_from_pb(response)
+        return self._session.run(ops.redrive(queue, ids))
 
     def add(
         self,
@@ -330,14 +228,7 @@ class QueueManagerClient:
         repeat with the first id. Without either it is not repeated: a repeat could add it
         twice.
         """
-        request = pb.AddRequest(
-            queue_name=queue,
-            element=element,
-            delay_ms=None if delay is None else _millis(delay),
-            request_id=_request_id(request_id, idempotent),
-        )
-        response, _ = self._session.call(self._stub.Add, request)
-        return response.message_id
+        return self._session.run(ops.add(queue, element, delay, request_id, idempotent))
 
     def add_all(
         self,
@@ -353,16 +244,7 @@ class QueueManagerClient:
         ``delay``, ``request_id`` and ``idempotent`` as for :meth:`add`. The answer is a
         ``list`` of ids that also says whether it was a replay (:class:`AddedIds`).
         """
-        request = pb.AddAllRequest(
-            queue_name=queue,
-            elements=list(elements),
-            delay_ms=None if delay is None else _millis(delay),
-            request_id=_request_id(request_id, idempotent),
-        )
-        response, _ = self._session.call(self._stub.AddAll, request)
-        return AddedIds(
-            list(response.message_ids), replayed=response.replayed, request_id=request.request_id
-        )
+        return self._session.run(ops.add_all(queue, elements, delay, request_id, idempotent))
 
     def poll(
         self, queue: str, *, wait: float = 0.0, ack_deadline: float | None = None
@@ -374,17 +256,7 @@ class QueueManagerClient:
         queue's ``ack_deadline_ms`` (none by default). The server caps ``wait`` (20 s by
         default).
         """
-        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
-        request = pb.PollRequest(queue_name=queue, wait_ms=_millis(wait), ack_deadline_ms=lease_ms)
-        response, login = self._session.call(
-            self._stub.Poll,
-            request,
-            timeout=self._session.timeout + wait,
-            accept=(pb.CODE_QUEUE_EMPTY,),
-        )
-        if response.code == pb.CODE_QUEUE_EMPTY:
-            return None
-        return self._session.hold(login, queue, response, lease_ms=lease_ms)
+        return self._session.run(ops.poll(self._session, queue, wait, ack_deadline))
 
     def pull(
         self,
@@ -399,20 +271,7 @@ class QueueManagerClient:
         Waits up to ``wait`` s for the first one; returns what is ready then, not a full
         batch. ``ack_deadline`` as for :meth:`poll`.
         """
-        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
-        request = pb.PullElementsRequest(
-            queue_name=queue, number=max_count, wait_ms=_millis(wait), ack_deadline_ms=lease_ms
-        )
-        response, login = self._session.call(
-            self._stub.PullElements,
-            request,
-            timeout=self._session.timeout + wait,
-            accept=(pb.CODE_QUEUE_EMPTY,),
-        )
-        return [
-            self._session.hold(login, queue, info, lease_ms=lease_ms)
-            for info in response.element_info
-        ]
+        return self._session.run(ops.pull(self._session, queue, max_count, wait, ack_deadline))
 
     def extend_lease(self, messages: Iterable[Message | int], deadline: float) -> list[LeaseResult]:
         """Move the lease of messages held by the client's session to ``deadline`` s from
@@ -424,30 +283,7 @@ class QueueManagerClient:
         :class:`MessageReleased` without a call. To keep a lease alive while a handler
         runs, :meth:`keep_lease` does this from a background thread.
         """
-        login = self._session.current()
-        order: list[int] = []
-        stale: dict[int, LeaseResult] = {}
-        for item in messages:
-            if isinstance(item, Message):
-                order.append(item.message_id)
-                if item._login is not login:
-                    released = MessageReleased(
-                        f"message {item.message_id}: the session it was delivered to has ended"
-                    )
-                    stale[item.message_id] = LeaseResult(item.message_id, released, None)
-            else:
-                order.append(item)
-        ids = [i for i in order if i not in stale]
-        results: dict[int, LeaseResult] = dict(stale)
-        if ids:
-            request = pb.ExtendLeaseRequest(message_ids=ids, ack_deadline_ms=_millis(deadline))
-            response, _ = self._session.call(self._stub.ExtendLease, request, bound_to=login)
-            results.update(
-                (result.message_id, lease_result_from_pb(result)) for result in response.results
-            )
-            if request.ack_deadline_ms == 0:  # given back: no longer the session's to lose
-                self._session.unhold(login, [i for i in ids if results[i].ok])
-        return [results[i] for i in order]
+        return self._session.run(ops.extend_lease(self._session, messages, deadline))
 
     def keep_lease(self, message: Message, *, max_lease: float | None = None) -> LeaseGuard:
         """Keep ``message``'s lease alive from the lease keeper's thread until the returned
@@ -506,71 +342,30 @@ class QueueManagerClient:
         longer has it in flight for the client's session. Failures are returned rather than raised
         because the others were finished all the same.
         """
-        batch = list(messages)
-        ack_type = pb.ACK_TYPE_ERROR if nack else pb.ACK_TYPE_DONE
+        own, others = ops.split_by_owner(messages, self._session)
         failed: list[Message] = []
-        # Messages from a subscription are finished on their stream, which must learn that
-        # it has room again.
-        for message in [m for m in batch if m._owner is not self._session]:
+        for message in others:
             try:
-                if nack:
-                    message.nack()
-                else:
-                    message.ack()
+                message.nack() if nack else message.ack()
             except MessageNotFound:
                 failed.append(message)
-        batch = [m for m in batch if m._owner is self._session]
-        if not batch:
-            return failed
-        login = self._session.current()
-        current: list[Message] = []
-        for message in batch:
-            try:
-                if message._login is login:
-                    self._session.check_lease(message)
-                    current.append(message)
-                    continue
-            except LeaseLost:
-                pass
-            failed.append(message)
-        if not current:
-            return failed
-        request = pb.BatchAckRequest(message_ids=[m.message_id for m in current], ack_type=ack_type)
-        try:
-            response, _ = self._session.call(self._stub.BatchAck, request, bound_to=login)
-        except MessageReleased:
-            return failed + current
-        by_id = {m.message_id: m for m in current}
-        self._session.unhold(login, by_id)
-        failed.extend(
-            by_id[result.message_id]
-            for result in response.results
-            if result.code != pb.CODE_OK and result.message_id in by_id
-        )
-        return failed
+        return failed + self._session.run(ops.batch_ack(self._session, own, nack))
 
     def size(self, queue: str) -> int:
         """The number of ready messages (in-flight ones are not counted)."""
-        response, _ = self._session.call(self._stub.Size, pb.SizeRequest(queue_name=queue))
-        return response.size
+        return self._session.run(ops.size(queue))
 
     def is_empty(self, queue: str) -> bool:
         """Whether no message is ready (messages may still be in flight)."""
-        response, _ = self._session.call(self._stub.IsEmpty, pb.IsEmptyRequest(queue_name=queue))
-        return response.empty
+        return self._session.run(ops.is_empty(queue))
 
     def unacked(self, queue: str) -> int:
         """The number of messages in flight over all sessions (seed: get_uncheck_num)."""
-        response, _ = self._session.call(
-            self._stub.GetUncheckNum, pb.GetUncheckNumRequest(queue_name=queue)
-        )
-        return response.ack_num
+        return self._session.run(ops.unacked(queue))
 
     def destroy_queue(self, queue: str, *, force: bool = False) -> None:
         """Delete a queue. Without ``force``, :class:`QueueNotEmpty` while it holds messages."""
-        self._session.call(
-            self._stub.DestroyQueue, pb.DestroyQueueRequest(queue_name=queue, force=force)
-        )
+        self._session.run(ops.destroy_queue(queue, force))
 
     def subscribe(
         self, queue: str, max_unacked: int = 16, *, ack_deadline: float | None = None
@@ -581,25 +376,13 @@ class QueueManagerClient:
         Closing it (or leaving its ``with`` block) releases what it still holds.
         ``ack_deadline`` as for :meth:`poll`, for every message pushed.
         """
-        lease_ms = None if ack_deadline is None else _millis(ack_deadline)
-        return Subscription(self._session, queue, max_unacked, lease_ms)
+        return Subscription(self._session, queue, max_unacked, ops.optional_millis(ack_deadline))
 
     # -- maps -----------------------------------------------------------------------------
 
     def map(self, name: str, *, page_size: int = 500) -> QMap:
         """A ``MutableMapping`` view of a map; no call is made until it is used."""
         return QMap(self._session, name, page_size=page_size)
-
-
-def _millis(seconds: float) -> int:
-    return round(seconds * 1000)
-
-
-def _request_id(given: str | None, idempotent: bool) -> str:
-    """The request id to send: the caller's, one made up for ``idempotent``, or none."""
-    if given:
-        return given
-    return uuid.uuid4().hex if idempotent else ""
 
 
 def health(

@@ -10,6 +10,7 @@ failed store (``CODE_UNAVAILABLE``) and a draining server (gRPC ``UNAVAILABLE``)
 from __future__ import annotations
 
 import grpc
+import grpc.aio
 
 from qm.v1 import queue_manager_pb2 as pb
 
@@ -294,7 +295,9 @@ def error_for_rpc_error(error: grpc.RpcError) -> QMError:
     """The exception for a call that failed with a non-OK gRPC status."""
     status: grpc.StatusCode | None = None
     details = str(error)
-    if isinstance(error, grpc.Call):
+    # grpc.aio's failures are AioRpcError, which has a call's code and details without
+    # being a grpc.Call.
+    if isinstance(error, grpc.Call | grpc.aio.AioRpcError):
         status = error.code()
         details = error.details() or ""
     if status is None:

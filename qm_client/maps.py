@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import ItemsView, Iterator, MutableMapping, ValuesView
 from typing import Any
 
-from qm.v1 import queue_manager_pb2 as pb
+import qm_client._ops as ops
 
 from ._session import Session
 from .errors import KeyNotFound, MapNotFound
@@ -46,20 +46,13 @@ class QMap(MutableMapping[str, str]):
     # -- the MutableMapping primitives ----------------------------------------------------
 
     def __getitem__(self, key: str) -> str:
-        response, _ = self._session.call(
-            self._session.stub.MapGet, pb.MapGetRequest(map=self.name, key=key)
-        )
-        return response.value
+        return self._session.run(ops.map_get(self.name, key))
 
     def __setitem__(self, key: str, value: str) -> None:
-        self._session.call(
-            self._session.stub.MapPut, pb.MapPutRequest(map=self.name, key=key, value=value)
-        )
+        self._session.run(ops.map_put(self.name, key, value))
 
     def __delitem__(self, key: str) -> None:
-        self._session.call(
-            self._session.stub.MapRemove, pb.MapRemoveRequest(map=self.name, key=key)
-        )
+        self._session.run(ops.map_remove(self.name, key))
 
     def __iter__(self) -> Iterator[str]:
         for key, _ in self._entries():
@@ -86,14 +79,7 @@ class QMap(MutableMapping[str, str]):
         batch limit (1000 pairs by default) applies: a larger update raises
         :class:`InvalidArgument` rather than being split, which would lose atomicity.
         """
-        pairs: dict[str, str] = dict(other, **kwargs)
-        if not pairs:
-            return
-        entries = [pb.KeyValue(key=k, value=v) for k, v in pairs.items()]
-        self._session.call(
-            self._session.stub.MapBatchPut,
-            pb.MapBatchPutRequest(map=self.name, size=len(entries), list=entries),
-        )
+        self._session.run(ops.map_put_all(self.name, dict(other, **kwargs)))
 
     def clear(self) -> None:
         """Remove every key, one call each; the map itself remains. Not atomic.
@@ -112,20 +98,15 @@ class QMap(MutableMapping[str, str]):
 
     def to_dict(self) -> dict[str, str]:
         """The whole map in one call (``MapGetAll``): a consistent snapshot."""
-        response, _ = self._session.call(
-            self._session.stub.MapGetAll, pb.MapGetAllRequest(map=self.name)
-        )
-        return dict(response.map)
+        return self._session.run(ops.map_get_all(self.name))
 
     def page(self, offset: int = 0, size: int | None = None) -> list[tuple[str, str]]:
         """One page of entries in key order by offset (``MapGetList``); ``[]`` past the end.
 
         Offsets shift when keys are added or removed; :meth:`page_after` does not."""
-        request = pb.MapGetListRequest(
-            map=self.name, offset=offset, size=self.page_size if size is None else size
+        return self._session.run(
+            ops.map_page(self.name, offset, self.page_size if size is None else size)
         )
-        response, _ = self._session.call(self._session.stub.MapGetList, request)
-        return [(kv.key, kv.value) for kv in response.list]
 
     def page_after(
         self, key: str | None = None, size: int | None = None
@@ -135,14 +116,9 @@ class QMap(MutableMapping[str, str]):
 
         Stable while the map changes: no entry present throughout is skipped or repeated.
         """
-        # "" is a key like any other, so the first page is asked for by offset 0 (an
-        # unset cursor) rather than after "".
-        request = pb.MapGetListRequest(
-            map=self.name, size=self.page_size if size is None else size, start_after=key
+        return self._session.run(
+            ops.map_page_after(self.name, key, self.page_size if size is None else size)
         )
-        response, _ = self._session.call(self._session.stub.MapGetList, request)
-        entries = [(kv.key, kv.value) for kv in response.list]
-        return entries, response.next_key if response.HasField("next_key") else None
 
     def exists(self) -> bool:
         """Whether the map exists (it may exist and be empty)."""
@@ -154,17 +130,10 @@ class QMap(MutableMapping[str, str]):
 
     def destroy(self) -> None:
         """Delete the map and its entries (``MapDestroy``); :class:`MapNotFound` if absent."""
-        self._session.call(self._session.stub.MapDestroy, pb.MapDestroyRequest(map=self.name))
+        self._session.run(ops.map_destroy(self.name))
 
     def _entries(self) -> Iterator[tuple[str, str]]:
-        # The server's next_key ends the map, not a short page: it returns fewer entries
-        # than asked whenever they would not fit in one answer (large values).
-        cursor: str | None = None
-        while True:
-            page, cursor = self.page_after(cursor)
-            yield from page
-            if cursor is None:
-                return
+        return self._session.pages(ops.map_entries(self.name, self.page_size))
 
 
 class _PagedItems(ItemsView[str, str]):

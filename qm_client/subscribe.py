@@ -3,15 +3,15 @@
 Polling costs a round trip per batch and a wait per empty queue; a subscription lets the
 server push as soon as a message is ready, with ``max_unacked`` as flow control. Acks
 travel on the same stream, so they are not confirmed one by one: the server reports only
-the ones that failed, which are logged and collected in ``failed_acks``.
+the ones that failed, which are logged and collected in ``failed_acks``. The state and
+what each server message means are ``_subscription_core.py``'s, shared with the asyncio
+client; this module reads the stream from the consumer's thread.
 """
 
 from __future__ import annotations
 
-import logging
 import queue as queue_module
 import threading
-from collections import deque
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Self
@@ -20,49 +20,33 @@ import grpc
 
 from qm.v1 import queue_manager_pb2 as pb
 
-from ._message import Login, Message
+from ._message import Message
 from ._session import Session
-from .errors import (
-    MessageNotFound,
-    MessageReleased,
-    QMError,
-    code_name,
-    error_for_code,
-    error_for_rpc_error,
-)
+from ._subscription_core import StreamBase, SubscriptionCore, SubscriptionView
+from .errors import QMError, error_for_rpc_error
 
 __all__ = ["Subscription"]
 
-logger = logging.getLogger("qm_client")
 
-
-class _Stream:
-    """One open Subscribe call: its requests, and the ids delivered on it not yet finished.
-
-    A subscription outlives streams: when the session is lost the client logs in again and
-    opens a new stream, and messages of the old one can no longer be acked.
-    """
+class _Stream(StreamBase):
+    """One open Subscribe call, its requests queued for gRPC's request thread."""
 
     def __init__(
         self, session: Session, queue: str, max_unacked: int, ack_deadline_ms: int | None
     ) -> None:
-        self.login: Login = session.current()
-        self.open_ids: set[int] = set()
+        super().__init__(session, queue, max_unacked, ack_deadline_ms)
         self.requests: queue_module.SimpleQueue[pb.SubscribeRequest | None] = (
             queue_module.SimpleQueue()
         )
-        opening = pb.SubscribeOpen(
-            token=self.login.token,
-            queue_name=queue,
-            max_unacked=max_unacked,
-            ack_deadline_ms=ack_deadline_ms,
-        )
-        self.requests.put(pb.SubscribeRequest(open=opening))
+        self.requests.put(self.opening)
         self.call = session.stub.Subscribe(self._request_iterator())
 
     def _request_iterator(self) -> Iterator[pb.SubscribeRequest]:
         while (request := self.requests.get()) is not None:
             yield request
+
+    def send(self, request: pb.SubscribeRequest) -> None:
+        self.requests.put(request)
 
     def end(self) -> None:
         """Abandon the stream at once (it has failed, or its session is gone)."""
@@ -105,7 +89,7 @@ class _Stream:
             pass  # cut off by the watchdog, or the stream failed: either way it is over
 
 
-class Subscription:
+class Subscription(SubscriptionView):
     """Messages of one queue as the server pushes them; create with ``client.subscribe``.
 
     Iterating blocks until the next message arrives and ends when :meth:`close` is called
@@ -124,17 +108,8 @@ class Subscription:
         ack_deadline_ms: int | None = None,
     ) -> None:
         self._session = session
-        self.queue = queue
-        self.max_unacked = max_unacked
-        self.ack_deadline_ms = ack_deadline_ms
-        self.failed_acks: list[int] = []
-        self._buffer: deque[Message] = deque()
-        # Guards _stream, _closed, _reading and the stream's open_ids (acks come from any
-        # thread).
-        self._lock = threading.Lock()
-        self._closed = False
-        self._reading = False  # the consumer's thread is reading the stream
-        self._stream = _Stream(session, queue, max_unacked, ack_deadline_ms)
+        stream = _Stream(session, queue, max_unacked, ack_deadline_ms)
+        self._core = SubscriptionCore(session, queue, max_unacked, ack_deadline_ms, stream, self)
 
     def __enter__(self) -> Self:
         return self
@@ -151,123 +126,68 @@ class Subscription:
         return self
 
     def __next__(self) -> Message:
+        core = self._core
         while True:
-            with self._lock:
-                # Closing released what the buffer still holds: hand none of it out.
-                if self._closed:
-                    raise StopIteration
-                if self._buffer:
-                    return self._buffer.popleft()
-                stream = self._stream
-                self._reading = True
+            next_ = core.next_or_read()
+            if next_ is None:
+                raise StopIteration
+            if not isinstance(next_, _Stream):
+                assert isinstance(next_, Message)
+                return next_
+            stream = next_
             try:
                 response = next(stream.call)
             except StopIteration:
                 self._abort()
                 raise
             except grpc.RpcError as error:
-                if self._closed:
+                if core.closed:
                     raise StopIteration from None
                 self._abort()
                 raise error_for_rpc_error(error) from error
             finally:
-                with self._lock:
-                    self._reading = False
-                    closed = self._closed
+                closed = core.read_done()
             if closed:
                 # close() came while this thread read, so it waits for this thread to read
                 # the stream to its end. What comes is released.
                 stream.drain()
                 raise StopIteration
-            self._take(stream, response)
+            try:
+                resume = core.take(stream, response)
+            except QMError:
+                self._abort()
+                raise
+            if resume:
+                self._resume(stream)
 
     def close(self) -> None:
         """End the stream once the server has applied the acks sent on it.
 
         The server then releases every message the stream still holds.
         """
-        shut = self._shut()
+        shut = self._core.shut()
         if shut is not None:
             stream, read_elsewhere = shut
             stream.finish(self._session.timeout, read_elsewhere)
 
     def _abort(self) -> None:
         """End the stream without waiting (it failed, or the client is closed)."""
-        shut = self._shut()
+        shut = self._core.shut()
         if shut is not None:
             shut[0].end()
-
-    def _shut(self) -> tuple[_Stream, bool] | None:
-        """Mark closed; returns the stream to end and whether the consumer's thread is
-        reading it (then that thread reads it to the end), or None if already closed."""
-        with self._lock:
-            if self._closed:
-                return None
-            self._closed = True
-            stream = self._stream
-            reading = self._reading
-            released = list(stream.open_ids)
-            stream.open_ids.clear()
-        self._session.unhold(stream.login, released)
-        return stream, reading
-
-    def _take(self, stream: _Stream, response: pb.SubscribeResponse) -> None:
-        if response.code == pb.CODE_UNAUTHENTICATED:
-            self._resume(stream)
-            return
-        if response.code != pb.CODE_OK:
-            self._abort()
-            raise error_for_code(response.code, response.message)
-        for result in response.ack_results:
-            logger.warning(
-                "ack of message %d on the subscription to %s failed: %s",
-                result.message_id,
-                self.queue,
-                code_name(result.code),
-            )
-            self.failed_acks.append(result.message_id)
-        for info in response.element_info:
-            # Acks for this message go through the stream, not the Ack RPC.
-            message = self._session.hold(
-                stream.login, self.queue, info, owner=self, lease_ms=self.ack_deadline_ms
-            )
-            with self._lock:
-                stream.open_ids.add(info.message_id)
-            self._buffer.append(message)
 
     def _resume(self, stream: _Stream) -> None:
         """The session ended under the stream: log in again and open a new stream."""
         stream.end()
+        core = self._core
         try:
             self._session.renew(stream.login)  # reports what the old session held
-            fresh = _Stream(self._session, self.queue, self.max_unacked, self.ack_deadline_ms)
+            fresh = _Stream(self._session, core.queue, core.max_unacked, core.ack_deadline_ms)
         except QMError:
             self._abort()
             raise
-        with self._lock:
-            if self._closed:
-                fresh.end()
-                return
-            self._stream = fresh
-            stream.open_ids.clear()
-        # Messages of the old stream still in the buffer were released with it.
-        self._buffer.clear()
+        if not core.replace(stream, fresh):
+            fresh.end()
 
     def _finish(self, message: Message, ack_type: pb.AckType) -> None:
-        with self._lock:
-            stream = self._stream
-            if self._closed:
-                raise MessageReleased("the subscription is closed; its messages were released")
-            if message._login is not stream.login:
-                raise MessageReleased("the stream this message was delivered on has ended")
-            if message.message_id not in stream.open_ids:
-                raise MessageNotFound(f"message {message.message_id} was already finished")
-            stream.open_ids.discard(message.message_id)
-            # A lost lease raises here, and nothing goes on the stream: the server releases
-            # the message when its lease ends.
-            self._session.check_lease(message)
-            # Queued under the lock: close() marks the subscription closed before it
-            # half-closes, so an ack that passed the checks goes out ahead of the end.
-            ack = pb.SubscribeAck(message_ids=[message.message_id], ack_type=ack_type)
-            stream.requests.put(pb.SubscribeRequest(ack=ack))
-        self._session.unhold(stream.login, [message.message_id])
+        self._core.finish(message, ack_type, _Stream.send)

@@ -35,6 +35,7 @@ RUN = {
     "maps": 'config = qm.map("config")',
     "session loss": "def on_session_lost(loss: SessionLoss) -> None:",
     "subscribe": 'with qm.subscribe("jobs", max_unacked=32) as subscription:',
+    "asyncio": "import asyncio\nimport os\n\nfrom qm_client import AsyncQueueManagerClient",
 }
 
 
@@ -204,3 +205,15 @@ def test_the_subscribe_example_handles_and_acks(server: ServerHandle) -> None:
             run("subscribe", names)
         assert names["handled"] == ["a", "b"]
         assert (qm.size("jobs"), qm.unacked("jobs")) == (1, 0)  # "stop", never acked
+
+
+def test_the_asyncio_example_runs(
+    server: ServerHandle, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = block("asyncio").replace('"localhost:50051"', repr(server.target))
+    monkeypatch.setenv("QM_PASSWORD", server.admin_password)
+    exec(compile(code, "docs/client.md", "exec"), {"__name__": "docs"})
+    assert capsys.readouterr().out == "welcome ann\nwelcome bob\nnoreply@example.com\n"
+    with connect(server) as qm:
+        assert (qm.size("emails"), qm.unacked("emails")) == (0, 0)
+        assert qm.map("settings").to_dict() == {"sender": "noreply@example.com"}

@@ -402,8 +402,8 @@ def test_closing_from_another_thread_while_the_consumer_waits(
     producer.add_all("jobs", ["a"])
     subscription = consumer.subscribe("jobs", max_unacked=1)
     first = next(subscription)
-    watched = _WatchedCall(subscription._stream.call)
-    subscription._stream.call = watched  # type: ignore[assignment]
+    watched = _WatchedCall(subscription._core.stream.call)
+    subscription._core.stream.call = watched
     failures: list[BaseException] = []
 
     def consume() -> None:
