@@ -67,7 +67,9 @@ class AsyncSession(SessionCore[AsyncMessage]):
         """Open the channel and log in (closing the channel again if that fails)."""
         if self._channel is not None:
             return
-        self._channel = open_aio_channel(self.target, *self.endpoint.tls)
+        self._channel = open_aio_channel(
+            self.target, *self.endpoint.tls, load_balancing=self.endpoint.load_balancing
+        )
         self._stub = pb_grpc.QueueManagerServiceStub(self._channel)
         try:
             self.adopt(await self._log_in(generation=1))

@@ -55,19 +55,35 @@ RETRY_POLICY: dict[str, Any] = {
 }
 
 
-def service_config() -> str:
-    """The JSON service config: UNAVAILABLE retried with backoff, idempotent calls only."""
+# gRPC's client-side load balancing policies that suit the service: "pick_first" (gRPC's
+# default: one connection, to the first address that answers) and "round_robin" (calls
+# spread over every address the target resolves to: the nodes of a cluster sharing a
+# PostgreSQL store, where any node accepts any session; docs/deployment.md).
+LOAD_BALANCING = ("pick_first", "round_robin")
+
+
+def service_config(load_balancing: str = "") -> str:
+    """The JSON service config: UNAVAILABLE retried with backoff, idempotent calls only;
+    with `load_balancing`, that policy (gRPC's default, pick_first, otherwise)."""
+    if load_balancing and load_balancing not in LOAD_BALANCING:
+        raise ValueError(f"load_balancing must be one of {LOAD_BALANCING}, not {load_balancing!r}")
     names: list[dict[str, str]] = [
         {"service": SERVICE, "method": method} for method in IDEMPOTENT_METHODS
     ]
     names.append({"service": "grpc.health.v1.Health", "method": "Check"})
-    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]})
+    config: dict[str, Any] = {"methodConfig": [{"name": names, "retryPolicy": RETRY_POLICY}]}
+    if load_balancing:
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    if load_balancing == "round_robin":
+        # Skip a node whose health says NOT_SERVING (draining, its store unreachable).
+        config["healthCheckConfig"] = {"serviceName": SERVICE}
+    return json.dumps(config)
 
 
-def _options() -> list[tuple[str, Any]]:
+def _options(load_balancing: str = "") -> list[tuple[str, Any]]:
     return [
         ("grpc.enable_retries", 1),
-        ("grpc.service_config", service_config()),
+        ("grpc.service_config", service_config(load_balancing)),
         ("grpc.primary_user_agent", "qm-python-client"),
         ("grpc.max_receive_message_length", MAX_ANSWER_BYTES),
     ]
@@ -95,6 +111,7 @@ def open_channel(
     root_certificates: bytes | None = None,
     certificate_chain: bytes | None = None,
     private_key: bytes | None = None,
+    load_balancing: str = "",
 ) -> grpc.Channel:
     """A channel to ``target``: TLS when any certificate is given, else plaintext.
 
@@ -103,8 +120,8 @@ def open_channel(
     """
     credentials = _credentials(root_certificates, certificate_chain, private_key)
     if credentials is not None:
-        return grpc.secure_channel(target, credentials, options=_options())
-    return grpc.insecure_channel(target, options=_options())
+        return grpc.secure_channel(target, credentials, options=_options(load_balancing))
+    return grpc.insecure_channel(target, options=_options(load_balancing))
 
 
 def open_aio_channel(
@@ -112,10 +129,11 @@ def open_aio_channel(
     root_certificates: bytes | None = None,
     certificate_chain: bytes | None = None,
     private_key: bytes | None = None,
+    load_balancing: str = "",
 ) -> grpc.aio.Channel:
     """The ``grpc.aio`` channel of the asyncio client, with the same options as
     :func:`open_channel`. Made inside the running event loop it serves."""
     credentials = _credentials(root_certificates, certificate_chain, private_key)
     if credentials is not None:
-        return grpc.aio.secure_channel(target, credentials, options=_options())
-    return grpc.aio.insecure_channel(target, options=_options())
+        return grpc.aio.secure_channel(target, credentials, options=_options(load_balancing))
+    return grpc.aio.insecure_channel(target, options=_options(load_balancing))

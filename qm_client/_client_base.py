@@ -53,6 +53,7 @@ class ClientBase(Generic[_M]):
         on_session_lost: Callable[[SessionLoss], None] | None = None,
         max_lease: float = DEFAULT_MAX_LEASE,
         on_lease_lost: Callable[[_M, QMError | None], None] | None = None,
+        load_balancing: str = "",
     ) -> None:
         self.target = target
         self.username = username
@@ -65,6 +66,7 @@ class ClientBase(Generic[_M]):
             private_key,
             pin_fingerprint,
             timeout,
+            load_balancing,
         )
         self._session: SessionCore[_M] = self._session_type(endpoint, on_session_lost)
         self._lease_keeper = self._lease_keeper_type(self._session, max_lease, on_lease_lost)

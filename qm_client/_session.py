@@ -56,7 +56,9 @@ class Session(SessionCore[Message]):
         self, endpoint: Endpoint, on_session_lost: Callable[[SessionLoss], None] | None
     ) -> None:
         super().__init__(endpoint, on_session_lost)
-        self.channel = open_channel(endpoint.target, *endpoint.tls)
+        self.channel = open_channel(
+            endpoint.target, *endpoint.tls, load_balancing=endpoint.load_balancing
+        )
         self.stub = pb_grpc.QueueManagerServiceStub(self.channel)
         # Serializes logins, so that threads finding the same dead session log in once.
         self._login_lock = threading.Lock()

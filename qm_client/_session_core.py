@@ -259,6 +259,7 @@ class Endpoint:
     private_key: bytes | None = field(default=None, repr=False)
     pin_fingerprint: str | None = None
     timeout: float = 10.0
+    load_balancing: str = ""
 
     @property
     def tls(self) -> tuple[bytes | None, bytes | None, bytes | None]:

@@ -71,7 +71,8 @@ class QueueManagerClient(ClientBase[Message]):
     at once instead of after the session ttl.
 
     Args:
-        target: ``host:port`` of the server.
+        target: ``host:port`` of the server, or any gRPC target: ``dns:///qm.internal:50051``
+            (every address the name resolves to), ``ipv4:10.0.0.1:50051,10.0.0.2:50051``.
         username: The user to log in as.
         password: Its password; it only ever travels RSA-OAEP encrypted with a one-use
             challenge, so a captured login cannot be replayed.
@@ -97,6 +98,10 @@ class QueueManagerClient(ClientBase[Message]):
             error (``None`` for ``max_lease``) when it loses a lease. Without it, the
             loss is logged at WARNING. Either way the message's ack raises
             :class:`LeaseLost`.
+        load_balancing: ``"round_robin"`` spreads calls over every address ``target``
+            resolves to: the nodes of a cluster on one PostgreSQL store, any of which
+            accepts the session (docs/deployment.md). ``""`` (gRPC's default,
+            ``"pick_first"``) keeps to one address while it answers.
     """
 
     _session_type = Session
