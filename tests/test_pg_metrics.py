@@ -34,13 +34,18 @@ def depths(samples: Samples, queue: str) -> tuple[float, float, float]:
     )
 
 
+def pg_server(make_server: Callable[..., ServerHandle], tmp_path: Path) -> ServerHandle:
+    """A server on a throwaway schema of its own, serving metrics on a free port."""
+    config = pg_config(tmp_path / "pg")
+    return make_server(
+        store=config.store, store_schema=config.store_schema, metrics_listen="127.0.0.1:0"
+    )
+
+
 def test_queue_depths_are_exported_from_a_background_read(
     make_server: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
-    config = pg_config(tmp_path / "pg")
-    server = make_server(
-        store=config.store, store_schema=config.store_schema, metrics_listen="127.0.0.1:0"
-    )
+    server = pg_server(make_server, tmp_path)
     port = metrics_port(server)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.QueueManagerServiceStub(channel)
@@ -73,9 +78,6 @@ def test_queue_depths_are_exported_from_a_background_read(
 def test_oldest_ready_age_and_dead_letters_come_from_the_background_read(
     make_server: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
-    config = pg_config(tmp_path / "pg")
-    server = make_server(
-        store=config.store, store_schema=config.store_schema, metrics_listen="127.0.0.1:0"
-    )
+    server = pg_server(make_server, tmp_path)
     settle_s = DEPTHS_EVERY_S + DUE_POLL_S * 10  # a whole period, and the loop's turn
     check_oldest_age_and_dead_letters(server.target, metrics_port(server), settle_s)
