@@ -6,7 +6,9 @@ lookup and a few plain increments (a bisect finds the latency bucket), done in t
 servicer's `_answer`, where the method and the domain code are already at hand; the
 histogram is built from those numbers at scrape time. Everything else is read when
 Prometheus scrapes, not per call: the engine's counts (sessions, streams, parked polls,
-login failures), the store's published queue counts and its health, through collectors.
+login failures), the store's published queue counts (depths, dead letters held, the first
+add of the oldest ready message: kept by the store, never counted per scrape) and its
+health, through collectors.
 The SQLite store reports each group commit (its size and duration, fsync included) from
 its writer thread: one call per commit.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from itertools import accumulate
@@ -37,7 +40,7 @@ from qm_server.store.base import QueueCounts, Store
 log = logging.getLogger(__name__)
 
 MAX_EXPORTED_QUEUES = 1000
-"""Queues whose depths are exported at most (the deepest): each is three series."""
+"""Queues whose depths are exported at most (the deepest): each is five series."""
 
 # Calls take from tens of microseconds to a long poll's 20 s wait.
 CALL_BUCKETS = (
@@ -142,8 +145,10 @@ class _StateCollector(Collector):
         store: Store,
         healthy: Callable[[], bool],
         max_queues: int,
+        wall_clock: Callable[[], float],
     ) -> None:
         self._calls = calls
+        self._wall_clock = wall_clock
         self._engine = engine
         self._store = store
         self._healthy = healthy
@@ -185,11 +190,27 @@ class _StateCollector(Collector):
             "Messages in a queue, by state: ready, delayed, in_flight (as last committed)",
             labels=["queue", "state"],
         )
+        dead = GaugeMetricFamily(
+            "qm_queue_dead_letters",
+            "Dead letters a queue holds, already counted in its qm_queue_messages",
+            labels=["queue"],
+        )
+        age = GaugeMetricFamily(
+            "qm_queue_oldest_ready_age_seconds",
+            "Time since the first add of a queue's oldest ready message; 0 when none is ready",
+            labels=["queue"],
+        )
+        now_ms = self._wall_clock() * 1000
         for name, c in shown:
             depth.add_metric([name, "ready"], c.ready)
             depth.add_metric([name, "delayed"], c.delayed)
             depth.add_metric([name, "in_flight"], c.in_flight)
+            dead.add_metric([name], c.dead_letters)
+            oldest = c.oldest_ready_enqueued_at_ms
+            age.add_metric([name], max(0.0, now_ms - oldest) / 1000 if oldest else 0.0)
         yield depth
+        yield dead
+        yield age
         yield _gauge("qm_queues", "Queues that exist", len(counts))
         yield _gauge(
             "qm_queues_not_exported",
@@ -211,7 +232,9 @@ class ServerMetrics:
         store: Store,
         healthy: Callable[[], bool],
         max_queues: int | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """`wall_clock`: Unix time, as the store's, for the ages of the oldest messages."""
         self.registry = CollectorRegistry(auto_describe=False)
         self.calls = CallMetrics(self.registry)
         commit_size = Histogram(
@@ -234,7 +257,8 @@ class ServerMetrics:
 
         store.set_commit_observer(committed)
         cap = MAX_EXPORTED_QUEUES if max_queues is None else max_queues
-        self.registry.register(_StateCollector(self.calls, engine, store, healthy, cap))
+        collector = _StateCollector(self.calls, engine, store, healthy, cap, wall_clock)
+        self.registry.register(collector)
         self._httpd: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0

@@ -120,6 +120,71 @@ def test_calls_queues_sessions_and_logins_move_with_load(watched: ServerHandle) 
     assert value(after, "qm_store_commit_operations_sum") >= commits
 
 
+def age(samples: Samples, queue: str) -> float:
+    return value(samples, "qm_queue_oldest_ready_age_seconds", queue=queue)
+
+
+def dead_letters(samples: Samples, queue: str) -> float:
+    return value(samples, "qm_queue_dead_letters", queue=queue)
+
+
+def check_oldest_age_and_dead_letters(target: str, port: int, settle_s: float) -> None:
+    """The oldest ready message's age appears with an add, grows, and is 0 once nothing is
+    ready; a nacked message past max_deliveries appears as a dead letter of its dead-letter
+    queue, counted once in qm_queue_messages. `settle_s`: how long the store may take to
+    show a change (a PostgreSQL store reads its depths in the background)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.QueueManagerServiceStub(channel)
+        token = login(stub, "admin", ADMIN_PASSWORD)
+        assert stub.NewQueue(pb.NewQueueRequest(token=token, queue_name="jobs.dead")).code == 0
+        settings = pb.QueueSettings(max_deliveries=1, dead_letter_queue="jobs.dead")
+        jobs = pb.NewQueueRequest(token=token, queue_name="jobs", settings=settings)
+        assert stub.NewQueue(jobs).code == 0
+        empty = wait_for(port, lambda s: value(s, "qm_queues") == 2, settle_s)
+        assert value(empty, "qm_queues") == 2
+        assert (age(empty, "jobs"), dead_letters(empty, "jobs.dead")) == (0, 0)
+
+        before_add = time.monotonic()
+        added = pb.AddAllRequest(token=token, queue_name="jobs", elements=["x", "y"])
+        assert stub.AddAll(added).code == 0
+        first = wait_for(port, lambda s: age(s, "jobs") > 0, settle_s)
+        assert 0 < age(first, "jobs") <= time.monotonic() - before_add + 0.1
+        later = wait_for(port, lambda s: age(s, "jobs") > age(first, "jobs"))
+        assert age(later, "jobs") > age(first, "jobs")  # the same message, older now
+
+        x = stub.Poll(pb.PollRequest(token=token, queue_name="jobs"))
+        assert x.code == pb.CODE_OK
+        nack = pb.AckRequest(token=token, message_id=x.message_id, ack_type=pb.ACK_TYPE_ERROR)
+        assert stub.Ack(nack).code == pb.CODE_OK
+        moved = wait_for(port, lambda s: dead_letters(s, "jobs.dead") == 1, settle_s)
+        assert dead_letters(moved, "jobs.dead") == 1
+        assert dead_letters(moved, "jobs") == 0
+        # The dead letter is a ready message of jobs.dead, and counted there only.
+        assert value(moved, "qm_queue_messages", queue="jobs.dead", state="ready") == 1
+        total = sum(v for (name, _), v in moved.items() if name == "qm_queue_messages")
+        assert total == 2
+        # It keeps its first add: jobs.dead's oldest ready message is as old as jobs' own.
+        assert age(moved, "jobs.dead") > 0 and age(moved, "jobs") > 0
+
+        y = stub.Poll(pb.PollRequest(token=token, queue_name="jobs"))
+        assert y.code == pb.CODE_OK
+        held = wait_for(port, lambda s: age(s, "jobs") == 0, settle_s)
+        assert age(held, "jobs") == 0  # in flight is not ready
+        assert value(held, "qm_queue_messages", queue="jobs", state="in_flight") == 1
+
+        letter = stub.Poll(pb.PollRequest(token=token, queue_name="jobs.dead"))
+        assert letter.code == pb.CODE_OK
+        for message in (y, letter):
+            assert stub.Ack(pb.AckRequest(token=token, message_id=message.message_id)).code == 0
+        done = wait_for(port, lambda s: age(s, "jobs") == age(s, "jobs.dead") == 0, settle_s)
+        assert (age(done, "jobs"), age(done, "jobs.dead")) == (0, 0)
+        assert dead_letters(done, "jobs.dead") == 0
+
+
+def test_oldest_ready_age_and_dead_letters_move_with_load(watched: ServerHandle) -> None:
+    check_oldest_age_and_dead_letters(watched.target, metrics_port(watched), settle_s=0)
+
+
 def test_throttled_logins_are_counted(make_server: Callable[..., ServerHandle]) -> None:
     server = make_server(metrics_listen="127.0.0.1:0", auth=FAST_ONE_FAILURE)
     with grpc.insecure_channel(server.target) as channel:
@@ -155,9 +220,10 @@ def test_subscribe_streams_counted_at_open_and_end(watched: ServerHandle) -> Non
     assert value(ended, "qm_subscriptions") == 0
 
 
-def wait_for(port: int, condition: Callable[[Samples], bool]) -> Samples:
-    """Scrape until `condition` holds: a stream's end reaches the server asynchronously."""
-    deadline = time.monotonic() + 10
+def wait_for(port: int, condition: Callable[[Samples], bool], seconds: float = 10) -> Samples:
+    """Scrape until `condition` holds: a stream's end reaches the server asynchronously
+    (and a PostgreSQL store's depths come from a background read)."""
+    deadline = time.monotonic() + seconds
     while True:
         samples = scrape(port)
         if condition(samples) or time.monotonic() > deadline:
@@ -180,6 +246,8 @@ def test_only_the_deepest_queues_are_exported_past_the_cap(
     samples = scrape(metrics_port(server))
     exported = {dict(labels)["queue"] for name, labels in samples if name == "qm_queue_messages"}
     assert exported == {"b", "c"}
+    for gauge in ("qm_queue_oldest_ready_age_seconds", "qm_queue_dead_letters"):
+        assert {dict(labels)["queue"] for name, labels in samples if name == gauge} == exported
     assert value(samples, "qm_queues") == 3
     assert value(samples, "qm_queues_not_exported") == 1
 
@@ -203,6 +271,7 @@ def test_the_dashboard_queries_only_exported_names(watched: ServerHandle) -> Non
     for wanted in ("qm_calls_total", "qm_call_duration_seconds_bucket", "qm_queue_messages"):
         assert wanted in used
     assert {"qm_sessions", "qm_store_commit_duration_seconds_bucket"} <= used
+    assert {"qm_queue_oldest_ready_age_seconds", "qm_queue_dead_letters"} <= used
 
 
 # The subprocess tests: what an operator starts, and which ports it opens.

@@ -1,7 +1,7 @@
-"""Queue depths in the metrics of a server on the PostgreSQL store: read in the background
-by one bounded statement once a scrape asks (qm_server/store/pg_depths.py), never counted
-per scrape. The schema is the test's own (tests/pg_fixtures.py); without a reachable
-PostgreSQL the test skips, saying why.
+"""Queue depths, dead letters held and oldest ready ages in the metrics of a server on the
+PostgreSQL store: read in the background by one bounded statement once a scrape asks
+(qm_server/store/pg_depths.py), never counted per scrape. The schema is the test's own
+(tests/pg_fixtures.py); without a reachable PostgreSQL the test skips, saying why.
 """
 
 from __future__ import annotations
@@ -12,7 +12,13 @@ from pathlib import Path
 
 import grpc
 from pg_fixtures import pg_config
-from test_metrics import Samples, metrics_port, scrape, value
+from test_metrics import (
+    Samples,
+    check_oldest_age_and_dead_letters,
+    metrics_port,
+    scrape,
+    value,
+)
 
 from conftest import ADMIN_PASSWORD, ServerHandle, login
 from qm.v1 import queue_manager_pb2 as pb
@@ -28,13 +34,18 @@ def depths(samples: Samples, queue: str) -> tuple[float, float, float]:
     )
 
 
+def pg_server(make_server: Callable[..., ServerHandle], tmp_path: Path) -> ServerHandle:
+    """A server on a throwaway schema of its own, serving metrics on a free port."""
+    config = pg_config(tmp_path / "pg")
+    return make_server(
+        store=config.store, store_schema=config.store_schema, metrics_listen="127.0.0.1:0"
+    )
+
+
 def test_queue_depths_are_exported_from_a_background_read(
     make_server: Callable[..., ServerHandle], tmp_path: Path
 ) -> None:
-    config = pg_config(tmp_path / "pg")
-    server = make_server(
-        store=config.store, store_schema=config.store_schema, metrics_listen="127.0.0.1:0"
-    )
+    server = pg_server(make_server, tmp_path)
     port = metrics_port(server)
     with grpc.insecure_channel(server.target) as channel:
         stub = pb_grpc.QueueManagerServiceStub(channel)
@@ -62,3 +73,11 @@ def test_queue_depths_are_exported_from_a_background_read(
         while depths(samples := scrape(port), "idle") != (1, 0, 0):
             assert time.monotonic() < deadline, "the depths were never read again"
             time.sleep(0.1)
+
+
+def test_oldest_ready_age_and_dead_letters_come_from_the_background_read(
+    make_server: Callable[..., ServerHandle], tmp_path: Path
+) -> None:
+    server = pg_server(make_server, tmp_path)
+    settle_s = DEPTHS_EVERY_S + DUE_POLL_S * 10  # a whole period, and the loop's turn
+    check_oldest_age_and_dead_letters(server.target, metrics_port(server), settle_s)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from qm_server.config import AuthSettings
@@ -56,6 +56,12 @@ class QueueCounts:
     in_flight: int
     delayed: int = 0
     """Waiting for their delay or retry backoff: neither ready nor in flight."""
+    # Filled in published_counts only (metrics); not part of a comparison of depths.
+    dead_letters: int = field(default=0, compare=False)
+    """Dead letters this queue holds, already counted in the states above: a dead letter
+    is a message of its dead-letter queue."""
+    oldest_ready_enqueued_at_ms: int = field(default=0, compare=False)
+    """The first add of its oldest ready message (Unix time, ms); 0 when none is ready."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ most every DEPTHS_EVERY_S, and cut off by a statement timeout of DEPTHS_TIMEOUT_
 scrape answers the last depths read, so they are up to DEPTHS_EVERY_S (plus a scrape
 interval) old; a read cut off by its timeout keeps the previous figures and waits a
 whole period before it tries again. Dead letters count as messages of their dead-letter
-queue, as they do on the embedded store.
+queue, as they do on the embedded store; the same read also counts them apart, and finds
+the first add of each queue's oldest ready message.
 """
 
 from __future__ import annotations
@@ -29,15 +30,20 @@ log = logging.getLogger(__name__)
 DEPTHS_EVERY_S = 10.0
 DEPTHS_TIMEOUT_MS = 2000
 
-# Every queue with its ready, in-flight and delayed messages: one pass over the table.
+# Every queue with its ready, in-flight and delayed messages, the first add of its oldest
+# ready one and the dead letters it holds: one pass over each table.
 DEPTHS = """
-    SELECT q.name, coalesce(c.ready, 0), coalesce(c.held, 0), coalesce(c.waiting, 0)
+    SELECT q.name, coalesce(c.ready, 0), coalesce(c.held, 0), coalesce(c.waiting, 0),
+           coalesce(d.dead, 0), coalesce(c.oldest, 0)
     FROM queues q LEFT JOIN (
         SELECT queue_id, count(*) FILTER (WHERE state = 0) AS ready,
                count(*) FILTER (WHERE state = 1) AS held,
-               count(*) FILTER (WHERE state = 2) AS waiting
+               count(*) FILTER (WHERE state = 2) AS waiting,
+               min(enqueued_at) FILTER (WHERE state = 0) AS oldest
         FROM messages GROUP BY queue_id
-    ) c ON c.queue_id = q.id
+    ) c ON c.queue_id = q.id LEFT JOIN (
+        SELECT holder, count(*) AS dead FROM dead_letters GROUP BY holder
+    ) d ON d.holder = q.id
 """
 
 
@@ -76,4 +82,6 @@ class DepthCache:
                 self._timeout_ms,
             )
             return
-        self._depths = {str(n): QueueCounts(int(r), int(h), int(w)) for n, r, h, w in rows}
+        self._depths = {
+            str(name): QueueCounts(*(int(figure) for figure in figures)) for name, *figures in rows
+        }

@@ -107,7 +107,7 @@ from qm_server.store.reserve import RESERVE_FILE, DiskReserve
 from qm_server.store.settings_json import settings_to_json
 from qm_server.store.sqlite_due import Moves
 from qm_server.store.sqlite_file import DB_FILE, SYNCHRONOUS
-from qm_server.store.sqlite_index import Index, QueueState, disown, load_index
+from qm_server.store.sqlite_index import Index, QueueState, disown, load_index, oldest_ready
 from qm_server.store.sqlite_readers import Readers
 from qm_server.store.sqlite_staging import Batch, utf8_size
 from qm_server.store.sqlite_writer import ADDS, CLAIMS, PROBE_INTERVAL_S, Writer
@@ -572,25 +572,11 @@ class SqliteStore(Store):
                 counts=self._counts(state),
                 dead_lettered=dead_lettered,
                 dead_letters_held=state.dead_letters,
-                oldest_ready_enqueued_at_ms=self._oldest_ready(state),
+                oldest_ready_enqueued_at_ms=oldest_ready(self._db, state),
                 holding_sessions=self._in_flight.sessions_in(state.id),
             )
 
         return await self._submit(run)
-
-    def _oldest_ready(self, state: QueueState) -> int:
-        """The first add of the queue's oldest ready message (the smallest ready id: ids
-        follow first add times, sqlite_due.py says why); 0 when none is ready."""
-        if not state.ready:
-            return 0
-        times = []
-        if state.given_back:
-            row = self._db.execute(state.sql.enqueued_at, (state.given_back[0],)).fetchone()
-            times.append(row[0])
-        row = self._db.execute(state.sql.first_undelivered, (state.delivered_upto,)).fetchone()
-        if row is not None:
-            times.append(row[0])
-        return min(times) if times else 0
 
     async def messages_held(self, session_ids: Sequence[int]) -> dict[int, int]:
         # Read in place (len and get are atomic under the GIL): a heartbeat neither waits
@@ -872,7 +858,13 @@ class SqliteStore(Store):
             if state is None:
                 self._published.pop(name, None)
             else:
-                self._published[name] = self._counts(state)
+                self._published[name] = QueueCounts(
+                    state.ready,
+                    self._in_flight.count(state.id),
+                    state.delayed,
+                    state.dead_letters,
+                    oldest_ready(self._db, state),
+                )
 
 
 def _committed_map(conn: sqlite3.Connection, name: str) -> int:

@@ -121,6 +121,23 @@ def load_index(conn: sqlite3.Connection, in_flight: InFlight) -> Index:
     return index
 
 
+def oldest_ready(conn: sqlite3.Connection, state: QueueState) -> int:
+    """The first add of the queue's oldest ready message (the smallest ready id: ids
+    follow first add times, sqlite_due.py says why); 0 when none is ready. At most two
+    index lookups, whatever the queue's length: the writer runs it for each queue a
+    commit touched, so that the published counts carry it (metrics)."""
+    if not state.ready:
+        return 0
+    times = []
+    if state.given_back:
+        row = conn.execute(state.sql.enqueued_at, (state.given_back[0],)).fetchone()
+        times.append(row[0])
+    row = conn.execute(state.sql.first_undelivered, (state.delivered_upto,)).fetchone()
+    if row is not None:
+        times.append(row[0])
+    return min(times) if times else 0
+
+
 def disown(owned: Counter[str], owner: str | None) -> None:
     """One queue or map fewer for its creator."""
     if owner:
