@@ -414,7 +414,7 @@ class SessionCore(Generic[_D]):
         )
 
     def ack_request(self, message: Delivery, ack_type: pb.AckType) -> tuple[pb.AckRequest, Login]:
-        """The unary ack of a message delivered to this session, after its lease check."""
+        """The unary ack of a message this session core delivered, after its lease check."""
         login = message._login
         if not isinstance(login, Login) or message._owner is not self:
             raise TypeError("message was not delivered by this client")
