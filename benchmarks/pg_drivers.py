@@ -48,11 +48,10 @@ def asyncpg_text(statement: str, names: list[str]) -> str:
     return re.sub(r"%\((\w+)\)s", number, statement)
 
 
-def claim_params(node: int, session: int, batch: int) -> dict[str, Any]:
+def claim_params(session: int, batch: int) -> dict[str, Any]:
     return {
         "name": "q",
         "session": session,
-        "node": node,
         "limit": batch,
         "max_bytes": 4 << 20,
         "lease": None,
@@ -60,7 +59,7 @@ def claim_params(node: int, session: int, batch: int) -> dict[str, Any]:
     }
 
 
-async def psycopg_steps(url: str, schema: str, pool: int, node: int, batch: int) -> Any:
+async def psycopg_steps(url: str, schema: str, pool: int, batch: int) -> Any:
     """A psycopg pool configured as the store's, and its claim-and-ack step."""
     from psycopg_pool import AsyncConnectionPool
 
@@ -80,19 +79,19 @@ async def psycopg_steps(url: str, schema: str, pool: int, node: int, batch: int)
 
     async def step(session: int) -> int:
         async with conns.connection() as conn:
-            cursor = await conn.execute(pg_sql.CLAIM, claim_params(node, session, batch))
+            cursor = await conn.execute(pg_sql.CLAIM, claim_params(session, batch))
             ids = [int(r[0]) for r in await cursor.fetchall()]
         if not ids:
             return 0
         async with conns.connection() as conn:
-            args = {"ids": ids, "node": node, "session": session}
+            args = {"ids": ids, "session": session}
             cursor = await conn.execute(pg_sql.ACK_DONE, args)
             return len(await cursor.fetchall())
 
     return step, conns.close
 
 
-async def asyncpg_steps(url: str, schema: str, pool: int, node: int, batch: int) -> Any:
+async def asyncpg_steps(url: str, schema: str, pool: int, batch: int) -> Any:
     """An asyncpg pool configured as the store's, and the same claim-and-ack step."""
     import asyncpg  # type: ignore[import-untyped]
 
@@ -105,12 +104,12 @@ async def asyncpg_steps(url: str, schema: str, pool: int, node: int, batch: int)
     ack = asyncpg_text(pg_sql.ACK_DONE, ack_names)
 
     async def step(session: int) -> int:
-        params = claim_params(node, session, batch)
+        params = claim_params(session, batch)
         async with conns.acquire() as conn:
             rows = await conn.fetch(claim, *(params[n] for n in claim_names))
         if not rows:
             return 0
-        args = {"ids": [int(r[0]) for r in rows], "node": node, "session": session}
+        args = {"ids": [int(r[0]) for r in rows], "session": session}
         async with conns.acquire() as conn:
             return len(await conn.fetch(ack, *(args[n] for n in ack_names)))
 
@@ -158,7 +157,7 @@ async def one_run(args: argparse.Namespace, driver: str) -> tuple[float, float, 
     try:
         await store.create_queue("q", _room())
         await fill(store, args.messages, args.element_size)
-        step, close = await DRIVERS[driver](url, schema, args.pool, store._node, args.batch)
+        step, close = await DRIVERS[driver](url, schema, args.pool, args.batch)
         done = 0
         deadline = time.monotonic() + args.duration
 

@@ -56,7 +56,7 @@ class ClusterSignals:
         self,
         url: str,
         schema: str,
-        node: Callable[[], int],
+        node: int,
         on_ready: Callable[[str], None],
         on_gone: Callable[[str], None],
         on_gap: Callable[[], None],
@@ -103,8 +103,7 @@ class ClusterSignals:
         """Tell the other nodes, soon after this point (the caller's commit is done)."""
         if not names:
             return
-        node = self._node()
-        self._pending.update(f"{kind}{node}:{name}" for name in names)
+        self._pending.update(f"{kind}{self._node}:{name}" for name in names)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
 
@@ -163,7 +162,7 @@ class ClusterSignals:
     def _dispatch(self, payload: str) -> None:
         kind, rest = payload[:1], payload[1:]
         node, _, name = rest.partition(":")
-        if not name or node == str(self._node()):
+        if not name or node == str(self._node):
             return
         if kind == READY:
             self._on_ready(name)

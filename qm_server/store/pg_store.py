@@ -123,8 +123,6 @@ class PgStore(PgQueues, PgMaps, PgDue):
             configure=self._configure,
             timeout=CONNECT_TIMEOUT_S,
         )
-        # Tells this node's notifications from the others' (pg_notify); nothing else.
-        self._node = secrets.randbits(62)
         self._closed = False
         self._stopping = False  # close() began: the due loop ends
         self._healthy = True
@@ -136,7 +134,7 @@ class PgStore(PgQueues, PgMaps, PgDue):
             ClusterSignals(
                 url,
                 schema,
-                lambda: self._node,
+                secrets.randbits(62),  # tells this node's notifications from the others'
                 on_ready=lambda name: self._wake({name}),
                 on_gone=self._gone,
                 on_gap=lambda: self._due_soon(0, recheck=True),
