@@ -166,7 +166,7 @@ def test_an_ack_finds_its_rows_by_id_whatever_the_session_holds(tmp_path: Path) 
             await conn.execute("ANALYZE messages")
         await store.enqueue("q", ["m"] * 5000)
         held = await store.claim("q", ALICE, 5000, 16 * MIB)
-        args = {"ids": [d.message_id for d in held[:100]], "node": store._node}
+        args = {"ids": [d.message_id for d in held[:100]]}
         async with store._conn() as conn:
             cursor = await conn.execute(
                 "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " + pg_sql.ACK_DONE,
